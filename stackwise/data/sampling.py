@@ -23,10 +23,14 @@ class StepSampler(Sampler[int]):
     is what stops training in practice.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int = 1 << 30):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int = 1 << 30,
+                 with_position: bool = False):
         if n <= 0:
             raise ValueError("StepSampler needs a non-empty dataset")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        # with_position: yield (stream position, index) so a dataset can key on-the-fly masks by
+        # the pass over the data (position // n) and know the training progress.
+        self.with_position = with_position
         self.start, self.stop = start_step * batch_size, total_steps * batch_size
 
     def __len__(self) -> int:
@@ -40,6 +44,6 @@ class StepSampler(Sampler[int]):
             for i in perm[offset:].tolist():
                 if pos >= self.stop:
                     return
-                yield i
+                yield (pos, i) if self.with_position else i
                 pos += 1
             epoch, offset = epoch + 1, 0

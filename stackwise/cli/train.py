@@ -1,0 +1,38 @@
+"""`stackwise-train`: compose the config with Hydra, validate it, run the pipeline.
+
+    stackwise-train                                   # all stages + fusion on the default config
+    stackwise-train stage=layer k=3 attention=gqa     # one stage
+    stackwise-train -m attention=mha,gqa,mla          # a sweep: one experiment folder each
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from stackwise.cli.common import CONFIG_PATH, user_errors
+from stackwise.config import RunConfig, register_resolvers
+
+log = logging.getLogger("stackwise")
+
+
+def train(cfg: DictConfig) -> None:
+    with user_errors("stackwise-train", debug=bool(cfg.get("debug", False))):
+        run = RunConfig.from_hydra(cfg, override_dirname=HydraConfig.get().job.override_dirname)
+        log.info("experiment %s -> %s (stage=%s%s)", run.experiment, run.exp_dir, run.stage,
+                 f" k={run.k}" if run.k else "")
+        from stackwise.pipeline import Pipeline  # imports Lightning; keep `--help` fast
+
+        Pipeline(run).execute()
+
+
+def main() -> None:
+    register_resolvers()
+    hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")(train)()
+
+
+if __name__ == "__main__":
+    main()

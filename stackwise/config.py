@@ -1,0 +1,301 @@
+"""From a composed Hydra config to validated, typed run settings.
+
+`RunConfig.from_hydra(cfg)` is the one place where the YAML tree is read: it builds the typed
+`ModelConfig`, `MaskingConfig` and `DataConfig`, fills the model's vocabulary from the data's
+tokenizer, checks every value (naming the bad one), and derives the hashes that tie artifacts to
+the settings that made them. Everything downstream takes a `RunConfig`, never the raw tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from stackwise.errors import ConfigError
+from stackwise.model.config import ModelConfig
+from stackwise.objective.masking import MaskingConfig
+
+STAGES = ("embed", "layer", "fusion", "all", "e2e")
+TRAINED_STAGES = ("embed", "layer", "fusion", "e2e")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+# Trainer keys that change how fast / where a stage runs or what it prints, not what it learns.
+# They stay out of the config hashes, so a run can move from CPU to GPU between stages.
+_NON_RESULT_TRAINER_KEYS = {
+    "accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar",
+    "enable_model_summary", "log_every_n_steps", "val_check_interval", "check_val_every_n_epoch",
+    "limit_val_batches", "num_sanity_val_steps", "deterministic", "benchmark", "profiler",
+    "default_root_dir", "enable_checkpointing", "logger", "callbacks",
+}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], prefix: str) -> "OptimConfig":
+        cfg = cls(**_known_fields(cls, d, prefix))
+        cfg.betas = tuple(float(b) for b in cfg.betas)
+        _check(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr}")
+        _check(cfg.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+        _check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), f"{prefix}.betas",
+               f"must be two numbers in [0, 1), got {list(cfg.betas)}")
+        _check(_is_int(cfg.warmup_steps) and cfg.warmup_steps >= 0, f"{prefix}.warmup_steps",
+               f"must be an integer >= 0, got {cfg.warmup_steps!r}")
+        _check(0 <= cfg.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+        return cfg
+
+
+@dataclass
+class CacheConfig:
+    views: int = 2
+    dtype: str = "float32"
+    shard_size: int = 1024
+    batch_size: int = 64
+    train_sequences: Optional[int] = None
+    last_layer: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CacheConfig":
+        cfg = cls(**_known_fields(cls, d, "cache"))
+        for name in ("views", "shard_size", "batch_size"):
+            v = getattr(cfg, name)
+            _check(_is_int(v) and v > 0, f"cache.{name}", f"must be a positive integer, got {v!r}")
+        _check(cfg.dtype in CACHE_DTYPES, "cache.dtype", f"unknown dtype {cfg.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}")
+        if cfg.train_sequences is not None:
+            _check(_is_int(cfg.train_sequences) and cfg.train_sequences > 0, "cache.train_sequences",
+                   f"must be a positive integer or null, got {cfg.train_sequences!r}")
+        return cfg
+
+
+@dataclass
+class FusionConfig:
+    finetune_steps: int = 0
+    lr: float = 1e-3
+    check: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FusionConfig":
+        cfg = cls(**_known_fields(cls, d, "fusion"))
+        _check(_is_int(cfg.finetune_steps) and cfg.finetune_steps >= 0, "fusion.finetune_steps",
+               f"must be an integer >= 0, got {cfg.finetune_steps!r}")
+        _check(cfg.lr > 0, "fusion.lr", f"must be > 0, got {cfg.lr}")
+        return cfg
+
+
+@dataclass
+class RunConfig:
+    """Everything one `stackwise-train` invocation needs, validated."""
+
+    stage: str
+    k: Optional[int]
+    experiment: str
+    seed: int
+    exp_dir: Path
+    overwrite: bool
+    verify: bool
+    model: ModelConfig
+    masking: MaskingConfig
+    data: Any  # stackwise.data.tokens.DataConfig
+    optim: OptimConfig
+    cache: CacheConfig
+    fusion: FusionConfig
+    trainer: dict  # the `trainer` node (lightning.Trainer kwargs)
+    stages: dict  # per-stage {"trainer": {...}, "optim": {...}} overrides
+    logger: Optional[dict] = None
+    callbacks: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)  # the resolved tree, for hparams and hashing
+
+    # ------------------------------------------------------------------ per-stage settings
+    def trainer_kwargs(self, stage: str) -> dict:
+        """`trainer` merged with `stages.<stage>.trainer`; e2e's max_steps defaults to the layer-wise budget."""
+        kw = {**self.trainer, **self.stages.get(stage, {}).get("trainer", {})}
+        if stage == "e2e" and "max_steps" not in self.stages.get("e2e", {}).get("trainer", {}):
+            kw["max_steps"] = self.layerwise_steps()
+        if stage == "fusion":  # the fine-tune budget has one home: fusion.finetune_steps
+            kw["max_steps"] = self.fusion.finetune_steps
+        return kw
+
+    def optim_for(self, stage: str) -> OptimConfig:
+        base = dataclasses.asdict(self.optim)
+        if stage == "fusion":
+            base["lr"] = self.fusion.lr
+        base.update(self.stages.get(stage, {}).get("optim", {}))
+        return OptimConfig.from_dict(base, f"stages.{stage}.optim")
+
+    def max_steps(self, stage: str) -> int:
+        return int(self.trainer_kwargs(stage)["max_steps"])
+
+    def layerwise_steps(self) -> int:
+        """Optimizer steps of the whole layer-wise run: stage 1, stages 2..L and the fusion fine-tune."""
+        return (self.max_steps("embed") + (self.model.n_layers - 1) * self.max_steps("layer")
+                + self.fusion.finetune_steps)
+
+    def tokens_per_step(self, stage: str) -> int:
+        accumulate = int(self.trainer_kwargs(stage).get("accumulate_grad_batches", 1))
+        return self.data.batch_size * self.data.seq_len * accumulate
+
+    # ------------------------------------------------------------------ hashes
+    def hashes(self) -> dict[str, str]:
+        """Which settings each artifact depends on.
+
+        `layer` covers every layer-wise stage (they share their settings), `fusion` adds the
+        fusion settings on top, `e2e` is independent of the layer-wise settings but for its budget.
+        """
+        r = self.raw
+        common = {
+            "model": self.model.to_dict(), "masking": dataclasses.asdict(self.masking),
+            "data": _data_identity(r.get("data", {})), "seed": self.seed,
+            "cache": {"views": self.cache.views, "train_sequences": self.cache.train_sequences},
+        }
+        layer = {**common, "embed": self._train_identity("embed"), "layer": self._train_identity("layer")}
+        fusion = {"layer": _digest(layer), "fusion": dataclasses.asdict(self.fusion),
+                  "train": self._train_identity("fusion")}
+        e2e = {**common, "train": self._train_identity("e2e")}
+        return {"layer": _digest(layer), "fusion": _digest(fusion), "e2e": _digest(e2e)}
+
+    def _train_identity(self, stage: str) -> dict:
+        trainer = {k: v for k, v in self.trainer_kwargs(stage).items() if k not in _NON_RESULT_TRAINER_KEYS}
+        return {"trainer": trainer, "optim": dataclasses.asdict(self.optim_for(stage)),
+                "batch_size": self.data.batch_size}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig, override_dirname: str = "") -> "RunConfig":
+        """Validate a composed config. Raises ConfigError naming the first bad value."""
+        from stackwise.data.tokens import DataConfig, vocab_info  # the data layer owns tokenizers
+
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except Exception as e:  # a ??? left unset or a broken interpolation
+            key = getattr(e, "full_key", None) or "config"
+            raise ConfigError(str(key), f"{_first_line(e)}") from None
+        raw.pop("hydra", None)
+
+        stage = raw.get("stage")
+        _check(stage in STAGES, "stage", f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+        seed = raw.get("seed")
+        _check(_is_int(seed) and seed >= 0, "seed", f"must be an integer >= 0, got {seed!r}")
+
+        data = DataConfig.from_dict(raw.get("data") or {}, prefix="data")
+        model_node = dict(raw.get("model") or {})
+        vocab = vocab_info(data)  # (vocab_size, mask_id, pad_id) of the data's tokenizer
+        for key, value in zip(("vocab_size", "mask_id", "pad_id"), vocab):
+            if model_node.get(key) is None:
+                model_node[key] = value
+            elif model_node[key] != value:
+                raise ConfigError(f"model.{key}", f"is {model_node[key]} but the data's tokenizer has {key}={value}; "
+                                  "leave it null to take the tokenizer's")
+        model = ModelConfig.from_dict(model_node)
+        masking = MaskingConfig.from_dict(raw.get("masking") or {}, prefix="masking")
+        masking.validate(model.n_layers)
+
+        k = raw.get("k")
+        if stage == "layer":
+            _check(k is not None, "k", f"stage=layer needs k in 2..{model.n_layers} (the layer to train), got null")
+            _check(_is_int(k) and 2 <= k <= model.n_layers, "k",
+                   f"must be an integer in 2..n_layers={model.n_layers} for stage=layer (k=1 is stage=embed), got {k!r}")
+        elif k is not None:
+            _check(_is_int(k) and 1 <= k <= model.n_layers, "k", f"must be in 1..n_layers={model.n_layers}, got {k!r}")
+
+        cache = CacheConfig.from_dict(raw.get("cache") or {})
+        if masking.schedule == "per_layer" and cache.views != model.n_layers:
+            raise ConfigError("cache.views", f"the per_layer schedule caches one mask view per layer: set "
+                              f"cache.views={model.n_layers} (n_layers), got {cache.views}")
+        stages = raw.get("stages") or {}
+        for name, node in stages.items():
+            _check(name in TRAINED_STAGES, f"stages.{name}", f"unknown stage; allowed: {', '.join(TRAINED_STAGES)}")
+            for sub in (node or {}):
+                _check(sub in ("trainer", "optim"), f"stages.{name}.{sub}", "allowed keys: trainer, optim")
+        stages = {n: {"trainer": dict((v or {}).get("trainer") or {}), "optim": dict((v or {}).get("optim") or {})}
+                  for n, v in stages.items()}
+
+        experiment = experiment_name(raw.get("experiment"), override_dirname)
+        output_root = raw.get("output_root") or "outputs"
+        run = cls(
+            stage=stage, k=k, experiment=experiment, seed=seed,
+            exp_dir=Path(output_root).expanduser() / experiment,
+            overwrite=bool(raw.get("overwrite", False)), verify=bool(raw.get("verify", False)),
+            model=model, masking=masking, data=data,
+            optim=OptimConfig.from_dict(raw.get("optim") or {}, "optim"),
+            cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}),
+            trainer=dict(raw.get("trainer") or {}), stages=stages,
+            logger=raw.get("logger") or None, callbacks=dict(raw.get("callbacks") or {}), raw=raw,
+        )
+        for name in ("embed", "layer", "e2e"):
+            steps = run.trainer_kwargs(name).get("max_steps")
+            _check(_is_int(steps) and steps > 0, f"trainer.max_steps",
+                   f"must be a positive integer for stage {name}, got {steps!r}")
+            run.optim_for(name)
+        return run
+
+
+# ---------------------------------------------------------------------- experiment names
+def experiment_name(experiment: Optional[str], override_dirname: str = "") -> str:
+    """The experiment folder: `experiment` if given, else the result-changing overrides, else "default"."""
+    if experiment is not None:
+        name = str(experiment)
+        _check(bool(name) and "/" not in name and name not in (".", ".."), "experiment",
+               f"must be a plain folder name, got {name!r}")
+        return name
+    if not override_dirname:
+        return "default"
+    name = re.sub(r"[/\\\s]+", "_", override_dirname)
+    if len(name) > 120:  # keep it readable and within file-name limits
+        name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers used by conf/ (`sw.experiment`, `sw.alternate`)."""
+    if not OmegaConf.has_resolver("sw.experiment"):
+        OmegaConf.register_new_resolver(
+            "sw.experiment", lambda exp, dirname="": experiment_name(exp, dirname or ""))
+    if not OmegaConf.has_resolver("sw.alternate"):
+        # sw.alternate:gqa,mla,4 -> [gqa, mla, gqa, mla]
+        OmegaConf.register_new_resolver(
+            "sw.alternate", lambda a, b, n: [a if i % 2 == 0 else b for i in range(int(n))])
+
+
+# ---------------------------------------------------------------------- helpers
+def _known_fields(cls, d: Mapping[str, Any], prefix: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        _check(key in names, f"{prefix}.{key}", f"unknown key; allowed: {', '.join(sorted(names))}")
+    return copy.deepcopy(dict(d))
+
+
+def _data_identity(d: Mapping[str, Any]) -> dict:
+    """The data settings that change what is learned (not workers or where the token cache lives)."""
+    return {k: v for k, v in d.items() if k not in ("num_workers", "cache_dir")}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, message)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

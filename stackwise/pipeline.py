@@ -1,0 +1,368 @@
+"""The stage graph: what is done, what runs next, what `stage=all` skips.
+
+    embed (k=1) -> layer k=2..L -> fusion (check + optional fine-tune)        e2e (the baseline)
+
+A stage is complete when its checkpoint loads, was made by this run's settings (config hash) and,
+when a later stage reads it, its activation cache has a manifest naming that checkpoint's sha256.
+Complete stages are skipped; artifacts made by other settings stop the run (or are replaced with
+overwrite=true); a stage killed midway resumes from its last Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from stackwise import artifacts as art
+from stackwise.config import RunConfig
+from stackwise.data import activations as acts
+from stackwise.data.stage_data import TokenStageData, cache_rows
+from stackwise.data.tokens import load_token_splits
+from stackwise.errors import ArtifactError, StackWiseError
+from stackwise.model.transformer import Transformer
+from stackwise.objective.masking import build_schedule
+from stackwise.stages.base import StageModule
+from stackwise.stages.full import FullModelStage, assemble
+from stackwise.stages.layerwise import LayerwiseStage
+from stackwise.utils import derive_seed
+
+log = logging.getLogger("stackwise")
+
+
+class Pipeline:
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.cfg = run.model
+        self.paths = art.ExperimentPaths(run.exp_dir)
+        self.hashes = run.hashes()
+        self.schedule = build_schedule(run.masking, run.model.n_layers)
+        self._splits = None
+
+    # ------------------------------------------------------------------ entry point
+    def execute(self) -> None:
+        run = self.run
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.check_foreign()
+        if run.stage == "all":
+            for k in range(1, self.cfg.n_layers + 1):
+                if self.layer_complete(k):
+                    log.info("stage %s: complete, skipped", _stage_name(k))
+                else:
+                    self.layer_stage(k)
+            if self.fusion_complete():
+                log.info("stage fusion: complete, skipped")
+            else:
+                self.fusion_stage()
+            print_table(art.read_results(self.paths))
+        elif run.stage == "embed":
+            self.layer_stage(1)
+        elif run.stage == "layer":
+            self.layer_stage(run.k)
+        elif run.stage == "fusion":
+            self.fusion_stage()
+        elif run.stage == "e2e":
+            self.e2e_stage()
+
+    # ------------------------------------------------------------------ state of the experiment
+    def check_foreign(self) -> None:
+        """Stop (or clear, with overwrite=true) when layer-wise artifacts were made by other settings."""
+        first = self.paths.layer_ckpt(1)
+        if not first.exists():
+            return
+        try:
+            _, meta = art.load_layer_checkpoint(first)
+        except ArtifactError:
+            return  # a corrupt file is reported by the stage that needs it
+        if meta.get("config_hash") == self.hashes["layer"]:
+            return
+        if not self.run.overwrite:
+            raise ArtifactError(
+                f"{first} was made by other settings (config {meta.get('config_hash')}, this run's is "
+                f"{self.hashes['layer']}); use overwrite=true to replace them or experiment=NAME for a new folder")
+        log.warning("overwrite=true: removing the layer-wise artifacts of %s", self.paths.root)
+        for d in (self.paths.layers_dir, self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
+            shutil.rmtree(d, ignore_errors=True)
+        self.paths.results_json.unlink(missing_ok=True)
+
+    def layer_meta_expect(self, k: int) -> dict:
+        return {"config_hash": self.hashes["layer"], "k": k}
+
+    def needs_cache(self, k: int) -> bool:
+        return k < self.cfg.n_layers or self.run.cache.last_layer
+
+    def layer_complete(self, k: int) -> bool:
+        path = self.paths.layer_ckpt(k)
+        if not path.exists():
+            return False
+        art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k))  # raises on a foreign/corrupt file
+        if not self.needs_cache(k):
+            return True
+        try:
+            self.open_cache(k)
+        except ArtifactError:
+            return False
+        return True
+
+    def open_cache(self, k: int) -> acts.ActivationCache:
+        """acts_layer{k}, checked against the checkpoint that produced it."""
+        producer = art.sha256_file(self.paths.layer_ckpt(k))
+        return acts.ActivationCache.open(
+            self.paths.acts_dir(k), verify=self.run.verify,
+            expect={"config_hash": self.hashes["layer"], "producer_sha256": producer, "k": k,
+                    "d_model": self.cfg.d_model, "seq_len": self.run.data.seq_len})
+
+    def fusion_complete(self) -> bool:
+        try:
+            _, _, meta = art.load_safetensors_model(self.paths.fused_dir, expect={"config_hash": self.hashes["fusion"]})
+        except ArtifactError:
+            return False
+        return self.run.fusion.finetune_steps == 0 or meta.get("finetuned", False)
+
+    def splits(self):
+        if self._splits is None:
+            self._splits = load_token_splits(self.run.data, self.run.seed, self.paths.tokens_dir)
+        return self._splits
+
+    def token_data(self, k: int, max_steps: int) -> TokenStageData:
+        s, run = self.splits(), self.run
+        return TokenStageData(
+            s.train, s.val, batch_size=run.data.batch_size, seed=run.seed, schedule=self.schedule,
+            mask_id=self.cfg.mask_id, pad_id=self.cfg.pad_id, k=k, max_steps=max(1, max_steps),
+            views=run.cache.views, num_workers=run.data.num_workers,
+            cache_rows=cache_rows(len(s.train), run.cache.train_sequences, run.seed),
+            cache_batch_size=run.cache.batch_size,
+            per_layer_views=run.masking.schedule == "per_layer", n_layers=self.cfg.n_layers)
+
+    # ------------------------------------------------------------------ layer-wise stages
+    def layer_stage(self, k: int) -> None:
+        """Train layer k (or reuse a finished layer_k.pt), then cache acts_layer{k}."""
+        run, cfg, name = self.run, self.cfg, _stage_name(k)
+        previous, embed_weight, prev_sha = None, None, None
+        if k == 1:
+            data = self.token_data(1, run.max_steps("embed"))
+        else:
+            prev_path = self.paths.layer_ckpt(k - 1)
+            if not prev_path.exists():
+                raise ArtifactError(f"stage=layer k={k} needs {prev_path}, which does not exist: "
+                                    f"run {'stage=embed' if k == 2 else f'stage=layer k={k - 1}'} first")
+            previous, _ = art.load_layer_checkpoint(prev_path, expect=self.layer_meta_expect(k - 1))
+            prev_sha = art.sha256_file(prev_path)
+            if not self.paths.acts_manifest(k - 1).exists():
+                raise ArtifactError(f"stage=layer k={k} needs the activation cache {self.paths.acts_dir(k - 1)} "
+                                    f"(no complete manifest.json): rerun stage {_stage_name(k - 1)} to rebuild it")
+            cache = self.open_cache(k - 1)
+            if cfg.tie_embeddings:
+                first, _ = art.load_layer_checkpoint(self.paths.layer_ckpt(1), expect=self.layer_meta_expect(1))
+                embed_weight = first["embed.weight"]
+            train_views = [k - 1] if run.masking.schedule == "per_layer" else None
+            data = acts.ActivationDataModule(cache, batch_size=run.data.batch_size, seed=derive_seed(run.seed, name),
+                                             num_workers=run.data.num_workers, train_views=train_views,
+                                             max_steps=run.max_steps("layer"))
+        stage_key = "embed" if k == 1 else "layer"
+        module = LayerwiseStage(cfg, k, run.optim_for(stage_key), run.masking.weighting, run.max_steps(stage_key),
+                                previous=previous, embed_weight=embed_weight)
+
+        ckpt_path = self.paths.layer_ckpt(k)
+        if ckpt_path.exists():  # trained before, killed while caching: reuse the weights
+            state, meta = art.load_layer_checkpoint(ckpt_path, expect=self.layer_meta_expect(k))
+            module.load_exported(state, meta["frozen_sha256"])
+            log.info("stage %s: weights found in %s, rebuilding its cache only", name, ckpt_path)
+        else:
+            t0 = time.time()
+            self.fit(module, data, stage_key, name)
+            metrics = self.evaluate(module, data.val_dataloader())
+            seconds = time.time() - t0
+            steps = run.max_steps(stage_key)
+            meta = {"stage": name, "k": k, "config_hash": self.hashes["layer"], "model": cfg.to_dict(),
+                    "frozen_sha256": module.block.frozen_up_checksum(), "prev_sha256": prev_sha,
+                    "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
+                    "steps": steps, "tokens": steps * run.tokens_per_step(stage_key), "seconds": seconds}
+            art.save_layer_checkpoint(ckpt_path, module.export_state(), meta)
+            self.record(name, k, meta)
+            shutil.rmtree(self.paths.stage_ckpt_dir(name), ignore_errors=True)  # optimizer state ends with the stage
+        if self.needs_cache(k):
+            self.write_cache(module, data, k)
+
+    def write_cache(self, module: StageModule, data, k: int) -> None:
+        run, acts_dir = self.run, self.paths.acts_dir(k)
+        acts.discard_incomplete(acts_dir)
+        loaders = data.predict_dataloader()
+        rows = sum(len(dl.dataset) for dl in loaders)
+        acts.check_free_space(acts_dir.parent, acts.estimate_cache_bytes(rows, run.data.seq_len, self.cfg.d_model,
+                                                                          run.cache.dtype))
+        writer = acts.CacheWriter(acts_dir, splits=["train", "val"], shard_size=run.cache.shard_size,
+                                  dtype=run.cache.dtype, vocab_size=self.cfg.vocab_size)
+        trainer = self.plain_trainer(callbacks=[writer])
+        module.eval()
+        trainer.predict(module, dataloaders=loaders, return_predictions=False)
+        if trainer.is_global_zero:
+            acts.write_manifest(acts_dir, writer.records(), {
+                "k": k, "config_hash": self.hashes["layer"], "producer_sha256": art.sha256_file(self.paths.layer_ckpt(k)),
+                "d_model": self.cfg.d_model, "seq_len": run.data.seq_len, "views": run.cache.views,
+                "dtype": run.cache.dtype})
+
+    # ------------------------------------------------------------------ fusion and e2e
+    def fusion_stage(self) -> None:
+        run, cfg = self.run, self.cfg
+        states = []
+        for k in range(1, cfg.n_layers + 1):
+            path = self.paths.layer_ckpt(k)
+            if not path.exists():
+                raise ArtifactError(f"stage=fusion needs {path}, which does not exist: run "
+                                    f"{'stage=embed' if k == 1 else f'stage=layer k={k}'} first (or stage=all)")
+            states.append(art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k)))
+        model = assemble(cfg, states)
+        data = self.token_data(0, max(1, run.fusion.finetune_steps))
+        module = FullModelStage(cfg, run.optim_for("fusion"), run.masking.weighting,
+                                max(1, run.fusion.finetune_steps), "fusion", model=model)
+        t0 = time.time()
+        metrics = self.evaluate(module, data.val_dataloader())
+        last_meta = states[-1][1]
+        if run.fusion.check:
+            self.check_fused(metrics["val/loss"], last_meta["val_loss"])
+        meta = {"config_hash": self.hashes["fusion"], "val_loss": metrics["val/loss"],
+                "val_acc": metrics["val/masked_acc"], "finetuned": False,
+                "tokens": sum(m["tokens"] for _, m in states), "seconds": sum(m["seconds"] for _, m in states)}
+        fused_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta)
+        self.record("fused", cfg.n_layers, meta)
+        if run.fusion.finetune_steps > 0:
+            self.fit(module, data, "fusion", "finetune")
+            ft = self.evaluate(module, data.val_dataloader())
+            steps = run.fusion.finetune_steps
+            ft_meta = {**meta, "val_loss": ft["val/loss"], "val_acc": ft["val/masked_acc"], "finetuned": True,
+                       "tokens": meta["tokens"] + steps * run.tokens_per_step("fusion"),
+                       "seconds": meta["seconds"] + time.time() - t0}
+            art.save_safetensors_model(self.paths.finetuned_dir, module.model.state_dict(), cfg.to_dict(), ft_meta)
+            # the fused record goes last: it says the whole fusion stage is complete
+            art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), {**meta, "finetuned": True})
+            self.record("finetuned", cfg.n_layers, ft_meta)
+            shutil.rmtree(self.paths.stage_ckpt_dir("finetune"), ignore_errors=True)
+
+    def check_fused(self, fused_loss: float, stage_loss: float) -> None:
+        """Invariant 3: the fused model reproduces the last stage's validation loss."""
+        exact = self.run.cache.dtype == "float32" and str(self.run.trainer.get("precision", "32")) in ("32", "32-true")
+        rtol = 1e-5 if exact else 2e-2  # a bf16 cache rounds layer inputs that the fused model keeps in fp32
+        if abs(fused_loss - stage_loss) > rtol * abs(stage_loss):
+            raise StackWiseError(
+                f"fusion check failed: the fused model's validation loss {fused_loss:.6f} differs from the last "
+                f"stage's {stage_loss:.6f} by more than {rtol:g} relative; the layer checkpoints are inconsistent")
+        log.info("fusion check: fused val loss %.6f == last stage %.6f (rtol %g)", fused_loss, stage_loss, rtol)
+
+    def e2e_stage(self) -> None:
+        run, cfg = self.run, self.cfg
+        try:
+            _, _, meta = art.load_safetensors_model(self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]})
+            log.info("stage e2e: complete, skipped")
+            return
+        except ArtifactError:
+            pass
+        steps = run.max_steps("e2e")
+        data = self.token_data(0, steps)
+        module = FullModelStage(cfg, run.optim_for("e2e"), run.masking.weighting, steps, "e2e")
+        t0 = time.time()
+        self.fit(module, data, "e2e", "e2e")
+        metrics = self.evaluate(module, data.val_dataloader())
+        meta = {"config_hash": self.hashes["e2e"], "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
+                "tokens": steps * run.tokens_per_step("e2e"), "seconds": time.time() - t0, "steps": steps}
+        art.save_safetensors_model(self.paths.e2e_dir, module.model.state_dict(), cfg.to_dict(), meta)
+        self.record("e2e", cfg.n_layers, meta)
+        shutil.rmtree(self.paths.stage_ckpt_dir("e2e"), ignore_errors=True)
+        print_table(art.read_results(self.paths))
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    def fit(self, module: StageModule, data, stage_key: str, name: str) -> None:
+        """Train one stage; resumes from ckpt/<name>/last.ckpt when a killed run left one."""
+        run = self.run
+        kw = run.trainer_kwargs(stage_key)
+        ckpt_dir = self.paths.stage_ckpt_dir(name)
+        ckpt_every = int(kw.get("val_check_interval") or 50) if isinstance(kw.get("val_check_interval"), int) else 50
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=ckpt_every)
+        logger = self.logger(name)
+        callbacks = [checkpoint] + self.extra_callbacks(logger is not None)
+        trainer = L.Trainer(**kw, logger=logger if logger is not None else False, callbacks=callbacks,
+                            default_root_dir=str(self.paths.root))
+        last = ckpt_dir / "last.ckpt"
+        L.seed_everything(derive_seed(run.seed, "dropout", name) % (2**31), workers=True, verbose=False)
+        if logger is not None:
+            logger.log_hyperparams(_flat_hparams(run, name))
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None,
+                    **({"weights_only": True} if last.exists() else {}))
+
+    def evaluate(self, module: StageModule, loader) -> dict:
+        """Mean masked CE and accuracy over the whole validation set (every view)."""
+        trainer = self.plain_trainer()
+        (metrics,) = trainer.validate(module, dataloaders=loader, verbose=False)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def plain_trainer(self, callbacks=()) -> L.Trainer:
+        kw = {k: v for k, v in self.run.trainer.items()
+              if k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")}
+        return L.Trainer(**kw, logger=False, callbacks=list(callbacks), limit_val_batches=1.0,
+                         enable_model_summary=False, default_root_dir=str(self.paths.root))
+
+    def logger(self, version: str):
+        if not self.run.logger:
+            return None
+        return instantiate(self.run.logger, save_dir=str(self.paths.tb_dir), name="", version=version)
+
+    def extra_callbacks(self, have_logger: bool) -> list:
+        out = []
+        for name, node in (self.run.callbacks or {}).items():
+            if not node:
+                continue
+            cb = instantiate(node)
+            if isinstance(cb, LearningRateMonitor) and not have_logger:
+                continue  # it refuses to run without a logger
+            out.append(cb)
+        return out
+
+    def record(self, stage: str, k: int, meta: dict) -> None:
+        rec = {"stage": stage, "k": k, **{key: meta.get(key) for key in ("val_loss", "val_acc", "tokens", "seconds")}}
+        art.append_result(self.paths, rec)
+        self.log_summary(stage, k, rec)
+
+    def log_summary(self, stage: str, k: int, rec: dict) -> None:
+        """The dashboard's depth view: validation loss against layer index k, fused / e2e beside it."""
+        if not self.run.logger:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.paths.tb_dir / "summary")) as w:
+            tag = "depth/val_loss" if stage == "embed" or stage.startswith("layer") else f"depth/val_loss_{stage}"
+            w.add_scalar(tag, rec["val_loss"], k)
+            w.add_scalar(tag.replace("val_loss", "val_acc"), rec["val_acc"], k)
+
+
+def _stage_name(k: int) -> str:
+    return "embed" if k == 1 else f"layer_{k}"
+
+
+def _flat_hparams(run: RunConfig, stage: str) -> dict:
+    out = {"stage": stage, "experiment": run.experiment, "seed": run.seed, "lr": run.optim_for(
+        "fusion" if stage == "finetune" else ("embed" if stage == "embed" else ("e2e" if stage == "e2e" else "layer"))).lr}
+    for key, value in run.model.to_dict().items():
+        out[f"model/{key}"] = str(value) if isinstance(value, list) else value
+    for key, value in dataclasses.asdict(run.masking).items():
+        out[f"masking/{key}"] = str(value) if isinstance(value, (list, tuple)) or value is None else value
+    out["data/name"], out["data/seq_len"], out["data/batch_size"] = run.data.name, run.data.seq_len, run.data.batch_size
+    return out
+
+
+def print_table(records: list[dict]) -> None:
+    """The end-of-run table: stage, val loss, val accuracy, tokens, time."""
+    if not records:
+        return
+    lines = [f"{'stage':<12}{'val loss':>10}{'val acc':>10}{'tokens':>14}{'time (s)':>10}"]
+    for r in records:
+        lines.append(f"{r['stage']:<12}{r['val_loss']:>10.4f}{r['val_acc']:>10.4f}{r['tokens']:>14,}{r['seconds']:>10.1f}")
+    print("\n" + "\n".join(lines) + "\n", flush=True)

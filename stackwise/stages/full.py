@@ -1,0 +1,46 @@
+"""The whole model as one stage: the end-to-end baseline (`e2e`) and the fusion fine-tune."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from stackwise.config import OptimConfig
+from stackwise.model.config import ModelConfig
+from stackwise.model.transformer import Transformer
+from stackwise.stages.base import StageModule, trainable
+from stackwise.stages.layerwise import _strip
+
+
+class FullModelStage(StageModule):
+    """Every trainable tensor of the model, trained jointly on token data."""
+
+    def __init__(self, cfg: ModelConfig, optim: OptimConfig, weighting: str, max_steps: int,
+                 stage_name: str, model: Optional[Transformer] = None):
+        super().__init__(cfg, optim, weighting, max_steps)
+        self.stage_name = stage_name
+        self.model = model if model is not None else Transformer(cfg)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return trainable(self.model)
+
+    def hidden_states(self, batch: dict) -> Tensor:
+        h = self.model.embed_tokens(batch["ids"])  # (B, T, D)
+        return self.model.run_layers(h, 1, self.cfg.n_layers, pad_mask=self.pad_mask(batch))
+
+    def head_logits(self, h: Tensor) -> Tensor:
+        return self.model.logits(h)
+
+
+def assemble(cfg: ModelConfig, layer_states: list[tuple[dict[str, Tensor], dict]]) -> Transformer:
+    """The fused model from layer_1.pt … layer_L.pt: embedding from stage 1, block k from stage k,
+    final norm and head from stage L (the last one to train them)."""
+    model = Transformer(cfg)
+    first_state, _ = layer_states[0]
+    model.embed.load_state_dict(_strip("embed", first_state))
+    for k, (state, meta) in enumerate(layer_states, start=1):
+        model.blocks[k - 1].load_trainable_state_dict(_strip("block", state), meta["frozen_sha256"])
+    last_state, _ = layer_states[-1]
+    model.head.load_state_dict(_strip("head", last_state))
+    return model
