@@ -182,12 +182,13 @@ class Pipeline:
             metrics = self.evaluate(module, data.val_dataloader())
             seconds = time.time() - t0
             steps = run.max_steps(stage_key)
+            # no wall time in the file: the same settings must give the same bytes (invariant 4)
             meta = {"stage": name, "k": k, "config_hash": self.hashes["layer"], "model": cfg.to_dict(),
                     "frozen_sha256": module.block.frozen_up_checksum(), "prev_sha256": prev_sha,
                     "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
-                    "steps": steps, "tokens": steps * run.tokens_per_step(stage_key), "seconds": seconds}
+                    "steps": steps, "tokens": steps * run.tokens_per_step(stage_key)}
             art.save_layer_checkpoint(ckpt_path, module.export_state(), meta)
-            self.record(name, k, meta)
+            self.record(name, k, meta, seconds)
             shutil.rmtree(self.paths.stage_ckpt_dir(name), ignore_errors=True)  # optimizer state ends with the stage
         if self.needs_cache(k):
             self.write_cache(module, data, k)
@@ -229,23 +230,24 @@ class Pipeline:
         last_meta = states[-1][1]
         if run.fusion.check:
             self.check_fused(metrics["val/loss"], last_meta["val_loss"])
+        layer_seconds = sum(r["seconds"] for r in art.read_results(self.paths)
+                            if r["stage"] == "embed" or r["stage"].startswith("layer_"))
         meta = {"config_hash": self.hashes["fusion"], "val_loss": metrics["val/loss"],
                 "val_acc": metrics["val/masked_acc"], "finetuned": False,
-                "tokens": sum(m["tokens"] for _, m in states), "seconds": sum(m["seconds"] for _, m in states)}
+                "tokens": sum(m["tokens"] for _, m in states)}
         fused_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta)
-        self.record("fused", cfg.n_layers, meta)
+        self.record("fused", cfg.n_layers, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
             self.fit(module, data, "fusion", "finetune")
             ft = self.evaluate(module, data.val_dataloader())
             steps = run.fusion.finetune_steps
             ft_meta = {**meta, "val_loss": ft["val/loss"], "val_acc": ft["val/masked_acc"], "finetuned": True,
-                       "tokens": meta["tokens"] + steps * run.tokens_per_step("fusion"),
-                       "seconds": meta["seconds"] + time.time() - t0}
+                       "tokens": meta["tokens"] + steps * run.tokens_per_step("fusion")}
             art.save_safetensors_model(self.paths.finetuned_dir, module.model.state_dict(), cfg.to_dict(), ft_meta)
             # the fused record goes last: it says the whole fusion stage is complete
             art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), {**meta, "finetuned": True})
-            self.record("finetuned", cfg.n_layers, ft_meta)
+            self.record("finetuned", cfg.n_layers, ft_meta, layer_seconds + time.time() - t0)
             shutil.rmtree(self.paths.stage_ckpt_dir("finetune"), ignore_errors=True)
 
     def check_fused(self, fused_loss: float, stage_loss: float) -> None:
@@ -273,9 +275,9 @@ class Pipeline:
         self.fit(module, data, "e2e", "e2e")
         metrics = self.evaluate(module, data.val_dataloader())
         meta = {"config_hash": self.hashes["e2e"], "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
-                "tokens": steps * run.tokens_per_step("e2e"), "seconds": time.time() - t0, "steps": steps}
+                "tokens": steps * run.tokens_per_step("e2e"), "steps": steps}
         art.save_safetensors_model(self.paths.e2e_dir, module.model.state_dict(), cfg.to_dict(), meta)
-        self.record("e2e", cfg.n_layers, meta)
+        self.record("e2e", cfg.n_layers, meta, time.time() - t0)
         shutil.rmtree(self.paths.stage_ckpt_dir("e2e"), ignore_errors=True)
         print_table(art.read_results(self.paths))
 
@@ -326,8 +328,9 @@ class Pipeline:
             out.append(cb)
         return out
 
-    def record(self, stage: str, k: int, meta: dict) -> None:
-        rec = {"stage": stage, "k": k, **{key: meta.get(key) for key in ("val_loss", "val_acc", "tokens", "seconds")}}
+    def record(self, stage: str, k: int, meta: dict, seconds: float) -> None:
+        rec = {"stage": stage, "k": k, "val_loss": meta["val_loss"], "val_acc": meta["val_acc"],
+               "tokens": meta["tokens"], "seconds": seconds}
         art.append_result(self.paths, rec)
         self.log_summary(stage, k, rec)
 

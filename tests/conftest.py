@@ -1,0 +1,50 @@
+"""Shared fixtures: compose the real configs (Hydra compose API) on tiny sizes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from stackwise.config import RunConfig, register_resolvers
+
+# A tiny experiment: seconds per stage on 2 CPU cores.
+TINY = [
+    "model=tiny", "data=dummy", "data.seq_len=32", "data.batch_size=16", "data.n_train=256", "data.n_val=32",
+    "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.enable_progress_bar=false",
+    "optim.warmup_steps=2", "cache.shard_size=100", "cache.batch_size=64",
+]
+
+
+def compose_cfg(overrides: list[str]):
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="stackwise.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def make_run(tmp_path):
+    """RunConfig for a tiny experiment under tmp_path: make_run("attention=mla", experiment="x")."""
+
+    def _make(*overrides: str, experiment: str = "exp", tiny: bool = True):
+        ovr = (TINY if tiny else []) + [f"output_root={tmp_path}", f"experiment={experiment}", "logger=none",
+                                         "callbacks=none", *overrides]
+        return RunConfig.from_hydra(compose_cfg(ovr))
+
+    return _make
+
+
+def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `stackwise-train ARGS` as a user would (the console script when installed)."""
+    exe = shutil.which("stackwise-train")
+    cmd = [exe] if exe else [sys.executable, "-m", "stackwise.cli.train"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

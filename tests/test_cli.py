@@ -1,0 +1,71 @@
+"""`stackwise-train` as a user runs it: subprocesses with real overrides on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import TINY, cli
+
+FAST = TINY + ["callbacks=none"]
+
+
+def exp_dirs(root):
+    return sorted(p.name for p in (root / "outputs").iterdir() if p.is_dir() and p.name != "multirun")
+
+
+def test_default_chain_writes_the_documented_artifacts(tmp_path):
+    out = cli(*FAST, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (name,) = exp_dirs(tmp_path)
+    assert "model=tiny" in name  # derived from the overrides that change the model / data / objective
+    exp = tmp_path / "outputs" / name
+    for rel in ("layers/layer_1.pt", "layers/layer_2.pt", "acts/acts_layer1/manifest.json",
+                "fused/model.safetensors", "fused/config.json", "results.json"):
+        assert (exp / rel).is_file(), rel
+    assert not (exp / "acts" / "acts_layer2").exists()  # nothing reads the last layer's cache
+    assert list((exp / "tb").glob("*/events.out.tfevents.*")), "one TensorBoard run per stage"
+    assert list((exp / "hydra").glob("*/.hydra/config.yaml")), "Hydra's logs live beneath the experiment"
+    stages = [r["stage"] for r in json.loads((exp / "results.json").read_text())]
+    assert stages == ["embed", "layer_2", "fused"]
+    assert "val loss" in out.stdout and "fused" in out.stdout  # the end-of-run table
+
+
+def test_stage_by_stage_finds_the_same_experiment(tmp_path):
+    common = FAST + ["model.n_layers=3"]
+    for args in (["stage=embed", "attention=gqa"], ["stage=layer", "k=2", "attention=gqa"],
+                 ["stage=layer", "k=3", "attention=gqa"], ["stage=fusion", "attention=gqa"]):
+        out = cli(*common, *args, cwd=tmp_path)
+        assert out.returncode == 0, (args, out.stderr[-3000:])
+    (name,) = exp_dirs(tmp_path)
+    assert "attention=gqa" in name
+    exp = tmp_path / "outputs" / name
+    assert [p.name for p in sorted((exp / "layers").iterdir())] == ["layer_1.pt", "layer_2.pt", "layer_3.pt"]
+    assert (exp / "fused" / "model.safetensors").is_file()
+
+
+def test_sweep_makes_one_experiment_per_combination(tmp_path):
+    out = cli("-m", "attention=mha,gqa", "stage=embed", *FAST, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = exp_dirs(tmp_path)
+    assert len(names) == 2 and any("attention=mha" in n for n in names) and any("attention=gqa" in n for n in names)
+    for n in names:
+        assert (tmp_path / "outputs" / n / "layers" / "layer_1.pt").is_file()
+
+
+def test_e2e_baseline(tmp_path):
+    out = cli("stage=e2e", "experiment=base", *FAST, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp = tmp_path / "outputs" / "base"
+    assert (exp / "e2e" / "model.safetensors").is_file()
+    (rec,) = json.loads((exp / "results.json").read_text())
+    # same token budget as the layer-wise run: 2 stages of 12 steps of 16 x 32 tokens
+    assert rec["stage"] == "e2e" and rec["tokens"] == 2 * 12 * 16 * 32
+
+
+def test_missing_previous_layer_is_one_clear_line(tmp_path):
+    out = cli("stage=layer", "k=3", "model.n_layers=3", "experiment=x", *FAST, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("stackwise-train: error:") and "layer_2.pt" in lines[-1]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs" / "x" / "layers").exists() or not any((tmp_path / "outputs" / "x" / "layers").iterdir())

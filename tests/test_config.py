@@ -1,0 +1,128 @@
+"""Every config in conf/ composes, is validated, and is found from any folder after install."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stackwise.config import RunConfig
+from stackwise.errors import ConfigError
+from stackwise.model.stats import param_counts
+from tests.conftest import compose_cfg
+
+CONF = Path(__file__).resolve().parents[1] / "stackwise" / "conf"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "attention", "masking", "data", "hardware", "trainer", "logger", "callbacks"])
+def test_every_group_option_composes(group, tmp_path):
+    for option in group_options(group):
+        overrides = [f"{group}={option}", f"output_root={tmp_path}"]
+        if group == "data" and option == "text":
+            corpus = tmp_path / "c.txt"
+            corpus.write_text("hello world " * 2000)
+            overrides.append(f"data.path={corpus}")
+        if group == "masking" and option == "per_layer":
+            overrides.append("cache.views=4")  # one view per layer of the small model
+        cfg = compose_cfg(overrides)
+        run = RunConfig.from_hydra(cfg)
+        assert run.model.n_layers >= 1, (group, option)
+
+
+def test_root_declares_stage_k_experiment_seed():
+    cfg = compose_cfg(["stage=layer", "k=3"])  # no `+` needed
+    assert cfg.stage == "layer" and cfg.k == 3 and "experiment" in cfg and "seed" in cfg
+
+
+def test_attention_groups_set_the_model_kind():
+    assert RunConfig.from_hydra(compose_cfg(["attention=mla"])).model.layer_kinds() == ["mla"] * 4
+    hybrid = RunConfig.from_hydra(compose_cfg(["attention=hybrid"])).model
+    assert hybrid.layer_kinds() == ["gqa", "mla", "gqa", "mla"]
+    per_layer = RunConfig.from_hydra(compose_cfg(["model.attention=[gqa,mla,mla,gqa]"])).model
+    assert per_layer.layer_kinds() == ["gqa", "mla", "mla", "gqa"]
+
+
+def test_vocab_follows_the_tokenizer():
+    run = RunConfig.from_hydra(compose_cfg(["data=shakespeare"]))
+    assert (run.model.vocab_size, run.model.mask_id, run.model.pad_id) == (258, 256, 257)
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        RunConfig.from_hydra(compose_cfg(["data=shakespeare", "model.vocab_size=300"]))
+
+
+def test_seed_and_70b_param_counts_without_allocating():
+    seed = RunConfig.from_hydra(compose_cfg(["model=seed"])).model
+    llama = RunConfig.from_hydra(compose_cfg(["model=llama3_70b"])).model
+    assert param_counts(llama)["total"] == 70_553_706_496
+    # seed: 8 GQA layers (q,o: D*D; k,v: D*D/4; SwiGLU 3*D*F; 2 norms) + tied embedding + final norm
+    d, f, v, L = 4096, 14336, 128000, 8
+    per_layer = 2 * d * d + 2 * d * (d // 4) + 3 * d * f + 2 * d
+    assert param_counts(seed)["total"] == L * per_layer + v * d + d
+
+
+@pytest.mark.parametrize("override,field", [
+    ("stage=bogus", "stage"), ("attention=gqa model.n_kv_heads=3", "model.n_kv_heads"),
+    ("model.d_model=130", "model.d_model"), ("masking.mask_fraction_min=0.95", "masking"),
+    ("stage=layer k=9", "k"), ("stage=layer", "k"), ("model.attention=[gqa,mla]", "model.attention"),
+    ("model.attention=[gqa,foo,gqa,gqa]", "model.attention"), ("cache.dtype=int8", "cache.dtype"),
+    ("optim.lr=-1", "optim.lr"), ("model.dropout=1.5", "model.dropout"), ("seed=-3", "seed"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_hydra(compose_cfg(override.split()))
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_experiment_name_from_overrides():
+    from stackwise.config import experiment_name
+
+    assert experiment_name(None, "") == "default"
+    assert experiment_name(None, "attention=gqa") == "attention=gqa"
+    assert experiment_name("mine", "attention=gqa") == "mine"
+    with pytest.raises(ConfigError, match="experiment"):
+        experiment_name("a/b", "")
+
+
+def test_config_found_from_another_folder_editable(tmp_path):
+    """The installed console script composes conf/ from any working directory."""
+    exe = shutil.which("stackwise-train")
+    cmd = [exe] if exe else [sys.executable, "-m", "stackwise.cli.train"]
+    out = subprocess.run(cmd + ["--cfg", "job", "attention=mla"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "attention: mla" in out.stdout and "d_model: 128" in out.stdout
+
+
+def test_plain_pip_install_finds_config(tmp_path):
+    """A non-editable `pip install .` into a fresh venv composes the packaged config from elsewhere."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    build = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import stackwise, pathlib; from hydra import compose, initialize_config_module;"
+            "from stackwise.config import register_resolvers; register_resolvers();"
+            "initialize_config_module(config_module='stackwise.conf', version_base='1.3');"
+            "cfg = compose(config_name='config', overrides=['attention=gqa']);"
+            "print(pathlib.Path(stackwise.__file__).resolve()); print(cfg.model.attention, cfg.model.d_model)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, values = out.stdout.strip().splitlines()[-2:]
+    assert str(venv) in where, f"imported {where}, not the installed copy"
+    assert values == "gqa 128"
+    script = subprocess.run([str(venv / "bin" / "stackwise-train"), "--cfg", "job"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert "stage: all" in script.stdout
