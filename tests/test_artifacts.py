@@ -1,0 +1,220 @@
+"""The experiment folder: atomic writes, layer checkpoints, safetensors models, results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from stackwise.artifacts import (
+    ExperimentPaths,
+    append_result,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_layer_checkpoint,
+    load_safetensors_model,
+    read_results,
+    save_layer_checkpoint,
+    save_safetensors_model,
+    sha256_file,
+)
+from stackwise.errors import ArtifactError, ConfigError
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"block.attn.wq": torch.randn(8, 8, generator=g), "head.norm.weight": torch.ones(8),
+            "block.bf": torch.randn(4, generator=g).to(torch.bfloat16)}
+
+
+META = {"k": 2, "config_hash": "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d", "frozen_sha256": "ab" * 32, "dims": (8, 8)}
+
+
+def _assert_one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------- paths
+def test_paths_layout(tmp_path: Path) -> None:
+    p = ExperimentPaths.from_root(tmp_path / "outputs", "exp")
+    root = tmp_path / "outputs" / "exp"
+    assert p.layer_ckpt(3) == root / "layers" / "layer_3.pt"
+    assert p.acts_dir(2) == root / "acts" / "acts_layer2"
+    assert p.acts_manifest(2) == root / "acts" / "acts_layer2" / "manifest.json"
+    assert p.fused_weights == root / "fused" / "model.safetensors"
+    assert p.fused_config == root / "fused" / "config.json"
+    assert p.fused_finetuned_weights == root / "fused" / "finetuned.safetensors"
+    assert p.e2e_weights == root / "e2e" / "model.safetensors"
+    assert p.stage_ckpt_dir("layer_3") == root / "ckpt" / "layer_3"
+    assert p.stage_last_ckpt("layer_3") == root / "ckpt" / "layer_3" / "last.ckpt"
+    assert (p.tb_dir, p.tokens_dir, p.results_json, p.hydra_dir) == (
+        root / "tb", root / "tokens", root / "results.json", root / "hydra")
+    assert not root.exists()  # constructing paths creates nothing
+    with pytest.raises(ConfigError):
+        p.layer_ckpt(0)
+    save_layer_checkpoint(p.layer_ckpt(2), _state(), META)
+    save_layer_checkpoint(p.layer_ckpt(1), _state(), META)
+    assert p.existing_layers() == [1, 2]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def test_atomic_write_leaves_no_temp_and_failure_keeps_old(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "f.json"
+    atomic_write_json({"a": 1}, target)
+    atomic_write_bytes(b"xyz", tmp_path / "b.bin")
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "t.pt")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert (tmp_path / "b.bin").read_bytes() == b"xyz"
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom mid-write")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"w": torch.zeros(3), "x": Boom()}, tmp_path / "t.pt")
+    with pytest.raises(TypeError):
+        atomic_write_json({"a": object()}, target)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
+    leftovers = [f.name for f in tmp_path.rglob("*") if f.is_file() and f.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+# ------------------------------------------------------------------------- layer checkpoints
+def test_layer_checkpoint_roundtrip_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "layers" / "layer_2.pt"
+    state = _state()
+    sha = save_layer_checkpoint(path, state, META)
+    assert sha == sha256_file(path)
+
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    got, meta = load_layer_checkpoint(path, expect={"k": 2, "config_hash": META["config_hash"]}, verify_sha256=sha)
+    assert calls == [True]
+    assert got.keys() == state.keys()
+    for name in state:
+        assert got[name].dtype == state[name].dtype and torch.equal(got[name], state[name])
+    assert meta["dims"] == [8, 8] and meta["k"] == 2
+    # a plain weights_only load (what a user does to inspect it) works too
+    raw = real_load(path, weights_only=True)
+    assert raw["meta"]["config_hash"] == META["config_hash"]
+
+
+def test_layer_checkpoint_missing(tmp_path: Path) -> None:
+    path = tmp_path / "layers" / "layer_5.pt"
+    with pytest.raises(ArtifactError) as e:
+        load_layer_checkpoint(path)
+    assert "does not exist" in _assert_one_line_naming(e, path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_head", "flip_data"])
+def test_layer_checkpoint_corrupt(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "layer_1.pt"
+    save_layer_checkpoint(path, _state(), META)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 10)
+    elif damage == "flip_head":
+        path.write_bytes(b"XXXX" + data[4:])
+    else:  # one bit inside a tensor's bytes: the zip archive itself still reads
+        raw = bytearray(data)
+        at = raw.find(_state()["block.attn.wq"].numpy().tobytes()[:16])
+        assert at > 0
+        raw[at + 3] ^= 0x10
+        path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError) as e:
+        load_layer_checkpoint(path)
+    msg = _assert_one_line_naming(e, path)
+    assert ("checksum" if damage == "flip_data" else "not a readable checkpoint") in msg
+
+
+def test_layer_checkpoint_sha_detects_silent_change(tmp_path: Path) -> None:
+    path = tmp_path / "layer_1.pt"
+    sha = save_layer_checkpoint(path, _state(), META)
+    save_layer_checkpoint(path, {"other": torch.zeros(1)}, META)
+    with pytest.raises(ArtifactError) as e:
+        load_layer_checkpoint(path, verify_sha256=sha)
+    assert "sha256" in _assert_one_line_naming(e, path)
+
+
+def test_layer_checkpoint_config_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "layer_2.pt"
+    save_layer_checkpoint(path, _state(), META)
+    with pytest.raises(ArtifactError) as e:
+        load_layer_checkpoint(path, expect={"config_hash": "3c4d" + "0" * 28})
+    msg = _assert_one_line_naming(e, path)
+    assert "was made by config 1a2b3c4d5e6f" in msg and "this run's config is 3c4d" in msg
+    assert "overwrite=true" in msg
+    with pytest.raises(ArtifactError, match="k=2 but this run expects k=3"):
+        load_layer_checkpoint(path, expect={"k": 3})
+
+
+def test_layer_checkpoint_foreign_structure(tmp_path: Path) -> None:
+    path = tmp_path / "layer_1.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(ArtifactError) as e:
+        load_layer_checkpoint(path)
+    assert "not a StackWise layer checkpoint" in _assert_one_line_naming(e, path)
+
+
+# --------------------------------------------------------------------------------- safetensors
+def test_safetensors_roundtrip_with_tied_weights(tmp_path: Path) -> None:
+    emb = torch.randn(10, 4)
+    sd = {"embed.weight": emb, "head.weight": emb, "norm.weight": torch.ones(4),
+          "bf": torch.randn(3).to(torch.bfloat16)}
+    out = tmp_path / "fused"
+    cfg = {"d_model": 4, "n_layers": 2, "attention": ["gqa", "mla"]}
+    sha = save_safetensors_model(out, sd, cfg, {"config_hash": "abc", "layers": [1, 2]})
+    assert sha == sha256_file(out / "model.safetensors")
+    state, config, meta = load_safetensors_model(out, expect={"config_hash": "abc"}, verify_sha256=sha)
+    assert config == cfg and meta == {"config_hash": "abc", "layers": [1, 2]}
+    for k in sd:
+        assert torch.equal(state[k], sd[k]) and state[k].dtype == sd[k].dtype
+    assert state["head.weight"].data_ptr() == state["embed.weight"].data_ptr()  # still tied
+
+    save_safetensors_model(out, {"w": torch.zeros(2)}, cfg, {"config_hash": "abc", "finetune_steps": 5},
+                           name="finetuned")
+    ft, _, ft_meta = load_safetensors_model(out, name="finetuned")
+    assert ft_meta["finetune_steps"] == 5 and torch.equal(ft["w"], torch.zeros(2))
+
+    with pytest.raises(ArtifactError) as e:
+        load_safetensors_model(out, expect={"config_hash": "zzz"})
+    _assert_one_line_naming(e, out / "model.safetensors")
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:40])
+    with pytest.raises(ArtifactError) as e:
+        load_safetensors_model(out)
+    _assert_one_line_naming(e, out / "model.safetensors")
+    (out / "config.json").unlink()
+    with pytest.raises(ArtifactError) as e:
+        load_safetensors_model(out)
+    _assert_one_line_naming(e, out / "config.json")
+
+
+# ------------------------------------------------------------------------------------ results
+def test_results_append(tmp_path: Path) -> None:
+    paths = ExperimentPaths(tmp_path / "exp")
+    assert read_results(paths) == []
+    append_result(paths, {"stage": "embed", "val_loss": 3.5, "tokens": 1024, "seconds": 1.5})
+    append_result(paths, {"stage": "layer_2", "val_loss": 3.1, "tokens": 2048, "seconds": 1.0})
+    assert [r["stage"] for r in read_results(paths)] == ["embed", "layer_2"]
+    paths.results_json.write_text("{not json")
+    with pytest.raises(ArtifactError) as e:
+        read_results(paths)
+    _assert_one_line_naming(e, paths.results_json)
+    assert not any(n.endswith(".tmp") for n in os.listdir(paths.root))
