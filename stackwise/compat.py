@@ -11,35 +11,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# F.rms_norm and nn.RMSNorm: torch 2.4.
-if hasattr(F, "rms_norm"):
-    rms_norm = F.rms_norm
-else:
-
-    def rms_norm(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None, eps: Optional[float] = None) -> torch.Tensor:
-        """x / sqrt(mean(x^2) + eps) * weight over the trailing `normalized_shape` dims, in at least fp32."""
-        dims = tuple(range(-len(normalized_shape), 0))
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision loses the mean of squares
-        eps = torch.finfo(x32.dtype).eps if eps is None else eps  # torch's default
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
-        return y if weight is None else y * weight
+# F.rms_norm and nn.RMSNorm: torch 2.4. The fallbacks below are used only on older torch.
+def _rms_norm(
+    x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None, eps: Optional[float] = None
+) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the trailing `normalized_shape` dims, in at least fp32."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision loses the mean of squares
+    eps = torch.finfo(x32.dtype).eps if eps is None else eps  # torch's default
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else y * weight
 
 
-if hasattr(nn, "RMSNorm"):
-    RMSNorm = nn.RMSNorm
-else:
+class _RMSNorm(nn.Module):
+    """Same constructor, parameter name (`weight`) and state-dict keys as torch.nn.RMSNorm."""
 
-    class RMSNorm(nn.Module):
-        """Same constructor, parameter name (`weight`) and state-dict keys as torch.nn.RMSNorm."""
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine=True, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        weight = torch.ones(self.normalized_shape, device=device, dtype=dtype)
+        self.weight = nn.Parameter(weight) if elementwise_affine else None
 
-        def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None, dtype=None):
-            super().__init__()
-            self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-            self.eps = eps
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype)) if elementwise_affine else None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+rms_norm = getattr(F, "rms_norm", _rms_norm)
+RMSNorm = getattr(nn, "RMSNorm", _RMSNorm)
 
 
 # F.scaled_dot_product_attention(..., enable_gqa=): torch 2.5. It lets grouped K/V heads be read in

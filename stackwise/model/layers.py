@@ -1,0 +1,96 @@
+"""The pieces of a layer: RMSNorm, rotary embeddings, and the SwiGLU MLP with its frozen up-projection.
+
+Frozen tensors follow one small protocol shared with `attention.py`: a module lists their parameter
+names in `frozen` and returns their canonical values from `frozen_values()` (CPU, fp32, drawn
+from their own `(seed, key, k)` generator), and `load_frozen(module)` copies those values in.
+Because each frozen tensor has its own generator, layer k's values are the same in every process
+and on every device, whatever was built or drawn before it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackwise.compat import RMSNorm
+from stackwise.model.config import ModelConfig
+from stackwise.utils import generator
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "load_frozen", "normal"]
+
+
+def normal(shape, std: float, g: torch.Generator) -> torch.Tensor:
+    """N(0, std^2) drawn on CPU in fp32 from `g`: the same numbers whatever device the model is on."""
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device="cpu") * std
+
+
+def load_frozen(module: nn.Module) -> None:
+    """Copy `module.frozen_values()` into its frozen parameters (cast and moved to theirs)."""
+    if any(module.get_parameter(name).is_meta for name in module.frozen):
+        return  # a shape-only model (stats, meta init) has nothing to fill
+    with torch.no_grad():
+        for name, value in module.frozen_values().items():
+            module.get_parameter(name).copy_(value)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the rotate-half convention of Hugging Face Llama: dims i and i + dim/2 form a pair.
+
+    cos/sin are computed in fp32 on CPU (so every device rotates by the same angles) and cached per
+    (T, device). They are plain attributes, not buffers: `model.to(torch.bfloat16)` cannot round
+    the frequencies, and checkpoints do not carry them.
+    """
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (T, dim) fp32 on `device`."""
+        key = (T, torch.device(device))
+        if key not in self._cache:
+            # Lightning validates under inference_mode before it trains; a cached tensor made there
+            # could never be saved for backward, so the cache is always built outside it.
+            with torch.inference_mode(False), torch.no_grad():
+                exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim  # (dim/2,)
+                inv_freq = 1.0 / (self.theta**exponents)  # (dim/2,)
+                freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # (T, dim/2)
+                emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim)
+                self._cache[key] = (emb.cos().to(device), emb.sin().to(device))
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., T, dim) -> rotated x, same shape and dtype."""
+        cos, sin = self.cos_sin(x.size(-2), x.device)
+        # The rotation itself runs in x's dtype, exactly as Hugging Face does it.
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), with `up` a fixed random projection that never trains.
+
+    `up` (d_ff, D) is an nn.Parameter with requires_grad=False (so it moves and casts with the
+    model and shows in its state dict), drawn N(0, init_std^2), the Llama init it would otherwise
+    start from, from `generator(seed, "up", k)`. gate and down are initialised by the `Block`.
+    """
+
+    def __init__(self, cfg: ModelConfig, k: int):
+        super().__init__()
+        self.seed, self.k, self.std = cfg.seed, k, cfg.init_std
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)  # (d_ff, D)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.frozen = ("up",)
+        load_frozen(self)
+
+    def frozen_values(self) -> dict[str, torch.Tensor]:
+        return {"up": normal(self.up.shape, self.std, generator(self.seed, "up", self.k))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.down(F.silu(self.gate(x)) * F.linear(x, self.up))  # hidden (..., d_ff)

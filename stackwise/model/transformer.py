@@ -1,0 +1,202 @@
+"""The model: `Embedding`, pre-norm `Block`s, `Head`, and the `Transformer` that runs any slice of them.
+
+Layer indices are 1-based everywhere (`blocks[k - 1]` is layer k). Every part draws its initial
+weights from its own generator, `(seed, "embed")`, `(seed, "layer", k)`, `(seed, "head")`, on CPU
+in fp32, so a part built alone equals the same part inside a whole `Transformer`, in any process,
+on any device. Inside a block the trainable tensors are drawn in `named_parameters()` order from
+the layer's one stream; frozen tensors (the SwiGLU up, MLA's q_b/kv_b under `mla_freeze_up`) each
+come from their own key (see `layers.py`), so they can be regenerated without the rest.
+
+Checkpoints do not store frozen tensors: `Block.trainable_state_dict()` leaves them out and the
+caller stores `Block.frozen_up_checksum()` beside it; `Block.load_trainable_state_dict(sd,
+checksum)` regenerates them from the seed and refuses to load if the checksum differs (another
+seed, or a torch whose CPU generator draws differently).
+
+Never call `requires_grad_(True)` on a whole model: it would unfreeze the frozen tensors. Select
+what trains by module, and build optimizers over `p for p in params if p.requires_grad`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackwise.compat import RMSNorm
+from stackwise.errors import ArtifactError
+from stackwise.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from stackwise.model.config import ModelConfig
+from stackwise.model.layers import SwiGLU, load_frozen, normal
+from stackwise.utils import generator, tensor_sha256
+
+
+class Embedding(nn.Module):
+    """Token embeddings, `.weight (V, D)` ~ N(0, init_std^2) from `(seed, "embed")`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))  # (V, D)
+        if not self.weight.is_meta:
+            with torch.no_grad():
+                self.weight.copy_(normal(self.weight.shape, cfg.init_std, generator(cfg.seed, "embed")))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> (B, T, D)."""
+        return F.embedding(ids, self.weight)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block of layer k: h + attn(norm(h)), then h + mlp(norm(h)), with dropout on both branches."""
+
+    def __init__(self, cfg: ModelConfig, k: int):
+        super().__init__()
+        self.cfg, self.k = cfg, k
+        kind = cfg.kind(k)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if kind == "mla":
+            self.attn = MultiHeadLatentAttention(cfg, k)
+        else:
+            self.attn = GroupedQueryAttention(cfg, cfg.n_heads if kind == "mha" else cfg.n_kv_heads)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, k)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.frozen_names = tuple(f"attn.{n}" for n in self.attn.frozen) + tuple(f"mlp.{n}" for n in self.mlp.frozen)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Trainable tensors from `(seed, "layer", k)`: norms 1, matrices N(0, init_std^2), and the
+        output projections scaled by 1/sqrt(2 * n_layers) (GPT-2), since each layer adds two of them
+        to the residual stream."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        g = generator(self.cfg.seed, "layer", self.k)
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in self.frozen_names:
+                    continue
+                if p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    std = out_std if name in ("attn.o_proj.weight", "mlp.down.weight") else self.cfg.init_std
+                    p.copy_(normal(p.shape, std, g))
+
+    def forward(self, h: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h (B, T, D), pad_mask (B, T) bool True at padding -> (B, T, D)."""
+        h = h + self.drop(self.attn(self.attn_norm(h), pad_mask))
+        return h + self.drop(self.mlp(self.mlp_norm(h)))
+
+    # ------------------------------------------------------------------ frozen tensors and checkpoints
+    def frozen_up_checksum(self) -> str:
+        """sha256 over the frozen tensors as they are now (names and bytes, in a fixed order)."""
+        return _checksum({name: self.get_parameter(name) for name in self.frozen_names})
+
+    def verify_frozen(self) -> None:
+        """Raise `ArtifactError` if a frozen tensor no longer equals its regeneration from the seed."""
+        values = {f"attn.{n}": v for n, v in self.attn.frozen_values().items()}
+        values.update({f"mlp.{n}": v for n, v in self.mlp.frozen_values().items()})
+        expected = _checksum({n: v.to(self.get_parameter(n).dtype) for n, v in values.items()})
+        if self.frozen_up_checksum() != expected:
+            raise ArtifactError(
+                f"layer {self.k}: frozen up-projection differs from its regeneration from seed {self.cfg.seed}"
+            )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without the frozen tensors (they are regenerated from the seed on load)."""
+        return {n: t for n, t in self.state_dict().items() if n not in self.frozen_names}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], checksum: str) -> None:
+        """Load a `trainable_state_dict()`, regenerate the frozen tensors and check them against `checksum`.
+
+        Raises `ArtifactError` naming the layer on missing/unexpected keys, a shape mismatch, or a
+        checksum mismatch; the trainable weights are untouched unless everything matches.
+        """
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or unexpected:
+            raise ArtifactError(
+                f"layer {self.k}: checkpoint keys do not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        own = self.state_dict()
+        for name, t in sd.items():
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise ArtifactError(
+                    f"layer {self.k}: {name} has shape {tuple(t.shape)} in the checkpoint, "
+                    f"the model needs {tuple(own[name].shape)}"
+                )
+        load_frozen(self.attn)
+        load_frozen(self.mlp)
+        got = self.frozen_up_checksum()
+        if got != checksum:
+            raise ArtifactError(
+                f"layer {self.k}: frozen up-projection checksum mismatch: checkpoint {checksum[:16]}, "
+                f"regenerated from seed {self.cfg.seed} {got[:16]}"
+            )
+        self.load_state_dict(sd, strict=False)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    lines = "".join(f"{name}={tensor_sha256(t)}\n" for name, t in tensors.items())
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+class Head(nn.Module):
+    """Final RMSNorm + output projection.
+
+    Tied: the embedding matrix is passed in. Untied: its own `proj (V, D)` from `(seed, "head")`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.proj is not None and not self.proj.weight.is_meta:
+            with torch.no_grad():
+                self.proj.weight.copy_(normal(self.proj.weight.shape, cfg.init_std, generator(cfg.seed, "head")))
+
+    def forward(self, h: torch.Tensor, embed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h (..., D) -> logits (..., V). `embed_weight (V, D)` is used only when tied."""
+        h = self.norm(h)
+        if self.proj is not None:
+            return self.proj(h)
+        if embed_weight is None:
+            raise ValueError("tied head: pass the embedding matrix as embed_weight")
+        return F.linear(h, embed_weight)
+
+
+class Transformer(nn.Module):
+    """Embedding -> layers 1..L -> head; any contiguous slice can run on its own."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, k) for k in range(1, cfg.n_layers + 1))
+        self.head = Head(cfg)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> h (B, T, D)."""
+        return self.embed(ids)
+
+    def run_layers(self, h: torch.Tensor, first: int, last: int, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Layers first..last inclusive (1-based) on h (B, T, D); first > last returns h unchanged."""
+        if first > last:
+            return h
+        if first < 1 or last > self.cfg.n_layers:
+            raise ValueError(f"layers {first}..{last} are outside 1..{self.cfg.n_layers}")
+        for block in self.blocks[first - 1 : last]:
+            h = block(h, pad_mask)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + head on h (..., D) -> (..., V)."""
+        return self.head(h, self.embed.weight if self.head.proj is None else None)
+
+    def forward(self, ids: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V)."""
+        return self.logits(self.run_layers(self.embed_tokens(ids), 1, self.cfg.n_layers, pad_mask))
