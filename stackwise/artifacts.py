@@ -4,7 +4,7 @@ Only this module knows where things live under `exp_dir = <output_root>/<experim
 
     layers/layer_{k}.pt                    stage k's weights + metadata (torch.save, weights_only-loadable)
     acts/acts_layer{k}/{train,val}/...     activation shards; acts/acts_layer{k}/manifest.json (written last)
-    fused/model.safetensors, fused/config.json (+ fused/finetuned.safetensors)
+    fused/model.safetensors, fused/config.json (+ fused/finetuned/{model.safetensors,config.json})
     e2e/model.safetensors, e2e/config.json
     ckpt/<stage>/                          Lightning ModelCheckpoint folder (mid-stage resume)
     tb/                                    TensorBoard root (one run per stage)
@@ -101,8 +101,13 @@ class ExperimentPaths:
         return self.fused_dir / "model.safetensors"
 
     @property
-    def fused_finetuned_weights(self) -> Path:
-        return self.fused_dir / "finetuned.safetensors"
+    def finetuned_dir(self) -> Path:
+        """`fused/finetuned/` (model.safetensors + config.json): the jointly fine-tuned fused model.
+
+        A folder of its own rather than `fused/finetuned.safetensors`, so it is complete or not
+        by the same rule as every model folder (config.json written last).
+        """
+        return self.fused_dir / "finetuned"
 
     @property
     def fused_config(self) -> Path:
@@ -418,7 +423,7 @@ def save_safetensors_model(out_dir: PathLike, state_dict: Mapping[str, Tensor], 
 
     The safetensors header carries `meta` (JSON) and the tied-weight aliases, so the weights file
     describes itself; config.json is `{"format", "version", "config": <model config>, "meta"}`.
-    A folder is complete once config.json exists. `name="finetuned"` adds the fine-tuned weights.
+    A folder is complete once config.json exists. `name` picks another weights file in the same folder.
     """
     from safetensors.torch import save_file
 

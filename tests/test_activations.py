@@ -67,11 +67,11 @@ def _trainer(*callbacks) -> L.Trainer:
 
 def _build(acts_dir: Path, dtype: str = "float32", n_train: int = 23, n_val: int = 9, shard_size: int = 5,
            vocab: int = V) -> CacheWriter:
-    writer = CacheWriter(acts_dir, shard_size=shard_size, vocab_size=vocab, hidden_dtype=dtype)
+    writer = CacheWriter(acts_dir, shard_size=shard_size, vocab_size=vocab, dtype=dtype)
     loaders = [DataLoader(RowSource(n_train, "train", vocab), batch_size=4),
                DataLoader(RowSource(n_val, "val", vocab), batch_size=4)]
     _trainer(writer).predict(Passthrough(), dataloaders=loaders, return_predictions=False)
-    write_manifest(acts_dir, writer.all_records(), META)
+    write_manifest(acts_dir, writer.records(), META)
     return writer
 
 
@@ -149,7 +149,7 @@ def test_incremental_caching_through_predict_dataloader(f32_cache: Path, tmp_pat
     nxt = tmp_path / "acts_layer2"
     writer = CacheWriter(nxt, shard_size=7, vocab_size=V)
     _trainer(writer).predict(Passthrough(shift=1.0), datamodule=dm, return_predictions=False)
-    write_manifest(nxt, writer.all_records(), {**META, "k": 2})
+    write_manifest(nxt, writer.records(), {**META, "k": 2})
     c1, c2 = ActivationCache.open(f32_cache), ActivationCache.open(nxt, expect={"k": 2})
     for split in ("train", "val"):
         a, b = ActivationDataset(c1, split), ActivationDataset(c2, split)

@@ -50,7 +50,7 @@ def test_paths_layout(tmp_path: Path) -> None:
     assert p.acts_manifest(2) == root / "acts" / "acts_layer2" / "manifest.json"
     assert p.fused_weights == root / "fused" / "model.safetensors"
     assert p.fused_config == root / "fused" / "config.json"
-    assert p.fused_finetuned_weights == root / "fused" / "finetuned.safetensors"
+    assert p.finetuned_dir == root / "fused" / "finetuned"
     assert p.e2e_weights == root / "e2e" / "model.safetensors"
     assert p.stage_ckpt_dir("layer_3") == root / "ckpt" / "layer_3"
     assert p.stage_last_ckpt("layer_3") == root / "ckpt" / "layer_3" / "last.ckpt"

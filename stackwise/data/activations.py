@@ -141,23 +141,23 @@ class CacheWriter(BasePredictionWriter):
     `predict_step` returns per batch {"hidden" (B,T,D), "targets" (B,T) long, "mask" (B,T) bool,
     "t" (B,) float, "index" (B,) long, "view" (B,) long}. At most `shard_size` + one batch of rows
     is held in memory per split; use `trainer.predict(..., return_predictions=False)` so Lightning
-    does not keep them all either. After predict, `all_records()` (every rank's shards) feeds
+    does not keep them all either. After predict, `records()` (every rank's shards) feeds
     `write_manifest`, which the caller runs on global rank 0 once the stage's checks pass.
     """
 
-    def __init__(self, acts_dir: PathLike, *, shard_size: int, vocab_size: int, hidden_dtype: str = "float32",
+    def __init__(self, acts_dir: PathLike, *, shard_size: int, vocab_size: int, dtype: str = "float32",
                  splits: Sequence[str] = SPLITS):
         super().__init__(write_interval="batch")
-        if hidden_dtype not in HIDDEN_DTYPES:
-            raise StackWiseError(f"cache.dtype: must be one of {sorted(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
+        if dtype not in HIDDEN_DTYPES:
+            raise StackWiseError(f"cache.dtype: must be one of {sorted(HIDDEN_DTYPES)}, got {dtype!r}")
         if shard_size < 1:
             raise StackWiseError(f"cache.shard_size: must be >= 1, got {shard_size}")
         self.acts_dir = Path(acts_dir)
-        self.shard_size, self.vocab_size, self.hidden_dtype = int(shard_size), int(vocab_size), hidden_dtype
+        self.shard_size, self.vocab_size, self.hidden_dtype = int(shard_size), int(vocab_size), dtype
         self.splits = tuple(splits)
-        self.storage = _storage_dtypes(hidden_dtype, self.vocab_size)
+        self.storage = _storage_dtypes(dtype, self.vocab_size)
         self.rank = 0
-        self.records: list[dict[str, Any]] = []  # this rank's shards, in write order
+        self.local_records: list[dict[str, Any]] = []  # this rank's shards, in write order
         self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
         self._buffered: dict[str, int] = {}
         self._next_shard: dict[str, int] = {}
@@ -176,7 +176,7 @@ class CacheWriter(BasePredictionWriter):
         trainer.strategy.barrier("stackwise_cache_setup")
         for split in self.splits:
             (self.acts_dir / split).mkdir(parents=True, exist_ok=True)
-        self.records = []
+        self.local_records = []
         self._buffers = {s: [] for s in self.splits}
         self._buffered = {s: 0 for s in self.splits}
         self._next_shard = {s: 0 for s in self.splits}
@@ -202,7 +202,7 @@ class CacheWriter(BasePredictionWriter):
         for split in self.splits:  # the last, smaller shard of each split
             if self._buffered[split]:
                 self._write_shard(split, self._buffered[split])
-        atomic_write_json(self.records, _records_path(self.acts_dir, self.rank))
+        atomic_write_json(self.local_records, _records_path(self.acts_dir, self.rank))
         trainer.strategy.barrier("stackwise_cache_written")
 
     # -- rows and shards
@@ -246,10 +246,11 @@ class CacheWriter(BasePredictionWriter):
             arr = np.ascontiguousarray(shard[f])
             sha, size = atomic_write_stream(self.acts_dir / rel, lambda fh, a=arr: np.save(fh, a, allow_pickle=False))
             files[f] = {"path": rel, "sha256": sha, "bytes": size, "shape": list(arr.shape), "dtype": str(arr.dtype)}
-        self.records.append({"split": split, "stem": stem, "rank": self.rank, "rows": n, "files": files})
+        self.local_records.append({"split": split, "stem": stem, "rank": self.rank, "rows": n, "files": files})
 
-    def all_records(self) -> list[dict[str, Any]]:
-        """Every rank's shard records (read from the per-rank files, after predict's final barrier)."""
+    def records(self) -> list[dict[str, Any]]:
+        """Every rank's shard records, for `write_manifest` (read from the per-rank files, which
+        predict's final barrier guarantees are all written)."""
         return gather_records(self.acts_dir)
 
 
@@ -301,6 +302,9 @@ def write_manifest(acts_dir: PathLike, records: Sequence[Mapping[str, Any]], met
     hidden_dtype = "bfloat16" if storage["hidden"] == "uint16" else storage["hidden"]
     logical = _logical_dtypes(hidden_dtype)
     seq_len, d_model = row_shapes["hidden"]
+    for key, got in (("seq_len", seq_len), ("d_model", d_model), ("dtype", hidden_dtype)):
+        if key in meta and meta[key] != got:
+            raise ValueError(f"write_manifest: meta says {key}={meta[key]!r} but the shards hold {key}={got!r}")
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "k": meta["k"], "config_hash": meta["config_hash"], "producer_sha256": meta["producer_sha256"],
