@@ -40,7 +40,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
 from stackwise.artifacts import (
     PathLike,
@@ -51,7 +50,7 @@ from stackwise.artifacts import (
     one_line,
     sha256_file,
 )
-from stackwise.data.sampling import StepSampler
+from stackwise.data.sampling import RankStepSampler, trainer_state
 from stackwise.errors import ArtifactError, StackWiseError
 
 MANIFEST_FORMAT = "stackwise.activations"
@@ -511,38 +510,6 @@ class ActivationDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------- data module
-class RankStepSampler(DistributedSampler):
-    """StepSampler over the global batch (`batch_size * world_size`), sliced to this rank.
-
-    Step s's global batch is a pure function of (seed, s, global batch size), so a resumed stage
-    sees the batches it would have seen (on the same number of ranks). Subclassing DistributedSampler tells Lightning the
-    sampler is already distributed, so it neither wraps it (which would materialise the stream)
-    nor reshuffles it. With one process it yields exactly `StepSampler(n, batch_size, ...)`.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int,
-                 rank: int = 0, world_size: int = 1):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True)
-        self.batch_size, self.world, self.total_steps = batch_size, world_size, total_steps
-        self.inner = StepSampler(len(dataset), batch_size * world_size, seed, start_step, total_steps)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        # The length of the WHOLE stream, steps before `start_step` included. On a mid-epoch resume
-        # Lightning counts the restored batch index into the epoch (the fetcher starts at
-        # `batch_progress.current.ready`) and ends the epoch at len(loader); reporting only the
-        # remaining batches would end the epoch early and restart the stream, repeating batches.
-        return self.total_steps * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        global_batch: list[int] = []
-        for i in self.inner:
-            global_batch.append(i)
-            if len(global_batch) == self.batch_size * self.world:
-                yield from global_batch[lo:hi]
-                global_batch = []
-
-
 class ActivationDataModule(L.LightningDataModule):
     """Batches of a cache for stage k+1: a resumable shuffled train stream, in-order val and predict.
 
@@ -586,18 +553,8 @@ class ActivationDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset, batch_size: int, **kw: Any) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
 
-    def _trainer_state(self) -> tuple[int, int, int, int, Optional[int]]:
-        """(global_step, accumulate_grad_batches, rank, world_size, trainer max_steps) or defaults."""
-        tr = getattr(self, "trainer", None)
-        if tr is None:
-            return 0, 1, 0, 1, None
-        max_steps = getattr(tr, "max_steps", None)
-        return (int(tr.global_step), int(getattr(tr, "accumulate_grad_batches", 1) or 1),
-                int(getattr(tr, "global_rank", 0)), int(getattr(tr, "world_size", 1)),
-                max_steps if max_steps is not None and max_steps > 0 else None)
-
     def train_dataloader(self) -> DataLoader:
-        step, accum, rank, world, trainer_max = self._trainer_state()
+        step, accum, rank, world, trainer_max = trainer_state(self)
         max_steps = self.max_steps if self.max_steps is not None else trainer_max
         total = (max_steps * accum) if max_steps is not None else 1 << 30
         # StepSampler counts batches: with gradient accumulation an optimizer step is `accum` of them

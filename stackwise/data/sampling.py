@@ -8,10 +8,11 @@ stream is an endless chain of seeded permutations ("epochs") and the sampler sta
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from stackwise.utils import generator
 
@@ -34,7 +35,8 @@ class StepSampler(Sampler[int]):
         self.start, self.stop = start_step * batch_size, total_steps * batch_size
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        # the WHOLE stream (see RankStepSampler.__len__): Lightning ends an epoch at len(loader)
+        return self.stop
 
     def __iter__(self) -> Iterator[int]:
         pos = self.start
@@ -47,3 +49,47 @@ class StepSampler(Sampler[int]):
                 yield (pos, i) if self.with_position else i
                 pos += 1
             epoch, offset = epoch + 1, 0
+
+
+class RankStepSampler(DistributedSampler):
+    """StepSampler over the global batch (`batch_size * world_size`), sliced to this rank.
+
+    Step s's global batch is a pure function of (seed, s, global batch size), so a resumed stage
+    sees the batches it would have seen (on the same number of ranks). Subclassing DistributedSampler tells Lightning the
+    sampler is already distributed, so it neither wraps it (which would materialise the stream)
+    nor reshuffles it. With one process it yields exactly `StepSampler(n, batch_size, ...)`.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int,
+                 rank: int = 0, world_size: int = 1, with_position: bool = False):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True)
+        self.batch_size, self.world, self.total_steps = batch_size, world_size, total_steps
+        n = getattr(dataset, "n_examples", None) or len(dataset)  # type: ignore[arg-type]
+        self.inner = StepSampler(n, batch_size * world_size, seed, start_step, total_steps, with_position)
+
+    def __len__(self) -> int:
+        # The length of the WHOLE stream, steps before `start_step` included. On a mid-epoch resume
+        # Lightning counts the restored batch index into the epoch (the fetcher starts at
+        # `batch_progress.current.ready`) and ends the epoch at len(loader); reporting only the
+        # remaining batches would end the epoch early and restart the stream, repeating batches.
+        return self.total_steps * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        global_batch: list[int] = []
+        for i in self.inner:
+            global_batch.append(i)
+            if len(global_batch) == self.batch_size * self.world:
+                yield from global_batch[lo:hi]
+                global_batch = []
+
+
+def trainer_state(module: Any) -> tuple[int, int, int, int, Optional[int]]:
+    """(global_step, accumulate_grad_batches, rank, world_size, trainer max_steps) of a DataModule's trainer."""
+    tr = getattr(module, "trainer", None)
+    if tr is None:
+        return 0, 1, 0, 1, None
+    max_steps = getattr(tr, "max_steps", None)
+    return (int(tr.global_step), int(getattr(tr, "accumulate_grad_batches", 1) or 1),
+            int(getattr(tr, "global_rank", 0)), int(getattr(tr, "world_size", 1)),
+            max_steps if max_steps is not None and max_steps > 0 else None)

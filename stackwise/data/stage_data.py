@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stackwise.data.sampling import StepSampler
+from stackwise.data.sampling import RankStepSampler, trainer_state
 from stackwise.objective.masking import mask_batch
+from stackwise.utils import generator
 
 
 class MaskedTokenDataset(Dataset):
@@ -84,10 +85,11 @@ class TokenStageData(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        start = self.trainer.global_step if self.trainer is not None else 0
-        ds = MaskedTokenDataset(self.train_tokens, total_positions=self.max_steps * self.batch_size, **self._common)
-        sampler = StepSampler(len(self.train_tokens), self.batch_size, self.seed, start_step=start,
-                              total_steps=self.max_steps, with_position=True)
+        step, accum, rank, world, _ = trainer_state(self)
+        total = self.max_steps * accum  # batches: with gradient accumulation a step is `accum` of them
+        ds = MaskedTokenDataset(self.train_tokens, total_positions=total * self.batch_size * world, **self._common)
+        sampler = RankStepSampler(ds, self.batch_size, self.seed, start_step=step * accum, total_steps=total,
+                                  rank=rank, world_size=world, with_position=True)
         return self._loader(ds, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -104,5 +106,4 @@ def cache_rows(n_train: int, limit: Optional[int], seed: int) -> np.ndarray:
     """Which training sequences get cached: all, or a seeded subset of `limit` (kept in order)."""
     if limit is None or limit >= n_train:
         return np.arange(n_train)
-    g = torch.Generator().manual_seed(seed)
-    return np.sort(torch.randperm(n_train, generator=g)[:limit].numpy())
+    return np.sort(torch.randperm(n_train, generator=generator(seed, "cache_rows"))[:limit].numpy())
