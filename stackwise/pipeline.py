@@ -54,14 +54,8 @@ class Pipeline:
         self.check_foreign()
         if run.stage == "all":
             for k in range(1, self.cfg.n_layers + 1):
-                if self.layer_complete(k):
-                    log.info("stage %s: complete, skipped", _stage_name(k))
-                else:
-                    self.layer_stage(k)
-            if self.fusion_complete():
-                log.info("stage fusion: complete, skipped")
-            else:
-                self.fusion_stage()
+                self.layer_stage(k)
+            self.fusion_stage()
             print_table(art.read_results(self.paths))
         elif run.stage == "embed":
             self.layer_stage(1)
@@ -146,6 +140,9 @@ class Pipeline:
     def layer_stage(self, k: int) -> None:
         """Train layer k (or reuse a finished layer_k.pt), then cache acts_layer{k}."""
         run, cfg, name = self.run, self.cfg, _stage_name(k)
+        if self.layer_complete(k):
+            log.info("stage %s: complete, skipped", name)
+            return
         previous, embed_weight, prev_sha = None, None, None
         if k == 1:
             data = self.token_data(1, run.max_steps("embed"))
@@ -195,7 +192,7 @@ class Pipeline:
 
     def write_cache(self, module: StageModule, data, k: int) -> None:
         run, acts_dir = self.run, self.paths.acts_dir(k)
-        acts.discard_incomplete(acts_dir)
+        acts.discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
         loaders = data.predict_dataloader()
         rows = sum(len(dl.dataset) for dl in loaders)
         acts.check_free_space(acts_dir.parent, acts.estimate_cache_bytes(rows, run.data.seq_len, self.cfg.d_model,
@@ -214,6 +211,9 @@ class Pipeline:
     # ------------------------------------------------------------------ fusion and e2e
     def fusion_stage(self) -> None:
         run, cfg = self.run, self.cfg
+        if self.fusion_complete():
+            log.info("stage fusion: complete, skipped")
+            return
         states = []
         for k in range(1, cfg.n_layers + 1):
             path = self.paths.layer_ckpt(k)
