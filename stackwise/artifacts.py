@@ -149,6 +149,11 @@ class ExperimentPaths:
         return self.root / "tokens"
 
     @property
+    def run_config(self) -> Path:
+        """The resolved config of the latest run (what eval / generate / report rebuild it from)."""
+        return self.root / "run_config.json"
+
+    @property
     def results_json(self) -> Path:
         return self.root / "results.json"
 

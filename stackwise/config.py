@@ -244,6 +244,26 @@ class RunConfig:
         return run
 
 
+def load_run(exp_dir: Path, stage: str = "all") -> "RunConfig":
+    """The RunConfig an experiment folder was made with (its run_config.json), re-validated."""
+    import json as _json
+
+    from stackwise.artifacts import ExperimentPaths
+    from stackwise.errors import ArtifactError
+
+    exp_dir = Path(exp_dir)
+    path = ExperimentPaths(exp_dir).run_config
+    if not path.is_file():
+        raise ArtifactError(f"{exp_dir} is not a StackWise experiment folder (no {path.name}); "
+                            "give outputs/<experiment> of a stackwise-train run")
+    try:
+        raw = _json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not readable JSON ({_first_line(e)})") from None
+    raw.update(stage=stage, k=None, experiment=exp_dir.name, output_root=str(exp_dir.parent))
+    return RunConfig.from_hydra(OmegaConf.create(raw))
+
+
 # ---------------------------------------------------------------------- experiment names
 def experiment_name(experiment: Optional[str], override_dirname: str = "") -> str:
     """The experiment folder: `experiment` if given, else the result-changing overrides, else "default"."""

@@ -52,6 +52,7 @@ class Pipeline:
         run = self.run
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.check_foreign()
+        art.atomic_write_json(run.raw, self.paths.run_config)
         if run.stage == "all":
             for k in range(1, self.cfg.n_layers + 1):
                 self.layer_stage(k)
