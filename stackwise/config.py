@@ -25,6 +25,7 @@ from stackwise.objective.masking import MaskingConfig
 
 STAGES = ("embed", "layer", "fusion", "all", "e2e")
 TRAINED_STAGES = ("embed", "layer", "fusion", "e2e")
+LAYER_INITS = ("random", "identity", "previous")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Trainer keys that change how fast / where a stage runs or what it prints, not what it learns.
@@ -114,6 +115,7 @@ class RunConfig:
     optim: OptimConfig
     cache: CacheConfig
     fusion: FusionConfig
+    layer_init: str  # layerwise.init
     trainer: dict  # the `trainer` node (lightning.Trainer kwargs)
     stages: dict  # per-stage {"trainer": {...}, "optim": {...}} overrides
     logger: Optional[dict] = None
@@ -162,7 +164,8 @@ class RunConfig:
             "data": _data_identity(r.get("data", {})), "seed": self.seed,
             "cache": {"views": self.cache.views, "train_sequences": self.cache.train_sequences},
         }
-        layer = {**common, "embed": self._train_identity("embed"), "layer": self._train_identity("layer")}
+        layer = {**common, "embed": self._train_identity("embed"), "layer": self._train_identity("layer"),
+                 "layer_init": self.layer_init}
         fusion = {"layer": _digest(layer), "fusion": dataclasses.asdict(self.fusion),
                   "train": self._train_identity("fusion")}
         e2e = {**common, "train": self._train_identity("e2e")}
@@ -224,6 +227,16 @@ class RunConfig:
         stages = {n: {"trainer": dict((v or {}).get("trainer") or {}), "optim": dict((v or {}).get("optim") or {})}
                   for n, v in stages.items()}
 
+        layerwise = dict(raw.get("layerwise") or {})
+        for key in layerwise:
+            _check(key == "init", f"layerwise.{key}", "unknown key; allowed: init")
+        layer_init = layerwise.get("init", "random")
+        _check(layer_init in LAYER_INITS, "layerwise.init",
+               f"unknown init {layer_init!r}; allowed: {', '.join(LAYER_INITS)}")
+        if layer_init == "previous" and len(set(model.layer_kinds())) > 1:
+            raise ConfigError("layerwise.init", "init=previous copies layer k-1 into layer k, which needs one "
+                              f"attention kind for every layer, got {model.layer_kinds()}")
+
         experiment = experiment_name(raw.get("experiment"), override_dirname)
         output_root = raw.get("output_root") or "outputs"
         run = cls(
@@ -232,7 +245,7 @@ class RunConfig:
             overwrite=bool(raw.get("overwrite", False)), verify=bool(raw.get("verify", False)),
             model=model, masking=masking, data=data,
             optim=OptimConfig.from_dict(raw.get("optim") or {}, "optim"),
-            cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}),
+            cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}), layer_init=layer_init,
             trainer=dict(raw.get("trainer") or {}), stages=stages,
             logger=raw.get("logger") or None, callbacks=dict(raw.get("callbacks") or {}), raw=raw,
         )

@@ -167,7 +167,7 @@ class Pipeline:
                                              max_steps=run.max_steps("layer"))
         stage_key = "embed" if k == 1 else "layer"
         module = LayerwiseStage(cfg, k, run.optim_for(stage_key), run.masking.weighting, run.max_steps(stage_key),
-                                previous=previous, embed_weight=embed_weight)
+                                previous=previous, embed_weight=embed_weight, init=run.layer_init)
 
         ckpt_path = self.paths.layer_ckpt(k)
         if ckpt_path.exists():  # trained before, killed while caching: reuse the weights

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise.compat import RMSNorm
-from stackwise.errors import ArtifactError
+from stackwise.errors import ArtifactError, ConfigError
 from stackwise.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from stackwise.model.config import ModelConfig
 from stackwise.model.layers import SwiGLU, load_frozen, normal
@@ -89,6 +89,22 @@ class Block(nn.Module):
         """h (B, T, D), pad_mask (B, T) bool True at padding -> (B, T, D)."""
         h = h + self.drop(self.attn(self.attn_norm(h), pad_mask))
         return h + self.drop(self.mlp(self.mlp_norm(h)))
+
+    # ------------------------------------------------------------------ initialisation levers
+    def zero_residual_branches(self) -> None:
+        """Start as the identity map: both output projections zero, so a new layer begins exactly
+        where the stack below left off instead of adding random noise to it."""
+        with torch.no_grad():
+            self.attn.o_proj.weight.zero_()
+            self.mlp.down.weight.zero_()
+
+    def copy_trainable_from(self, other: "Block") -> None:
+        """Start from another layer's trained weights (progressive stacking). The frozen tensors
+        stay this layer's own: they are a function of (seed, k) by design."""
+        if other.cfg.kind(other.k) != self.cfg.kind(self.k):
+            raise ConfigError("layerwise.init", f"init=previous copies layer {other.k} into layer {self.k}, but "
+                              f"their attention kinds differ ({other.cfg.kind(other.k)} vs {self.cfg.kind(self.k)})")
+        self.load_state_dict(other.trainable_state_dict(), strict=False)
 
     # ------------------------------------------------------------------ frozen tensors and checkpoints
     def frozen_up_checksum(self) -> str:

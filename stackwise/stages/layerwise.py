@@ -35,7 +35,8 @@ class LayerwiseStage(StageModule):
     """Layer k, the final norm and the head, on top of whatever produces layer k's input."""
 
     def __init__(self, cfg: ModelConfig, k: int, optim: OptimConfig, weighting: str, max_steps: int,
-                 previous: Optional[dict[str, Tensor]] = None, embed_weight: Optional[Tensor] = None):
+                 previous: Optional[dict[str, Tensor]] = None, embed_weight: Optional[Tensor] = None,
+                 init: str = "random"):
         super().__init__(cfg, optim, weighting, max_steps)
         self.k = k
         self.stage_name = "embed" if k == 1 else f"layer_{k}"
@@ -43,6 +44,14 @@ class LayerwiseStage(StageModule):
         self.head = Head(cfg)
         if previous is not None:  # carry the final norm (+ untied head) forward from stage k-1
             self.head.load_state_dict(_strip("head", previous))
+        if k > 1 and init == "identity":
+            self.block.zero_residual_branches()
+        elif k > 1 and init == "previous":
+            if previous is None:
+                raise ValueError("init=previous needs layer k-1's weights")
+            below = Block(cfg, k - 1)
+            below.load_state_dict(_strip("block", previous), strict=False)
+            self.block.copy_trainable_from(below)
         if k == 1:
             self.embed = Embedding(cfg)
         elif cfg.tie_embeddings:
