@@ -1,0 +1,169 @@
+"""Tokenizers: bytes, or a Hugging Face `tokenizers` tokenizer.json; both carry [MASK] and [PAD].
+
+Every tokenizer has `vocab_size`, `mask_id`, `pad_id`, `encode(str) -> list[int]`,
+`decode(ids, mask_text=None) -> str` and `identity` (a string that changes whenever the ids of a
+text would, used to key the token cache).
+
+decode drops the special ids by default (like Hugging Face's `skip_special_tokens=True`); pass
+`mask_text="_"` (or "[MASK]") to see where a partly denoised sample still has masks.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+from stackwise.errors import ConfigError, StackWiseError
+
+MASK_TOKEN = "[MASK]"
+PAD_TOKEN = "[PAD]"
+TOKENIZER_KINDS = ("byte", "hf")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class _Base(abc.ABC):
+    vocab_size: int
+    mask_id: int
+    pad_id: int
+    identity: str
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+
+    @abc.abstractmethod
+    def _decode_plain(self, ids: list[int]) -> str:
+        """Text of ids that contain no special id."""
+
+    def decode(self, ids: Iterable[int], mask_text: Optional[str] = None) -> str:
+        """Text of `ids`. Special ids are dropped, except [MASK] rendered as `mask_text` when given."""
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in (int(x) for x in ids):
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} outside the vocabulary [0, {self.vocab_size})")
+            if i == self.mask_id and mask_text is not None:
+                pieces.append(self._decode_plain(run))
+                pieces.append(mask_text)
+                run = []
+            elif i not in (self.mask_id, self.pad_id):
+                run.append(i)
+        pieces.append(self._decode_plain(run))
+        return "".join(pieces)
+
+
+class ByteTokenizer(_Base):
+    """UTF-8 bytes are ids 0..255; [MASK] = 256, [PAD] = 257. Lossless for any text, no file needed."""
+
+    vocab_size = 258
+    mask_id = 256
+    pad_id = 257
+    identity = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        # a model may emit a byte sequence that is not UTF-8: show U+FFFD rather than fail
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer(_Base):
+    """A Hugging Face `tokenizers` tokenizer.json; [MASK] and [PAD] are added when it lacks them."""
+
+    def __init__(self, path: PathLike):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise StackWiseError(f"tokenizer file {self.path} does not exist (expected a Hugging Face tokenizer.json)")
+        try:
+            blob = self.path.read_bytes()
+            self.tok = Tokenizer.from_str(blob.decode("utf-8"))
+        except Exception as e:  # a JSON or schema error from the Rust side
+            msg = " ".join(str(e).split())[:200]
+            raise StackWiseError(f"{self.path}: not a valid Hugging Face tokenizer.json ({msg})") from None
+        # adding tokens already present is a no-op, so a file made by train_bpe keeps its ids
+        self.tok.add_special_tokens([MASK_TOKEN, PAD_TOKEN])
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.mask_id = self.tok.token_to_id(MASK_TOKEN)
+        self.pad_id = self.tok.token_to_id(PAD_TOKEN)
+        self.identity = "hf:" + hashlib.sha256(blob).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts at once (the Rust side runs them in parallel)."""
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def build_tokenizer(cfg: Optional[Mapping[str, Any]], prefix: str = "data.tokenizer") -> Tokenizer:
+    """{kind: byte} or {kind: hf, path: tokenizer.json}."""
+    cfg = dict(cfg or {})
+    for key in cfg:
+        if key not in ("kind", "path"):
+            raise ConfigError(f"{prefix}.{key}", "unknown key; allowed: kind, path")
+    kind = cfg.get("kind", "byte")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        if not cfg.get("path"):
+            raise ConfigError(f"{prefix}.path", "kind=hf needs the path of a Hugging Face tokenizer.json "
+                              "(make one with stackwise-tokenizer)")
+        return HFTokenizer(cfg["path"])
+    raise ConfigError(f"{prefix}.kind", f"unknown tokenizer kind {kind!r}; allowed: {', '.join(TOKENIZER_KINDS)}")
+
+
+def train_bpe(files: Sequence[PathLike], vocab_size: int, out_path: PathLike, *, field: str = "text",
+              min_frequency: int = 2) -> HFTokenizer:
+    """Train a byte-level BPE on corpus files (.txt, or .jsonl with `field`) and write tokenizer.json.
+
+    [MASK] and [PAD] are its first two ids. The file is written under a temporary name and renamed,
+    so an interrupted run never leaves a half-written tokenizer.json.
+    """
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    from stackwise.artifacts import atomic_path
+    from stackwise.data.tokens import iter_corpus_text  # the corpus reader (and its checks) lives with the data
+
+    min_size = 256 + 2  # the byte alphabet and the two special tokens
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_size:
+        raise StackWiseError(f"vocab size must be an integer >= {min_size} (256 bytes + [MASK] + [PAD]), got {vocab_size!r}")
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[MASK_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    n_chars = 0
+
+    def texts() -> Iterable[str]:
+        nonlocal n_chars
+        for path in files:
+            for _, chunk in iter_corpus_text(path, field=field):
+                n_chars += len(chunk)
+                yield chunk
+
+    tok.train_from_iterator(texts(), trainer)
+    if n_chars == 0:
+        raise StackWiseError(f"{', '.join(str(f) for f in files)}: the corpus is empty (no text to train on)")
+    with atomic_path(out_path) as tmp:
+        tok.save(str(tmp))
+    return HFTokenizer(out_path)

@@ -1,0 +1,216 @@
+"""Masking schedules and masks: which token ids of a sequence become `[MASK]`.
+
+Masked diffusion over token positions (MDLM / LLaDA): per sequence draw a rate `t`, replace
+`round(t * n_valid)` of its non-pad token ids with `[MASK]` and train the model to recover them.
+
+Every mask is a pure function of `(seed, example index, view)`: each example gets its own CPU
+generator `stackwise.utils.generator(seed, "mask", index, view)`, which draws first the uniform
+`u` that the schedule turns into `t`, then one score per position; the `n` valid positions with
+the lowest scores are masked. So the mask of an example does not depend on the batch it sits in,
+on the device, or on anything drawn before it, and a stage reading the activation cache sees the
+very masks stage 1 drew (DESIGN §4, invariant 4).
+
+Schedules (`masking.schedule`), each `rate(u (B,), k, progress) -> t (B,)`:
+    uniform     t = min + (max - min) * u                        (MDLM / LLaDA)
+    fixed       t = rate                                         (0.15 = BERT-style MLM)
+    per_layer   t = t_k, stage k's own rate: rates[k-1], or linear from min (k=1) to max (k=L)
+    curriculum  t = min + (max - min) * u * max(progress, 0.1)   the upper bound grows with training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from stackwise.errors import ConfigError
+from stackwise.utils import generator
+
+SCHEDULES = ("uniform", "fixed", "per_layer", "curriculum")
+WEIGHTINGS = ("mean", "elbo")
+
+# curriculum: the fraction of the [min, max] range open at progress 0, so the first steps do not
+# all train at exactly t = min (a degenerate, nearly unmasked task)
+CURRICULUM_START = 0.1
+
+
+# ---------------------------------------------------------------------------------------- config
+@dataclass
+class MaskingConfig:
+    schedule: str = "uniform"
+    mask_fraction_min: float = 0.15
+    mask_fraction_max: float = 0.90
+    rate: float = 0.15  # the `fixed` schedule's rate
+    rates: Optional[list] = None  # `per_layer`: one rate per layer (None = linear from min to max)
+    weighting: str = "mean"  # mean over masked tokens | elbo (1/t weights, the MDLM/LLaDA bound)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], prefix: str = "masking") -> "MaskingConfig":
+        """Build from a plain mapping; unknown keys and wrong types raise ConfigError naming `prefix.key`.
+
+        Ranges that depend on the model (len(rates) == n_layers) are checked by `validate(n_layers)`.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{prefix}.{key}"
+            if key not in fields:
+                raise ConfigError(name, f"unknown key; allowed: {', '.join(sorted(fields))}")
+            if key in ("mask_fraction_min", "mask_fraction_max", "rate"):
+                value = _number(name, value)
+            elif key == "rates" and value is not None:
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                    raise ConfigError(name, f"must be a list of numbers (one per layer) or null, got {value!r}")
+                value = [_number(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            elif key in ("schedule", "weighting") and not isinstance(value, str):
+                raise ConfigError(name, f"must be a string, got {value!r}")
+            kwargs[key] = value
+        cfg = cls(**kwargs)
+        cfg.validate(None, prefix)
+        return cfg
+
+    def validate(self, n_layers: Optional[int] = None, prefix: str = "masking") -> None:
+        """Raise ConfigError naming the bad value. `n_layers=None` skips the per-layer length check."""
+        p = prefix + "."
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(p + "schedule", f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(p + "weighting", f"unknown weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+        lo, hi = self.mask_fraction_min, self.mask_fraction_max
+        if not 0.0 < lo <= 1.0:
+            raise ConfigError(p + "mask_fraction_min", f"must be in (0, 1], got {lo}")
+        if not 0.0 < hi <= 1.0:
+            raise ConfigError(p + "mask_fraction_max", f"must be in (0, 1], got {hi}")
+        if lo > hi:
+            raise ConfigError(p + "mask_fraction_min",
+                              f"must be <= mask_fraction_max={hi}, got {lo} (need 0 < min <= max <= 1)")
+        if not 0.0 < self.rate <= 1.0:
+            raise ConfigError(p + "rate", f"must be in (0, 1], got {self.rate}")
+        if self.rates is not None:
+            for i, r in enumerate(self.rates):
+                if not 0.0 < r <= 1.0:
+                    raise ConfigError(f"{p}rates[{i}]", f"must be in (0, 1], got {r}")
+            if n_layers is not None and len(self.rates) != n_layers:
+                raise ConfigError(p + "rates", f"has {len(self.rates)} entries but n_layers={n_layers}; "
+                                  "give one rate per layer, or null for linear from min to max")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------- schedules
+@dataclass(frozen=True)
+class UniformSchedule:
+    lo: float
+    hi: float
+
+    def rate(self, u: Tensor, k: int, progress: float) -> Tensor:
+        return self.lo + (self.hi - self.lo) * u  # (B,)
+
+
+@dataclass(frozen=True)
+class FixedSchedule:
+    value: float
+
+    def rate(self, u: Tensor, k: int, progress: float) -> Tensor:
+        return torch.full_like(u, self.value)
+
+
+@dataclass(frozen=True)
+class PerLayerSchedule:
+    rates: tuple  # rates[k-1] is stage k's rate
+
+    def rate(self, u: Tensor, k: int, progress: float) -> Tensor:
+        if not 1 <= k <= len(self.rates):
+            raise ValueError(f"per_layer schedule: stage index k={k} outside 1..{len(self.rates)}")
+        return torch.full_like(u, self.rates[k - 1])
+
+
+@dataclass(frozen=True)
+class CurriculumSchedule:
+    """t ~ U[lo, lo + (hi - lo) * p'], p' = max(progress, 0.1): harder (more masked) as training goes.
+
+    At progress 1 (validation, caching, the end of training) it is the uniform schedule.
+    """
+
+    lo: float
+    hi: float
+
+    def rate(self, u: Tensor, k: int, progress: float) -> Tensor:
+        p = min(1.0, max(float(progress), CURRICULUM_START))
+        return self.lo + (self.hi - self.lo) * u * p
+
+
+Schedule = Union[UniformSchedule, FixedSchedule, PerLayerSchedule, CurriculumSchedule]
+
+
+def build_schedule(cfg: MaskingConfig, n_layers: int) -> Schedule:
+    cfg.validate(n_layers)
+    lo, hi = cfg.mask_fraction_min, cfg.mask_fraction_max
+    if cfg.schedule == "uniform":
+        return UniformSchedule(lo, hi)
+    if cfg.schedule == "fixed":
+        return FixedSchedule(cfg.rate)
+    if cfg.schedule == "curriculum":
+        return CurriculumSchedule(lo, hi)
+    if cfg.rates is not None:
+        return PerLayerSchedule(tuple(float(r) for r in cfg.rates))
+    # one layer: its only stage trains at `min`
+    step = (hi - lo) / (n_layers - 1) if n_layers > 1 else 0.0
+    return PerLayerSchedule(tuple(lo + step * i for i in range(n_layers)))
+
+
+# ----------------------------------------------------------------------------------------- masks
+def mask_batch(ids: Tensor, index: Tensor, view: Tensor, *, seed: int, schedule: Schedule, k: int,
+               progress: float, mask_id: int, pad_id: Optional[int], u: Optional[Tensor] = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask a batch of token ids.
+
+    ids (B, T) long; index (B,) example indices; view (B,) view numbers (any ints, negative ones too).
+    u: optional (B,) uniforms in [0, 1) replacing the drawn ones (stratified / antithetic evaluation);
+       the per-position scores are drawn all the same, so only the number of masked positions changes.
+    Returns masked_ids (B, T) long, mask (B, T) bool (True = replaced by [MASK]), t (B,) float32,
+    all on ids.device. Padding (ids == pad_id) is never masked; a sequence with any non-pad token
+    gets at least one masked position.
+    """
+    device = ids.device
+    ids_cpu = ids.detach().to("cpu", torch.long)
+    B, T = ids_cpu.shape
+    index_l, view_l = _as_list(index, B, "index"), _as_list(view, B, "view")
+
+    # The only per-example work: one generator each, so an example's draw is independent of the batch.
+    u_drawn = torch.empty(B)
+    scores = torch.empty(B, T)
+    for b in range(B):
+        g = generator(seed, "mask", index_l[b], view_l[b])
+        u_drawn[b] = torch.rand((), generator=g)
+        scores[b] = torch.rand(T, generator=g)
+    if u is not None:
+        u_drawn = u.detach().to("cpu", torch.float32).reshape(B)
+
+    t = schedule.rate(u_drawn, k, progress).to(torch.float32)  # (B,)
+    valid = torch.ones_like(ids_cpu, dtype=torch.bool) if pad_id is None else ids_cpu != pad_id  # (B, T)
+    n_valid = valid.sum(1)  # (B,)
+    # round to nearest, then at least one and at most all valid positions
+    n = torch.minimum(torch.clamp(torch.round(t.double() * n_valid).long(), min=1), n_valid)  # (B,)
+
+    # rank of each position among its row's scores (padding last); mask the n lowest ranks
+    scores = scores.masked_fill(~valid, float("inf"))
+    order = scores.argsort(dim=1)  # (B, T)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(T).expand(B, T))
+    mask = (ranks < n[:, None]) & valid  # (B, T)
+    masked = ids_cpu.masked_fill(mask, mask_id)
+    return masked.to(device), mask.to(device), t.to(device)
+
+
+def _as_list(x: Any, B: int, name: str) -> list[int]:
+    values = x.reshape(-1).tolist() if isinstance(x, Tensor) else [int(v) for v in x]
+    if len(values) != B:
+        raise ValueError(f"mask_batch: {name} has {len(values)} entries for a batch of {B}")
+    return [int(v) for v in values]
