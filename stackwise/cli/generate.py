@@ -1,0 +1,111 @@
+"""`stackwise-generate`: sample from an experiment's model by iterative unmasking.
+
+    stackwise-generate outputs/shakespeare                                 # seq_len tokens from all-[MASK]
+    stackwise-generate outputs/shakespeare --prompt "ROMEO:" --length 200 --num-samples 3
+    stackwise-generate outputs/shakespeare --infill "To be or ___ to be"   # each _ is one masked token
+    stackwise-generate outputs/shakespeare --steps 32 --block-length 32 --temperature 0.8 --top-k 40
+    stackwise-generate outputs/default --model e2e --strategy random       # the dummy data prints token ids
+
+Exit status 0, or 2 with one line `stackwise-generate: error: ...` for bad arguments or artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from stackwise.cli.common import user_errors
+from stackwise.errors import StackWiseError
+from stackwise.generation import MODEL_KINDS, STRATEGIES, decode, load_experiment_model, sample_ids
+
+PROG = "stackwise-generate"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error of the CLI (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("experiment", type=Path, help="an experiment folder, e.g. outputs/default")
+    p.add_argument("--model", choices=MODEL_KINDS, default="fused",
+                   help="which model of the experiment: fused (default), finetuned or e2e")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--prompt", default="", help="text the sample starts with (kept as given)")
+    start.add_argument("--infill", default=None,
+                       help="text with the positions to fill marked: [MASK] = one token, each _ = one token "
+                            "(tokens, not characters, for a BPE tokenizer); --length does not apply")
+    p.add_argument("--length", type=int, default=None,
+                   help="tokens in all, prompt included (default: the experiment's data.seq_len)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="unmasking steps (model calls); default: one per masked token")
+    p.add_argument("--strategy", default="confidence",
+                   help=f"which positions each step reveals: {' or '.join(STRATEGIES)} (default confidence: "
+                        "keep the most confident draws, remask the rest)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="semi-autoregressive: fill blocks of this many positions left to right (default: one block)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sample i of a seed is the same on every run (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default cpu)")
+    p.add_argument("--show-steps", action="store_true",
+                   help="print every step's partly unmasked sequence to stderr (masks shown as _)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = _parser().parse_args(argv)
+    with user_errors(PROG):
+        if args.strategy not in STRATEGIES:
+            raise StackWiseError(f"--strategy: unknown strategy {args.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if args.steps is not None and args.steps < 1:
+            raise StackWiseError(f"--steps must be >= 1, got {args.steps}")
+        if args.infill is not None and args.length is not None:
+            raise StackWiseError("--length does not apply to --infill: the text and its marks set the length")
+        if args.length is not None and args.length < 1:
+            raise StackWiseError(f"--length must be >= 1, got {args.length}")
+        if args.top_k is not None and args.top_k < 1:
+            raise StackWiseError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.num_samples < 1:
+            raise StackWiseError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.seed < 0:
+            raise StackWiseError(f"--seed must be >= 0, got {args.seed}")
+        try:
+            import torch
+
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            raise StackWiseError(f"--device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise StackWiseError("--device cuda: no CUDA GPU is available here; use --device cpu")
+
+        em = load_experiment_model(args.experiment, args.model, device=device)
+        callback = None
+        if args.show_steps:
+            def callback(step, x):  # noqa: E306 - the live ids after each step
+                for i, row in enumerate(x.tolist()):
+                    tag = f"[step {step} sample {i + 1}]" if args.num_samples > 1 else f"[step {step}]"
+                    print(tag, decode(em.tokenizer, row, mask_text="_") if em.tokenizer is not None
+                          else " ".join("_" if t == em.cfg.mask_id else str(t) for t in row), file=sys.stderr)
+        _, out = sample_ids(em, prompt=args.prompt, infill=args.infill, length=args.length, steps=args.steps,
+                            num_samples=args.num_samples, seed=args.seed, strategy=args.strategy,
+                            temperature=args.temperature, top_k=args.top_k, block_length=args.block_length,
+                            callback=callback)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"=== sample {i + 1}/{args.num_samples} (seed {args.seed}) ===")
+        print(decode(em.tokenizer, row))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
