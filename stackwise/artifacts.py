@@ -435,7 +435,9 @@ def save_safetensors_model(out_dir: PathLike, state_dict: Mapping[str, Tensor], 
     out = Path(out_dir)
     tensors, aliases = _dedupe_shared(state_dict)
     meta_n, config_n = _json_normal(dict(meta)), _json_normal(dict(config))
-    header = {"format": "pt", "stackwise": json.dumps(meta_n), "aliases": json.dumps(aliases)}
+    # One header key only: safetensors stores the metadata in a hash map whose order varies from
+    # process to process, so several keys would make identical runs write different bytes.
+    header = {"stackwise": json.dumps({"meta": meta_n, "aliases": aliases}, sort_keys=True)}
     weights = out / f"{name}.safetensors"
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -473,8 +475,8 @@ def load_safetensors_model(out_dir: PathLike, expect: Optional[Mapping[str, Any]
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(header.get("stackwise", "{}"))
-        aliases = json.loads(header.get("aliases", "{}"))
+        own = json.loads(header.get("stackwise", "{}"))
+        meta, aliases = own.get("meta", {}), own.get("aliases", {})
     except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt artifact
         raise ArtifactError(f"{weights} is not a readable safetensors file (truncated or corrupt: "
                             f"{type(e).__name__}: {one_line(e, 120)}); rerun the stage that writes it") from None

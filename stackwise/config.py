@@ -200,6 +200,12 @@ class RunConfig:
         for key, value in zip(("vocab_size", "mask_id", "pad_id"), vocab):
             if model_node.get(key) is None:
                 model_node[key] = value
+            elif key == "vocab_size":
+                # A padded vocabulary (rows no token uses, e.g. 128000 for a 258-id byte tokenizer or a
+                # multiple of 64 for speed) is fine; fewer rows than token ids is not.
+                _check(_is_int(model_node[key]) and model_node[key] >= value, "model.vocab_size",
+                       f"is {model_node[key]} but the data's tokenizer has {value} ids; set it >= {value} "
+                       "or leave it null to take the tokenizer's")
             elif model_node[key] != value:
                 raise ConfigError(f"model.{key}", f"is {model_node[key]} but the data's tokenizer has {key}={value}; "
                                   "leave it null to take the tokenizer's")

@@ -11,6 +11,7 @@ overwrite=true); a stage killed midway resumes from its last Lightning checkpoin
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -47,12 +48,22 @@ class Pipeline:
         self.schedule = build_schedule(run.masking, run.model.n_layers)
         self._splits = None
 
+    def write_run_config(self) -> None:
+        """Keep the resolved config beside the artifacts; untouched when it has not changed."""
+        path = self.paths.run_config
+        try:
+            same = path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(self.run.raw))
+        except ValueError:
+            same = False
+        if not same:
+            art.atomic_write_json(self.run.raw, path)
+
     # ------------------------------------------------------------------ entry point
     def execute(self) -> None:
         run = self.run
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.check_foreign()
-        art.atomic_write_json(run.raw, self.paths.run_config)
+        self.write_run_config()
         if run.stage == "all":
             for k in range(1, self.cfg.n_layers + 1):
                 self.layer_stage(k)

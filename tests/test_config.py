@@ -55,7 +55,11 @@ def test_vocab_follows_the_tokenizer():
     run = RunConfig.from_hydra(compose_cfg(["data=shakespeare"]))
     assert (run.model.vocab_size, run.model.mask_id, run.model.pad_id) == (258, 256, 257)
     with pytest.raises(ConfigError, match="model.vocab_size"):
-        RunConfig.from_hydra(compose_cfg(["data=shakespeare", "model.vocab_size=300"]))
+        RunConfig.from_hydra(compose_cfg(["data=shakespeare", "model.vocab_size=200"]))
+    with pytest.raises(ConfigError, match="model.mask_id"):
+        RunConfig.from_hydra(compose_cfg(["data=shakespeare", "model.mask_id=3"]))
+    # a padded vocabulary (more rows than the tokenizer has ids) is allowed, as Megatron/nanoGPT do
+    assert RunConfig.from_hydra(compose_cfg(["data=shakespeare", "model.vocab_size=320"])).model.vocab_size == 320
 
 
 def test_seed_and_70b_param_counts_without_allocating():
@@ -106,9 +110,16 @@ def test_plain_pip_install_finds_config(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
-    build = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(REPO)],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # Build the wheel with this interpreter's setuptools (a venv's bundled one may be too old to
+    # build wheels), then install that wheel into the fresh venv: a plain, non-editable install.
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = wheels.glob("stackwise-*.whl")
+    install = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = ("import stackwise, pathlib; from hydra import compose, initialize_config_module;"
