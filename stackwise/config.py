@@ -99,6 +99,30 @@ class FusionConfig:
 
 
 @dataclass
+class SampleConfig:
+    """The sample printed at the end of `stage=all` (text data only); `stackwise-generate` does more."""
+
+    enabled: bool = True
+    prompt: str = ""
+    length: Optional[int] = None  # tokens in all, prompt included; null = data.seq_len
+    steps: Optional[int] = None  # unmasking steps; null = one per masked token
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SampleConfig":
+        cfg = cls(**_known_fields(cls, d, "sample"))
+        _check(isinstance(cfg.enabled, bool), "sample.enabled", f"must be true or false, got {cfg.enabled!r}")
+        _check(isinstance(cfg.prompt, str), "sample.prompt", f"must be a string, got {cfg.prompt!r}")
+        for name in ("length", "steps", "top_k"):
+            v = getattr(cfg, name)
+            _check(v is None or (_is_int(v) and v > 0), f"sample.{name}", f"must be a positive integer or null, got {v!r}")
+        _check(isinstance(cfg.temperature, (int, float)) and not isinstance(cfg.temperature, bool)
+               and cfg.temperature >= 0, "sample.temperature", f"must be a number >= 0, got {cfg.temperature!r}")
+        return cfg
+
+
+@dataclass
 class RunConfig:
     """Everything one `stackwise-train` invocation needs, validated."""
 
@@ -116,6 +140,7 @@ class RunConfig:
     cache: CacheConfig
     fusion: FusionConfig
     layer_init: str  # layerwise.init
+    sample: SampleConfig
     trainer: dict  # the `trainer` node (lightning.Trainer kwargs)
     stages: dict  # per-stage {"trainer": {...}, "optim": {...}} overrides
     logger: Optional[dict] = None
@@ -252,6 +277,7 @@ class RunConfig:
             model=model, masking=masking, data=data,
             optim=OptimConfig.from_dict(raw.get("optim") or {}, "optim"),
             cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}), layer_init=layer_init,
+            sample=SampleConfig.from_dict(raw.get("sample") or {}),
             trainer=dict(raw.get("trainer") or {}), stages=stages,
             logger=raw.get("logger") or None, callbacks=dict(raw.get("callbacks") or {}), raw=raw,
         )

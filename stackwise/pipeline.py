@@ -68,7 +68,7 @@ class Pipeline:
             for k in range(1, self.cfg.n_layers + 1):
                 self.layer_stage(k)
             self.fusion_stage()
-            print_table(art.read_results(self.paths))
+            self.finish_all()
         elif run.stage == "embed":
             self.layer_stage(1)
         elif run.stage == "layer":
@@ -77,6 +77,30 @@ class Pipeline:
             self.fusion_stage()
         elif run.stage == "e2e":
             self.e2e_stage()
+
+    def finish_all(self) -> None:
+        """The end of `stage=all`: the table, the depth report when an e2e run is beside it, a sample."""
+        print_table(art.read_results(self.paths))
+        if not self.trainer_is_global_zero():
+            return
+        if (self.paths.e2e_dir / "config.json").is_file():
+            from stackwise.report import write_report
+
+            md, png = write_report(self.paths.root)
+            print(f"depth report: {md} and {png}")
+        s = self.run.sample
+        if s.enabled and self.run.data.name != "dummy":
+            from stackwise.generation import sample_text
+
+            which = "finetuned" if (self.paths.finetuned_dir / "config.json").is_file() else "fused"
+            text = sample_text(self.paths.root, prompt=s.prompt, length=s.length, steps=s.steps, seed=self.run.seed,
+                               model=which, temperature=s.temperature, top_k=s.top_k)
+            print(f"\nsample from the {which} model (stackwise-generate {self.paths.root} for more):\n{text}\n")
+
+    @staticmethod
+    def trainer_is_global_zero() -> bool:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                    and torch.distributed.get_rank() != 0)
 
     # ------------------------------------------------------------------ state of the experiment
     def check_foreign(self) -> None:

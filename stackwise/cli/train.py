@@ -20,6 +20,10 @@ log = logging.getLogger("stackwise")
 
 
 def train(cfg: DictConfig) -> None:
+    # Lightning prints through its own handler; stop its records reaching Hydra's root handler too,
+    # which printed every Lightning line twice.
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("lightning.pytorch").propagate = False
     with user_errors("stackwise-train", debug=bool(cfg.get("debug", False))):
         run = RunConfig.from_hydra(cfg, override_dirname=HydraConfig.get().job.override_dirname)
         log.info("experiment %s -> %s (stage=%s%s)", run.experiment, run.exp_dir, run.stage,
