@@ -106,9 +106,12 @@ class DataConfig:
             if not self.path:
                 raise ConfigError(p + "path", "data=text needs data.path: a .txt file, a folder of .txt files "
                                   "or a .jsonl file")
-            if not Path(self.path).expanduser().exists():
+            path = Path(self.path).expanduser()
+            if not path.exists():
                 raise ConfigError(p + "path", f"{self.path} does not exist (expected a .txt file, a folder of "
                                   ".txt files or a .jsonl file)")
+            if path.is_file() and path.stat().st_size == 0:  # caught here, before any experiment folder is made
+                raise ConfigError(p + "path", f"{self.path}: the corpus is empty (0 bytes)")
             if not isinstance(self.field, str) or not self.field:
                 raise ConfigError(p + "field", f"must be a non-empty string, got {self.field!r}")
 
@@ -132,8 +135,13 @@ def vocab_info(cfg: DataConfig) -> tuple[int, int, int]:
 
 
 def check_vocab(model_cfg: Any, cfg: DataConfig, prefix: str = "model") -> None:
-    """ConfigError naming model.vocab_size (or mask_id / pad_id) when the model does not fit the data."""
+    """ConfigError naming model.vocab_size (or mask_id / pad_id) when the model does not fit the data.
+
+    As in RunConfig.from_hydra, a padded vocabulary (more rows than the tokenizer has ids) fits.
+    """
     for name, value in zip(("vocab_size", "mask_id", "pad_id"), vocab_info(cfg)):
+        if name == "vocab_size" and getattr(model_cfg, name) >= value:
+            continue
         if getattr(model_cfg, name) != value:
             raise ConfigError(f"{prefix}.{name}", f"is {getattr(model_cfg, name)} but the data's tokenizer has "
                               f"{name}={value}; leave it null to take the tokenizer's")
