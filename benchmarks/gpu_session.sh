@@ -17,24 +17,24 @@ step() {  # step SECONDS_LIMIT COMMAND...: run, log, time
   local t0; t0=$(date +%s.%N)
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
-  echo "=== rc=$rc wall=$(echo "$(date +%s.%N) - $t0" | bc) s" | tee -a "$LOG"
+  echo "=== rc=$rc wall=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s" | tee -a "$LOG"
 }
 
 { date -u; nvidia-smi; $PY -c "import sys, torch, lightning; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2**30, 'GiB')"; df -h /tmp; } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
 # (a)(b)(c) at the small (CPU default) model size
-step 90 $PY benchmarks/run.py --device cuda --model small --seq-len 128 --batch-size 32 --cache-rows 4096 \
+step 60 $PY benchmarks/run.py --device cuda --model small --seq-len 128 --batch-size 32 --cache-rows 4096 \
   --workers 0,4 --out "$OUT/small.json"
 
 # the real CLI on one GPU: every layer-wise stage + fusion, then the e2e baseline (default steps)
-step 170 $PY -m stackwise.cli.train hardware=gpu data=shakespeare experiment=gpu_smoke output_root=/tmp/sw_out \
+step 150 $PY -m stackwise.cli.train hardware=gpu data=shakespeare experiment=gpu_smoke output_root=/tmp/sw_out \
   trainer.enable_progress_bar=false
-step 90 $PY -m stackwise.cli.train hardware=gpu data=shakespeare experiment=gpu_smoke output_root=/tmp/sw_out \
+step 80 $PY -m stackwise.cli.train hardware=gpu data=shakespeare experiment=gpu_smoke output_root=/tmp/sw_out \
   trainer.enable_progress_bar=false stage=e2e
 
 # the SRD's seed sizes (d_model 4096, 8 layers, vocab 128000), T = 2048; largest batch per stage (gqa)
-step 200 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch-size 4 --steps 10 \
+step 190 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch-size 4 --steps 10 \
   --max-batch gqa --cache-rows 256 --shard-size 64 --workers 0,4 --cache-dir /tmp/sw_cache --out "$OUT/seed.json"
 
 # a mid size: d_model 2048, 8 layers, vocab 32000, T = 1024
