@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of benchmarks/RESULTS.md, in one go, from the repository root:
 #     OUT=bench_out bash benchmarks/gpu_session.sh
+#     OUT=bench_out PART=2 bash benchmarks/gpu_session.sh     # only the second part
 # Writes machine.txt, log.txt (everything printed) and one JSON per benchmark under $OUT.
 # Needs torch with CUDA, lightning, hydra-core and omegaconf importable (PYTHONPATH=$PWD works
 # without installing the package).
@@ -9,6 +10,7 @@ OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
+PART=${PART:-all}
 LOG="$OUT/log.txt"
 
 step() {  # step SECONDS_LIMIT COMMAND...: run, log, time
@@ -23,6 +25,7 @@ step() {  # step SECONDS_LIMIT COMMAND...: run, log, time
 { date -u; nvidia-smi; $PY -c "import sys, torch, lightning; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2**30, 'GiB')"; df -h /tmp; } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
+if [ "$PART" = all ] || [ "$PART" = 1 ]; then
 # (a)(b)(c) at the small (CPU default) model size
 step 60 $PY benchmarks/run.py --device cuda --model small --seq-len 128 --batch-size 32 --cache-rows 4096 \
   --workers 0,4 --out "$OUT/small.json"
@@ -41,3 +44,13 @@ step 190 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch
 step 80 $PY benchmarks/run.py --device cuda --model seed --d-model 2048 --n-heads 16 --n-kv-heads 4 --d-ff 5632 \
   --vocab-size 32000 --mla-rq 512 --mla-rkv 256 --seq-len 1024 --batch-size 16 --steps 10 --cache-rows 0 \
   --out "$OUT/mid.json"
+fi
+
+if [ "$PART" = all ] || [ "$PART" = 2 ]; then
+# seed sizes with the batch that fills the GPU (found by --max-batch in part 1): layer B=32, e2e B=8
+step 150 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --stages layer --batch-size 32 --steps 5 \
+  --cache-rows 256 --cache-batch-size 4 --shard-size 64 --workers 0,4,8 --cache-dir /tmp/sw_cache \
+  --out "$OUT/seed_fill.json"
+step 100 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --stages e2e --batch-size 8 --steps 5 \
+  --cache-rows 0 --out "$OUT/seed_fill_e2e.json"
+fi

@@ -291,6 +291,18 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
                         default_root_dir=str(root))
     loader = DataLoader(range(n_batches), batch_size=None)
     model = Replay()
+    # where the writer's time goes: its two steps, timed around the real methods of this instance
+    spent = {"_to_numpy": 0.0, "_write_shard": 0.0}
+    for name in spent:
+        def wrap(fn, name=name):
+            def timed_call(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    spent[name] += time.perf_counter() - t
+            return timed_call
+        setattr(writer, name, wrap(getattr(writer, name)))
     t0 = time.perf_counter()
     trainer.predict(model, dataloaders=loader, return_predictions=False)
     t_write = time.perf_counter() - t0
@@ -304,7 +316,12 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
     files = [acts_dir / f["path"] for r in records for f in r["files"].values()]
     out["write"] = {"seconds": t_write, "bytes": total, "gb_per_s": total / t_write / 1e9, "shards": len(records),
                     "what": "Trainer.predict + CacheWriter: device->host copy, sha256 while writing, .npy shards"}
+    out["write"]["breakdown_seconds"] = {
+        "to_numpy (device->host copy, casts)": spent["_to_numpy"],
+        "write_shard (concatenate, np.save through the sha256 writer, fsync, rename)": spent["_write_shard"],
+        "rest (Lightning predict loop, predict_step)": t_write - sum(spent.values())}
     out["manifest_seconds"] = t_manifest
+    out["reference"] = reference_io(root, min(hidden_bytes, 1 << 30))
     del trainer, model
     free(device)
 
@@ -353,6 +370,32 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
     return out
 
 
+def reference_io(root: Path, nbytes: int) -> dict:
+    """What the disk and one core's sha256 do alone, to put the cache figures in context."""
+    import hashlib
+
+    buf = np.random.default_rng(0).integers(0, 1 << 16, size=nbytes // 2, dtype=np.uint16)
+    t0 = time.perf_counter()
+    hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
+    t_sha = time.perf_counter() - t0
+    path = root / "reference.npy"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        np.save(f, buf, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    t_save = time.perf_counter() - t0
+    _evict([path])
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+    t_read = time.perf_counter() - t0
+    path.unlink()
+    return {"bytes": int(buf.nbytes), "sha256_gb_per_s": buf.nbytes / t_sha / 1e9,
+            "np_save_fsync_gb_per_s": buf.nbytes / t_save / 1e9, "cold_read_gb_per_s": buf.nbytes / t_read / 1e9}
+
+
 # ------------------------------------------------------------------------------ report
 def machine(device: torch.device) -> dict:
     import lightning
@@ -397,7 +440,11 @@ def print_tables(res: dict) -> None:
     if c:
         print(f"\n(b) activation cache: {c['rows']} rows x T={c['seq_len']} x D={c['d_model']} {c['dtype']}, "
               f"{c['write']['bytes'] / 1e9:.2f} GB in {c['write']['shards']} shards")
-        print(f"  write (predict + CacheWriter)  {c['write']['gb_per_s']:7.2f} GB/s")
+        parts = ", ".join(f"{k.split(' ')[0]} {v:.1f} s" for k, v in c["write"]["breakdown_seconds"].items())
+        print(f"  write (predict + CacheWriter)  {c['write']['gb_per_s']:7.2f} GB/s  ({parts})")
+        ref = c["reference"]
+        print(f"  reference, {ref['bytes'] / 1e9:.2f} GB: sha256 {ref['sha256_gb_per_s']:.2f} GB/s, np.save+fsync "
+              f"{ref['np_save_fsync_gb_per_s']:.2f} GB/s, cold sequential read {ref['cold_read_gb_per_s']:.2f} GB/s")
         print(f"  open(verify=True) sha256       {c['open_verify']['gb_per_s']:7.2f} GB/s")
         for r in c["read"]:
             print(f"  read {r['page_cache']:<5} {r['reader']:<62}{r['hidden_gb_per_s']:7.2f} GB/s "
@@ -425,6 +472,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch-limit", type=int, default=256)
     ap.add_argument("--cache-rows", type=int, default=256, help="rows written and read in (b); 0 skips (b)")
     ap.add_argument("--shard-size", type=int, default=1024, help="cache.shard_size for (b)")
+    ap.add_argument("--cache-batch-size", type=int, default=None, help="batch size of (b) (default --batch-size)")
     ap.add_argument("--workers", default="0,2", help="DataLoader workers to try in (b)")
     ap.add_argument("--cache-dir", default=None, help="where (b) writes (default: a temporary folder)")
     ap.add_argument("--out", default="results.json")
@@ -464,7 +512,7 @@ def main(argv=None) -> dict:
         root = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="stackwise_bench_"))
         root.mkdir(parents=True, exist_ok=True)
         try:
-            res["cache"] = bench_cache(base, args.batch_size, args.seq_len, args.cache_rows, args.shard_size,
+            res["cache"] = bench_cache(base, args.cache_batch_size or args.batch_size, args.seq_len, args.cache_rows, args.shard_size,
                                        "bfloat16" if amp else "float32", device,
                                        [int(w) for w in args.workers.split(",") if w != ""], root)
         finally:
