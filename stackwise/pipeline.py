@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,7 +23,7 @@ from typing import Optional
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from stackwise import artifacts as art
 from stackwise.config import RunConfig
@@ -37,6 +39,33 @@ from stackwise.stages.layerwise import LayerwiseStage
 from stackwise.utils import derive_seed
 
 log = logging.getLogger("stackwise")
+
+# TEST HOOK (tests/test_resume.py), not a user setting: STACKWISE_TEST_KILL_AT=<point> makes the
+# process SIGKILL itself at that named point, to test crash-and-resume at exact places. Points:
+#   train:<stage>:<s>    at the start of the batch after optimizer step s (its checkpoint is saved)
+#   cache:<k>:<split>:<b>  after cache batch b of split 0 (train) / 1 (val) of acts_layer{k} is written
+#   cached:<k>           after every shard of acts_layer{k}, before its manifest
+#   saved:<stage>        after layers/layer_k.pt (or fused/model.safetensors, stage fused) is written
+# Unset (always, outside tests) it costs one comparison per point and adds no callback.
+_KILL_AT = os.environ.get("STACKWISE_TEST_KILL_AT") or None
+
+
+def _kill_point(point: str) -> None:
+    if point == _KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillHook(Callback):
+    """The Lightning side of the test hook above (added only when STACKWISE_TEST_KILL_AT is set)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _kill_point(f"train:{self.where}:{trainer.global_step}")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        _kill_point(f"cache:{self.where}:{dataloader_idx}:{batch_idx}")
 
 
 class Pipeline:
@@ -221,6 +250,7 @@ class Pipeline:
                     "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
                     "steps": steps, "tokens": steps * run.tokens_per_step(stage_key)}
             art.save_layer_checkpoint(ckpt_path, module.export_state(), meta)
+            _kill_point(f"saved:{name}")
             self.record(name, k, meta, seconds)
             shutil.rmtree(self.paths.stage_ckpt_dir(name), ignore_errors=True)  # optimizer state ends with the stage
         if self.needs_cache(k):
@@ -235,9 +265,10 @@ class Pipeline:
                                                                           run.cache.dtype))
         writer = acts.CacheWriter(acts_dir, splits=["train", "val"], shard_size=run.cache.shard_size,
                                   dtype=run.cache.dtype, vocab_size=self.cfg.vocab_size)
-        trainer = self.plain_trainer(callbacks=[writer])
+        trainer = self.plain_trainer(callbacks=[writer] + ([_KillHook(str(k))] if _KILL_AT else []))
         module.eval()
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
+        _kill_point(f"cached:{k}")
         if trainer.is_global_zero:
             acts.write_manifest(acts_dir, writer.records(), {
                 "k": k, "config_hash": self.hashes["layer"], "producer_sha256": art.sha256_file(self.paths.layer_ckpt(k)),
@@ -273,6 +304,7 @@ class Pipeline:
                 "tokens": sum(m["tokens"] for _, m in states)}
         fused_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta)
+        _kill_point("saved:fused")
         self.record("fused", cfg.n_layers, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
             self.fit(module, data, "fusion", "finetune")
@@ -326,7 +358,7 @@ class Pipeline:
         ckpt_every = int(kw.get("val_check_interval") or 50) if isinstance(kw.get("val_check_interval"), int) else 50
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=ckpt_every)
         logger = self.logger(name)
-        callbacks = [checkpoint] + self.extra_callbacks(logger is not None)
+        callbacks = [checkpoint] + self.extra_callbacks(logger is not None) + ([_KillHook(name)] if _KILL_AT else [])
         trainer = L.Trainer(**kw, logger=logger if logger is not None else False, callbacks=callbacks,
                             default_root_dir=str(self.paths.root))
         last = ckpt_dir / "last.ckpt"
@@ -338,15 +370,18 @@ class Pipeline:
 
     def evaluate(self, module: StageModule, loader) -> dict:
         """Mean masked CE and accuracy over the whole validation set (every view)."""
-        trainer = self.plain_trainer()
+        # no_grad, not inference mode: inference-mode metric states would break a later fit of the
+        # same module (fusion evaluates the fused model, then fine-tunes it)
+        trainer = self.plain_trainer(inference_mode=False)
         (metrics,) = trainer.validate(module, dataloaders=loader, verbose=False)
         return {k: float(v) for k, v in metrics.items()}
 
-    def plain_trainer(self, callbacks=()) -> L.Trainer:
+    def plain_trainer(self, callbacks=(), inference_mode: bool = True) -> L.Trainer:
         kw = {k: v for k, v in self.run.trainer.items()
               if k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")}
         return L.Trainer(**kw, logger=False, callbacks=list(callbacks), limit_val_batches=1.0,
-                         enable_model_summary=False, default_root_dir=str(self.paths.root))
+                         enable_model_summary=False, default_root_dir=str(self.paths.root),
+                         inference_mode=inference_mode)
 
     def logger(self, version: str):
         if not self.run.logger:

@@ -25,6 +25,7 @@ from stackwise.config import OptimConfig
 from stackwise.errors import StackWiseError
 from stackwise.model.config import ModelConfig
 from stackwise.objective.loss import LossOut, masked_loss
+from stackwise.utils import derive_seed
 
 
 class NonFiniteLossError(StackWiseError):
@@ -63,6 +64,15 @@ class StageModule(L.LightningModule, abc.ABC):
         h = self.hidden_states(batch)  # (B, T, D)
         return masked_loss(h, batch["targets"], batch["mask"], batch["t"], self.head_logits,
                            weighting=self.weighting, pad_id=self.cfg.pad_id)
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Dropout draws from the global RNG, which every DataLoader iterator also draws from (its base
+        # seed), and a resumed stage builds its iterators at other times than one that never stopped.
+        # Seeding it per (seed, stage, step, micro-batch, rank) makes step s's dropout the same either way.
+        if self.cfg.dropout > 0:
+            micro = batch_idx % max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+            torch.manual_seed(derive_seed(self.cfg.seed, "dropout", self.stage_name, self.global_step, micro,
+                                          self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
