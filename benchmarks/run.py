@@ -475,7 +475,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache-batch-size", type=int, default=None, help="batch size of (b) (default --batch-size)")
     ap.add_argument("--workers", default="0,2", help="DataLoader workers to try in (b)")
     ap.add_argument("--cache-dir", default=None, help="where (b) writes (default: a temporary folder)")
-    ap.add_argument("--out", default="results.json")
+    ap.add_argument("--out", default="outputs/benchmarks/results.json", help="the JSON report (default under the git-ignored outputs/)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
