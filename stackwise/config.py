@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,14 +52,18 @@ class OptimConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], prefix: str) -> "OptimConfig":
         cfg = cls(**_known_fields(cls, d, prefix))
+        _check(isinstance(cfg.betas, (list, tuple)) and len(cfg.betas) == 2
+               and all(_is_number(b) and 0 <= b < 1 for b in cfg.betas), f"{prefix}.betas",
+               f"must be two numbers in [0, 1), got {cfg.betas!r}")
         cfg.betas = tuple(float(b) for b in cfg.betas)
-        _check(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr}")
-        _check(cfg.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-        _check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), f"{prefix}.betas",
-               f"must be two numbers in [0, 1), got {list(cfg.betas)}")
+        _check(_is_number(cfg.lr) and cfg.lr > 0, f"{prefix}.lr", f"must be a finite number > 0, got {cfg.lr!r}")
+        _check(_is_number(cfg.weight_decay) and cfg.weight_decay >= 0, f"{prefix}.weight_decay",
+               f"must be a number >= 0, got {cfg.weight_decay!r}")
+        _check(_is_number(cfg.eps) and cfg.eps > 0, f"{prefix}.eps", f"must be a number > 0, got {cfg.eps!r}")
         _check(_is_int(cfg.warmup_steps) and cfg.warmup_steps >= 0, f"{prefix}.warmup_steps",
                f"must be an integer >= 0, got {cfg.warmup_steps!r}")
-        _check(0 <= cfg.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+        _check(_is_number(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio",
+               f"must be a number in [0, 1], got {cfg.min_lr_ratio!r}")
         return cfg
 
 
@@ -80,6 +86,7 @@ class CacheConfig:
         if cfg.train_sequences is not None:
             _check(_is_int(cfg.train_sequences) and cfg.train_sequences > 0, "cache.train_sequences",
                    f"must be a positive integer or null, got {cfg.train_sequences!r}")
+        _check_bool(cfg.last_layer, "cache.last_layer")
         return cfg
 
 
@@ -94,7 +101,8 @@ class FusionConfig:
         cfg = cls(**_known_fields(cls, d, "fusion"))
         _check(_is_int(cfg.finetune_steps) and cfg.finetune_steps >= 0, "fusion.finetune_steps",
                f"must be an integer >= 0, got {cfg.finetune_steps!r}")
-        _check(cfg.lr > 0, "fusion.lr", f"must be > 0, got {cfg.lr}")
+        _check(_is_number(cfg.lr) and cfg.lr > 0, "fusion.lr", f"must be a finite number > 0, got {cfg.lr!r}")
+        _check_bool(cfg.check, "fusion.check")
         return cfg
 
 
@@ -268,12 +276,20 @@ class RunConfig:
             raise ConfigError("layerwise.init", "init=previous copies layer k-1 into layer k, which needs one "
                               f"attention kind for every layer, got {model.layer_kinds()}")
 
+        for flag in ("overwrite", "verify", "debug"):
+            _check_bool(raw.get(flag, False), flag)
+        _check_trainer(raw.get("trainer") or {}, "trainer")
+        for name, node in stages.items():
+            _check_trainer(node["trainer"], f"stages.{name}.trainer")
         experiment = experiment_name(raw.get("experiment"), override_dirname)
         output_root = raw.get("output_root") or "outputs"
+        _check(isinstance(output_root, str), "output_root", f"must be a folder path, got {output_root!r}")
+        # structure only: readers (load_run) may use a read-only folder; the trainer checks writability
+        check_output_dir(Path(output_root).expanduser() / experiment, "output_root", writable=False)
         run = cls(
             stage=stage, k=k, experiment=experiment, seed=seed,
             exp_dir=Path(output_root).expanduser() / experiment,
-            overwrite=bool(raw.get("overwrite", False)), verify=bool(raw.get("verify", False)),
+            overwrite=raw.get("overwrite", False), verify=raw.get("verify", False),
             model=model, masking=masking, data=data,
             optim=OptimConfig.from_dict(raw.get("optim") or {}, "optim"),
             cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}), layer_init=layer_init,
@@ -307,6 +323,43 @@ def load_run(exp_dir: Path, stage: str = "all") -> "RunConfig":
         raise ArtifactError(f"{path} is not readable JSON ({_first_line(e)})") from None
     raw.update(stage=stage, k=None, experiment=exp_dir.name, output_root=str(exp_dir.parent))
     return RunConfig.from_hydra(OmegaConf.create(raw))
+
+
+def check_output_dir(path: Path, field_name: str, writable: bool = True) -> None:
+    """`path` (which need not exist yet) can become a folder this run writes in: no file in the way,
+    and (`writable`) write permission on its nearest existing ancestor. Checked before Hydra or the
+    pipeline create it."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(field_name, f"{p} exists and is not a folder")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(field_name, f"cannot create {p}: {anc} is a file, not a folder")
+    if writable and not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(field_name, f"cannot create {p}: {anc} is not writable")
+
+
+# Trainer arguments the pipeline relies on, checked here so a typo stops before any work (Lightning
+# itself would only complain when the stage's Trainer is built, after the data is prepared).
+_TRAINER_CHECKS = {
+    "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "val_check_interval": (lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+                           "an integer >= 1 (steps), a fraction in (0, 1] or null"),
+    "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0 or null"),
+    "limit_val_batches": (lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+                          "an integer >= 0, a fraction in [0, 1] or null"),
+    "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
+    "max_epochs": (lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1 or null"),
+}
+
+
+def _check_trainer(node: Mapping[str, Any], prefix: str) -> None:
+    for key, (ok, allowed) in _TRAINER_CHECKS.items():
+        if key in node and not ok(node[key]):
+            raise ConfigError(f"{prefix}.{key}", f"must be {allowed}, got {node[key]!r}")
 
 
 # ---------------------------------------------------------------------- experiment names
@@ -355,6 +408,16 @@ def _digest(obj: Any) -> str:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float (not a bool, not a string: `optim.lr=abc` must not reach a comparison)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_bool(v: Any, field_name: str) -> None:
+    # bool("no") is True: a mistyped flag such as overwrite=maybe must stop, not count as true
+    _check(isinstance(v, bool), field_name, f"must be true or false, got {v!r}")
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

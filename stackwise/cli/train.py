@@ -8,13 +8,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from stackwise.cli.common import CONFIG_PATH, user_errors
-from stackwise.config import RunConfig, register_resolvers
+from stackwise.config import RunConfig, check_output_dir, experiment_name, register_resolvers
 
 log = logging.getLogger("stackwise")
 
@@ -31,6 +34,27 @@ def train(cfg: DictConfig) -> None:
         from stackwise.pipeline import Pipeline  # imports Lightning; keep `--help` fast
 
         Pipeline(run).execute()
+
+
+class EarlyChecks(Callback):
+    """Hydra callback (conf/config.yaml, hydra.callbacks): check the values Hydra builds its run folder
+    from (experiment, output_root) before it creates that folder, so a bad one is our one-line error
+    rather than Hydra's interpolation error or a traceback from its mkdir."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_run_folder(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_run_folder(config)
+
+
+def _check_run_folder(config: DictConfig) -> None:
+    with user_errors("stackwise-train", debug=OmegaConf.select(config, "debug") is True):
+        experiment = OmegaConf.select(config, "experiment")
+        if experiment is not None:
+            experiment_name(experiment)
+        root = OmegaConf.select(config, "output_root") or "outputs"
+        check_output_dir(Path(str(root)).expanduser(), "output_root")
 
 
 def main() -> None:
