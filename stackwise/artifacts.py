@@ -442,17 +442,21 @@ def save_safetensors_model(out_dir: PathLike, state_dict: Mapping[str, Tensor], 
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     sha = sha256_file(weights)
-    atomic_write_json({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": config_n, "meta": meta_n},
+    # config.json is the folder's manifest: written last, it records the weights' size and sha256
+    atomic_write_json({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": config_n, "meta": meta_n,
+                       "files": {weights.name: {"sha256": sha, "bytes": weights.stat().st_size}}},
                       out / "config.json")
     return sha
 
 
 def load_safetensors_model(out_dir: PathLike, expect: Optional[Mapping[str, Any]] = None, name: str = "model",
-                           verify_sha256: Optional[str] = None
+                           verify_sha256: Optional[str] = None, verify: bool = False
                            ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """Read `<out_dir>/<name>.safetensors` + config.json; return (state_dict, config, meta).
 
-    `meta` is the weights file's own (header) metadata, which `expect` is checked against.
+    `meta` is the weights file's own (header) metadata, which `expect` is checked against. The size
+    recorded in config.json is always checked, its sha256 with `verify` (folders written before
+    config.json recorded them are read without these checks).
     """
     from safetensors import safe_open
 
@@ -468,6 +472,14 @@ def load_safetensors_model(out_dir: PathLike, expect: Optional[Mapping[str, Any]
         raise ArtifactError(f"{cfg_path} is not a StackWise model config (expected format {MODEL_FORMAT!r})")
     if not weights.is_file():
         raise ArtifactError(f"{weights} does not exist; rerun the stage that writes it")
+    recorded = (cfg_obj.get("files") or {}).get(weights.name)
+    if isinstance(recorded, dict):
+        size = weights.stat().st_size
+        if size != recorded.get("bytes"):
+            raise ArtifactError(f"{weights} is {size} bytes but {cfg_path.name} records {recorded.get('bytes')} "
+                                f"(truncated or replaced); rerun the stage that writes it")
+        if verify and verify_sha256 is None:
+            verify_sha256 = recorded.get("sha256")
     if verify_sha256 is not None and (have := sha256_file(weights)) != verify_sha256:
         raise ArtifactError(f"{weights} has sha256 {_short(have)} but {_short(verify_sha256)} was recorded: "
                             f"the file changed after it was written; rerun its stage (overwrite=true)")

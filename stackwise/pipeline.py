@@ -11,12 +11,15 @@ overwrite=true); a stage killed midway resumes from its last Lightning checkpoin
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
 import shutil
 import signal
 import time
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,10 +33,11 @@ from stackwise.config import RunConfig
 from stackwise.data import activations as acts
 from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import load_token_splits
-from stackwise.errors import ArtifactError, StackWiseError
+from stackwise.errors import ArtifactError, ConfigError, StackWiseError
 from stackwise.model.transformer import Transformer
 from stackwise.objective.masking import build_schedule
 from stackwise.stages.base import StageModule
+from stackwise.stages.callbacks import AtomicCheckpointIO
 from stackwise.stages.full import FullModelStage, assemble
 from stackwise.stages.layerwise import LayerwiseStage
 from stackwise.utils import derive_seed
@@ -90,7 +94,12 @@ class Pipeline:
     # ------------------------------------------------------------------ entry point
     def execute(self) -> None:
         run = self.run
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.check_trainer_keys()
+        try:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StackWiseError(f"output_root: cannot create the experiment folder {self.paths.root}: "
+                                 f"{e.strerror or e}") from None
         self.check_foreign()
         self.write_run_config()
         if run.stage == "all":
@@ -131,6 +140,16 @@ class Pipeline:
         return not (torch.distributed.is_available() and torch.distributed.is_initialized()
                     and torch.distributed.get_rank() != 0)
 
+    def check_trainer_keys(self) -> None:
+        """A `trainer` (or `stages.<name>.trainer`) key that lightning.Trainer does not take stops here,
+        before any work, rather than when that stage's Trainer is built."""
+        known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
+        for where, node in [("trainer", self.run.trainer)] + [
+                (f"stages.{n}.trainer", v.get("trainer", {})) for n, v in self.run.stages.items()]:
+            for key in node:
+                if key not in known:
+                    raise ConfigError(f"{where}.{key}", "not an argument of lightning.Trainer (see its documentation)")
+
     # ------------------------------------------------------------------ state of the experiment
     def check_foreign(self) -> None:
         """Stop (or clear, with overwrite=true) when layer-wise artifacts were made by other settings."""
@@ -165,9 +184,16 @@ class Pipeline:
         art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k))  # raises on a foreign/corrupt file
         if not self.needs_cache(k):
             return True
+        if not self.paths.acts_manifest(k).exists():
+            return False  # never cached, or killed while caching: rebuilt
         try:
             self.open_cache(k)
-        except ArtifactError:
+        except acts.StaleCacheError:
+            return False  # made from another layer_k.pt: rebuilt
+        except ArtifactError as e:  # a damaged cache (shard missing, truncated, changed) is reported
+            if not self.run.overwrite:
+                raise ArtifactError(f"{e} (or overwrite=true to rebuild it)") from None
+            log.warning("overwrite=true: rebuilding the damaged cache %s", self.paths.acts_dir(k))
             return False
         return True
 
@@ -181,7 +207,8 @@ class Pipeline:
 
     def fusion_complete(self) -> bool:
         try:
-            _, _, meta = art.load_safetensors_model(self.paths.fused_dir, expect={"config_hash": self.hashes["fusion"]})
+            _, _, meta = art.load_safetensors_model(self.paths.fused_dir, expect={"config_hash": self.hashes["fusion"]},
+                                                     verify=self.run.verify)
         except ArtifactError:
             return False
         return self.run.fusion.finetune_steps == 0 or meta.get("finetuned", False)
@@ -207,6 +234,7 @@ class Pipeline:
         run, cfg, name = self.run, self.cfg, _stage_name(k)
         if self.layer_complete(k):
             log.info("stage %s: complete, skipped", name)
+            self.drop_stage_ckpt(name)  # left when a run was killed right after finishing the stage
             return
         previous, embed_weight, prev_sha = None, None, None
         if k == 1:
@@ -238,7 +266,10 @@ class Pipeline:
             state, meta = art.load_layer_checkpoint(ckpt_path, expect=self.layer_meta_expect(k))
             module.load_exported(state, meta["frozen_sha256"])
             log.info("stage %s: weights found in %s, rebuilding its cache only", name, ckpt_path)
+            self.drop_stage_ckpt(name)
         else:
+            if self.needs_cache(k):  # hours of training must not end in a full disk
+                self.check_cache_space(data, k)
             t0 = time.time()
             self.fit(module, data, stage_key, name)
             metrics = self.evaluate(module, data.val_dataloader())
@@ -252,17 +283,14 @@ class Pipeline:
             art.save_layer_checkpoint(ckpt_path, module.export_state(), meta)
             _kill_point(f"saved:{name}")
             self.record(name, k, meta, seconds)
-            shutil.rmtree(self.paths.stage_ckpt_dir(name), ignore_errors=True)  # optimizer state ends with the stage
+            self.drop_stage_ckpt(name)  # optimizer state ends with the stage
         if self.needs_cache(k):
             self.write_cache(module, data, k)
 
     def write_cache(self, module: StageModule, data, k: int) -> None:
         run, acts_dir = self.run, self.paths.acts_dir(k)
         acts.discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
-        loaders = data.predict_dataloader()
-        rows = sum(len(dl.dataset) for dl in loaders)
-        acts.check_free_space(acts_dir.parent, acts.estimate_cache_bytes(rows, run.data.seq_len, self.cfg.d_model,
-                                                                          run.cache.dtype))
+        loaders = self.check_cache_space(data, k)  # before the first shard is written
         writer = acts.CacheWriter(acts_dir, splits=["train", "val"], shard_size=run.cache.shard_size,
                                   dtype=run.cache.dtype, vocab_size=self.cfg.vocab_size)
         trainer = self.plain_trainer(callbacks=[writer] + ([_KillHook(str(k))] if _KILL_AT else []))
@@ -275,11 +303,23 @@ class Pipeline:
                 "d_model": self.cfg.d_model, "seq_len": run.data.seq_len, "views": run.cache.views,
                 "dtype": run.cache.dtype})
 
+    def check_cache_space(self, data, k: int) -> list:
+        """Stop when acts_layer{k} would not fit on its disk; returns the caching loaders."""
+        run, loaders = self.run, data.predict_dataloader()
+        rows = sum(len(dl.dataset) for dl in loaders)
+        acts.check_free_space(self.paths.acts_dir(k), acts.estimate_cache_bytes(
+            rows, run.data.seq_len, self.cfg.d_model, run.cache.dtype, self.cfg.vocab_size))
+        return loaders
+
+    def drop_stage_ckpt(self, name: str) -> None:
+        shutil.rmtree(self.paths.stage_ckpt_dir(name), ignore_errors=True)
+
     # ------------------------------------------------------------------ fusion and e2e
     def fusion_stage(self) -> None:
         run, cfg = self.run, self.cfg
         if self.fusion_complete():
             log.info("stage fusion: complete, skipped")
+            self.drop_stage_ckpt("finetune")
             return
         states = []
         for k in range(1, cfg.n_layers + 1):
@@ -316,7 +356,7 @@ class Pipeline:
             # the fused record goes last: it says the whole fusion stage is complete
             art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), {**meta, "finetuned": True})
             self.record("finetuned", cfg.n_layers, ft_meta, layer_seconds + time.time() - t0)
-            shutil.rmtree(self.paths.stage_ckpt_dir("finetune"), ignore_errors=True)
+            self.drop_stage_ckpt("finetune")
 
     def check_fused(self, fused_loss: float, stage_loss: float) -> None:
         """Invariant 3: the fused model reproduces the last stage's validation loss."""
@@ -331,8 +371,10 @@ class Pipeline:
     def e2e_stage(self) -> None:
         run, cfg = self.run, self.cfg
         try:
-            _, _, meta = art.load_safetensors_model(self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]})
+            _, _, meta = art.load_safetensors_model(self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]},
+                                                     verify=self.run.verify)
             log.info("stage e2e: complete, skipped")
+            self.drop_stage_ckpt("e2e")
             return
         except ArtifactError:
             pass
@@ -346,27 +388,69 @@ class Pipeline:
                 "tokens": steps * run.tokens_per_step("e2e"), "steps": steps}
         art.save_safetensors_model(self.paths.e2e_dir, module.model.state_dict(), cfg.to_dict(), meta)
         self.record("e2e", cfg.n_layers, meta, time.time() - t0)
-        shutil.rmtree(self.paths.stage_ckpt_dir("e2e"), ignore_errors=True)
+        self.drop_stage_ckpt("e2e")
         print_table(art.read_results(self.paths))
 
     # ------------------------------------------------------------------ Lightning plumbing
     def fit(self, module: StageModule, data, stage_key: str, name: str) -> None:
-        """Train one stage; resumes from ckpt/<name>/last.ckpt when a killed run left one."""
+        """Train one stage; resumes from ckpt/<name>/last.ckpt when a killed run with these settings left one."""
         run = self.run
         kw = run.trainer_kwargs(stage_key)
         ckpt_dir = self.paths.stage_ckpt_dir(name)
+        last = self.resume_point(ckpt_dir, {"stage": name, "config_hash": self.hashes[_HASH_OF_STAGE[stage_key]]})
         ckpt_every = int(kw.get("val_check_interval") or 50) if isinstance(kw.get("val_check_interval"), int) else 50
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=ckpt_every)
         logger = self.logger(name)
         callbacks = [checkpoint] + self.extra_callbacks(logger is not None) + ([_KillHook(name)] if _KILL_AT else [])
+        plugins = {} if "plugins" in kw else {"plugins": [AtomicCheckpointIO()]}
         trainer = L.Trainer(**kw, logger=logger if logger is not None else False, callbacks=callbacks,
-                            default_root_dir=str(self.paths.root))
-        last = ckpt_dir / "last.ckpt"
+                            default_root_dir=str(self.paths.root), **plugins)
         L.seed_everything(derive_seed(run.seed, "dropout", name) % (2**31), workers=True, verbose=False)
         if logger is not None:
             logger.log_hyperparams(_flat_hparams(run, name))
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None,
-                    **({"weights_only": True} if last.exists() else {}))
+        with warnings.catch_warnings():
+            # our train loaders do resume mid-epoch (the sampler starts at global_step), whatever Lightning assumes
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+            trainer.fit(module, datamodule=data, ckpt_path=str(last) if last else None,
+                        **({"weights_only": True} if last else {}))
+
+    def resume_point(self, ckpt_dir: Path, tag: dict) -> Optional[Path]:
+        """ckpt/<stage>/last.ckpt when a killed run with these settings left a readable one, else None.
+
+        The folder's stackwise.json (stage and config hash) is written before Lightning saves anything
+        in it, so a checkpoint left by other settings is never resumed from: it stops the run (or is
+        dropped with overwrite=true), like every other artifact of another config.
+        """
+        last, tag_path = ckpt_dir / "last.ckpt", ckpt_dir / "stackwise.json"
+        if last.exists():
+            try:
+                have = json.loads(tag_path.read_text())
+            except (OSError, ValueError):
+                have = {}
+            problem = None
+            if not isinstance(have, dict) or have.get("config_hash") is None:
+                problem = f"has no readable {tag_path.name} saying which settings made it"
+            elif have != tag:
+                problem = (f"was made by config {str(have.get('config_hash'))[:12]} (stage {have.get('stage')}) but this "
+                           f"run's is {tag['config_hash'][:12]} (stage {tag['stage']})")
+            else:
+                try:
+                    with zipfile.ZipFile(last) as z:  # the archive's directory sits at its end: truncation shows
+                        bad = z.testzip() if self.run.verify else None
+                    if bad is not None:
+                        problem = f"fails its CRC check at {bad!r} (corrupt)"
+                except (OSError, zipfile.BadZipFile) as e:
+                    problem = f"is not a readable checkpoint (truncated or corrupt: {e})"
+            if problem is None:
+                log.info("stage %s: resuming from %s", tag["stage"], last)
+                return last
+            if not self.run.overwrite:
+                raise ArtifactError(f"{last} {problem}; use overwrite=true to restart stage {tag['stage']} from "
+                                    f"scratch, or experiment=NAME for a new folder")
+            log.warning("overwrite=true: dropping %s (%s)", last, problem)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        art.atomic_write_json(tag, tag_path)
+        return None
 
     def evaluate(self, module: StageModule, loader) -> dict:
         """Mean masked CE and accuracy over the whole validation set (every view)."""
@@ -415,6 +499,10 @@ class Pipeline:
             tag = "depth/val_loss" if stage == "embed" or stage.startswith("layer") else f"depth/val_loss_{stage}"
             w.add_scalar(tag, rec["val_loss"], k)
             w.add_scalar(tag.replace("val_loss", "val_acc"), rec["val_acc"], k)
+
+
+# which config hash ties a stage's mid-stage checkpoints to its settings
+_HASH_OF_STAGE = {"embed": "layer", "layer": "layer", "fusion": "fusion", "e2e": "e2e"}
 
 
 def _stage_name(k: int) -> str:

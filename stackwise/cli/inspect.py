@@ -44,7 +44,7 @@ def inspect_experiment(exp_dir: Path, verify: bool) -> tuple[list[str], list[str
                                 ("e2e", paths.e2e_dir, "model")):
         if folder.exists():
             try:
-                state, _, meta = art.load_safetensors_model(folder, name=name)
+                state, _, meta = art.load_safetensors_model(folder, name=name, verify=verify)
                 lines.append(f"  {label:<10} {sum(t.numel() for t in state.values()):,} params  "
                              f"val loss {meta.get('val_loss', float('nan')):.4f}")
             except ArtifactError as e:

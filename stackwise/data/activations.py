@@ -122,7 +122,15 @@ def check_free_space(path: PathLike, needed_bytes: int) -> None:
     free = shutil.disk_usage(_existing_ancestor(Path(path))).free
     if needed_bytes > free:
         raise StackWiseError(f"not enough disk space for the activation cache at {path}: needs "
-                             f"{needed_bytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+                             f"{_human_bytes(needed_bytes)}, {_human_bytes(free)} free (lower cache.train_sequences "
+                             f"or cache.views, use cache.dtype=bfloat16, or free some space)")
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 # ------------------------------------------------------------------------------------- writer
@@ -347,6 +355,11 @@ def discard_cache(acts_dir: PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------------- reader
+class StaleCacheError(ArtifactError):
+    """A readable cache made from another checkpoint or other settings than expected (rebuild it),
+    as opposed to a damaged one (a shard missing, truncated or changed: a plain ArtifactError)."""
+
+
 @dataclass(frozen=True)
 class Shard:
     stem: str
@@ -397,7 +410,10 @@ class ActivationCache:
             raise ArtifactError(f"{mpath} has version {manifest.get('version')!r} but this StackWise reads version "
                                 f"{MANIFEST_VERSION}; rerun the stage that writes it (overwrite=true)")
         # expect may name any top-level key (config_hash, d_model...) or any key the producer put in meta
-        check_expected(mpath, {**manifest.get("meta", {}), **manifest}, expect)
+        try:
+            check_expected(mpath, {**manifest.get("meta", {}), **manifest}, expect)
+        except ArtifactError as e:
+            raise StaleCacheError(str(e)) from None
         cache = cls(acts, manifest)
         for split in cache.splits:
             for shard in cache.shards(split):

@@ -1,0 +1,250 @@
+"""Invalid input (issue 6, DESIGN §5 invariant 5) through the real `stackwise-train` CLI.
+
+Every case: non-zero exit, exactly one line `stackwise-train: error: ...` on stderr naming the bad
+value (Hydra's own message for an unknown override key or group option), no traceback, and no
+artifact left that a later run would trust. Config errors fail before Lightning is imported, so
+they are cheap; they are started all at once (a few at a time) and each case waits for its own.
+Artifact cases copy one tiny finished experiment and damage the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from stackwise.data import activations as acts
+from stackwise.errors import StackWiseError
+from stackwise.pipeline import Pipeline
+from stackwise.stages.base import NonFiniteLossError
+from tests.conftest import TINY, cli
+
+BASE = TINY + ["callbacks=none", "logger=none", "trainer.max_steps=4", "trainer.val_check_interval=2"]
+
+
+# ------------------------------------------------------------------------------ config values
+# (id, overrides, text the error line must contain: the bad value's name)
+CONFIG_CASES = [
+    ("wrong_type", ["model.d_model=abc"], "model.d_model"),
+    ("indivisible_heads", ["model.n_heads=3"], "n_heads"),
+    ("indivisible_kv_heads", ["model.n_kv_heads=3"], "n_kv_heads"),
+    ("unknown_attention_kind", ["model.attention=bogus"], "model.attention"),
+    ("k_out_of_range", ["stage=layer", "k=5"], "k:"),
+    ("k_one_for_layer", ["stage=layer", "k=1"], "k:"),
+    ("mask_min_above_max", ["masking.mask_fraction_min=0.9", "masking.mask_fraction_max=0.2"], "mask_fraction_min"),
+    ("mask_max_above_one", ["masking.mask_fraction_max=1.5"], "mask_fraction_max"),
+    ("negative_lr", ["optim.lr=-1"], "optim.lr"),
+    ("lr_not_a_number", ["optim.lr=abc"], "optim.lr"),
+    ("stage_lr_zero", ["+stages.layer.optim.lr=0"], "stages.layer.optim.lr"),
+    ("unknown_stage", ["stage=bogus"], "stage:"),
+    ("zero_max_steps", ["trainer.max_steps=0"], "trainer.max_steps"),
+    ("zero_grad_accumulation", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches"),
+    ("unknown_cache_dtype", ["cache.dtype=int8"], "cache.dtype"),
+    ("dropout_out_of_range", ["model.dropout=1.5"], "model.dropout"),
+    ("negative_seed", ["seed=-1"], "seed"),
+    ("zero_seq_len", ["data.seq_len=0"], "data.seq_len"),
+    ("flag_not_bool", ["overwrite=maybe"], "overwrite"),
+    ("vocab_too_small", ["model.vocab_size=10"], "model.vocab_size"),
+    ("unknown_layer_init", ["layerwise.init=bogus"], "layerwise.init"),
+    ("experiment_with_slash", ["experiment=a/b"], "experiment"),
+    ("negative_finetune_steps", ["fusion.finetune_steps=-1"], "fusion.finetune_steps"),
+    ("unknown_optim_key", ["+optim.momentum=0.9"], "optim.momentum"),
+]
+# Hydra's own messages: an unknown key, an unknown option of a config group
+HYDRA_CASES = [
+    ("unknown_key", ["model.foo=1"], "Could not override 'model.foo'"),
+    ("unknown_group_option", ["attention=bogus"], "Could not find 'attention/bogus'"),
+]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return cli(*args, cwd=cwd, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def config_results(tmp_path_factory):
+    """Start every cheap case at once (3 at a time on a small CPU); each test reads its own result."""
+    root = tmp_path_factory.mktemp("config_cases")
+    cases = {}
+    for cid, overrides, _ in CONFIG_CASES + HYDRA_CASES:
+        cwd = root / cid
+        cwd.mkdir()
+        cases[cid] = (cwd, BASE + overrides)
+    # path cases: an empty corpus, a missing one, an output folder that cannot be created
+    (root / "empty.txt").write_text("")
+    (root / "a_file").write_text("not a folder")
+    paths = {
+        "empty_corpus": (["data=text", f"data.path={root / 'empty.txt'}"], "data.path"),
+        "missing_corpus": (["data=text", f"data.path={root / 'nope.txt'}"], "data.path"),
+        "output_under_a_file": ([f"output_root={root / 'a_file' / 'out'}"], "output_root"),
+    }
+    text = ["model=tiny", "data.seq_len=32", "callbacks=none", "logger=none"]  # TINY's data keys are dummy's
+    for cid, (overrides, _) in paths.items():
+        cwd = root / cid
+        cwd.mkdir()
+        cases[cid] = (cwd, (text if "data=text" in overrides else BASE) + overrides)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {cid: pool.submit(run_cli, args, cwd) for cid, (cwd, args) in cases.items()}
+        return {cid: (cases[cid][0], f.result()) for cid, f in futures.items()}, {k: v[1] for k, v in paths.items()}
+
+
+def error_line(out: subprocess.CompletedProcess) -> str:
+    """The one `stackwise-train: error:` line (asserting there is exactly one, and no traceback)."""
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("stackwise-train: error:")]
+    assert len(lines) == 1, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == lines[0], "the error is the last thing printed"
+    return lines[0]
+
+
+def assert_nothing_trusted(folder: Path) -> None:
+    """No layer checkpoint, cache manifest or model a later run would pick up."""
+    for pattern in ("layer_*.pt", "manifest.json", "*.safetensors", "last.ckpt"):
+        assert not list(folder.rglob(pattern)), (pattern, list(folder.rglob(pattern)))
+
+
+@pytest.mark.parametrize("cid,needle", [(c, n) for c, _, n in CONFIG_CASES])
+def test_bad_config_value(config_results, cid, needle):
+    results, _ = config_results
+    cwd, out = results[cid]
+    line = error_line(out)
+    assert needle in line, line
+    assert_nothing_trusted(cwd)
+
+
+@pytest.mark.parametrize("cid", ["empty_corpus", "missing_corpus", "output_under_a_file"])
+def test_bad_path(config_results, cid):
+    results, needles = config_results
+    cwd, out = results[cid]
+    line = error_line(out)
+    assert needles[cid] in line, line
+    assert_nothing_trusted(cwd)
+
+
+@pytest.mark.parametrize("cid,needle", [(c, n) for c, _, n in HYDRA_CASES])
+def test_unknown_override_keeps_hydras_message(config_results, cid, needle):
+    results, _ = config_results
+    cwd, out = results[cid]
+    assert out.returncode != 0
+    assert needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert_nothing_trusted(cwd)
+
+
+# ------------------------------------------------------------------------------ artifacts
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny finished `all` run (2 layers, acts_layer1 cached) to copy and damage."""
+    root = tmp_path_factory.mktemp("finished")
+    out = run_cli(["stage=all", "experiment=exp", *BASE], root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "outputs" / "exp"
+
+
+def copy_of(finished: Path, tmp_path: Path) -> Path:
+    exp = tmp_path / "outputs" / "exp"
+    shutil.copytree(finished, exp)
+    return exp
+
+
+def stamps(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file() and "hydra" not in p.parts and p.name != "run_config.json"}
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip(path: Path, where: float = 0.6) -> None:
+    """Change one byte in the data part of a file, keeping its size."""
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * where)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+SHARD = "acts/acts_layer1/train/r0_s00000.hidden.npy"
+
+# (id, damage(exp), extra overrides, text the error line must contain)
+ARTIFACT_CASES = [
+    ("truncated_shard", lambda e: truncate(e / SHARD), [], "r0_s00000.hidden.npy"),
+    ("missing_shard", lambda e: (e / SHARD).unlink(), [], "r0_s00000.hidden.npy"),
+    ("shard_bytes_changed_verify", lambda e: flip(e / SHARD), ["verify=true"], "sha256"),
+    ("corrupt_manifest", lambda e: (e / "acts/acts_layer1/manifest.json").write_text("{not json"), [],
+     "manifest.json"),
+    ("corrupt_checkpoint_bytes", lambda e: flip(e / "layers/layer_1.pt", 0.5), [], "layer_1.pt"),
+    ("truncated_checkpoint", lambda e: truncate(e / "layers/layer_2.pt"), [], "layer_2.pt"),
+    ("checkpoint_from_another_config", lambda e: None, ["optim.lr=0.01"], "layer_1.pt"),
+]
+
+
+@pytest.mark.parametrize("cid,damage,extra,needle", ARTIFACT_CASES, ids=[c[0] for c in ARTIFACT_CASES])
+def test_bad_artifact(finished, tmp_path, cid, damage, extra, needle):
+    exp = copy_of(finished, tmp_path)
+    damage(exp)
+    before = stamps(exp)
+    out = run_cli(["stage=all", "experiment=exp", *BASE, *extra], tmp_path)
+    line = error_line(out)
+    assert needle in line, line
+    # stopped before touching anything: no stage retrained, no cache rebuilt, no model rewritten
+    assert stamps(exp) == before
+
+
+def test_missing_previous_layer(tmp_path):
+    out = run_cli(["stage=layer", "k=2", "experiment=exp", *BASE], tmp_path)
+    assert "layer_1.pt" in error_line(out)
+    assert_nothing_trusted(tmp_path)
+
+
+def test_mid_stage_checkpoint_from_another_config(finished, tmp_path, make_run):
+    """A ckpt/<stage>/last.ckpt left by a killed run with other settings is not resumed from."""
+    exp = tmp_path / "outputs" / "exp"
+    (exp / "ckpt" / "embed").mkdir(parents=True)
+    shutil.copy(finished / "layers" / "layer_1.pt", exp / "ckpt" / "embed" / "last.ckpt")  # any zip will do
+    other = make_run(*BASE[len(TINY):], "optim.lr=0.01").hashes()["layer"]
+    (exp / "ckpt" / "embed" / "stackwise.json").write_text(json.dumps({"stage": "embed", "config_hash": other}))
+    out = run_cli(["stage=embed", "experiment=exp", *BASE], tmp_path)
+    line = error_line(out)
+    assert "last.ckpt" in line and other[:12] in line, line
+    assert not (exp / "layers").exists()
+
+
+# ------------------------------------------------------------------------------ in-process guards
+def test_non_finite_loss_stops_the_stage_and_keeps_nothing(make_run):
+    run = make_run("stage=all", "optim.lr=1e30", "optim.warmup_steps=0", *BASE[len(TINY):])
+    pipe = Pipeline(run)
+    with pytest.raises(NonFiniteLossError, match=r"stage embed: non-finite training loss .* at step \d+"):
+        pipe.execute()
+    assert not pipe.paths.layer_ckpt(1).exists()
+    assert not pipe.paths.acts_manifest(1).exists() and not list(pipe.paths.root.rglob("*.npy"))
+    assert not pipe.paths.fused_dir.exists()
+
+
+def _no_space(monkeypatch, free: int = 1000) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(acts.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+
+
+def test_cache_that_does_not_fit_stops_before_training(make_run, monkeypatch):
+    _no_space(monkeypatch)
+    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY):]))
+    with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):
+        pipe.execute()
+    assert not pipe.paths.layer_ckpt(1).exists() and not pipe.paths.acts_root.exists()
+
+
+def test_cache_that_does_not_fit_stops_before_writing(finished, tmp_path, make_run, monkeypatch):
+    """Killed after layer_1.pt, before its cache: the rerun that rebuilds only the cache checks too."""
+    shutil.copytree(finished, tmp_path / "exp")
+    shutil.rmtree(tmp_path / "exp" / "acts")
+    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY):], experiment="exp"))
+    _no_space(monkeypatch)
+    with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):
+        pipe.execute()
+    assert not pipe.paths.acts_manifest(1).exists() and not list(pipe.paths.root.rglob("*.npy"))
