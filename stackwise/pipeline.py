@@ -167,9 +167,13 @@ class Pipeline:
                 f"{first} was made by other settings (config {meta.get('config_hash')}, this run's is "
                 f"{self.hashes['layer']}); use overwrite=true to replace them or experiment=NAME for a new folder")
         log.warning("overwrite=true: removing the layer-wise artifacts of %s", self.paths.root)
-        for d in (self.paths.layers_dir, self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
+        for d in (self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
             shutil.rmtree(d, ignore_errors=True)
         self.paths.results_json.unlink(missing_ok=True)
+        # layer_1.pt goes last: while it is there, a run killed midway is known to hold foreign artifacts
+        for k in sorted(self.paths.existing_layers(), reverse=True):
+            self.paths.layer_ckpt(k).unlink(missing_ok=True)
+        shutil.rmtree(self.paths.layers_dir, ignore_errors=True)
 
     def layer_meta_expect(self, k: int) -> dict:
         return {"config_hash": self.hashes["layer"], "k": k}
@@ -181,7 +185,19 @@ class Pipeline:
         path = self.paths.layer_ckpt(k)
         if not path.exists():
             return False
-        art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k))  # raises on a foreign/corrupt file
+        try:  # a foreign or corrupt file stops the run (overwrite=true: retrained)
+            _, meta = art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k))
+            prev = self.paths.layer_ckpt(k - 1) if k > 1 else None
+            if prev is not None and prev.exists() and meta.get("prev_sha256") != art.sha256_file(prev):
+                raise ArtifactError(f"{path} was trained on the activations of another {prev.name} than the one "
+                                    f"there now (sha256 {str(meta.get('prev_sha256'))[:12]}); use overwrite=true "
+                                    f"to retrain it")
+        except ArtifactError as e:
+            if not self.run.overwrite:
+                raise
+            log.warning("overwrite=true: replacing %s (%s)", path, e)
+            path.unlink(missing_ok=True)
+            return False
         if not self.needs_cache(k):
             return True
         if not self.paths.acts_manifest(k).exists():
@@ -205,10 +221,18 @@ class Pipeline:
             expect={"config_hash": self.hashes["layer"], "producer_sha256": producer, "k": k,
                     "d_model": self.cfg.d_model, "seq_len": self.run.data.seq_len})
 
+    def layer_shas(self) -> Optional[list]:
+        """sha256 of layer_1.pt .. layer_L.pt (None while one is missing): what a fused model was made of."""
+        paths = [self.paths.layer_ckpt(k) for k in range(1, self.cfg.n_layers + 1)]
+        return [art.sha256_file(p) for p in paths] if all(p.is_file() for p in paths) else None
+
     def fusion_complete(self) -> bool:
-        try:
-            _, _, meta = art.load_safetensors_model(self.paths.fused_dir, expect={"config_hash": self.hashes["fusion"]},
-                                                     verify=self.run.verify)
+        shas = self.layer_shas()
+        if shas is None:
+            return False
+        try:  # made by these settings from exactly these layer checkpoints
+            _, _, meta = art.load_safetensors_model(self.paths.fused_dir, verify=self.run.verify,
+                                                     expect={"config_hash": self.hashes["fusion"], "layers_sha256": shas})
         except ArtifactError:
             return False
         return self.run.fusion.finetune_steps == 0 or meta.get("finetuned", False)
@@ -328,6 +352,9 @@ class Pipeline:
                 raise ArtifactError(f"stage=fusion needs {path}, which does not exist: run "
                                     f"{'stage=embed' if k == 1 else f'stage=layer k={k}'} first (or stage=all)")
             states.append(art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k)))
+            if k > 1 and states[-1][1].get("prev_sha256") != art.sha256_file(self.paths.layer_ckpt(k - 1)):
+                raise ArtifactError(f"{path} was trained on the activations of another layer_{k - 1}.pt than the "
+                                    f"one there now; rerun stage=layer k={k} (overwrite=true) or stage=all")
         model = assemble(cfg, states)
         data = self.token_data(0, max(1, run.fusion.finetune_steps))
         module = FullModelStage(cfg, run.optim_for("fusion"), run.masking.weighting,
@@ -341,7 +368,7 @@ class Pipeline:
                             if r["stage"] == "embed" or r["stage"].startswith("layer_"))
         meta = {"config_hash": self.hashes["fusion"], "val_loss": metrics["val/loss"],
                 "val_acc": metrics["val/masked_acc"], "finetuned": False,
-                "tokens": sum(m["tokens"] for _, m in states)}
+                "tokens": sum(m["tokens"] for _, m in states), "layers_sha256": self.layer_shas()}
         fused_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta)
         _kill_point("saved:fused")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from stackwise import artifacts as art
 from stackwise.data import activations as acts
 from stackwise.errors import StackWiseError
 from stackwise.pipeline import Pipeline
@@ -65,12 +66,15 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return cli(*args, cwd=cwd, timeout=120)
 
 
+DEBUG_CASE = ("debug_shows_traceback", ["model.d_model=abc", "debug=true"], "model.d_model")
+
+
 @pytest.fixture(scope="module")
 def config_results(tmp_path_factory):
     """Start every cheap case at once (3 at a time on a small CPU); each test reads its own result."""
     root = tmp_path_factory.mktemp("config_cases")
     cases = {}
-    for cid, overrides, _ in CONFIG_CASES + HYDRA_CASES:
+    for cid, overrides, _ in CONFIG_CASES + HYDRA_CASES + [DEBUG_CASE]:
         cwd = root / cid
         cwd.mkdir()
         cases[cid] = (cwd, BASE + overrides)
@@ -135,6 +139,12 @@ def test_unknown_override_keeps_hydras_message(config_results, cid, needle):
     assert_nothing_trusted(cwd)
 
 
+def test_debug_shows_the_traceback(config_results):
+    results, _ = config_results
+    _, out = results[DEBUG_CASE[0]]
+    assert out.returncode != 0 and "Traceback" in out.stderr and DEBUG_CASE[2] in out.stderr, out.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------ artifacts
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -171,25 +181,36 @@ def flip(path: Path, where: float = 0.6) -> None:
 
 SHARD = "acts/acts_layer1/train/r0_s00000.hidden.npy"
 
-# (id, damage(exp), extra overrides, text the error line must contain)
+def retrain_layer_1(exp: Path) -> None:
+    """A valid layer_1.pt of the same settings, but not the one layer 2 was trained on."""
+    state, meta = art.load_layer_checkpoint(exp / "layers/layer_1.pt")
+    state["head.norm.weight"] = state["head.norm.weight"] + 1e-3
+    art.save_layer_checkpoint(exp / "layers/layer_1.pt", state, meta)
+
+
+ALL = ["stage=all"]
+# (id, damage(exp), overrides, text the error line must contain)
 ARTIFACT_CASES = [
-    ("truncated_shard", lambda e: truncate(e / SHARD), [], "r0_s00000.hidden.npy"),
-    ("missing_shard", lambda e: (e / SHARD).unlink(), [], "r0_s00000.hidden.npy"),
-    ("shard_bytes_changed_verify", lambda e: flip(e / SHARD), ["verify=true"], "sha256"),
-    ("corrupt_manifest", lambda e: (e / "acts/acts_layer1/manifest.json").write_text("{not json"), [],
+    ("truncated_shard", lambda e: truncate(e / SHARD), ALL, "r0_s00000.hidden.npy"),
+    ("missing_shard", lambda e: (e / SHARD).unlink(), ALL, "r0_s00000.hidden.npy"),
+    ("shard_bytes_changed_verify", lambda e: flip(e / SHARD), ALL + ["verify=true"], "sha256"),
+    ("corrupt_manifest", lambda e: (e / "acts/acts_layer1/manifest.json").write_text("{not json"), ALL,
      "manifest.json"),
-    ("corrupt_checkpoint_bytes", lambda e: flip(e / "layers/layer_1.pt", 0.5), [], "layer_1.pt"),
-    ("truncated_checkpoint", lambda e: truncate(e / "layers/layer_2.pt"), [], "layer_2.pt"),
-    ("checkpoint_from_another_config", lambda e: None, ["optim.lr=0.01"], "layer_1.pt"),
+    ("corrupt_checkpoint_bytes", lambda e: flip(e / "layers/layer_1.pt", 0.5), ALL, "layer_1.pt"),
+    ("truncated_checkpoint", lambda e: truncate(e / "layers/layer_2.pt"), ALL, "layer_2.pt"),
+    ("checkpoint_from_another_config", lambda e: None, ALL + ["optim.lr=0.01"], "layer_1.pt"),
+    ("layer_from_another_predecessor", retrain_layer_1, ["stage=layer", "k=2"], "layer_2.pt"),
+    ("truncated_cache_read_by_next_layer", lambda e: ((e / "layers/layer_2.pt").unlink(), truncate(e / SHARD)),
+     ["stage=layer", "k=2"], "r0_s00000.hidden.npy"),
 ]
 
 
-@pytest.mark.parametrize("cid,damage,extra,needle", ARTIFACT_CASES, ids=[c[0] for c in ARTIFACT_CASES])
-def test_bad_artifact(finished, tmp_path, cid, damage, extra, needle):
+@pytest.mark.parametrize("cid,damage,args,needle", ARTIFACT_CASES, ids=[c[0] for c in ARTIFACT_CASES])
+def test_bad_artifact(finished, tmp_path, cid, damage, args, needle):
     exp = copy_of(finished, tmp_path)
     damage(exp)
     before = stamps(exp)
-    out = run_cli(["stage=all", "experiment=exp", *BASE, *extra], tmp_path)
+    out = run_cli([*args, "experiment=exp", *BASE], tmp_path)
     line = error_line(out)
     assert needle in line, line
     # stopped before touching anything: no stage retrained, no cache rebuilt, no model rewritten
