@@ -96,8 +96,9 @@ def test_confidence_reveals_the_most_probable_first(model):
     seen = []
     out = run(model, ids, steps=12, temperature=0.0, callback=lambda step, x: seen.append(x.clone()))
     # step 1 fills the position whose greedy token the model is surest of, given all masks
-    probs = model(ids).softmax(-1)
-    probs[..., [MASK, PAD]] = 0
+    logits = model(ids)
+    logits[..., [MASK, PAD]] = float("-inf")  # never sampled: the probability is over the allowed tokens
+    probs = logits.softmax(-1)
     first = int(probs.max(-1).values[0].argmax())
     assert (seen[0][0] != MASK).nonzero().flatten().tolist() == [first]
     assert int(out[0, first]) == int(probs[0, first].argmax())
