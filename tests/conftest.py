@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from stackwise.config import RunConfig, register_resolvers
+from tests.cli_runner import CliRun
 
 # A tiny experiment: seconds per stage on 2 CPU cores.
 TINY = [
@@ -41,10 +42,24 @@ def make_run(tmp_path):
     return _make
 
 
-def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `stackwise-train ARGS` as a user would (the console script when installed)."""
-    exe = shutil.which("stackwise-train")
-    cmd = [exe] if exe else [sys.executable, "-m", "stackwise.cli.train"]
+def cli_env(env_extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def cli_start(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> CliRun:
+    """Start `stackwise-train ARGS` in a fresh process forked from a preloaded server (see
+    tests/cli_runner.py: same code path, exit status and output, without Lightning's import each time)."""
+    return CliRun(list(args), cwd, cli_env(env_extra), timeout)
+
+
+def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300,
+        console_script: bool = False) -> subprocess.CompletedProcess:
+    """Run `stackwise-train ARGS` as a user would; `console_script=True` execs the installed script itself."""
+    if not console_script:
+        return cli_start(*args, cwd=cwd, env_extra=env_extra, timeout=timeout).wait()
+    exe = shutil.which("stackwise-train")
+    cmd = [exe] if exe else [sys.executable, "-m", "stackwise.cli.train"]
+    return subprocess.run(cmd + list(args), cwd=cwd, env=cli_env(env_extra), capture_output=True, text=True,
+                          timeout=timeout)

@@ -91,7 +91,7 @@ def config_results(tmp_path_factory):
         cwd = root / cid
         cwd.mkdir()
         cases[cid] = (cwd, (text if "data=text" in overrides else BASE) + overrides)
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:  # 2 CPU cores
         futures = {cid: pool.submit(run_cli, args, cwd) for cid, (cwd, args) in cases.items()}
         return {cid: (cases[cid][0], f.result()) for cid, f in futures.items()}, {k: v[1] for k, v in paths.items()}
 

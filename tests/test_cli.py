@@ -14,7 +14,7 @@ def exp_dirs(root):
 
 
 def test_default_chain_writes_the_documented_artifacts(tmp_path):
-    out = cli(*FAST, cwd=tmp_path)
+    out = cli(*FAST, cwd=tmp_path, console_script=True)  # the installed entry point itself, once
     assert out.returncode == 0, out.stderr[-3000:]
     (name,) = exp_dirs(tmp_path)
     # derived from the overrides that change the model / data / objective (sorted; long names end in a hash)

@@ -1,0 +1,94 @@
+"""Run `stackwise-train ARGS` the way a user does, without paying Lightning's import each time.
+
+Importing lightning + torch + hydra costs ~7 s of CPU per process, and the CLI tests start dozens
+of processes: on a 2-core CI machine that alone is minutes. So the tests use the standard library's
+`forkserver`: one clean process imports those libraries once (and does nothing else: no threads,
+no tensors), and every CLI run is a fresh `fork()` of it that sets its own working directory,
+environment, argv and stdout/stderr files, then calls the console script's `main()`. The child is a
+real process: its exit status (`-9` after SIGKILL), its stderr and the files it writes are what a
+user's `stackwise-train` would give. StackWise's own modules are imported in the child, after its
+environment is set, exactly as in a fresh interpreter. `tests/test_cli.py` still runs the installed
+console script as a plain subprocess once, so the entry point itself stays covered.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+# imported once in the fork server; nothing of stackwise, whose import-time state must come fresh
+PRELOAD = ["torch", "lightning", "lightning.pytorch", "hydra", "omegaconf", "torchmetrics", "tensorboard",
+           "safetensors", "numpy"]
+
+_context: Optional[multiprocessing.context.BaseContext] = None
+
+
+def _ctx() -> multiprocessing.context.BaseContext:
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+    """In the forked child: become `stackwise-train ARGS` run from `cwd` with `env`."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.argv = ["stackwise-train", *args]
+    code = 0
+    try:
+        from stackwise.cli.train import main
+
+        main()
+    except SystemExit as e:  # what the console script's exit status would be
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # an uncaught error: traceback on stderr, status 1, like the interpreter
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+class CliRun:
+    """A started run; `.wait()` returns a `subprocess.CompletedProcess`."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict, timeout: float):
+        self.args, self.timeout = ["stackwise-train", *args], timeout
+        self._dir = tempfile.TemporaryDirectory(prefix="sw_cli_")
+        self._out, self._err = (str(Path(self._dir.name) / n) for n in ("stdout", "stderr"))
+        self.proc = _ctx().Process(target=_child, args=(list(args), str(cwd), env, self._out, self._err))
+        self.proc.start()
+
+    def wait(self) -> subprocess.CompletedProcess:
+        self.proc.join(self.timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+            raise subprocess.TimeoutExpired(self.args, self.timeout, output=self._read(self._out),
+                                            stderr=self._read(self._err))
+        done = subprocess.CompletedProcess(self.args, self.proc.exitcode, self._read(self._out),
+                                           self._read(self._err))
+        self.proc.close()
+        self._dir.cleanup()
+        return done
+
+    @staticmethod
+    def _read(path: str) -> str:
+        return Path(path).read_text(encoding="utf-8", errors="replace") if Path(path).exists() else ""
