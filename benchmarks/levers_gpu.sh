@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The "closing the gap" sweep of the README: every lever of issue 5 on the shipped corpus with the
+# small model, each combination run as stage=all then stage=e2e (the baseline at the same token
+# budget: e2e's max_steps defaults to the layer-wise total, fine-tune included). Five Hydra sweeps
+# share one GPU side by side (the small model leaves it mostly idle). From the repository root:
+#     OUT=levers_out bash benchmarks/levers_gpu.sh
+# then, wherever $OUT/results.tgz lands:
+#     mkdir levers && tar xzf results_AB.tgz -C levers && stackwise-report levers --out levers/report
+# SWEEPS="A B" (default "A B C") runs only those sweeps; one 10-minute device command fits A + B, or C.
+set -u
+OUT=${OUT:-levers_out}
+ROOT=${ROOT:-/tmp/levers}
+PY=${PY:-python3}
+LIMIT=${LIMIT:-560}
+mkdir -p "$OUT" "$ROOT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv; $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } >"$ROOT/machine.txt" 2>&1
+
+# sample.enabled=false: the sample is not a measurement. The report is written afterwards from results.json.
+common="hardware=gpu trainer.enable_progress_bar=false sample.enabled=false output_root=$ROOT"
+inits="layerwise.init=random,identity,previous"
+sweep() {  # sweep NAME OVERRIDES...: one Hydra multirun in the background
+  local name=$1; shift
+  timeout "$LIMIT" $PY -m stackwise.cli.train -m $common "$@" stage=all,e2e >"$ROOT/log_$name.txt" 2>&1 &
+}
+SWEEPS=${SWEEPS:-A B C}  # one device command (10 min) fits A + B, or C
+t0=$(date +%s)
+for g in $SWEEPS; do case $g in
+# A: how layer k >= 2 starts x the fusion fine-tune (80 steps = 9% of 880), 200 steps a stage
+A) sweep a0 $inits fusion.finetune_steps=0
+   sweep a80 $inits fusion.finetune_steps=80 ;;
+# B: the per-stage budget moved towards stage 1 (embeddings + layer 1): 320 + 3 x 160 = 800
+B) sweep b0 $inits +stages.embed.trainer.max_steps=320 +stages.layer.trainer.max_steps=160 fusion.finetune_steps=0
+   sweep b80 $inits +stages.embed.trainer.max_steps=320 +stages.layer.trainer.max_steps=160 fusion.finetune_steps=80 ;;
+# C: twice the budget (400 steps a stage), fine-tune 160 steps (9%)
+C) for init in random identity previous; do
+     sweep "c160_$init" layerwise.init=$init trainer.max_steps=400 fusion.finetune_steps=160
+   done ;;
+esac; done
+wait
+echo "wall $(( $(date +%s) - t0 )) s" >>"$ROOT/machine.txt"
+cat "$ROOT/machine.txt"
+grep -h "error" "$ROOT"/log_*.txt | head -20
+cd "$ROOT" && tar czf "$OUT/results_${SWEEPS// /}.tgz" machine.txt log_*.txt */results.json */hydra/*/.hydra/overrides.yaml
