@@ -148,6 +148,7 @@ class RunConfig:
     cache: CacheConfig
     fusion: FusionConfig
     layer_init: str  # layerwise.init
+    embed_budget: float  # layerwise.embed_budget: stage 1's steps = this x trainer.max_steps
     sample: SampleConfig
     trainer: dict  # the `trainer` node (lightning.Trainer kwargs)
     stages: dict  # per-stage {"trainer": {...}, "optim": {...}} overrides
@@ -159,6 +160,8 @@ class RunConfig:
     def trainer_kwargs(self, stage: str) -> dict:
         """`trainer` merged with `stages.<stage>.trainer`; e2e's max_steps defaults to the layer-wise budget."""
         kw = {**self.trainer, **self.stages.get(stage, {}).get("trainer", {})}
+        if stage == "embed" and "max_steps" not in self.stages.get("embed", {}).get("trainer", {}):
+            kw["max_steps"] = max(1, round(self.embed_budget * int(kw["max_steps"])))
         if stage == "e2e" and "max_steps" not in self.stages.get("e2e", {}).get("trainer", {}):
             kw["max_steps"] = self.layerwise_steps()
         if stage == "fusion":  # the fine-tune budget has one home: fusion.finetune_steps
@@ -268,13 +271,13 @@ class RunConfig:
 
         layerwise = dict(raw.get("layerwise") or {})
         for key in layerwise:
-            _check(key == "init", f"layerwise.{key}", "unknown key; allowed: init")
+            _check(key in ("init", "embed_budget"), f"layerwise.{key}", "unknown key; allowed: init, embed_budget")
         layer_init = layerwise.get("init", "random")
         _check(layer_init in LAYER_INITS, "layerwise.init",
                f"unknown init {layer_init!r}; allowed: {', '.join(LAYER_INITS)}")
-        if layer_init == "previous" and len(set(model.layer_kinds())) > 1:
-            raise ConfigError("layerwise.init", "init=previous copies layer k-1 into layer k, which needs one "
-                              f"attention kind for every layer, got {model.layer_kinds()}")
+        embed_budget = layerwise.get("embed_budget", 1.0)
+        _check(_is_number(embed_budget) and embed_budget > 0, "layerwise.embed_budget",
+               f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {embed_budget!r}")
 
         for flag in ("overwrite", "verify", "debug"):
             _check_bool(raw.get(flag, False), flag)
@@ -293,6 +296,7 @@ class RunConfig:
             model=model, masking=masking, data=data,
             optim=OptimConfig.from_dict(raw.get("optim") or {}, "optim"),
             cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}), layer_init=layer_init,
+            embed_budget=float(embed_budget),
             sample=SampleConfig.from_dict(raw.get("sample") or {}),
             trainer=dict(raw.get("trainer") or {}), stages=stages,
             logger=raw.get("logger") or None, callbacks=dict(raw.get("callbacks") or {}), raw=raw,

@@ -20,6 +20,8 @@ TINY = [
     "model=tiny", "data=dummy", "data.seq_len=32", "data.batch_size=16", "data.n_train=256", "data.n_val=32",
     "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.enable_progress_bar=false",
     "optim.warmup_steps=2", "cache.shard_size=100", "cache.batch_size=64",
+    # every stage the same steps and no fine-tune, unless a test asks for them (the defaults are tested as such)
+    "layerwise.embed_budget=1", "fusion.finetune_steps=0",
 ]
 
 

@@ -78,11 +78,27 @@ def test_seed_and_70b_param_counts_without_allocating():
     ("stage=layer k=9", "k"), ("stage=layer", "k"), ("model.attention=[gqa,mla]", "model.attention"),
     ("model.attention=[gqa,foo,gqa,gqa]", "model.attention"), ("cache.dtype=int8", "cache.dtype"),
     ("optim.lr=-1", "optim.lr"), ("model.dropout=1.5", "model.dropout"), ("seed=-3", "seed"),
+    ("layerwise.embed_budget=0", "layerwise.embed_budget"), ("layerwise.embed_budget=abc", "layerwise.embed_budget"),
+    ("+layerwise.foo=1", "layerwise.foo"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         RunConfig.from_hydra(compose_cfg(override.split()))
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_default_budget_split_and_e2e_budget():
+    run = RunConfig.from_hydra(compose_cfg([]))
+    # the README's winning levers: stage 1 twice a layer stage, ~9% fine-tune, layer k from layer k-1
+    assert (run.max_steps("embed"), run.max_steps("layer"), run.max_steps("fusion")) == (320, 160, 80)
+    assert run.layer_init == "previous"
+    assert run.max_steps("e2e") == run.layerwise_steps() == 320 + 3 * 160 + 80
+    run = RunConfig.from_hydra(compose_cfg(["trainer.max_steps=10", "layerwise.embed_budget=1.5"]))
+    assert (run.max_steps("embed"), run.max_steps("layer")) == (15, 10)
+    run = RunConfig.from_hydra(compose_cfg(["+stages.embed.trainer.max_steps=7"]))  # an explicit budget wins
+    assert run.max_steps("embed") == 7
+    base, other = (RunConfig.from_hydra(compose_cfg(o)).hashes()["layer"] for o in ([], ["layerwise.embed_budget=1"]))
+    assert base != other  # a different stage-1 budget is a different experiment
 
 
 def test_experiment_name_from_overrides():

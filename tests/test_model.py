@@ -344,3 +344,33 @@ def test_compat_sdpa_gqa_fallback_matches(monkeypatch, masked):
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask)
     torch.testing.assert_close(fast, ref)
     torch.testing.assert_close(slow, ref)
+
+
+# ------------------------------------------------------------------------------ layer-wise init levers
+def test_identity_init_starts_as_the_identity_map():
+    cfg = tiny()
+    block = Block(cfg, 2)
+    block.zero_residual_branches()
+    h = torch.randn(2, 8, cfg.d_model)
+    assert torch.equal(block(h), h)
+
+
+@pytest.mark.parametrize("kinds", [["gqa", "gqa"], ["gqa", "mla"]])
+def test_previous_init_copies_what_matches_and_keeps_frozen_tensors(kinds):
+    cfg = tiny(attention=kinds, n_layers=2)
+    below, block = Block(cfg, 1), Block(cfg, 2)
+    with torch.no_grad():  # a "trained" layer 1: every trainable tensor moved
+        for p in below.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    fresh = {n: t.clone() for n, t in block.state_dict().items()}
+    block.copy_trainable_from(below)
+    src, got = below.state_dict(), block.state_dict()
+    for name, t in got.items():
+        if name in block.frozen_names:  # the frozen up-projection stays layer 2's own (seed, k) draw
+            assert torch.equal(t, fresh[name]), name
+        elif name.startswith("attn.") and kinds[0] != kinds[1]:  # another kind: attention not copied
+            assert torch.equal(t, fresh[name]), name
+        else:
+            assert torch.equal(t, src[name]), name
+    block.verify_frozen()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise.compat import RMSNorm
-from stackwise.errors import ArtifactError, ConfigError
+from stackwise.errors import ArtifactError
 from stackwise.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from stackwise.model.config import ModelConfig
 from stackwise.model.layers import SwiGLU, load_frozen, normal
@@ -100,11 +100,13 @@ class Block(nn.Module):
 
     def copy_trainable_from(self, other: "Block") -> None:
         """Start from another layer's trained weights (progressive stacking). The frozen tensors
-        stay this layer's own: they are a function of (seed, k) by design."""
+        stay this layer's own: they are a function of (seed, k) by design. When the two layers'
+        attention kinds differ (a hybrid model), only the kind-independent part is copied (the two
+        norms and the MLP's trainable weights); the attention keeps its (seed, k) initialisation."""
+        state = other.trainable_state_dict()
         if other.cfg.kind(other.k) != self.cfg.kind(self.k):
-            raise ConfigError("layerwise.init", f"init=previous copies layer {other.k} into layer {self.k}, but "
-                              f"their attention kinds differ ({other.cfg.kind(other.k)} vs {self.cfg.kind(self.k)})")
-        self.load_state_dict(other.trainable_state_dict(), strict=False)
+            state = {n: v for n, v in state.items() if not n.startswith("attn.")}
+        self.load_state_dict(state, strict=False)
 
     # ------------------------------------------------------------------ frozen tensors and checkpoints
     def frozen_up_checksum(self) -> str:
