@@ -358,8 +358,12 @@ def _new_figure(width: float = 7.0, height: float = 4.5):
 
 
 def _png_bytes(fig) -> bytes:
+    from matplotlib.legend import Legend
+
+    # every legend, the ones added with add_artist too, counts for the tight bounding box
+    legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight", bbox_extra_artists=legends)
     return buf.getvalue()
 
 
@@ -459,12 +463,59 @@ def experiment_names(exp_dirs: Sequence[PathLike]) -> list[str]:
     return [str(d) if names.count(n) > 1 else n for d, n in zip(exp_dirs, names)]
 
 
+_GENERIC_KEY_PARTS = {"stages", "trainer", "optim"}
+
+
+def _split_overrides(name: str) -> Optional[list[str]]:
+    """`a.b=1,c=[x,y]` -> ["a.b=1", "c=[x,y]"] (commas inside brackets kept); None if not such a list."""
+    parts, depth, cur = [], 0, ""
+    for ch in name:
+        depth += ch in "[{(" and 1 or (-1 if ch in "]})" else 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return parts if all("=" in p for p in parts) else None
+
+
+def _short_key(key: str) -> str:
+    """`+stages.embed.trainer.max_steps` -> `embed.max_steps`; `trainer.max_steps` -> `max_steps`."""
+    kept = [p for p in key.lstrip("+~").split(".") if p not in _GENERIC_KEY_PARTS]
+    return ".".join(kept[-2:]) or key
+
+
+def sweep_labels(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(labels, common): experiment names made of overrides (Hydra's derived names) lose the
+    overrides they all share (returned as `common`) and their keys are shortened, so a sweep's
+    legend and table show what differs; other names are kept as they are."""
+    split = [_split_overrides(n) for n in names]
+    if len(names) < 2 or any(p is None for p in split):
+        return list(names), []
+    common = [p for p in split[0] if all(p in other for other in split[1:])]
+    labels = []
+    for parts, name in zip(split, names):
+        rest = [p for p in parts if p not in common]
+        labels.append(",".join(f"{_short_key(p.split('=', 1)[0])}={p.split('=', 1)[1]}" for p in rest) or name)
+    if len(set(labels)) < len(labels):  # shortening made two alike: keep the full names
+        return list(names), []
+    return labels, common
+
+
 def write_sweep_report(exp_dirs: Sequence[PathLike], out_dir: PathLike) -> tuple[Path, Path]:
     """One combined table (a row per experiment) and one plot (a curve per experiment) in out_dir."""
     if not exp_dirs:
         raise StackWiseError("no experiment folders given")
-    results = [load_depth_results(d, name) for d, name in zip(exp_dirs, experiment_names(exp_dirs))]
-    return _write(Path(out_dir), sweep_markdown(results), sweep_figure(results))
+    folders = experiment_names(exp_dirs)
+    labels, common = sweep_labels(folders)
+    results = [load_depth_results(d, label) for d, label in zip(exp_dirs, labels)]
+    markdown = sweep_markdown(results)
+    if labels != folders:
+        markdown += ("\nRows are labelled by the overrides that differ (keys shortened); the folders: "
+                     + ", ".join(f"`{f}`" for f in folders)
+                     + (f". Common to all: `{','.join(common)}`." if common else ".") + "\n")
+    return _write(Path(out_dir), markdown, sweep_figure(results))
 
 
 def find_experiments(folder: PathLike) -> list[Path]:

@@ -219,3 +219,16 @@ def test_real_tiny_run_and_e2e(make_run):
                          ("finetuned", "fused + fine-tuned"), ("e2e", "end-to-end (e2e)")):
         assert rows[label][1] == f"{recs[stage]['val_loss']:.4f}", stage
     assert verdict(md, "within 5%").split(":")[0] in ("yes", "no")
+
+
+def test_sweep_labels_drop_what_every_experiment_shares():
+    from stackwise.report import sweep_labels
+
+    names = ["+stages.embed.trainer.max_steps=320,layerwise.init=previous,model.attention=[gqa,mla]",
+             "+stages.embed.trainer.max_steps=320,layerwise.init=random,model.attention=[gqa,mla]"]
+    labels, common = sweep_labels(names)
+    assert labels == ["layerwise.init=previous", "layerwise.init=random"]
+    assert common == ["+stages.embed.trainer.max_steps=320", "model.attention=[gqa,mla]"]
+    labels, _ = sweep_labels(["trainer.max_steps=400,seed=1", "+stages.layer.trainer.max_steps=400,seed=1"])
+    assert labels == ["max_steps=400", "layer.max_steps=400"]
+    assert sweep_labels(["default", "attention=mla"]) == (["default", "attention=mla"], [])  # not all overrides
