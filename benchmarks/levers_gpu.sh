@@ -6,7 +6,9 @@
 #     OUT=levers_out bash benchmarks/levers_gpu.sh
 # then, wherever $OUT/results.tgz lands:
 #     mkdir levers && tar xzf results_AB.tgz -C levers && stackwise-report levers --out levers/report
-# SWEEPS="A B" (default "A B C") runs only those sweeps; one 10-minute device command fits A + B, or C.
+# SWEEPS="A B" (default "A B C") runs only those sweeps; one 10-minute device command fits A + B, or C, or S.
+# A, B and C pin the settings that were the defaults when they ran (their experiment folders in
+# benchmarks/results/2026-11-25-levers-h100 are named without those pins).
 set -u
 OUT=${OUT:-levers_out}
 ROOT=${ROOT:-/tmp/levers}
@@ -20,6 +22,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # sample.enabled=false: the sample is not a measurement. The report is written afterwards from results.json.
 common="hardware=gpu trainer.enable_progress_bar=false sample.enabled=false output_root=$ROOT"
 inits="layerwise.init=random,identity,previous"
+# A, B and C ran before their winners became the defaults: these pin the settings they ran with
+then="layerwise.embed_budget=1 trainer.val_check_interval=50"
 sweep() {  # sweep NAME OVERRIDES...: one Hydra multirun in the background
   local name=$1; shift
   timeout "$LIMIT" $PY -m stackwise.cli.train -m $common "$@" stage=all,e2e >"$ROOT/log_$name.txt" 2>&1 &
@@ -28,14 +32,30 @@ SWEEPS=${SWEEPS:-A B C}  # one device command (10 min) fits A + B, or C
 t0=$(date +%s)
 for g in $SWEEPS; do case $g in
 # A: how layer k >= 2 starts x the fusion fine-tune (80 steps = 9% of 880), 200 steps a stage
-A) sweep a0 $inits fusion.finetune_steps=0
-   sweep a80 $inits fusion.finetune_steps=80 ;;
+A) sweep a0 $then trainer.max_steps=200 $inits fusion.finetune_steps=0
+   sweep a80 $then trainer.max_steps=200 $inits fusion.finetune_steps=80 ;;
 # B: the per-stage budget moved towards stage 1 (embeddings + layer 1): 320 + 3 x 160 = 800
-B) sweep b0 $inits +stages.embed.trainer.max_steps=320 +stages.layer.trainer.max_steps=160 fusion.finetune_steps=0
-   sweep b80 $inits +stages.embed.trainer.max_steps=320 +stages.layer.trainer.max_steps=160 fusion.finetune_steps=80 ;;
+B) sweep b0 $then $inits +stages.embed.trainer.max_steps=320 +stages.layer.trainer.max_steps=160 fusion.finetune_steps=0
+   sweep b80 $then $inits +stages.embed.trainer.max_steps=320 +stages.layer.trainer.max_steps=160 fusion.finetune_steps=80 ;;
 # C: twice the budget (400 steps a stage), fine-tune 160 steps (9%)
 C) for init in random identity previous; do
-     sweep "c160_$init" layerwise.init=$init trainer.max_steps=400 fusion.finetune_steps=160
+     sweep "c160_$init" $then layerwise.init=$init trainer.max_steps=400 fusion.finetune_steps=160
+   done ;;
+# S: seed variance of the winner (the defaults since) and of plain greedy layer-wise training,
+#    and the winner in fp32 on the GPU (to compare with the CPU's fp32 run of the same settings)
+S) for seed in 0 1 2; do
+     sweep "s_default_$seed" seed=$seed
+   done
+   for seed in 1 2; do
+     sweep "s_plain_$seed" seed=$seed layerwise.init=random layerwise.embed_budget=1 fusion.finetune_steps=0 \
+       trainer.max_steps=200
+   done
+   sweep s_default_fp32 trainer.precision=32-true cache.dtype=float32 ;;
+# R: sweeps A (no fine-tune) and B (with it) again with seeds 1 and 2, every init
+R) for seed in 1 2; do
+     sweep "r_a0_$seed" seed=$seed $then trainer.max_steps=200 layerwise.init=identity,previous fusion.finetune_steps=0
+     sweep "r_b80_$seed" seed=$seed $then $inits +stages.embed.trainer.max_steps=320 \
+       +stages.layer.trainer.max_steps=160 fusion.finetune_steps=80
    done ;;
 esac; done
 wait
