@@ -34,6 +34,7 @@ from stackwise.data import activations as acts
 from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import load_token_splits
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
+from stackwise.model.stats import train_step_flops
 from stackwise.model.transformer import Transformer
 from stackwise.objective.masking import build_schedule
 from stackwise.stages.base import StageModule
@@ -423,6 +424,10 @@ class Pipeline:
         """Train one stage; resumes from ckpt/<name>/last.ckpt when a killed run with these settings left one."""
         run = self.run
         kw = run.trainer_kwargs(stage_key)
+        # read by Lightning's ThroughputMonitor for FLOP/s and MFU in TensorBoard (constant per step)
+        module.flops_per_batch = train_step_flops(
+            run.model, stage_key, getattr(module, "k", 1), run.data.batch_size, run.data.seq_len,
+            run.masking.mean_rate())  # per batch: what one forward + backward costs
         ckpt_dir = self.paths.stage_ckpt_dir(name)
         last = self.resume_point(ckpt_dir, {"stage": name, "config_hash": self.hashes[_HASH_OF_STAGE[stage_key]]})
         ckpt_every = int(kw.get("val_check_interval") or 50) if isinstance(kw.get("val_check_interval"), int) else 50

@@ -351,3 +351,9 @@ def test_bf16_head_output_is_upcast_and_empty_mask_is_finite():
         assert o.n_masked.item() == 0 and o.loss.item() == 0.0 and math.isfinite(o.loss.item())
     with pytest.raises(ValueError, match="weighting"):
         masked_loss(hidden, targets, mask, t, head, "sum")
+
+
+def test_mean_rate_of_each_schedule():
+    assert MaskingConfig().mean_rate() == pytest.approx((0.15 + 0.90) / 2)
+    assert MaskingConfig(schedule="fixed", rate=0.15).mean_rate() == 0.15
+    assert MaskingConfig(schedule="per_layer", rates=[0.2, 0.4]).mean_rate() == pytest.approx(0.3)

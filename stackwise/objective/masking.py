@@ -72,6 +72,15 @@ class MaskingConfig:
         cfg.validate(None, prefix)
         return cfg
 
+    def mean_rate(self) -> float:
+        """The average fraction of masked positions over training (for FLOP counts, not for masking):
+        the schedule's mean rate; `curriculum` is counted at its final range."""
+        if self.schedule == "fixed":
+            return self.rate
+        if self.schedule == "per_layer" and self.rates:
+            return sum(self.rates) / len(self.rates)
+        return (self.mask_fraction_min + self.mask_fraction_max) / 2
+
     def validate(self, n_layers: Optional[int] = None, prefix: str = "masking") -> None:
         """Raise ConfigError naming the bad value. `n_layers=None` skips the per-layer length check."""
         p = prefix + "."
