@@ -57,6 +57,12 @@ R) for seed in 1 2; do
      sweep "r_b80_$seed" seed=$seed $then $inits +stages.embed.trainer.max_steps=320 \
        +stages.layer.trainer.max_steps=160 fusion.finetune_steps=80
    done ;;
+# V: the activation cache sized to what the next stage reads (cache.train_sequences=auto), with one
+#    view per sequence or two, seeds 0-2 (the defaults otherwise)
+V) for seed in 0 1 2; do
+     sweep "v1_$seed" seed=$seed cache.views=1 cache.train_sequences=auto
+     sweep "v2_$seed" seed=$seed cache.views=2 cache.train_sequences=auto
+   done ;;
 esac; done
 wait
 echo "wall $(( $(date +%s) - t0 )) s" >>"$ROOT/machine.txt"

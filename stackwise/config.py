@@ -73,7 +73,7 @@ class CacheConfig:
     dtype: str = "float32"
     shard_size: int = 1024
     batch_size: int = 64
-    train_sequences: Optional[int] = None
+    train_sequences: Any = None  # int, None (all) or "auto" (what the next stage reads: RunConfig)
     last_layer: bool = False
 
     @classmethod
@@ -83,9 +83,9 @@ class CacheConfig:
             v = getattr(cfg, name)
             _check(_is_int(v) and v > 0, f"cache.{name}", f"must be a positive integer, got {v!r}")
         _check(cfg.dtype in CACHE_DTYPES, "cache.dtype", f"unknown dtype {cfg.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}")
-        if cfg.train_sequences is not None:
+        if cfg.train_sequences is not None and cfg.train_sequences != "auto":
             _check(_is_int(cfg.train_sequences) and cfg.train_sequences > 0, "cache.train_sequences",
-                   f"must be a positive integer or null, got {cfg.train_sequences!r}")
+                   f"must be a positive integer, auto or null, got {cfg.train_sequences!r}")
         _check_bool(cfg.last_layer, "cache.last_layer")
         return cfg
 
@@ -183,6 +183,17 @@ class RunConfig:
         return (self.max_steps("embed") + (self.model.n_layers - 1) * self.max_steps("layer")
                 + self.fusion.finetune_steps)
 
+    def cache_train_sequences(self) -> Optional[int]:
+        """Training sequences to cache (None = all). `auto`: as many as the next stage reads, so
+        that it sees every cached (sequence, view) row once and no row is cached for nothing."""
+        n = self.cache.train_sequences
+        if n != "auto":
+            return n
+        rows = self.max_steps("layer") * self.data.batch_size * int(
+            self.trainer_kwargs("layer").get("accumulate_grad_batches", 1))
+        views_read = 1 if self.masking.schedule == "per_layer" else self.cache.views  # per_layer: one view a stage
+        return -(-rows // views_read)
+
     def tokens_per_step(self, stage: str) -> int:
         accumulate = int(self.trainer_kwargs(stage).get("accumulate_grad_batches", 1))
         return self.data.batch_size * self.data.seq_len * accumulate
@@ -198,7 +209,7 @@ class RunConfig:
         common = {
             "model": self.model.to_dict(), "masking": dataclasses.asdict(self.masking),
             "data": _data_identity(r.get("data", {})), "seed": self.seed,
-            "cache": {"views": self.cache.views, "train_sequences": self.cache.train_sequences},
+            "cache": {"views": self.cache.views, "train_sequences": self.cache_train_sequences()},
         }
         layer = {**common, "embed": self._train_identity("embed"), "layer": self._train_identity("layer"),
                  "layer_init": self.layer_init}

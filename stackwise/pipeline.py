@@ -249,7 +249,7 @@ class Pipeline:
             s.train, s.val, batch_size=run.data.batch_size, seed=run.seed, schedule=self.schedule,
             mask_id=self.cfg.mask_id, pad_id=self.cfg.pad_id, k=k, max_steps=max(1, max_steps),
             views=run.cache.views, num_workers=run.data.num_workers,
-            cache_rows=cache_rows(len(s.train), run.cache.train_sequences, run.seed),
+            cache_rows=cache_rows(len(s.train), run.cache_train_sequences(), run.seed),
             cache_batch_size=run.cache.batch_size,
             per_layer_views=run.masking.schedule == "per_layer", n_layers=self.cfg.n_layers)
 

@@ -101,6 +101,18 @@ def test_default_budget_split_and_e2e_budget():
     assert base != other  # a different stage-1 budget is a different experiment
 
 
+def test_cache_auto_holds_what_the_next_stage_reads():
+    run = RunConfig.from_hydra(compose_cfg([]))  # 160 steps x 32 sequences, 2 views each
+    assert run.cache.train_sequences == "auto" and run.cache_train_sequences() == 160 * 32 // 2
+    run = RunConfig.from_hydra(compose_cfg(["cache.views=1", "trainer.accumulate_grad_batches=2"]))
+    assert run.cache_train_sequences() == 160 * 32 * 2
+    run = RunConfig.from_hydra(compose_cfg(["masking=per_layer", "cache.views=4"]))  # a stage reads one view
+    assert run.cache_train_sequences() == 160 * 32
+    assert RunConfig.from_hydra(compose_cfg(["cache.train_sequences=null"])).cache_train_sequences() is None
+    with pytest.raises(ConfigError, match="cache.train_sequences"):
+        RunConfig.from_hydra(compose_cfg(["cache.train_sequences=some"]))
+
+
 def test_experiment_name_from_overrides():
     from stackwise.config import experiment_name
 
