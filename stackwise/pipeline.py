@@ -21,7 +21,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import lightning as L
 import torch
@@ -119,9 +119,9 @@ class Pipeline:
 
     def finish_all(self) -> None:
         """The end of `stage=all`: the table, the depth report when an e2e run is beside it, a sample."""
-        print_table(art.read_results(self.paths))
         if not self.trainer_is_global_zero():
             return
+        print_table(art.read_results(self.paths))
         if (self.paths.e2e_dir / "config.json").is_file():
             from stackwise.report import write_report
 
@@ -135,6 +135,20 @@ class Pipeline:
             text = sample_text(self.paths.root, prompt=s.prompt, length=s.length, steps=s.steps, seed=self.run.seed,
                                model=which, temperature=s.temperature, top_k=s.top_k)
             print(f"\nsample from the {which} model (stackwise-generate {self.paths.root} for more):\n{text}\n")
+
+    def tokens_seen(self, stage_key: str, steps: int) -> int:
+        """Tokens one stage trained on: every rank's batches (DDP) at every optimizer step."""
+        world = torch.distributed.get_world_size() if (
+            torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+        return steps * self.run.tokens_per_step(stage_key) * world
+
+    def write_once(self, write: Callable[[], object]) -> None:
+        """Files are written by global rank 0 only (under DDP every rank holds the same weights and
+        metrics); the other ranks wait at a barrier, so none reads an artifact before it exists."""
+        if self.trainer_is_global_zero():
+            write()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     @staticmethod
     def trainer_is_global_zero() -> bool:
@@ -304,8 +318,9 @@ class Pipeline:
             meta = {"stage": name, "k": k, "config_hash": self.hashes["layer"], "model": cfg.to_dict(),
                     "frozen_sha256": module.block.frozen_up_checksum(), "prev_sha256": prev_sha,
                     "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
-                    "steps": steps, "tokens": steps * run.tokens_per_step(stage_key)}
-            art.save_layer_checkpoint(ckpt_path, module.export_state(), meta)
+                    "steps": steps, "tokens": self.tokens_seen(stage_key, steps)}
+            state = module.export_state()
+            self.write_once(lambda: art.save_layer_checkpoint(ckpt_path, state, meta))
             _kill_point(f"saved:{name}")
             self.record(name, k, meta, seconds)
             self.drop_stage_ckpt(name)  # optimizer state ends with the stage
@@ -322,11 +337,10 @@ class Pipeline:
         module.eval()
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
         _kill_point(f"cached:{k}")
-        if trainer.is_global_zero:
-            acts.write_manifest(acts_dir, writer.records(), {
-                "k": k, "config_hash": self.hashes["layer"], "producer_sha256": art.sha256_file(self.paths.layer_ckpt(k)),
-                "d_model": self.cfg.d_model, "seq_len": run.data.seq_len, "views": run.cache.views,
-                "dtype": run.cache.dtype})
+        self.write_once(lambda: acts.write_manifest(acts_dir, writer.records(), {
+            "k": k, "config_hash": self.hashes["layer"], "producer_sha256": art.sha256_file(self.paths.layer_ckpt(k)),
+            "d_model": self.cfg.d_model, "seq_len": run.data.seq_len, "views": run.cache.views,
+            "dtype": run.cache.dtype}))
 
     def check_cache_space(self, data, k: int) -> list:
         """Stop when acts_layer{k} would not fit on its disk; returns the caching loaders."""
@@ -371,7 +385,7 @@ class Pipeline:
                 "val_acc": metrics["val/masked_acc"], "finetuned": False,
                 "tokens": sum(m["tokens"] for _, m in states), "layers_sha256": self.layer_shas()}
         fused_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta)
+        self.write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta))
         _kill_point("saved:fused")
         self.record("fused", cfg.n_layers, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
@@ -379,10 +393,13 @@ class Pipeline:
             ft = self.evaluate(module, data.val_dataloader())
             steps = run.fusion.finetune_steps
             ft_meta = {**meta, "val_loss": ft["val/loss"], "val_acc": ft["val/masked_acc"], "finetuned": True,
-                       "tokens": meta["tokens"] + steps * run.tokens_per_step("fusion")}
-            art.save_safetensors_model(self.paths.finetuned_dir, module.model.state_dict(), cfg.to_dict(), ft_meta)
+                       "tokens": meta["tokens"] + self.tokens_seen("fusion", steps)}
+            ft_state = module.model.state_dict()
+            self.write_once(lambda: art.save_safetensors_model(self.paths.finetuned_dir, ft_state, cfg.to_dict(),
+                                                               ft_meta))
             # the fused record goes last: it says the whole fusion stage is complete
-            art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), {**meta, "finetuned": True})
+            self.write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(),
+                                                               {**meta, "finetuned": True}))
             self.record("finetuned", cfg.n_layers, ft_meta, layer_seconds + time.time() - t0)
             self.drop_stage_ckpt("finetune")
 
@@ -413,11 +430,13 @@ class Pipeline:
         self.fit(module, data, "e2e", "e2e")
         metrics = self.evaluate(module, data.val_dataloader())
         meta = {"config_hash": self.hashes["e2e"], "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
-                "tokens": steps * run.tokens_per_step("e2e"), "steps": steps}
-        art.save_safetensors_model(self.paths.e2e_dir, module.model.state_dict(), cfg.to_dict(), meta)
+                "tokens": self.tokens_seen("e2e", steps), "steps": steps}
+        e2e_state = module.model.state_dict()
+        self.write_once(lambda: art.save_safetensors_model(self.paths.e2e_dir, e2e_state, cfg.to_dict(), meta))
         self.record("e2e", cfg.n_layers, meta, time.time() - t0)
         self.drop_stage_ckpt("e2e")
-        print_table(art.read_results(self.paths))
+        if self.trainer_is_global_zero():
+            print_table(art.read_results(self.paths))
 
     # ------------------------------------------------------------------ Lightning plumbing
     def fit(self, module: StageModule, data, stage_key: str, name: str) -> None:
@@ -518,8 +537,7 @@ class Pipeline:
     def record(self, stage: str, k: int, meta: dict, seconds: float) -> None:
         rec = {"stage": stage, "k": k, "val_loss": meta["val_loss"], "val_acc": meta["val_acc"],
                "tokens": meta["tokens"], "seconds": seconds}
-        art.append_result(self.paths, rec)
-        self.log_summary(stage, k, rec)
+        self.write_once(lambda: (art.append_result(self.paths, rec), self.log_summary(stage, k, rec)))
 
     def log_summary(self, stage: str, k: int, rec: dict) -> None:
         """The dashboard's depth view: validation loss against layer index k, fused / e2e beside it."""

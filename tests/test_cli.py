@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tests.conftest import TINY, cli
 
@@ -70,3 +71,20 @@ def test_missing_previous_layer_is_one_clear_line(tmp_path):
     assert lines[-1].startswith("stackwise-train: error:") and "layer_2.pt" in lines[-1]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "outputs" / "x" / "layers").exists() or not any((tmp_path / "outputs" / "x" / "layers").iterdir())
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """hardware=ddp end to end with 2 ranks (gloo on CPU): per-rank cache shards, rank 0 writes the
+    artifacts and the others wait for them, the fused model passes the fusion check."""
+    out = cli(*FAST, "hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+              "cache.dtype=float32", "experiment=ddp", "fusion.finetune_steps=2", cwd=tmp_path, console_script=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp = tmp_path / "outputs" / "ddp"
+    manifest = json.loads((exp / "acts" / "acts_layer1" / "manifest.json").read_text())
+    ranks = {s["rank"] for s in manifest["splits"]["train"]["shards"]}
+    assert ranks == {0, 1}, ranks
+    records = json.loads((exp / "results.json").read_text())
+    assert [r["stage"] for r in records] == ["embed", "layer_2", "fused", "finetuned"]  # rank 0 alone writes
+    assert records[0]["tokens"] == 12 * 16 * 32 * 2  # steps x batch x seq_len x 2 ranks
+    assert len(re.findall(r"^stage\s+val loss", out.stdout, flags=re.M)) == 1  # the table, printed once
+    assert "fusion check: fused val loss" in out.stdout + out.stderr
