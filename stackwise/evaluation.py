@@ -44,6 +44,8 @@ nested (the positions masked at 0.15 are masked at 0.5 and 0.9 too).
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,16 +166,18 @@ def draw_masks(tokens: Tensor, *, seed: int, rates: Sequence[float], bound_sampl
 HeadFn = Callable[[Tensor], Tensor]  # (N, D) -> (N, V)
 
 
-class Scorer:
+class Scorer(abc.ABC):
     """One or more models sharing a forward pass: `outputs(ids, pad_mask)` yields (name, hidden, head_fn)."""
 
     names: list[str]
 
+    @abc.abstractmethod
     def to(self, device: Union[str, torch.device]) -> "Scorer":
-        raise NotImplementedError
+        """Move the model(s) to `device`; returns self."""
 
+    @abc.abstractmethod
     def outputs(self, ids: Tensor, pad_mask: Optional[Tensor]) -> Iterator[tuple[str, Tensor, HeadFn]]:
-        raise NotImplementedError
+        """(name, hidden (B, T, D), head_fn) for each model this scorer holds."""
 
 
 class WholeModel(Scorer):
