@@ -140,13 +140,19 @@ def test_plain_pip_install_finds_config(tmp_path):
     py = venv / "bin" / "python"
     # Build the wheel with this interpreter's setuptools (a venv's bundled one may be too old to
     # build wheels), then install that wheel into the fresh venv: a plain, non-editable install.
+    # From a copy of the source: setuptools leaves build/ and *.egg-info beside what it builds.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "outputs", "multirun", "build", "*.egg-info",
+                                                              "__pycache__", "tests", "benchmarks", ".venv", ".whl"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     wheels = tmp_path / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=env)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("stackwise-*.whl")
-    install = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    install = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -155,7 +161,6 @@ def test_plain_pip_install_finds_config(tmp_path):
             "initialize_config_module(config_module='stackwise.conf', version_base='1.3');"
             "cfg = compose(config_name='config', overrides=['attention=gqa']);"
             "print(pathlib.Path(stackwise.__file__).resolve()); print(cfg.model.attention, cfg.model.d_model)")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     where, values = out.stdout.strip().splitlines()[-2:]
