@@ -283,10 +283,11 @@ class RunConfig:
         layerwise = dict(raw.get("layerwise") or {})
         for key in layerwise:
             _check(key in ("init", "embed_budget"), f"layerwise.{key}", "unknown key; allowed: init, embed_budget")
-        layer_init = layerwise.get("init", "random")
+        # fallbacks equal conf/config.yaml's defaults (for a root config without a `layerwise` node)
+        layer_init = layerwise.get("init", "previous")
         _check(layer_init in LAYER_INITS, "layerwise.init",
                f"unknown init {layer_init!r}; allowed: {', '.join(LAYER_INITS)}")
-        embed_budget = layerwise.get("embed_budget", 1.0)
+        embed_budget = layerwise.get("embed_budget", 2.0)
         _check(_is_number(embed_budget) and embed_budget > 0, "layerwise.embed_budget",
                f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {embed_budget!r}")
 

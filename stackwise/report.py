@@ -470,7 +470,10 @@ def _split_overrides(name: str) -> Optional[list[str]]:
     """`a.b=1,c=[x,y]` -> ["a.b=1", "c=[x,y]"] (commas inside brackets kept); None if not such a list."""
     parts, depth, cur = [], 0, ""
     for ch in name:
-        depth += ch in "[{(" and 1 or (-1 if ch in "]})" else 0)
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""

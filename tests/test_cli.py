@@ -88,3 +88,18 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert records[0]["tokens"] == 12 * 16 * 32 * 2  # steps x batch x seq_len x 2 ranks
     assert len(re.findall(r"^stage\s+val loss", out.stdout, flags=re.M)) == 1  # the table, printed once
     assert "fusion check: fused val loss" in out.stdout + out.stderr
+
+
+def test_tensorboard_gets_throughput_and_flops(tmp_path):
+    """The default logger and callbacks: tokens/s and FLOP/s (from train_step_flops) per stage."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [a for a in TINY if not a.startswith("trainer.max_steps")]
+    out = cli(*args, "stage=embed", "experiment=tb", "trainer.max_steps=24", "trainer.log_every_n_steps=4",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "outputs" / "tb" / "tb" / "embed"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "train/device/items_per_sec", "train/device/flops_per_sec"} <= tags, tags
+    assert events.Scalars("train/device/flops_per_sec")[-1].value > 0
