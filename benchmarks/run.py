@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -52,8 +52,14 @@ from stackwise.model.stats import param_counts, train_step_flops  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, without structured sparsity).
 PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-    ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
 )
 STAGES = ("embed", "layer", "e2e")
 
@@ -80,7 +86,7 @@ def with_attention(cfg: ModelConfig, kind: str) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
-def peak_tflops(device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
     if override:
         return override, "--peak-tflops"
     if device.type != "cuda":
@@ -127,20 +133,31 @@ def make_module(stage: str, cfg: ModelConfig, device: torch.device, max_steps: i
         return build(lambda: LayerwiseStage(cfg, 1, optim, "mean", max_steps), device)
     if stage == "layer":
         # k = 2 on cached activations; tied head: stage 1's matrix is a frozen buffer (V, D)
-        return build(lambda: LayerwiseStage(cfg, 2, optim, "mean", max_steps,
-                                            embed_weight=torch.empty(cfg.vocab_size, cfg.d_model)), device)
+        return build(
+            lambda: LayerwiseStage(
+                cfg, 2, optim, "mean", max_steps, embed_weight=torch.empty(cfg.vocab_size, cfg.d_model)
+            ),
+            device,
+        )
     return build(lambda: FullModelStage(cfg, optim, "mean", max_steps, "e2e"), device)
 
 
-def make_batch(cfg: ModelConfig, stage: str, B: int, T: int, device: torch.device, hidden_dtype: torch.dtype,
-               seed: int = 0) -> dict:
+def make_batch(
+    cfg: ModelConfig, stage: str, B: int, T: int, device: torch.device, hidden_dtype: torch.dtype, seed: int = 0
+) -> dict:
     """A batch as the data modules give it: t ~ U[0.15, 0.9] per sequence, that fraction masked."""
     g = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, min(cfg.mask_id, cfg.pad_id), (B, T), generator=g)  # (B, T), no pad
     t = 0.15 + 0.75 * torch.rand(B, generator=g)  # (B,)
     mask = torch.rand(B, T, generator=g) < t[:, None]  # (B, T)
     mask[:, 0] = True  # at least one supervised position per row
-    batch = {"targets": targets, "mask": mask, "t": t, "index": torch.arange(B), "view": torch.zeros(B, dtype=torch.long)}
+    batch = {
+        "targets": targets,
+        "mask": mask,
+        "t": t,
+        "index": torch.arange(B),
+        "view": torch.zeros(B, dtype=torch.long),
+    }
     if stage == "layer":
         batch["hidden"] = torch.randn(B, T, cfg.d_model, generator=g).to(hidden_dtype)  # (B, T, D) as cached
     else:
@@ -148,8 +165,18 @@ def make_batch(cfg: ModelConfig, stage: str, B: int, T: int, device: torch.devic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def bench_train(stage: str, cfg: ModelConfig, B: int, T: int, device: torch.device, steps: int, warmup: int,
-                amp: bool, peak: Optional[float], fwd_only_too: bool = False) -> dict:
+def bench_train(
+    stage: str,
+    cfg: ModelConfig,
+    B: int,
+    T: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    amp: bool,
+    peak: float | None,
+    fwd_only_too: bool = False,
+) -> dict:
     """Time `steps` optimizer steps after `warmup` of one stage; peak memory over all of them."""
     rec: dict[str, Any] = {"stage": stage, "attention": cfg.kind(1), "batch_size": B, "seq_len": T}
     free(device)
@@ -190,10 +217,18 @@ def bench_train(stage: str, cfg: ModelConfig, B: int, T: int, device: torch.devi
         sync(device)
         dt = (time.perf_counter() - t0) / steps
         flops = train_step_flops(cfg, stage, 2 if stage == "layer" else 1, B, T, mask_rate)
-        rec.update(step_ms=dt * 1e3, tokens_per_s=B * T / dt, mask_rate=mask_rate, tflop_per_step=flops / 1e12,
-                   tflops=flops / dt / 1e12, mfu=(flops / dt / 1e12 / peak) if peak else None,
-                   loss=float(loss), trainable_params=sum(p.numel() for p in params),
-                   steps=steps, warmup=warmup)
+        rec.update(
+            step_ms=dt * 1e3,
+            tokens_per_s=B * T / dt,
+            mask_rate=mask_rate,
+            tflop_per_step=flops / 1e12,
+            tflops=flops / dt / 1e12,
+            mfu=(flops / dt / 1e12 / peak) if peak else None,
+            loss=float(loss),
+            trainable_params=sum(p.numel() for p in params),
+            steps=steps,
+            warmup=warmup,
+        )
         if device.type == "cuda":
             rec["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
             rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -216,7 +251,7 @@ def bench_train(stage: str, cfg: ModelConfig, B: int, T: int, device: torch.devi
         rec["oom"] = True
         rec["error"] = str(e).splitlines()[0][:200]
     finally:
-        module = batch = opt = sched = params = None  # noqa: F841
+        module = batch = opt = sched = params = None
         free(device)
     return rec
 
@@ -230,8 +265,14 @@ def max_batch(stage: str, cfg: ModelConfig, T: int, device: torch.device, amp: b
         if r.get("oom"):
             break
         best, b = r, b * 2
-    return {"stage": stage, "attention": cfg.kind(1), "seq_len": T, "largest_batch": best and best["batch_size"],
-            "peak_mem_gib": best and best.get("peak_mem_gib"), "tried": tried}
+    return {
+        "stage": stage,
+        "attention": cfg.kind(1),
+        "seq_len": T,
+        "largest_batch": best and best["batch_size"],
+        "peak_mem_gib": best and best.get("peak_mem_gib"),
+        "tried": tried,
+    }
 
 
 # ------------------------------------------------------------------------------ (b) the cache
@@ -246,8 +287,17 @@ def _evict(paths) -> None:
             os.close(fd)
 
 
-def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dtype: str, device: torch.device,
-                workers: list[int], root: Path) -> dict:
+def bench_cache(
+    cfg: ModelConfig,
+    B: int,
+    T: int,
+    rows: int,
+    shard_size: int,
+    dtype: str,
+    device: torch.device,
+    workers: list[int],
+    root: Path,
+) -> dict:
     import logging
     import warnings
 
@@ -276,24 +326,44 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
             self.register_buffer("mask", torch.rand(B, T, generator=g) < 0.5)
 
         def predict_step(self, batch, batch_idx):
-            return {"hidden": self.hidden, "targets": self.targets, "mask": self.mask,
-                    "t": torch.full((B,), 0.5, device=self.device),
-                    "index": torch.arange(B, device=self.device) + batch_idx * B,
-                    "view": torch.zeros(B, dtype=torch.long, device=self.device)}
+            return {
+                "hidden": self.hidden,
+                "targets": self.targets,
+                "mask": self.mask,
+                "t": torch.full((B,), 0.5, device=self.device),
+                "index": torch.arange(B, device=self.device) + batch_idx * B,
+                "view": torch.zeros(B, dtype=torch.long, device=self.device),
+            }
 
-    out: dict[str, Any] = {"rows": rows, "seq_len": T, "d_model": D, "dtype": dtype, "shard_size": shard_size,
-                           "batch_size": B, "dir": str(root)}
+    out: dict[str, Any] = {
+        "rows": rows,
+        "seq_len": T,
+        "d_model": D,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "batch_size": B,
+        "dir": str(root),
+    }
     acts_dir = root / "acts_layer1"
     shutil.rmtree(acts_dir, ignore_errors=True)
-    writer = acts.CacheWriter(acts_dir, shard_size=shard_size, vocab_size=cfg.vocab_size, dtype=dtype, splits=("train",))
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
-                        default_root_dir=str(root))
+    writer = acts.CacheWriter(
+        acts_dir, shard_size=shard_size, vocab_size=cfg.vocab_size, dtype=dtype, splits=("train",)
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+        default_root_dir=str(root),
+    )
     loader = DataLoader(range(n_batches), batch_size=None)
     model = Replay()
     # where the writer's time goes: its two steps, timed around the real methods of this instance
     spent = {"_to_numpy": 0.0, "_write_shard": 0.0}
     for name in spent:
+
         def wrap(fn, name=name):
             def timed_call(*a, **kw):
                 t = time.perf_counter()
@@ -301,25 +371,34 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
                     return fn(*a, **kw)
                 finally:
                     spent[name] += time.perf_counter() - t
+
             return timed_call
+
         setattr(writer, name, wrap(getattr(writer, name)))
     t0 = time.perf_counter()
     trainer.predict(model, dataloaders=loader, return_predictions=False)
     t_write = time.perf_counter() - t0
     records = writer.records()
     t0 = time.perf_counter()
-    acts.write_manifest(acts_dir, records, {"k": 1, "config_hash": "bench", "producer_sha256": "bench", "views": 1},
-                        splits=("train",))
+    acts.write_manifest(
+        acts_dir, records, {"k": 1, "config_hash": "bench", "producer_sha256": "bench", "views": 1}, splits=("train",)
+    )
     t_manifest = time.perf_counter() - t0
     total = sum(f["bytes"] for r in records for f in r["files"].values())
     hidden_bytes = sum(r["files"]["hidden"]["bytes"] for r in records)
     files = [acts_dir / f["path"] for r in records for f in r["files"].values()]
-    out["write"] = {"seconds": t_write, "bytes": total, "gb_per_s": total / t_write / 1e9, "shards": len(records),
-                    "what": "Trainer.predict + CacheWriter: device->host copy, sha256 while writing, .npy shards"}
+    out["write"] = {
+        "seconds": t_write,
+        "bytes": total,
+        "gb_per_s": total / t_write / 1e9,
+        "shards": len(records),
+        "what": "Trainer.predict + CacheWriter: device->host copy, sha256 while writing, .npy shards",
+    }
     out["write"]["breakdown_seconds"] = {
         "to_numpy (device->host copy, casts)": spent["_to_numpy"],
         "write_shard (concatenate, np.save through the sha256 writer, fsync, rename)": spent["_write_shard"],
-        "rest (Lightning predict loop, predict_step)": t_write - sum(spent.values())}
+        "rest (Lightning predict loop, predict_step)": t_write - sum(spent.values()),
+    }
     out["manifest_seconds"] = t_manifest
     out["reference"] = reference_io(root, min(hidden_bytes, 1 << 30))
     del trainer, model
@@ -328,8 +407,11 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
     t0 = time.perf_counter()
     cache = acts.ActivationCache.open(acts_dir, verify=True)
     t_verify = time.perf_counter() - t0
-    out["open_verify"] = {"seconds": t_verify, "gb_per_s": total / t_verify / 1e9,
-                          "what": "ActivationCache.open(verify=True): sha256 of every shard file"}
+    out["open_verify"] = {
+        "seconds": t_verify,
+        "gb_per_s": total / t_verify / 1e9,
+        "what": "ActivationCache.open(verify=True): sha256 of every shard file",
+    }
 
     row_bytes = hidden_bytes / rows
     reads = []
@@ -340,8 +422,16 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
         t0 = time.perf_counter()
         n = fn()
         dt = time.perf_counter() - t0
-        reads.append({"reader": name, "page_cache": "cold" if cold else "warm", "rows": n, "seconds": dt,
-                      "hidden_gb_per_s": n * row_bytes / dt / 1e9, "rows_per_s": n / dt})
+        reads.append(
+            {
+                "reader": name,
+                "page_cache": "cold" if cold else "warm",
+                "rows": n,
+                "seconds": dt,
+                "hidden_gb_per_s": n * row_bytes / dt / 1e9,
+                "rows_per_s": n / dt,
+            }
+        )
 
     def sequential() -> int:
         ds = acts.ActivationDataset(cache, "train")
@@ -351,14 +441,16 @@ def bench_cache(cfg: ModelConfig, B: int, T: int, rows: int, shard_size: int, dt
 
     def datamodule(nw: int):
         def run() -> int:
-            dm = acts.ActivationDataModule(cache, batch_size=B, seed=0, num_workers=nw, max_steps=n_batches,
-                                           pin_memory=device.type == "cuda")
+            dm = acts.ActivationDataModule(
+                cache, batch_size=B, seed=0, num_workers=nw, max_steps=n_batches, pin_memory=device.type == "cuda"
+            )
             n = 0
             for batch in dm.train_dataloader():
                 h = batch["hidden"].to(device, non_blocking=True)  # what the stage's step receives
                 n += h.shape[0]
             sync(device)
             return n
+
         return run
 
     for cold in (True, False):
@@ -392,21 +484,36 @@ def reference_io(root: Path, nbytes: int) -> dict:
             pass
     t_read = time.perf_counter() - t0
     path.unlink()
-    return {"bytes": int(buf.nbytes), "sha256_gb_per_s": buf.nbytes / t_sha / 1e9,
-            "np_save_fsync_gb_per_s": buf.nbytes / t_save / 1e9, "cold_read_gb_per_s": buf.nbytes / t_read / 1e9}
+    return {
+        "bytes": int(buf.nbytes),
+        "sha256_gb_per_s": buf.nbytes / t_sha / 1e9,
+        "np_save_fsync_gb_per_s": buf.nbytes / t_save / 1e9,
+        "cold_read_gb_per_s": buf.nbytes / t_read / 1e9,
+    }
 
 
 # ------------------------------------------------------------------------------ report
 def machine(device: torch.device) -> dict:
     import lightning
 
-    m = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-         "platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device.type}
+    m = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": device.type,
+    }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        m.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, sm_count=p.multi_processor_count,
-                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        m.update(
+            gpu=p.name,
+            gpu_memory_gib=p.total_memory / 2**30,
+            sm_count=p.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return m
 
 
@@ -415,40 +522,58 @@ def fmt(v, spec: str) -> str:
 
 
 def print_tables(res: dict) -> None:
-    print(f"\nmachine: {res['machine'].get('gpu', 'CPU')}  torch {res['machine']['torch']}  "
-          f"peak {res['peak_tflops']} TFLOP/s ({res['peak_source']})")
-    print(f"model: {res['model_name']}  d_model={res['model']['d_model']} n_layers={res['model']['n_layers']} "
-          f"vocab={res['model']['vocab_size']}  precision={res['precision']}")
-    hdr = (f"{'attn':<5}{'stage':<7}{'B':>4}{'T':>6}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>7}"
-           f"{'peak GiB':>10}{'params (trained)':>18}")
+    print(
+        f"\nmachine: {res['machine'].get('gpu', 'CPU')}  torch {res['machine']['torch']}  "
+        f"peak {res['peak_tflops']} TFLOP/s ({res['peak_source']})"
+    )
+    print(
+        f"model: {res['model_name']}  d_model={res['model']['d_model']} n_layers={res['model']['n_layers']} "
+        f"vocab={res['model']['vocab_size']}  precision={res['precision']}"
+    )
+    hdr = (
+        f"{'attn':<5}{'stage':<7}{'B':>4}{'T':>6}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>7}"
+        f"{'peak GiB':>10}{'params (trained)':>18}"
+    )
     print("\n(a)+(c) training step\n" + hdr)
     for r in res["train"]:
         if r.get("oom"):
             print(f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}   out of memory")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        print(f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
-              f"{r['tokens_per_s']:>12,.0f}{1e3 * r['tflops']:>10,.0f}{mfu:>7}{fmt(r.get('peak_mem_gib'), '.2f'):>10}"
-              f"{r['trainable_params'] / 1e6:>17.1f}M")
+        print(
+            f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
+            f"{r['tokens_per_s']:>12,.0f}{1e3 * r['tflops']:>10,.0f}{mfu:>7}{fmt(r.get('peak_mem_gib'), '.2f'):>10}"
+            f"{r['trainable_params'] / 1e6:>17.1f}M"
+        )
         if "cache_fwd_tokens_per_s" in r:
-            print(f"{'':<5}{'cachefw':<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['cache_fwd_ms']:>10.1f}"
-                  f"{r['cache_fwd_tokens_per_s']:>12,.0f}   (layer k=2 forward only, inference_mode)")
+            print(
+                f"{'':<5}{'cachefw':<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['cache_fwd_ms']:>10.1f}"
+                f"{r['cache_fwd_tokens_per_s']:>12,.0f}   (layer k=2 forward only, inference_mode)"
+            )
     for m in res.get("max_batch", []):
-        print(f"largest batch that trains: {m['attention']} {m['stage']} T={m['seq_len']}: B={m['largest_batch']} "
-              f"(peak {fmt(m['peak_mem_gib'], '.1f')} GiB); tried {[t['batch_size'] for t in m['tried']]}")
+        print(
+            f"largest batch that trains: {m['attention']} {m['stage']} T={m['seq_len']}: B={m['largest_batch']} "
+            f"(peak {fmt(m['peak_mem_gib'], '.1f')} GiB); tried {[t['batch_size'] for t in m['tried']]}"
+        )
     c = res.get("cache")
     if c:
-        print(f"\n(b) activation cache: {c['rows']} rows x T={c['seq_len']} x D={c['d_model']} {c['dtype']}, "
-              f"{c['write']['bytes'] / 1e9:.2f} GB in {c['write']['shards']} shards")
+        print(
+            f"\n(b) activation cache: {c['rows']} rows x T={c['seq_len']} x D={c['d_model']} {c['dtype']}, "
+            f"{c['write']['bytes'] / 1e9:.2f} GB in {c['write']['shards']} shards"
+        )
         parts = ", ".join(f"{k.split(' ')[0]} {v:.1f} s" for k, v in c["write"]["breakdown_seconds"].items())
         print(f"  write (predict + CacheWriter)  {c['write']['gb_per_s']:7.2f} GB/s  ({parts})")
         ref = c["reference"]
-        print(f"  reference, {ref['bytes'] / 1e9:.2f} GB: sha256 {ref['sha256_gb_per_s']:.2f} GB/s, np.save+fsync "
-              f"{ref['np_save_fsync_gb_per_s']:.2f} GB/s, cold sequential read {ref['cold_read_gb_per_s']:.2f} GB/s")
+        print(
+            f"  reference, {ref['bytes'] / 1e9:.2f} GB: sha256 {ref['sha256_gb_per_s']:.2f} GB/s, np.save+fsync "
+            f"{ref['np_save_fsync_gb_per_s']:.2f} GB/s, cold sequential read {ref['cold_read_gb_per_s']:.2f} GB/s"
+        )
         print(f"  open(verify=True) sha256       {c['open_verify']['gb_per_s']:7.2f} GB/s")
         for r in c["read"]:
-            print(f"  read {r['page_cache']:<5} {r['reader']:<62}{r['hidden_gb_per_s']:7.2f} GB/s "
-                  f"{r['rows_per_s']:9.1f} rows/s")
+            print(
+                f"  read {r['page_cache']:<5} {r['reader']:<62}{r['hidden_gb_per_s']:7.2f} GB/s "
+                f"{r['rows_per_s']:9.1f} rows/s"
+            )
     print()
 
 
@@ -464,18 +589,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 20 on CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 on CPU, 3 on CUDA)")
-    ap.add_argument("--precision", choices=("bf16-mixed", "32"), default=None,
-                    help="default: bf16-mixed on CUDA (hardware=gpu), 32 on CPU (hardware=cpu)")
+    ap.add_argument(
+        "--precision",
+        choices=("bf16-mixed", "32"),
+        default=None,
+        help="default: bf16-mixed on CUDA (hardware=gpu), 32 on CPU (hardware=cpu)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's peak, for MFU")
-    ap.add_argument("--max-batch", default=None, metavar="ATTN",
-                    help="also find the largest batch (doubling) that trains, for layer and e2e, with this attention")
+    ap.add_argument(
+        "--max-batch",
+        default=None,
+        metavar="ATTN",
+        help="also find the largest batch (doubling) that trains, for layer and e2e, with this attention",
+    )
     ap.add_argument("--max-batch-limit", type=int, default=256)
     ap.add_argument("--cache-rows", type=int, default=256, help="rows written and read in (b); 0 skips (b)")
     ap.add_argument("--shard-size", type=int, default=1024, help="cache.shard_size for (b)")
     ap.add_argument("--cache-batch-size", type=int, default=None, help="batch size of (b) (default --batch-size)")
     ap.add_argument("--workers", default="0,2", help="DataLoader workers to try in (b)")
     ap.add_argument("--cache-dir", default=None, help="where (b) writes (default: a temporary folder)")
-    ap.add_argument("--out", default="outputs/benchmarks/results.json", help="the JSON report (default under the git-ignored outputs/)")
+    ap.add_argument(
+        "--out",
+        default="outputs/benchmarks/results.json",
+        help="the JSON report (default under the git-ignored outputs/)",
+    )
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -490,16 +627,37 @@ def main(argv=None) -> dict:
     peak, peak_source = peak_tflops(device, args.peak_tflops)
     base = model_config(args)
     res: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name if argv is None else "run.py"] + (sys.argv[1:] if argv is None else argv)),
-        "machine": machine(device), "peak_tflops": peak, "peak_source": peak_source, "precision": precision,
-        "model_name": args.model, "model": base.to_dict(), "train": [], "max_batch": []}
+        "command": " ".join(
+            [Path(sys.argv[0]).name if argv is None else "run.py"] + (sys.argv[1:] if argv is None else argv)
+        ),
+        "machine": machine(device),
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "precision": precision,
+        "model_name": args.model,
+        "model": base.to_dict(),
+        "train": [],
+        "max_batch": [],
+    }
     t_all = time.perf_counter()
     for kind in args.attention.split(","):
         cfg = with_attention(base, kind)
-        res.setdefault("params", {})[kind] = {k: v for k, v in param_counts(cfg).items() if k in ("total", "trainable", "frozen")}
+        res.setdefault("params", {})[kind] = {
+            k: v for k, v in param_counts(cfg).items() if k in ("total", "trainable", "frozen")
+        }
         for stage in args.stages.split(","):
-            r = bench_train(stage, cfg, args.batch_size, args.seq_len, device, steps, args.warmup, amp, peak,
-                            fwd_only_too=stage == "layer")
+            r = bench_train(
+                stage,
+                cfg,
+                args.batch_size,
+                args.seq_len,
+                device,
+                steps,
+                args.warmup,
+                amp,
+                peak,
+                fwd_only_too=stage == "layer",
+            )
             res["train"].append(r)
             print(json.dumps(r), flush=True)
     if args.max_batch and device.type == "cuda":
@@ -512,9 +670,17 @@ def main(argv=None) -> dict:
         root = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="stackwise_bench_"))
         root.mkdir(parents=True, exist_ok=True)
         try:
-            res["cache"] = bench_cache(base, args.cache_batch_size or args.batch_size, args.seq_len, args.cache_rows, args.shard_size,
-                                       "bfloat16" if amp else "float32", device,
-                                       [int(w) for w in args.workers.split(",") if w != ""], root)
+            res["cache"] = bench_cache(
+                base,
+                args.cache_batch_size or args.batch_size,
+                args.seq_len,
+                args.cache_rows,
+                args.shard_size,
+                "bfloat16" if amp else "float32",
+                device,
+                [int(w) for w in args.workers.split(",") if w != ""],
+                root,
+            )
         finally:
             if not args.cache_dir:
                 shutil.rmtree(root, ignore_errors=True)

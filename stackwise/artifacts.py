@@ -26,8 +26,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping, Optional, Union
+from typing import IO, Any, Union
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ class ExperimentPaths:
         self.root = Path(exp_dir)
 
     @classmethod
-    def from_root(cls, output_root: PathLike, experiment: str) -> "ExperimentPaths":
+    def from_root(cls, output_root: PathLike, experiment: str) -> ExperimentPaths:
         """`<output_root>/<experiment>/`: a stable folder, so stage k finds what stage k-1 wrote."""
         if not experiment or "/" in experiment or experiment in (".", ".."):
             raise ConfigError("experiment", f"must be a plain folder name, got {experiment!r}")
@@ -73,7 +74,7 @@ class ExperimentPaths:
             return []
         ks = []
         for p in self.layers_dir.glob("layer_*.pt"):
-            stem = p.stem[len("layer_"):]
+            stem = p.stem[len("layer_") :]
             if stem.isdigit() and int(stem) >= 1:
                 ks.append(int(stem))
         return sorted(ks)
@@ -214,11 +215,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
     """Yield a binary file object whose bytes replace `path` atomically when the block succeeds."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
@@ -297,16 +297,22 @@ def _json_normal(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def check_expected(source: PathLike, found: Mapping[str, Any], expect: Optional[Mapping[str, Any]],
-                   hint: str = "use overwrite=true or another experiment") -> None:
+def check_expected(
+    source: PathLike,
+    found: Mapping[str, Any],
+    expect: Mapping[str, Any] | None,
+    hint: str = "use overwrite=true or another experiment",
+) -> None:
     """Raise ArtifactError naming `source` for the first key whose recorded value differs from `expect`.
 
     `found` is an artifact's metadata; `expect` is what this run would have written.
     """
     for key, want in (expect or {}).items():
         if key not in found:
-            raise ArtifactError(f"{source} records no {key!r} (expected {_short(want)}); "
-                                f"it was not written by this version of StackWise; {hint}")
+            raise ArtifactError(
+                f"{source} records no {key!r} (expected {_short(want)}); "
+                f"it was not written by this version of StackWise; {hint}"
+            )
         have, want_n = _json_normal(found[key]), _json_normal(want)
         if have != want_n:
             if key == "config_hash":
@@ -350,13 +356,22 @@ def save_layer_checkpoint(path: PathLike, state: Mapping[str, Tensor], meta: Map
         meta_n = _json_normal(dict(meta))
     except (TypeError, ValueError) as e:
         raise TypeError(f"layer checkpoint meta must be JSON-able: {e}") from e
-    atomic_torch_save({"format": LAYER_FORMAT, "version": FORMAT_VERSION, "state": tensors,
-                       "state_sha256": state_digest(tensors), "meta": meta_n}, path)
+    atomic_torch_save(
+        {
+            "format": LAYER_FORMAT,
+            "version": FORMAT_VERSION,
+            "state": tensors,
+            "state_sha256": state_digest(tensors),
+            "meta": meta_n,
+        },
+        path,
+    )
     return sha256_file(path)
 
 
-def load_layer_checkpoint(path: PathLike, expect: Optional[Mapping[str, Any]] = None,
-                          verify_sha256: Optional[str] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_layer_checkpoint(
+    path: PathLike, expect: Mapping[str, Any] | None = None, verify_sha256: str | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a layer checkpoint on CPU, without running any code; return (state, meta).
 
     Every way it can be wrong (missing, truncated, corrupt, not ours, another config, changed since
@@ -368,27 +383,40 @@ def load_layer_checkpoint(path: PathLike, expect: Optional[Mapping[str, Any]] = 
     if verify_sha256 is not None:
         have = sha256_file(p)
         if have != verify_sha256:
-            raise ArtifactError(f"{p} has sha256 {_short(have)} but {_short(verify_sha256)} was recorded: "
-                                f"the file changed after it was written; rerun its stage (overwrite=true)")
+            raise ArtifactError(
+                f"{p} has sha256 {_short(have)} but {_short(verify_sha256)} was recorded: "
+                f"the file changed after it was written; rerun its stage (overwrite=true)"
+            )
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt artifact
-        raise ArtifactError(f"{p} is not a readable checkpoint (truncated or corrupt: "
-                            f"{type(e).__name__}: {one_line(e, 120)}); delete it and rerun its stage") from None
-    if (not isinstance(obj, dict) or obj.get("format") != LAYER_FORMAT or not isinstance(obj.get("state"), dict)
-            or not isinstance(obj.get("meta"), dict)):
-        raise ArtifactError(f"{p} is not a StackWise layer checkpoint (expected a dict with format "
-                            f"{LAYER_FORMAT!r}, 'state' and 'meta'); delete it and rerun its stage")
+    except Exception as e:
+        raise ArtifactError(
+            f"{p} is not a readable checkpoint (truncated or corrupt: "
+            f"{type(e).__name__}: {one_line(e, 120)}); delete it and rerun its stage"
+        ) from None
+    if (
+        not isinstance(obj, dict)
+        or obj.get("format") != LAYER_FORMAT
+        or not isinstance(obj.get("state"), dict)
+        or not isinstance(obj.get("meta"), dict)
+    ):
+        raise ArtifactError(
+            f"{p} is not a StackWise layer checkpoint (expected a dict with format "
+            f"{LAYER_FORMAT!r}, 'state' and 'meta'); delete it and rerun its stage"
+        )
     if obj.get("version") != FORMAT_VERSION:
-        raise ArtifactError(f"{p} has format version {obj.get('version')!r} but this StackWise reads "
-                            f"version {FORMAT_VERSION}; rerun its stage (overwrite=true)")
+        raise ArtifactError(
+            f"{p} has format version {obj.get('version')!r} but this StackWise reads "
+            f"version {FORMAT_VERSION}; rerun its stage (overwrite=true)"
+        )
     state = obj["state"]
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ArtifactError(f"{p} has a non-tensor entry {bad[0]!r} in its state; delete it and rerun its stage")
     if state_digest(state) != obj.get("state_sha256"):
-        raise ArtifactError(f"{p} holds tensor data that does not match its checksum (corrupt bytes); "
-                            f"delete it and rerun its stage")
+        raise ArtifactError(
+            f"{p} holds tensor data that does not match its checksum (corrupt bytes); delete it and rerun its stage"
+        )
     check_expected(p, obj["meta"], expect)
     return state, obj["meta"]
 
@@ -404,8 +432,11 @@ def _dedupe_shared(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor],
     seen: dict[tuple, str] = {}
     for name, t in state_dict.items():
         t = t.detach()
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-               t.dtype) if t.numel() else None
+        key = (
+            (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if t.numel()
+            else None
+        )
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -422,8 +453,13 @@ def _dedupe_shared(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor],
     return kept, aliases
 
 
-def save_safetensors_model(out_dir: PathLike, state_dict: Mapping[str, Tensor], config: Mapping[str, Any],
-                           meta: Mapping[str, Any], name: str = "model") -> str:
+def save_safetensors_model(
+    out_dir: PathLike,
+    state_dict: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    name: str = "model",
+) -> str:
     """Write `<out_dir>/<name>.safetensors` then `<out_dir>/config.json` (last); return the weights' sha256.
 
     The safetensors header carries `meta` (JSON) and the tied-weight aliases, so the weights file
@@ -443,15 +479,26 @@ def save_safetensors_model(out_dir: PathLike, state_dict: Mapping[str, Tensor], 
         save_file(tensors, str(tmp), metadata=header)
     sha = sha256_file(weights)
     # config.json is the folder's manifest: written last, it records the weights' size and sha256
-    atomic_write_json({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": config_n, "meta": meta_n,
-                       "files": {weights.name: {"sha256": sha, "bytes": weights.stat().st_size}}},
-                      out / "config.json")
+    atomic_write_json(
+        {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSION,
+            "config": config_n,
+            "meta": meta_n,
+            "files": {weights.name: {"sha256": sha, "bytes": weights.stat().st_size}},
+        },
+        out / "config.json",
+    )
     return sha
 
 
-def load_safetensors_model(out_dir: PathLike, expect: Optional[Mapping[str, Any]] = None, name: str = "model",
-                           verify_sha256: Optional[str] = None, verify: bool = False
-                           ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+def load_safetensors_model(
+    out_dir: PathLike,
+    expect: Mapping[str, Any] | None = None,
+    name: str = "model",
+    verify_sha256: str | None = None,
+    verify: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """Read `<out_dir>/<name>.safetensors` + config.json; return (state_dict, config, meta).
 
     `meta` is the weights file's own (header) metadata, which `expect` is checked against. The size
@@ -463,11 +510,15 @@ def load_safetensors_model(out_dir: PathLike, expect: Optional[Mapping[str, Any]
     out = Path(out_dir)
     cfg_path, weights = out / "config.json", out / f"{name}.safetensors"
     if not cfg_path.is_file():
-        raise ArtifactError(f"{cfg_path} does not exist: {out} is missing or incomplete; rerun the stage that writes it")
+        raise ArtifactError(
+            f"{cfg_path} does not exist: {out} is missing or incomplete; rerun the stage that writes it"
+        )
     try:
         cfg_obj = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{cfg_path} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it") from None
+        raise ArtifactError(
+            f"{cfg_path} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it"
+        ) from None
     if not isinstance(cfg_obj, dict) or cfg_obj.get("format") != MODEL_FORMAT or "config" not in cfg_obj:
         raise ArtifactError(f"{cfg_path} is not a StackWise model config (expected format {MODEL_FORMAT!r})")
     if not weights.is_file():
@@ -476,22 +527,28 @@ def load_safetensors_model(out_dir: PathLike, expect: Optional[Mapping[str, Any]
     if isinstance(recorded, dict):
         size = weights.stat().st_size
         if size != recorded.get("bytes"):
-            raise ArtifactError(f"{weights} is {size} bytes but {cfg_path.name} records {recorded.get('bytes')} "
-                                f"(truncated or replaced); rerun the stage that writes it")
+            raise ArtifactError(
+                f"{weights} is {size} bytes but {cfg_path.name} records {recorded.get('bytes')} "
+                f"(truncated or replaced); rerun the stage that writes it"
+            )
         if verify and verify_sha256 is None:
             verify_sha256 = recorded.get("sha256")
     if verify_sha256 is not None and (have := sha256_file(weights)) != verify_sha256:
-        raise ArtifactError(f"{weights} has sha256 {_short(have)} but {_short(verify_sha256)} was recorded: "
-                            f"the file changed after it was written; rerun its stage (overwrite=true)")
+        raise ArtifactError(
+            f"{weights} has sha256 {_short(have)} but {_short(verify_sha256)} was recorded: "
+            f"the file changed after it was written; rerun its stage (overwrite=true)"
+        )
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         own = json.loads(header.get("stackwise", "{}"))
         meta, aliases = own.get("meta", {}), own.get("aliases", {})
-    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt artifact
-        raise ArtifactError(f"{weights} is not a readable safetensors file (truncated or corrupt: "
-                            f"{type(e).__name__}: {one_line(e, 120)}); rerun the stage that writes it") from None
+    except Exception as e:
+        raise ArtifactError(
+            f"{weights} is not a readable safetensors file (truncated or corrupt: "
+            f"{type(e).__name__}: {one_line(e, 120)}); rerun the stage that writes it"
+        ) from None
     for dup, src in aliases.items():
         if src not in state:
             raise ArtifactError(f"{weights} ties {dup!r} to missing tensor {src!r}; rerun the stage that writes it")

@@ -5,15 +5,14 @@ Each fallback computes the same thing with older ops, so results do not depend o
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 # F.rms_norm and nn.RMSNorm: torch 2.4. The fallbacks below are used only on older torch.
 def _rms_norm(
-    x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor] = None, eps: Optional[float] = None
+    x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None, eps: float | None = None
 ) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the trailing `normalized_shape` dims, in at least fp32."""
     dims = tuple(range(-len(normalized_shape), 0))
@@ -26,7 +25,7 @@ def _rms_norm(
 class _RMSNorm(nn.Module):
     """Same constructor, parameter name (`weight`) and state-dict keys as torch.nn.RMSNorm."""
 
-    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine=True, device=None, dtype=None):
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine=True, device=None, dtype=None):
         super().__init__()
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps = eps
@@ -51,7 +50,7 @@ def sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
+    attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     enable_gqa: bool = False,
     dropout_p: float = 0.0,

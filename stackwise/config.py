@@ -15,9 +15,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,10 +34,25 @@ CACHE_DTYPES = ("float32", "bfloat16", "float16")
 # Trainer keys that change how fast / where a stage runs or what it prints, not what it learns.
 # They stay out of the config hashes, so a run can move from CPU to GPU between stages.
 _NON_RESULT_TRAINER_KEYS = {
-    "accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar",
-    "enable_model_summary", "log_every_n_steps", "val_check_interval", "check_val_every_n_epoch",
-    "limit_val_batches", "num_sanity_val_steps", "deterministic", "benchmark", "profiler",
-    "default_root_dir", "enable_checkpointing", "logger", "callbacks",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "limit_val_batches",
+    "num_sanity_val_steps",
+    "deterministic",
+    "benchmark",
+    "profiler",
+    "default_root_dir",
+    "enable_checkpointing",
+    "logger",
+    "callbacks",
 }
 
 
@@ -50,20 +66,33 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], prefix: str) -> "OptimConfig":
+    def from_dict(cls, d: Mapping[str, Any], prefix: str) -> OptimConfig:
         cfg = cls(**_known_fields(cls, d, prefix))
-        _check(isinstance(cfg.betas, (list, tuple)) and len(cfg.betas) == 2
-               and all(_is_number(b) and 0 <= b < 1 for b in cfg.betas), f"{prefix}.betas",
-               f"must be two numbers in [0, 1), got {cfg.betas!r}")
+        _check(
+            isinstance(cfg.betas, (list, tuple))
+            and len(cfg.betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in cfg.betas),
+            f"{prefix}.betas",
+            f"must be two numbers in [0, 1), got {cfg.betas!r}",
+        )
         cfg.betas = tuple(float(b) for b in cfg.betas)
         _check(_is_number(cfg.lr) and cfg.lr > 0, f"{prefix}.lr", f"must be a finite number > 0, got {cfg.lr!r}")
-        _check(_is_number(cfg.weight_decay) and cfg.weight_decay >= 0, f"{prefix}.weight_decay",
-               f"must be a number >= 0, got {cfg.weight_decay!r}")
+        _check(
+            _is_number(cfg.weight_decay) and cfg.weight_decay >= 0,
+            f"{prefix}.weight_decay",
+            f"must be a number >= 0, got {cfg.weight_decay!r}",
+        )
         _check(_is_number(cfg.eps) and cfg.eps > 0, f"{prefix}.eps", f"must be a number > 0, got {cfg.eps!r}")
-        _check(_is_int(cfg.warmup_steps) and cfg.warmup_steps >= 0, f"{prefix}.warmup_steps",
-               f"must be an integer >= 0, got {cfg.warmup_steps!r}")
-        _check(_is_number(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio",
-               f"must be a number in [0, 1], got {cfg.min_lr_ratio!r}")
+        _check(
+            _is_int(cfg.warmup_steps) and cfg.warmup_steps >= 0,
+            f"{prefix}.warmup_steps",
+            f"must be an integer >= 0, got {cfg.warmup_steps!r}",
+        )
+        _check(
+            _is_number(cfg.min_lr_ratio) and 0 <= cfg.min_lr_ratio <= 1,
+            f"{prefix}.min_lr_ratio",
+            f"must be a number in [0, 1], got {cfg.min_lr_ratio!r}",
+        )
         return cfg
 
 
@@ -77,15 +106,20 @@ class CacheConfig:
     last_layer: bool = False
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CacheConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CacheConfig:
         cfg = cls(**_known_fields(cls, d, "cache"))
         for name in ("views", "shard_size", "batch_size"):
             v = getattr(cfg, name)
             _check(_is_int(v) and v > 0, f"cache.{name}", f"must be a positive integer, got {v!r}")
-        _check(cfg.dtype in CACHE_DTYPES, "cache.dtype", f"unknown dtype {cfg.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}")
+        _check(
+            cfg.dtype in CACHE_DTYPES, "cache.dtype", f"unknown dtype {cfg.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}"
+        )
         if cfg.train_sequences is not None and cfg.train_sequences != "auto":
-            _check(_is_int(cfg.train_sequences) and cfg.train_sequences > 0, "cache.train_sequences",
-                   f"must be a positive integer, auto or null, got {cfg.train_sequences!r}")
+            _check(
+                _is_int(cfg.train_sequences) and cfg.train_sequences > 0,
+                "cache.train_sequences",
+                f"must be a positive integer, auto or null, got {cfg.train_sequences!r}",
+            )
         _check_bool(cfg.last_layer, "cache.last_layer")
         return cfg
 
@@ -97,10 +131,13 @@ class FusionConfig:
     check: bool = True
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FusionConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> FusionConfig:
         cfg = cls(**_known_fields(cls, d, "fusion"))
-        _check(_is_int(cfg.finetune_steps) and cfg.finetune_steps >= 0, "fusion.finetune_steps",
-               f"must be an integer >= 0, got {cfg.finetune_steps!r}")
+        _check(
+            _is_int(cfg.finetune_steps) and cfg.finetune_steps >= 0,
+            "fusion.finetune_steps",
+            f"must be an integer >= 0, got {cfg.finetune_steps!r}",
+        )
         _check(_is_number(cfg.lr) and cfg.lr > 0, "fusion.lr", f"must be a finite number > 0, got {cfg.lr!r}")
         _check_bool(cfg.check, "fusion.check")
         return cfg
@@ -112,21 +149,28 @@ class SampleConfig:
 
     enabled: bool = True
     prompt: str = ""
-    length: Optional[int] = None  # tokens in all, prompt included; null = data.seq_len
-    steps: Optional[int] = None  # unmasking steps; null = one per masked token
+    length: int | None = None  # tokens in all, prompt included; null = data.seq_len
+    steps: int | None = None  # unmasking steps; null = one per masked token
     temperature: float = 1.0
-    top_k: Optional[int] = None
+    top_k: int | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SampleConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SampleConfig:
         cfg = cls(**_known_fields(cls, d, "sample"))
         _check(isinstance(cfg.enabled, bool), "sample.enabled", f"must be true or false, got {cfg.enabled!r}")
         _check(isinstance(cfg.prompt, str), "sample.prompt", f"must be a string, got {cfg.prompt!r}")
         for name in ("length", "steps", "top_k"):
             v = getattr(cfg, name)
-            _check(v is None or (_is_int(v) and v > 0), f"sample.{name}", f"must be a positive integer or null, got {v!r}")
-        _check(isinstance(cfg.temperature, (int, float)) and not isinstance(cfg.temperature, bool)
-               and cfg.temperature >= 0, "sample.temperature", f"must be a number >= 0, got {cfg.temperature!r}")
+            _check(
+                v is None or (_is_int(v) and v > 0), f"sample.{name}", f"must be a positive integer or null, got {v!r}"
+            )
+        _check(
+            isinstance(cfg.temperature, (int, float))
+            and not isinstance(cfg.temperature, bool)
+            and cfg.temperature >= 0,
+            "sample.temperature",
+            f"must be a number >= 0, got {cfg.temperature!r}",
+        )
         return cfg
 
 
@@ -135,7 +179,7 @@ class RunConfig:
     """Everything one `stackwise-train` invocation needs, validated."""
 
     stage: str
-    k: Optional[int]
+    k: int | None
     experiment: str
     seed: int
     exp_dir: Path
@@ -152,7 +196,7 @@ class RunConfig:
     sample: SampleConfig
     trainer: dict  # the `trainer` node (lightning.Trainer kwargs)
     stages: dict  # per-stage {"trainer": {...}, "optim": {...}} overrides
-    logger: Optional[dict] = None
+    logger: dict | None = None
     callbacks: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)  # the resolved tree, for hparams and hashing
 
@@ -180,17 +224,21 @@ class RunConfig:
 
     def layerwise_steps(self) -> int:
         """Optimizer steps of the whole layer-wise run: stage 1, stages 2..L and the fusion fine-tune."""
-        return (self.max_steps("embed") + (self.model.n_layers - 1) * self.max_steps("layer")
-                + self.fusion.finetune_steps)
+        return (
+            self.max_steps("embed") + (self.model.n_layers - 1) * self.max_steps("layer") + self.fusion.finetune_steps
+        )
 
-    def cache_train_sequences(self) -> Optional[int]:
+    def cache_train_sequences(self) -> int | None:
         """Training sequences to cache (None = all). `auto`: as many as the next stage reads, so
         that it sees every cached (sequence, view) row once and no row is cached for nothing."""
         n = self.cache.train_sequences
         if n != "auto":
             return n
-        rows = self.max_steps("layer") * self.data.batch_size * int(
-            self.trainer_kwargs("layer").get("accumulate_grad_batches", 1))
+        rows = (
+            self.max_steps("layer")
+            * self.data.batch_size
+            * int(self.trainer_kwargs("layer").get("accumulate_grad_batches", 1))
+        )
         views_read = 1 if self.masking.schedule == "per_layer" else self.cache.views  # per_layer: one view a stage
         return -(-rows // views_read)
 
@@ -207,25 +255,37 @@ class RunConfig:
         """
         r = self.raw
         common = {
-            "model": self.model.to_dict(), "masking": dataclasses.asdict(self.masking),
-            "data": _data_identity(r.get("data", {})), "seed": self.seed,
+            "model": self.model.to_dict(),
+            "masking": dataclasses.asdict(self.masking),
+            "data": _data_identity(r.get("data", {})),
+            "seed": self.seed,
             "cache": {"views": self.cache.views, "train_sequences": self.cache_train_sequences()},
         }
-        layer = {**common, "embed": self._train_identity("embed"), "layer": self._train_identity("layer"),
-                 "layer_init": self.layer_init}
-        fusion = {"layer": _digest(layer), "fusion": dataclasses.asdict(self.fusion),
-                  "train": self._train_identity("fusion")}
+        layer = {
+            **common,
+            "embed": self._train_identity("embed"),
+            "layer": self._train_identity("layer"),
+            "layer_init": self.layer_init,
+        }
+        fusion = {
+            "layer": _digest(layer),
+            "fusion": dataclasses.asdict(self.fusion),
+            "train": self._train_identity("fusion"),
+        }
         e2e = {**common, "train": self._train_identity("e2e")}
         return {"layer": _digest(layer), "fusion": _digest(fusion), "e2e": _digest(e2e)}
 
     def _train_identity(self, stage: str) -> dict:
         trainer = {k: v for k, v in self.trainer_kwargs(stage).items() if k not in _NON_RESULT_TRAINER_KEYS}
-        return {"trainer": trainer, "optim": dataclasses.asdict(self.optim_for(stage)),
-                "batch_size": self.data.batch_size}
+        return {
+            "trainer": trainer,
+            "optim": dataclasses.asdict(self.optim_for(stage)),
+            "batch_size": self.data.batch_size,
+        }
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_hydra(cls, cfg: DictConfig, override_dirname: str = "") -> "RunConfig":
+    def from_hydra(cls, cfg: DictConfig, override_dirname: str = "") -> RunConfig:
         """Validate a composed config. Raises ConfigError naming the first bad value."""
         from stackwise.data.tokens import DataConfig, vocab_info  # the data layer owns tokenizers
 
@@ -244,18 +304,24 @@ class RunConfig:
         data = DataConfig.from_dict(raw.get("data") or {}, prefix="data")
         model_node = dict(raw.get("model") or {})
         vocab = vocab_info(data)  # (vocab_size, mask_id, pad_id) of the data's tokenizer
-        for key, value in zip(("vocab_size", "mask_id", "pad_id"), vocab):
+        for key, value in zip(("vocab_size", "mask_id", "pad_id"), vocab, strict=True):
             if model_node.get(key) is None:
                 model_node[key] = value
             elif key == "vocab_size":
                 # A padded vocabulary (rows no token uses, e.g. 128000 for a 258-id byte tokenizer or a
                 # multiple of 64 for speed) is fine; fewer rows than token ids is not.
-                _check(_is_int(model_node[key]) and model_node[key] >= value, "model.vocab_size",
-                       f"is {model_node[key]} but the data's tokenizer has {value} ids; set it >= {value} "
-                       "or leave it null to take the tokenizer's")
+                _check(
+                    _is_int(model_node[key]) and model_node[key] >= value,
+                    "model.vocab_size",
+                    f"is {model_node[key]} but the data's tokenizer has {value} ids; set it >= {value} "
+                    "or leave it null to take the tokenizer's",
+                )
             elif model_node[key] != value:
-                raise ConfigError(f"model.{key}", f"is {model_node[key]} but the data's tokenizer has {key}={value}; "
-                                  "leave it null to take the tokenizer's")
+                raise ConfigError(
+                    f"model.{key}",
+                    f"is {model_node[key]} but the data's tokenizer has {key}={value}; "
+                    "leave it null to take the tokenizer's",
+                )
         model = ModelConfig.from_dict(model_node)
         masking = MaskingConfig.from_dict(raw.get("masking") or {}, prefix="masking")
         masking.validate(model.n_layers)
@@ -263,33 +329,47 @@ class RunConfig:
         k = raw.get("k")
         if stage == "layer":
             _check(k is not None, "k", f"stage=layer needs k in 2..{model.n_layers} (the layer to train), got null")
-            _check(_is_int(k) and 2 <= k <= model.n_layers, "k",
-                   f"must be an integer in 2..n_layers={model.n_layers} for stage=layer (k=1 is stage=embed), got {k!r}")
+            _check(
+                _is_int(k) and 2 <= k <= model.n_layers,
+                "k",
+                f"must be an integer in 2..n_layers={model.n_layers} for stage=layer (k=1 is stage=embed), got {k!r}",
+            )
         elif k is not None:
             _check(_is_int(k) and 1 <= k <= model.n_layers, "k", f"must be in 1..n_layers={model.n_layers}, got {k!r}")
 
         cache = CacheConfig.from_dict(raw.get("cache") or {})
         if masking.schedule == "per_layer" and cache.views != model.n_layers:
-            raise ConfigError("cache.views", f"the per_layer schedule caches one mask view per layer: set "
-                              f"cache.views={model.n_layers} (n_layers), got {cache.views}")
+            raise ConfigError(
+                "cache.views",
+                f"the per_layer schedule caches one mask view per layer: set "
+                f"cache.views={model.n_layers} (n_layers), got {cache.views}",
+            )
         stages = raw.get("stages") or {}
         for name, node in stages.items():
             _check(name in TRAINED_STAGES, f"stages.{name}", f"unknown stage; allowed: {', '.join(TRAINED_STAGES)}")
-            for sub in (node or {}):
+            for sub in node or {}:
                 _check(sub in ("trainer", "optim"), f"stages.{name}.{sub}", "allowed keys: trainer, optim")
-        stages = {n: {"trainer": dict((v or {}).get("trainer") or {}), "optim": dict((v or {}).get("optim") or {})}
-                  for n, v in stages.items()}
+        stages = {
+            n: {"trainer": dict((v or {}).get("trainer") or {}), "optim": dict((v or {}).get("optim") or {})}
+            for n, v in stages.items()
+        }
 
         layerwise = dict(raw.get("layerwise") or {})
         for key in layerwise:
             _check(key in ("init", "embed_budget"), f"layerwise.{key}", "unknown key; allowed: init, embed_budget")
         # fallbacks equal conf/config.yaml's defaults (for a root config without a `layerwise` node)
         layer_init = layerwise.get("init", "previous")
-        _check(layer_init in LAYER_INITS, "layerwise.init",
-               f"unknown init {layer_init!r}; allowed: {', '.join(LAYER_INITS)}")
+        _check(
+            layer_init in LAYER_INITS,
+            "layerwise.init",
+            f"unknown init {layer_init!r}; allowed: {', '.join(LAYER_INITS)}",
+        )
         embed_budget = layerwise.get("embed_budget", 2.0)
-        _check(_is_number(embed_budget) and embed_budget > 0, "layerwise.embed_budget",
-               f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {embed_budget!r}")
+        _check(
+            _is_number(embed_budget) and embed_budget > 0,
+            "layerwise.embed_budget",
+            f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {embed_budget!r}",
+        )
 
         for flag in ("overwrite", "verify", "debug"):
             _check_bool(raw.get(flag, False), flag)
@@ -302,26 +382,40 @@ class RunConfig:
         # structure only: readers (load_run) may use a read-only folder; the trainer checks writability
         check_output_dir(Path(output_root).expanduser() / experiment, "output_root", writable=False)
         run = cls(
-            stage=stage, k=k, experiment=experiment, seed=seed,
+            stage=stage,
+            k=k,
+            experiment=experiment,
+            seed=seed,
             exp_dir=Path(output_root).expanduser() / experiment,
-            overwrite=raw.get("overwrite", False), verify=raw.get("verify", False),
-            model=model, masking=masking, data=data,
+            overwrite=raw.get("overwrite", False),
+            verify=raw.get("verify", False),
+            model=model,
+            masking=masking,
+            data=data,
             optim=OptimConfig.from_dict(raw.get("optim") or {}, "optim"),
-            cache=cache, fusion=FusionConfig.from_dict(raw.get("fusion") or {}), layer_init=layer_init,
+            cache=cache,
+            fusion=FusionConfig.from_dict(raw.get("fusion") or {}),
+            layer_init=layer_init,
             embed_budget=float(embed_budget),
             sample=SampleConfig.from_dict(raw.get("sample") or {}),
-            trainer=dict(raw.get("trainer") or {}), stages=stages,
-            logger=raw.get("logger") or None, callbacks=dict(raw.get("callbacks") or {}), raw=raw,
+            trainer=dict(raw.get("trainer") or {}),
+            stages=stages,
+            logger=raw.get("logger") or None,
+            callbacks=dict(raw.get("callbacks") or {}),
+            raw=raw,
         )
         for name in ("embed", "layer", "e2e"):
             steps = run.trainer_kwargs(name).get("max_steps")
-            _check(_is_int(steps) and steps > 0, f"trainer.max_steps",
-                   f"must be a positive integer for stage {name}, got {steps!r}")
+            _check(
+                _is_int(steps) and steps > 0,
+                "trainer.max_steps",
+                f"must be a positive integer for stage {name}, got {steps!r}",
+            )
             run.optim_for(name)
         return run
 
 
-def load_run(exp_dir: Path, stage: str = "all") -> "RunConfig":
+def load_run(exp_dir: Path, stage: str = "all") -> RunConfig:
     """The RunConfig an experiment folder was made with (its run_config.json), re-validated."""
     import json as _json
 
@@ -331,8 +425,10 @@ def load_run(exp_dir: Path, stage: str = "all") -> "RunConfig":
     exp_dir = Path(exp_dir)
     path = ExperimentPaths(exp_dir).run_config
     if not path.is_file():
-        raise ArtifactError(f"{exp_dir} is not a StackWise experiment folder (no {path.name}); "
-                            "give outputs/<experiment> of a stackwise-train run")
+        raise ArtifactError(
+            f"{exp_dir} is not a StackWise experiment folder (no {path.name}); "
+            "give outputs/<experiment> of a stackwise-train run"
+        )
     try:
         raw = _json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -361,11 +457,15 @@ def check_output_dir(path: Path, field_name: str, writable: bool = True) -> None
 # itself would only complain when the stage's Trainer is built, after the data is prepared).
 _TRAINER_CHECKS = {
     "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "val_check_interval": (lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
-                           "an integer >= 1 (steps), a fraction in (0, 1] or null"),
+    "val_check_interval": (
+        lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+        "an integer >= 1 (steps), a fraction in (0, 1] or null",
+    ),
     "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0 or null"),
-    "limit_val_batches": (lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
-                          "an integer >= 0, a fraction in [0, 1] or null"),
+    "limit_val_batches": (
+        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+        "an integer >= 0, a fraction in [0, 1] or null",
+    ),
     "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
     "max_epochs": (lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1 or null"),
@@ -379,12 +479,15 @@ def _check_trainer(node: Mapping[str, Any], prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------- experiment names
-def experiment_name(experiment: Optional[str], override_dirname: str = "") -> str:
+def experiment_name(experiment: str | None, override_dirname: str = "") -> str:
     """The experiment folder: `experiment` if given, else the result-changing overrides, else "default"."""
     if experiment is not None:
         name = str(experiment)
-        _check(bool(name) and "/" not in name and name not in (".", ".."), "experiment",
-               f"must be a plain folder name, got {name!r}")
+        _check(
+            bool(name) and "/" not in name and name not in (".", ".."),
+            "experiment",
+            f"must be a plain folder name, got {name!r}",
+        )
         return name
     if not override_dirname:
         return "default"
@@ -397,12 +500,10 @@ def experiment_name(experiment: Optional[str], override_dirname: str = "") -> st
 def register_resolvers() -> None:
     """OmegaConf resolvers used by conf/ (`sw.experiment`, `sw.alternate`)."""
     if not OmegaConf.has_resolver("sw.experiment"):
-        OmegaConf.register_new_resolver(
-            "sw.experiment", lambda exp, dirname="": experiment_name(exp, dirname or ""))
+        OmegaConf.register_new_resolver("sw.experiment", lambda exp, dirname="": experiment_name(exp, dirname or ""))
     if not OmegaConf.has_resolver("sw.alternate"):
         # sw.alternate:gqa,mla,4 -> [gqa, mla, gqa, mla]
-        OmegaConf.register_new_resolver(
-            "sw.alternate", lambda a, b, n: [a if i % 2 == 0 else b for i in range(int(n))])
+        OmegaConf.register_new_resolver("sw.alternate", lambda a, b, n: [a if i % 2 == 0 else b for i in range(int(n))])
 
 
 # ---------------------------------------------------------------------- helpers

@@ -45,11 +45,11 @@ nested (the positions masked at 0.15 are masked at 0.5 and 0.9 too).
 from __future__ import annotations
 
 import abc
-
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,9 +76,9 @@ class EvalSettings:
     rates: tuple = DEFAULT_RATES
     bound_samples: int = 8
     batch_size: int = 64
-    max_sequences: Optional[int] = None  # the first N validation sequences (None = all)
+    max_sequences: int | None = None  # the first N validation sequences (None = all)
     device: str = "cpu"
-    seed: Optional[int] = None  # None = the experiment's seed
+    seed: int | None = None  # None = the experiment's seed
 
     def validate(self) -> None:
         if not self.rates:
@@ -131,8 +131,16 @@ def stratified_counts(n_tokens: Tensor, samples: int, seed: int) -> Tensor:
     return out
 
 
-def draw_masks(tokens: Tensor, *, seed: int, rates: Sequence[float], bound_samples: int, mask_id: int,
-               pad_id: Optional[int], chunk: int = 256) -> EvalMasks:
+def draw_masks(
+    tokens: Tensor,
+    *,
+    seed: int,
+    rates: Sequence[float],
+    bound_samples: int,
+    mask_id: int,
+    pad_id: int | None,
+    chunk: int = 256,
+) -> EvalMasks:
     """Masks for the fixed rates (one nested view) and the bound draws, from (seed, index, view)."""
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)  # (N, T)
     N, T = tokens.shape
@@ -143,18 +151,35 @@ def draw_masks(tokens: Tensor, *, seed: int, rates: Sequence[float], bound_sampl
     bound_t = counts.to(torch.float64) / n_tokens.clamp_min(1).to(torch.float64)  # (S, N)
     unit = UniformSchedule(0.0, 1.0)  # t = u: the count is set through u = l / n
     for a in range(0, N, chunk):
-        ids = tokens[a:a + chunk]
+        ids = tokens[a : a + chunk]
         index = torch.arange(a, a + len(ids))
         for r, rate in enumerate(rates):
-            _, mask, _ = mask_batch(ids, index, torch.full_like(index, RATE_VIEW), seed=seed,
-                                    schedule=FixedSchedule(float(rate)), k=1, progress=1.0,
-                                    mask_id=mask_id, pad_id=pad_id)
-            rate_masks[r, a:a + len(ids)] = mask
+            _, mask, _ = mask_batch(
+                ids,
+                index,
+                torch.full_like(index, RATE_VIEW),
+                seed=seed,
+                schedule=FixedSchedule(float(rate)),
+                k=1,
+                progress=1.0,
+                mask_id=mask_id,
+                pad_id=pad_id,
+            )
+            rate_masks[r, a : a + len(ids)] = mask
         for s in range(bound_samples):
-            _, mask, _ = mask_batch(ids, index, torch.full_like(index, BOUND_VIEW0 + s), seed=seed,
-                                    schedule=unit, k=1, progress=1.0, mask_id=mask_id, pad_id=pad_id,
-                                    u=bound_t[s, a:a + len(ids)].float())
-            bound_masks[s, a:a + len(ids)] = mask
+            _, mask, _ = mask_batch(
+                ids,
+                index,
+                torch.full_like(index, BOUND_VIEW0 + s),
+                seed=seed,
+                schedule=unit,
+                k=1,
+                progress=1.0,
+                mask_id=mask_id,
+                pad_id=pad_id,
+                u=bound_t[s, a : a + len(ids)].float(),
+            )
+            bound_masks[s, a : a + len(ids)] = mask
     got = bound_masks.sum(2)  # (S, N)
     want = torch.where(n_tokens > 0, counts, torch.zeros_like(counts))
     if not torch.equal(got, want):  # the bound is only right if each draw masks exactly l positions
@@ -172,11 +197,11 @@ class Scorer(abc.ABC):
     names: list[str]
 
     @abc.abstractmethod
-    def to(self, device: Union[str, torch.device]) -> "Scorer":
+    def to(self, device: str | torch.device) -> Scorer:
         """Move the model(s) to `device`; returns self."""
 
     @abc.abstractmethod
-    def outputs(self, ids: Tensor, pad_mask: Optional[Tensor]) -> Iterator[tuple[str, Tensor, HeadFn]]:
+    def outputs(self, ids: Tensor, pad_mask: Tensor | None) -> Iterator[tuple[str, Tensor, HeadFn]]:
         """(name, hidden (B, T, D), head_fn) for each model this scorer holds."""
 
 
@@ -184,7 +209,7 @@ class WholeModel(Scorer):
     """A whole Transformer (fused, fine-tuned, e2e, or any model built by hand); `depth` runs only
     layers 1..depth (e.g. `assemble(cfg, states[:k])`, depth=k)."""
 
-    def __init__(self, name: str, model: Transformer, depth: Optional[int] = None):
+    def __init__(self, name: str, model: Transformer, depth: int | None = None):
         self.names, self.model = [name], model.eval()
         self.depth = model.cfg.n_layers if depth is None else depth
 
@@ -215,7 +240,7 @@ class PrefixStack(Scorer):
         self.heads = nn.ModuleList()
         for state, _ in layer_states:
             head = Head(cfg)
-            head.load_state_dict({n[len("head."):]: t for n, t in state.items() if n.startswith("head.")})
+            head.load_state_dict({n[len("head.") :]: t for n, t in state.items() if n.startswith("head.")})
             self.heads.append(head.eval())
 
     def to(self, device):
@@ -267,8 +292,16 @@ class _Acc:
         self.bound = np.zeros(self.N)
 
 
-def score(scorer: Scorer, tokens: Tensor, masks: EvalMasks, *, mask_id: int, pad_id: Optional[int],
-          batch_size: int = 64, device: Union[str, torch.device] = "cpu") -> dict[str, dict]:
+def score(
+    scorer: Scorer,
+    tokens: Tensor,
+    masks: EvalMasks,
+    *,
+    mask_id: int,
+    pad_id: int | None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict]:
     """Fixed-rate CE/accuracy and the bound of every model of `scorer`, {name: result dict}."""
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     N, R, S = masks.n_sequences, len(masks.rates), masks.bound_samples
@@ -276,11 +309,11 @@ def score(scorer: Scorer, tokens: Tensor, masks: EvalMasks, *, mask_id: int, pad
     scorer.to(device)
     with torch.inference_mode():
         for a in range(0, N, batch_size):
-            ids = tokens[a:a + batch_size].to(device)  # (B, T)
+            ids = tokens[a : a + batch_size].to(device)  # (B, T)
             pad = (ids == pad_id) if pad_id is not None else None
             pad = pad if pad is not None and bool(pad.any()) else None  # None keeps the fused attention kernels
-            sets = [("rate", r, masks.rate_masks[r, a:a + batch_size]) for r in range(R)]
-            sets += [("bound", s, masks.bound_masks[s, a:a + batch_size]) for s in range(S)]
+            sets = [("rate", r, masks.rate_masks[r, a : a + batch_size]) for r in range(R)]
+            sets += [("bound", s, masks.bound_masks[s, a : a + batch_size]) for s in range(S)]
             for kind, j, mask in sets:
                 mask = mask.to(device)
                 masked = ids.masked_fill(mask, mask_id)
@@ -292,8 +325,8 @@ def score(scorer: Scorer, tokens: Tensor, masks: EvalMasks, *, mask_id: int, pad
                         acc.correct[j] += int(ok.sum())
                         acc.masked[j] += int(mask.sum())
                     else:
-                        t = masks.bound_t[j, a:a + batch_size].to(ce.device)  # (B,) float64
-                        acc.bound[a:a + len(ids)] += (ce / t).cpu().numpy()
+                        t = masks.bound_t[j, a : a + batch_size].to(ce.device)  # (B,) float64
+                        acc.bound[a : a + len(ids)] += (ce / t).cpu().numpy()
     return {name: _result(acc, masks) for name, acc in accs.items()}
 
 
@@ -304,17 +337,28 @@ def _result(acc: _Acc, masks: EvalMasks) -> dict:
     rates = {}
     for r, rate in enumerate(masks.rates):
         m = max(int(acc.masked[r]), 1)
-        rates[_rate_key(rate)] = {"ce": float(acc.ce[r] / m), "acc": float(acc.correct[r] / m),
-                                  "n_masked": int(acc.masked[r])}
-    return {"rates": rates,
-            "bound": {"nats_per_token": B, "se": se, "bits_per_token": B / LN2,
-                      "se_bits_per_token": None if se is None else se / LN2,
-                      "n_sequences": len(y), "samples_per_sequence": masks.bound_samples,
-                      "n_samples": len(y) * masks.bound_samples, "n_tokens": int(n.sum())},
-            "per_sequence_nats": y}  # (N,) numpy: for paired comparisons; not written to JSON
+        rates[_rate_key(rate)] = {
+            "ce": float(acc.ce[r] / m),
+            "acc": float(acc.correct[r] / m),
+            "n_masked": int(acc.masked[r]),
+        }
+    return {
+        "rates": rates,
+        "bound": {
+            "nats_per_token": B,
+            "se": se,
+            "bits_per_token": B / LN2,
+            "se_bits_per_token": None if se is None else se / LN2,
+            "n_sequences": len(y),
+            "samples_per_sequence": masks.bound_samples,
+            "n_samples": len(y) * masks.bound_samples,
+            "n_tokens": int(n.sum()),
+        },
+        "per_sequence_nats": y,
+    }  # (N,) numpy: for paired comparisons; not written to JSON
 
 
-def _ratio(y: np.ndarray, n: np.ndarray) -> tuple[float, Optional[float]]:
+def _ratio(y: np.ndarray, n: np.ndarray) -> tuple[float, float | None]:
     """sum(y) / sum(n) and its standard error over sequences (delta method for a ratio)."""
     total, N = float(n.sum()), len(y)
     B = float(y.sum() / total)
@@ -322,7 +366,7 @@ def _ratio(y: np.ndarray, n: np.ndarray) -> tuple[float, Optional[float]]:
     return B, se
 
 
-def paired_difference(a: dict, b: dict, n_tokens: Union[Tensor, np.ndarray]) -> dict:
+def paired_difference(a: dict, b: dict, n_tokens: Tensor | np.ndarray) -> dict:
     """Bound of model a minus model b (nats/token) and its paired standard error.
 
     Both evaluated on the same masks (`score` with one `EvalMasks`), so the per-sequence
@@ -343,7 +387,7 @@ class ModelEntry:
     name: str
     kind: str  # prefix | fused | finetuned | e2e
     depth: int
-    recorded_val_loss: Optional[float] = None
+    recorded_val_loss: float | None = None
 
 
 def _model_config(d: Any, source: Path, run_cfg: ModelConfig) -> ModelConfig:
@@ -352,17 +396,20 @@ def _model_config(d: Any, source: Path, run_cfg: ModelConfig) -> ModelConfig:
     cfg = ModelConfig.from_dict(d, prefix=f"{source}: model")
     for key in ("vocab_size", "mask_id", "pad_id"):
         if getattr(cfg, key) != getattr(run_cfg, key):
-            raise ArtifactError(f"{source} has {key}={getattr(cfg, key)} but the experiment's data has "
-                                f"{getattr(run_cfg, key)}: it does not belong to this experiment")
+            raise ArtifactError(
+                f"{source} has {key}={getattr(cfg, key)} but the experiment's data has "
+                f"{getattr(run_cfg, key)}: it does not belong to this experiment"
+            )
     return cfg
 
 
-def layer_stack(paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[str]
-                ) -> tuple[Optional[ModelConfig], list[tuple[dict, dict]]]:
+def layer_stack(
+    paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[str]
+) -> tuple[ModelConfig | None, list[tuple[dict, dict]]]:
     """The layer checkpoints 1..K that form one consistent stack (K may be 0)."""
     present = paths.existing_layers()
     states: list[tuple[dict, dict]] = []
-    cfg: Optional[ModelConfig] = None
+    cfg: ModelConfig | None = None
     for k in present:
         if k != len(states) + 1:
             warnings.append(f"{paths.layer_ckpt(k)} skipped: {paths.layer_ckpt(len(states) + 1)} is missing")
@@ -372,8 +419,10 @@ def layer_stack(paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list
         if meta.get("k") not in (None, k):
             raise ArtifactError(f"{path} says it is layer {meta.get('k')}, not {k}")
         if k > 1 and meta.get("prev_sha256") and meta["prev_sha256"] != art.sha256_file(paths.layer_ckpt(k - 1)):
-            warnings.append(f"{path} skipped: it was trained on another {paths.layer_ckpt(k - 1).name} than the one "
-                            "present (rerun its stage)")
+            warnings.append(
+                f"{path} skipped: it was trained on another {paths.layer_ckpt(k - 1).name} than the one "
+                "present (rerun its stage)"
+            )
             break
         k_cfg = _model_config(meta.get("model"), path, run_cfg)
         if cfg is not None and k_cfg != cfg:
@@ -384,8 +433,9 @@ def layer_stack(paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list
     return cfg, states
 
 
-def discover(paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[str]
-             ) -> list[tuple[list[ModelEntry], Callable[[], Scorer]]]:
+def discover(
+    paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[str]
+) -> list[tuple[list[ModelEntry], Callable[[], Scorer]]]:
     """Every model of the experiment: [(the entries one scorer evaluates, a loader building it)].
 
     Layer checkpoints are read here (the prefix stack needs them all anyway); the safetensors
@@ -394,8 +444,9 @@ def discover(paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[st
     cfg, states = layer_stack(paths, run_cfg, warnings)
     groups: list[tuple[list[ModelEntry], Callable[[], Scorer]]] = []
     if states:
-        entries = [ModelEntry(f"depth_{k}", "prefix", k, meta.get("val_loss")) for k, (_, meta) in
-                   enumerate(states, start=1)]
+        entries = [
+            ModelEntry(f"depth_{k}", "prefix", k, meta.get("val_loss")) for k, (_, meta) in enumerate(states, start=1)
+        ]
         groups.append((entries, lambda: PrefixStack(cfg, states)))
     complete = paths.fused_config.name  # a model folder is complete once its config.json exists
     for name, folder in (("fused", paths.fused_dir), ("finetuned", paths.finetuned_dir), ("e2e", paths.e2e_dir)):
@@ -421,7 +472,7 @@ def discover(paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[st
     return groups
 
 
-def bytes_per_token(tokens: np.ndarray, tokenizer: Any, pad_id: Optional[int]) -> tuple[Optional[float], str]:
+def bytes_per_token(tokens: np.ndarray, tokenizer: Any, pad_id: int | None) -> tuple[float | None, str]:
     """(bytes per non-pad token of the evaluated text, how it was measured); None for dummy data."""
     if tokenizer is None:
         return None, "dummy data has no bytes: bits/token"
@@ -436,8 +487,9 @@ def bytes_per_token(tokens: np.ndarray, tokenizer: Any, pad_id: Optional[int]) -
     return n_bytes / max(len(flat), 1), "bytes of the decoded validation text"
 
 
-def evaluate_experiment(exp_dir: Union[str, Path], settings: Optional[EvalSettings] = None,
-                        log: Callable[[str], None] = lambda s: None) -> dict:
+def evaluate_experiment(
+    exp_dir: str | Path, settings: EvalSettings | None = None, log: Callable[[str], None] = lambda s: None
+) -> dict:
     """Evaluate every model of `outputs/<experiment>`; return the report (what eval.json holds)."""
     settings = settings or EvalSettings()
     settings.validate()
@@ -447,6 +499,7 @@ def evaluate_experiment(exp_dir: Union[str, Path], settings: Optional[EvalSettin
         raise StackWiseError(f"experiment folder {exp_dir} does not exist")
     from stackwise.config import load_run  # imported late: a bad path fails fast, before the data layer loads
     from stackwise.data.tokens import load_token_splits
+
     run = load_run(exp_dir)
     paths = art.ExperimentPaths(exp_dir)
     warnings: list[str] = []
@@ -455,8 +508,10 @@ def evaluate_experiment(exp_dir: Union[str, Path], settings: Optional[EvalSettin
     for w in warnings:
         log(f"warning: {w}")
     if not groups:
-        raise ArtifactError(f"{exp_dir} holds no model to evaluate (no layers/layer_1.pt, fused/ or e2e/); "
-                            "train one with stackwise-train first")
+        raise ArtifactError(
+            f"{exp_dir} holds no model to evaluate (no layers/layer_1.pt, fused/ or e2e/); "
+            "train one with stackwise-train first"
+        )
     splits = load_token_splits(run.data, run.seed, paths.tokens_dir)
     val = np.asarray(splits.val)
     if settings.max_sequences is not None:
@@ -466,16 +521,28 @@ def evaluate_experiment(exp_dir: Union[str, Path], settings: Optional[EvalSettin
     mask_id, pad_id = run.model.mask_id, run.model.pad_id
     seed = run.seed if settings.seed is None else settings.seed
     tokens = torch.from_numpy(val.astype(np.int64))
-    log(f"eval: {len(val)} validation sequences x {val.shape[1]} tokens, {len(entries)} models, "
-        f"rates {list(settings.rates)}, {settings.bound_samples} bound draws per sequence")
-    masks = draw_masks(tokens, seed=seed, rates=settings.rates, bound_samples=settings.bound_samples,
-                       mask_id=mask_id, pad_id=pad_id)
+    log(
+        f"eval: {len(val)} validation sequences x {val.shape[1]} tokens, {len(entries)} models, "
+        f"rates {list(settings.rates)}, {settings.bound_samples} bound draws per sequence"
+    )
+    masks = draw_masks(
+        tokens, seed=seed, rates=settings.rates, bound_samples=settings.bound_samples, mask_id=mask_id, pad_id=pad_id
+    )
     bpt, byte_note = bytes_per_token(val, splits.tokenizer, pad_id)
     results: dict[str, dict] = {}
     for group_entries, load in groups:
         scorer = load()
-        results.update(score(scorer, tokens, masks, mask_id=mask_id, pad_id=pad_id,
-                             batch_size=settings.batch_size, device=settings.device))
+        results.update(
+            score(
+                scorer,
+                tokens,
+                masks,
+                mask_id=mask_id,
+                pad_id=pad_id,
+                batch_size=settings.batch_size,
+                device=settings.device,
+            )
+        )
         log(f"eval: {', '.join(e.name for e in group_entries)} done")
         del scorer
     # paired differences of the bound against the baseline: e2e when present, else the fused model
@@ -487,22 +554,42 @@ def evaluate_experiment(exp_dir: Union[str, Path], settings: Optional[EvalSettin
         b["bits_per_byte"] = b["bits_per_token"] / bpt if bpt else None
         b["se_bits_per_byte"] = b["se_bits_per_token"] / bpt if bpt and b["se"] is not None else None
         paired = {"vs": ref, **paired_difference(res, results[ref], masks.n_tokens)} if e.name != ref else None
-        models.append({"name": e.name, "kind": e.kind, "depth": e.depth, "recorded_val_loss": e.recorded_val_loss,
-                       "rates": res["rates"], "bound": b, "paired": paired})
+        models.append(
+            {
+                "name": e.name,
+                "kind": e.kind,
+                "depth": e.depth,
+                "recorded_val_loss": e.recorded_val_loss,
+                "rates": res["rates"],
+                "bound": b,
+                "paired": paired,
+            }
+        )
     return {
-        "experiment": run.experiment, "exp_dir": str(exp_dir), "split": "val", "n_sequences": int(len(val)),
-        "seq_len": int(val.shape[1]), "n_tokens": int(masks.n_tokens.sum()), "seed": seed,
-        "rates": [float(r) for r in settings.rates], "bound_samples": settings.bound_samples,
-        "bytes_per_token": bpt, "bytes_note": byte_note, "unit": "bits/byte" if bpt else "bits/token",
+        "experiment": run.experiment,
+        "exp_dir": str(exp_dir),
+        "split": "val",
+        "n_sequences": len(val),
+        "seq_len": int(val.shape[1]),
+        "n_tokens": int(masks.n_tokens.sum()),
+        "seed": seed,
+        "rates": [float(r) for r in settings.rates],
+        "bound_samples": settings.bound_samples,
+        "bytes_per_token": bpt,
+        "bytes_note": byte_note,
+        "unit": "bits/byte" if bpt else "bits/token",
         "reference": ref,
-        "estimator": ("MDLM/LLaDA bound with l ~ U{1..n} masks (t = l/n), weight 1/t, per token = sum / non-pad "
-                      "tokens; t stratified over the validation set per draw; se over sequences (ratio estimator); "
-                      "paired: bound minus the reference's on the same masks, paired se"),
-        "models": models, "warnings": warnings,
+        "estimator": (
+            "MDLM/LLaDA bound with l ~ U{1..n} masks (t = l/n), weight 1/t, per token = sum / non-pad "
+            "tokens; t stratified over the validation set per draw; se over sequences (ratio estimator); "
+            "paired: bound minus the reference's on the same masks, paired se"
+        ),
+        "models": models,
+        "warnings": warnings,
     }
 
 
-def eval_json_path(exp_dir: Union[str, Path]) -> Path:
+def eval_json_path(exp_dir: str | Path) -> Path:
     """Where eval.json goes by default (`ExperimentPaths.eval_json` when artifacts.py defines it)."""
     paths = art.ExperimentPaths(exp_dir)
     return Path(getattr(paths, "eval_json", paths.root / "eval.json"))
@@ -530,7 +617,9 @@ def format_table(report: dict) -> str:
             row.append(f"{p['delta_nats_per_token']:>+11.4f} ± {pse:<6}")
         lines.append("".join(row))
     n = report["models"][0]["bound"] if report["models"] else {}
-    lines.append(f"{report['n_sequences']} val sequences, {report['n_tokens']:,} tokens; bound: "
-                 f"{report['bound_samples']} draws/sequence ({n.get('n_samples', 0):,} samples); "
-                 f"{unit} ({report['bytes_note']})")
+    lines.append(
+        f"{report['n_sequences']} val sequences, {report['n_tokens']:,} tokens; bound: "
+        f"{report['bound_samples']} draws/sequence ({n.get('n_samples', 0):,} samples); "
+        f"{unit} ({report['bytes_note']})"
+    )
     return "\n".join(lines)

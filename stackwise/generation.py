@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ MODEL_KINDS = ("fused", "finetuned", "e2e")
 # A mask in infill text: `[MASK]` is one token, each `_` of a run of underscores is one token.
 INFILL_MARK = re.compile(r"\[MASK\]|_+")
 
-GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 
 class GenerationError(StackWiseError, ValueError):
@@ -60,7 +61,7 @@ def linear_counts(n: int, steps: int) -> list[int]:
     return [n * (s + 1) // steps - n * s // steps for s in range(steps)]
 
 
-def _row_plan(masked: Tensor, steps: int, block_length: Optional[int]) -> list[tuple[int, int, int]]:
+def _row_plan(masked: Tensor, steps: int, block_length: int | None) -> list[tuple[int, int, int]]:
     """Per step of one row: (lo, hi, count) = reveal `count` masks among positions [lo, hi).
 
     masked: (T,) bool, the row's positions to fill.
@@ -74,9 +75,11 @@ def _row_plan(masked: Tensor, steps: int, block_length: Optional[int]) -> list[t
     first = int(pos[0])
     bounds = [(lo, min(lo + block_length, T)) for lo in range(first, T, block_length)]
     if steps < len(bounds):
-        raise GenerationError(f"steps={steps} is fewer than the {len(bounds)} blocks of block_length={block_length} "
-                              f"from the first mask at position {first} to the end ({T}); give steps >= {len(bounds)} "
-                              "or a larger block length")
+        raise GenerationError(
+            f"steps={steps} is fewer than the {len(bounds)} blocks of block_length={block_length} "
+            f"from the first mask at position {first} to the end ({T}); give steps >= {len(bounds)} "
+            "or a larger block length"
+        )
     plan: list[tuple[int, int, int]] = []
     for b, (lo, hi) in enumerate(bounds):
         block_steps = linear_counts(steps, len(bounds))[b]  # steps shared evenly between blocks
@@ -86,7 +89,7 @@ def _row_plan(masked: Tensor, steps: int, block_length: Optional[int]) -> list[t
 
 
 # ---------------------------------------------------------------------------------- sampling
-def _draw(logits: Tensor, temperature: float, top_k: Optional[int], g: torch.Generator) -> tuple[Tensor, Tensor]:
+def _draw(logits: Tensor, temperature: float, top_k: int | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """logits (N, V) float32 on CPU -> (x0 (N,), confidence (N,) = model probability of x0)."""
     if temperature == 0:
         x0 = logits.argmax(-1)
@@ -114,8 +117,16 @@ def _generators(generator: GeneratorArg, batch: int) -> list[torch.Generator]:
     return gens
 
 
-def _check_args(ids: Tensor, steps: Any, strategy: Any, temperature: Any, top_k: Any, block_length: Any,
-                mask_id: Any, vocab_size: Optional[int]) -> None:
+def _check_args(
+    ids: Tensor,
+    steps: Any,
+    strategy: Any,
+    temperature: Any,
+    top_k: Any,
+    block_length: Any,
+    mask_id: Any,
+    vocab_size: int | None,
+) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -123,8 +134,12 @@ def _check_args(ids: Tensor, steps: Any, strategy: Any, temperature: Any, top_k:
         raise GenerationError(f"steps must be an integer >= 1, got {steps!r}")
     if strategy not in STRATEGIES:
         raise GenerationError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0 \
-            or math.isinf(temperature):
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not temperature >= 0
+        or math.isinf(temperature)
+    ):
         raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise GenerationError(f"top_k must be an integer >= 1 or None (no limit), got {top_k!r}")
@@ -139,10 +154,20 @@ def _check_args(ids: Tensor, steps: Any, strategy: Any, temperature: Any, top_k:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, ids: Tensor, *, steps: int, strategy: str = "confidence", temperature: float = 1.0,
-             top_k: Optional[int] = None, block_length: Optional[int] = None, mask_id: int,
-             pad_id: Optional[int] = None, generator: GeneratorArg = None,
-             callback: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+def generate(
+    model: nn.Module,
+    ids: Tensor,
+    *,
+    steps: int,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    block_length: int | None = None,
+    mask_id: int,
+    pad_id: int | None = None,
+    generator: GeneratorArg = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
     """Fill every `mask_id` position of `ids` (B, T) by iterative unmasking; return the new (B, T) ids.
 
     model: `ids (B, T) [, pad_mask] -> logits (B, T, V)` (a `Transformer`); it is run in eval mode
@@ -201,16 +226,26 @@ def _encode_text(tokenizer: Any, text: str, vocab_size: int, specials: Sequence[
         try:
             i = int(word)
         except ValueError:
-            raise GenerationError(f"{what}: this experiment's data has no tokenizer (dummy data): give token ids "
-                                  f"separated by spaces, got {word!r}") from None
+            raise GenerationError(
+                f"{what}: this experiment's data has no tokenizer (dummy data): give token ids "
+                f"separated by spaces, got {word!r}"
+            ) from None
         if not 0 <= i < vocab_size or i in specials:
             raise GenerationError(f"{what}: token id {i} is outside [0, {vocab_size}) or a special id {list(specials)}")
         ids.append(i)
     return ids
 
 
-def build_ids(tokenizer: Any, *, mask_id: int, vocab_size: int, length: Optional[int] = None, prompt: str = "",
-              infill: Optional[str] = None, pad_id: Optional[int] = None) -> list[int]:
+def build_ids(
+    tokenizer: Any,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    length: int | None = None,
+    prompt: str = "",
+    infill: str | None = None,
+    pad_id: int | None = None,
+) -> list[int]:
     """The ids to start from: `prompt` + masks up to `length`, or `infill` with its masks marked.
 
     infill: `[MASK]` is one masked token; a run of n underscores is n masked tokens. The text
@@ -225,24 +260,28 @@ def build_ids(tokenizer: Any, *, mask_id: int, vocab_size: int, length: Optional
         ids: list[int] = []
         pos = 0
         for m in INFILL_MARK.finditer(infill):
-            ids += _encode_text(tokenizer, infill[pos:m.start()], vocab_size, specials, "infill")
+            ids += _encode_text(tokenizer, infill[pos : m.start()], vocab_size, specials, "infill")
             ids += [mask_id] * (1 if m.group() == "[MASK]" else len(m.group()))
             pos = m.end()
         ids += _encode_text(tokenizer, infill[pos:], vocab_size, specials, "infill")
         if mask_id not in ids:
-            raise GenerationError(f"the infill text has nothing to fill: mark the positions with [MASK] or _ "
-                                  f"(one _ per token), got {infill!r}")
+            raise GenerationError(
+                f"the infill text has nothing to fill: mark the positions with [MASK] or _ "
+                f"(one _ per token), got {infill!r}"
+            )
         return ids
     if length is None or isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise GenerationError(f"length must be an integer >= 1, got {length!r}")
     head = _encode_text(tokenizer, prompt, vocab_size, specials, "prompt") if prompt else []
     if len(head) >= length:
-        raise GenerationError(f"the prompt is {len(head)} tokens, which leaves nothing to generate in length={length}; "
-                              f"give a length > {len(head)}")
+        raise GenerationError(
+            f"the prompt is {len(head)} tokens, which leaves nothing to generate in length={length}; "
+            f"give a length > {len(head)}"
+        )
     return head + [mask_id] * (length - len(head))
 
 
-def decode(tokenizer: Any, ids: Sequence[int], mask_text: Optional[str] = None) -> str:
+def decode(tokenizer: Any, ids: Sequence[int], mask_text: str | None = None) -> str:
     """Text of ids with the experiment's tokenizer; without one (dummy data), the ids themselves."""
     ids = [int(i) for i in ids]
     if tokenizer is None:
@@ -262,8 +301,9 @@ class ExperimentModel:
     meta: dict
 
 
-def load_experiment_model(exp_dir: Union[str, Path], which: str = "fused", device: Union[str, torch.device] = "cpu"
-                          ) -> ExperimentModel:
+def load_experiment_model(
+    exp_dir: str | Path, which: str = "fused", device: str | torch.device = "cpu"
+) -> ExperimentModel:
     """Load `fused` (default), `finetuned` or `e2e` from `exp_dir`, with the experiment's tokenizer.
 
     Raises StackWiseError (one line) for a missing folder or model, or a corrupt artifact.
@@ -281,9 +321,11 @@ def load_experiment_model(exp_dir: Union[str, Path], which: str = "fused", devic
     paths = art.ExperimentPaths(exp_dir)
     folder = {"fused": paths.fused_dir, "finetuned": paths.finetuned_dir, "e2e": paths.e2e_dir}[which]
     if not (folder / "config.json").is_file():
-        how = {"fused": "stackwise-train (stage=all, or stage=fusion after the layer stages)",
-               "finetuned": "stackwise-train with fusion.finetune_steps > 0",
-               "e2e": "stackwise-train stage=e2e"}[which]
+        how = {
+            "fused": "stackwise-train (stage=all, or stage=fusion after the layer stages)",
+            "finetuned": "stackwise-train with fusion.finetune_steps > 0",
+            "e2e": "stackwise-train stage=e2e",
+        }[which]
         raise StackWiseError(f"{exp_dir} has no {which} model ({folder} is missing or incomplete); run {how} first")
     run = load_run(exp_dir)
     state, config, meta = art.load_safetensors_model(folder)
@@ -291,13 +333,17 @@ def load_experiment_model(exp_dir: Union[str, Path], which: str = "fused", devic
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise StackWiseError(f"{folder}: the weights do not match the model config (missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]}); rerun the stage that writes it")
+        raise StackWiseError(
+            f"{folder}: the weights do not match the model config (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); rerun the stage that writes it"
+        )
     model.to(device).eval()
     tokenizer = experiment_tokenizer(run)
     if tokenizer is not None and (tokenizer.mask_id, tokenizer.vocab_size) != (cfg.mask_id, cfg.vocab_size):
-        raise StackWiseError(f"{folder}: the model has mask_id={cfg.mask_id}, vocab_size={cfg.vocab_size} but the "
-                             f"experiment's tokenizer has mask_id={tokenizer.mask_id}, vocab_size={tokenizer.vocab_size}")
+        raise StackWiseError(
+            f"{folder}: the model has mask_id={cfg.mask_id}, vocab_size={cfg.vocab_size} but the "
+            f"experiment's tokenizer has mask_id={tokenizer.mask_id}, vocab_size={tokenizer.vocab_size}"
+        )
     return ExperimentModel(model=model, cfg=cfg, tokenizer=tokenizer, seq_len=int(run.data.seq_len), meta=meta)
 
 
@@ -319,30 +365,67 @@ def sample_generators(seed: int, n: int) -> list[torch.Generator]:
     return [generator(seed, "generate", i) for i in range(n)]
 
 
-def sample_ids(em: ExperimentModel, *, prompt: str = "", infill: Optional[str] = None, length: Optional[int] = None,
-               steps: Optional[int] = None, num_samples: int = 1, seed: int = 0, strategy: str = "confidence",
-               temperature: float = 1.0, top_k: Optional[int] = None, block_length: Optional[int] = None,
-               callback: Optional[Callable[[int, Tensor], None]] = None) -> tuple[Tensor, Tensor]:
+def sample_ids(
+    em: ExperimentModel,
+    *,
+    prompt: str = "",
+    infill: str | None = None,
+    length: int | None = None,
+    steps: int | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    strategy: str = "confidence",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    block_length: int | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
     """(start (T,), samples (num_samples, T)) for a loaded model; steps default: one per mask."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise GenerationError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise GenerationError(f"seed must be an integer >= 0, got {seed!r}")
     cfg = em.cfg
-    start = torch.tensor(build_ids(em.tokenizer, mask_id=cfg.mask_id, vocab_size=cfg.vocab_size, pad_id=cfg.pad_id,
-                                   length=em.seq_len if length is None and infill is None else length,
-                                   prompt=prompt, infill=infill))
+    start = torch.tensor(
+        build_ids(
+            em.tokenizer,
+            mask_id=cfg.mask_id,
+            vocab_size=cfg.vocab_size,
+            pad_id=cfg.pad_id,
+            length=em.seq_len if length is None and infill is None else length,
+            prompt=prompt,
+            infill=infill,
+        )
+    )
     if steps is None:
         steps = int((start == cfg.mask_id).sum())
     batch = start[None].repeat(num_samples, 1)
-    out = generate(em.model, batch, steps=steps, strategy=strategy, temperature=temperature, top_k=top_k,
-                   block_length=block_length, mask_id=cfg.mask_id, pad_id=cfg.pad_id,
-                   generator=sample_generators(seed, num_samples), callback=callback)
+    out = generate(
+        em.model,
+        batch,
+        steps=steps,
+        strategy=strategy,
+        temperature=temperature,
+        top_k=top_k,
+        block_length=block_length,
+        mask_id=cfg.mask_id,
+        pad_id=cfg.pad_id,
+        generator=sample_generators(seed, num_samples),
+        callback=callback,
+    )
     return start, out
 
 
-def sample_text(exp_dir: Union[str, Path], prompt: str = "", length: Optional[int] = None,
-                steps: Optional[int] = None, seed: int = 0, *, model: str = "fused", **kwargs: Any) -> str:
+def sample_text(
+    exp_dir: str | Path,
+    prompt: str = "",
+    length: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    *,
+    model: str = "fused",
+    **kwargs: Any,
+) -> str:
     """One sample from an experiment's model, decoded (ids separated by spaces for the dummy data).
 
     length: tokens in all, prompt included (default: the training seq_len); steps: default one per

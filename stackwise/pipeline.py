@@ -20,8 +20,8 @@ import signal
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import lightning as L
 import torch
@@ -35,7 +35,6 @@ from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import load_token_splits
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
 from stackwise.model.stats import train_step_flops
-from stackwise.model.transformer import Transformer
 from stackwise.objective.masking import build_schedule
 from stackwise.stages.base import StageModule
 from stackwise.stages.callbacks import AtomicCheckpointIO
@@ -99,8 +98,9 @@ class Pipeline:
         try:
             self.paths.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StackWiseError(f"output_root: cannot create the experiment folder {self.paths.root}: "
-                                 f"{e.strerror or e}") from None
+            raise StackWiseError(
+                f"output_root: cannot create the experiment folder {self.paths.root}: {e.strerror or e}"
+            ) from None
         self.check_foreign()
         self.write_run_config()
         if run.stage == "all":
@@ -132,14 +132,25 @@ class Pipeline:
             from stackwise.generation import sample_text
 
             which = "finetuned" if (self.paths.finetuned_dir / "config.json").is_file() else "fused"
-            text = sample_text(self.paths.root, prompt=s.prompt, length=s.length, steps=s.steps, seed=self.run.seed,
-                               model=which, temperature=s.temperature, top_k=s.top_k)
+            text = sample_text(
+                self.paths.root,
+                prompt=s.prompt,
+                length=s.length,
+                steps=s.steps,
+                seed=self.run.seed,
+                model=which,
+                temperature=s.temperature,
+                top_k=s.top_k,
+            )
             print(f"\nsample from the {which} model (stackwise-generate {self.paths.root} for more):\n{text}\n")
 
     def tokens_seen(self, stage_key: str, steps: int) -> int:
         """Tokens one stage trained on: every rank's batches (DDP) at every optimizer step."""
-        world = torch.distributed.get_world_size() if (
-            torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+        world = (
+            torch.distributed.get_world_size()
+            if (torch.distributed.is_available() and torch.distributed.is_initialized())
+            else 1
+        )
         return steps * self.run.tokens_per_step(stage_key) * world
 
     def write_once(self, write: Callable[[], object]) -> None:
@@ -152,15 +163,19 @@ class Pipeline:
 
     @staticmethod
     def trainer_is_global_zero() -> bool:
-        return not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_rank() != 0)
+        return not (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_rank() != 0
+        )
 
     def check_trainer_keys(self) -> None:
         """A `trainer` (or `stages.<name>.trainer`) key that lightning.Trainer does not take stops here,
         before any work, rather than when that stage's Trainer is built."""
         known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
         for where, node in [("trainer", self.run.trainer)] + [
-                (f"stages.{n}.trainer", v.get("trainer", {})) for n, v in self.run.stages.items()]:
+            (f"stages.{n}.trainer", v.get("trainer", {})) for n, v in self.run.stages.items()
+        ]:
             for key in node:
                 if key not in known:
                     raise ConfigError(f"{where}.{key}", "not an argument of lightning.Trainer (see its documentation)")
@@ -180,7 +195,8 @@ class Pipeline:
         if not self.run.overwrite:
             raise ArtifactError(
                 f"{first} was made by other settings (config {meta.get('config_hash')}, this run's is "
-                f"{self.hashes['layer']}); use overwrite=true to replace them or experiment=NAME for a new folder")
+                f"{self.hashes['layer']}); use overwrite=true to replace them or experiment=NAME for a new folder"
+            )
         log.warning("overwrite=true: removing the layer-wise artifacts of %s", self.paths.root)
         for d in (self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
             shutil.rmtree(d, ignore_errors=True)
@@ -204,9 +220,11 @@ class Pipeline:
             _, meta = art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k))
             prev = self.paths.layer_ckpt(k - 1) if k > 1 else None
             if prev is not None and prev.exists() and meta.get("prev_sha256") != art.sha256_file(prev):
-                raise ArtifactError(f"{path} was trained on the activations of another {prev.name} than the one "
-                                    f"there now (sha256 {str(meta.get('prev_sha256'))[:12]}); use overwrite=true "
-                                    f"to retrain it")
+                raise ArtifactError(
+                    f"{path} was trained on the activations of another {prev.name} than the one "
+                    f"there now (sha256 {str(meta.get('prev_sha256'))[:12]}); use overwrite=true "
+                    f"to retrain it"
+                )
         except ArtifactError as e:
             if not self.run.overwrite:
                 raise
@@ -232,11 +250,18 @@ class Pipeline:
         """acts_layer{k}, checked against the checkpoint that produced it."""
         producer = art.sha256_file(self.paths.layer_ckpt(k))
         return acts.ActivationCache.open(
-            self.paths.acts_dir(k), verify=self.run.verify,
-            expect={"config_hash": self.hashes["layer"], "producer_sha256": producer, "k": k,
-                    "d_model": self.cfg.d_model, "seq_len": self.run.data.seq_len})
+            self.paths.acts_dir(k),
+            verify=self.run.verify,
+            expect={
+                "config_hash": self.hashes["layer"],
+                "producer_sha256": producer,
+                "k": k,
+                "d_model": self.cfg.d_model,
+                "seq_len": self.run.data.seq_len,
+            },
+        )
 
-    def layer_shas(self) -> Optional[list]:
+    def layer_shas(self) -> list | None:
         """sha256 of layer_1.pt .. layer_L.pt (None while one is missing): what a fused model was made of."""
         paths = [self.paths.layer_ckpt(k) for k in range(1, self.cfg.n_layers + 1)]
         return [art.sha256_file(p) for p in paths] if all(p.is_file() for p in paths) else None
@@ -246,8 +271,11 @@ class Pipeline:
         if shas is None:
             return False
         try:  # made by these settings from exactly these layer checkpoints
-            _, _, meta = art.load_safetensors_model(self.paths.fused_dir, verify=self.run.verify,
-                                                     expect={"config_hash": self.hashes["fusion"], "layers_sha256": shas})
+            _, _, meta = art.load_safetensors_model(
+                self.paths.fused_dir,
+                verify=self.run.verify,
+                expect={"config_hash": self.hashes["fusion"], "layers_sha256": shas},
+            )
         except ArtifactError:
             return False
         return self.run.fusion.finetune_steps == 0 or meta.get("finetuned", False)
@@ -260,12 +288,22 @@ class Pipeline:
     def token_data(self, k: int, max_steps: int) -> TokenStageData:
         s, run = self.splits(), self.run
         return TokenStageData(
-            s.train, s.val, batch_size=run.data.batch_size, seed=run.seed, schedule=self.schedule,
-            mask_id=self.cfg.mask_id, pad_id=self.cfg.pad_id, k=k, max_steps=max(1, max_steps),
-            views=run.cache.views, num_workers=run.data.num_workers,
+            s.train,
+            s.val,
+            batch_size=run.data.batch_size,
+            seed=run.seed,
+            schedule=self.schedule,
+            mask_id=self.cfg.mask_id,
+            pad_id=self.cfg.pad_id,
+            k=k,
+            max_steps=max(1, max_steps),
+            views=run.cache.views,
+            num_workers=run.data.num_workers,
             cache_rows=cache_rows(len(s.train), run.cache_train_sequences(), run.seed),
             cache_batch_size=run.cache.batch_size,
-            per_layer_views=run.masking.schedule == "per_layer", n_layers=self.cfg.n_layers)
+            per_layer_views=run.masking.schedule == "per_layer",
+            n_layers=self.cfg.n_layers,
+        )
 
     # ------------------------------------------------------------------ layer-wise stages
     def layer_stage(self, k: int) -> None:
@@ -281,24 +319,41 @@ class Pipeline:
         else:
             prev_path = self.paths.layer_ckpt(k - 1)
             if not prev_path.exists():
-                raise ArtifactError(f"stage=layer k={k} needs {prev_path}, which does not exist: "
-                                    f"run {'stage=embed' if k == 2 else f'stage=layer k={k - 1}'} first")
+                raise ArtifactError(
+                    f"stage=layer k={k} needs {prev_path}, which does not exist: "
+                    f"run {'stage=embed' if k == 2 else f'stage=layer k={k - 1}'} first"
+                )
             previous, _ = art.load_layer_checkpoint(prev_path, expect=self.layer_meta_expect(k - 1))
             prev_sha = art.sha256_file(prev_path)
             if not self.paths.acts_manifest(k - 1).exists():
-                raise ArtifactError(f"stage=layer k={k} needs the activation cache {self.paths.acts_dir(k - 1)} "
-                                    f"(no complete manifest.json): rerun stage {_stage_name(k - 1)} to rebuild it")
+                raise ArtifactError(
+                    f"stage=layer k={k} needs the activation cache {self.paths.acts_dir(k - 1)} "
+                    f"(no complete manifest.json): rerun stage {_stage_name(k - 1)} to rebuild it"
+                )
             cache = self.open_cache(k - 1)
             if cfg.tie_embeddings:
                 first, _ = art.load_layer_checkpoint(self.paths.layer_ckpt(1), expect=self.layer_meta_expect(1))
                 embed_weight = first["embed.weight"]
             train_views = [k - 1] if run.masking.schedule == "per_layer" else None
-            data = acts.ActivationDataModule(cache, batch_size=run.data.batch_size, seed=derive_seed(run.seed, name),
-                                             num_workers=run.data.num_workers, train_views=train_views,
-                                             max_steps=run.max_steps("layer"))
+            data = acts.ActivationDataModule(
+                cache,
+                batch_size=run.data.batch_size,
+                seed=derive_seed(run.seed, name),
+                num_workers=run.data.num_workers,
+                train_views=train_views,
+                max_steps=run.max_steps("layer"),
+            )
         stage_key = "embed" if k == 1 else "layer"
-        module = LayerwiseStage(cfg, k, run.optim_for(stage_key), run.masking.weighting, run.max_steps(stage_key),
-                                previous=previous, embed_weight=embed_weight, init=run.layer_init)
+        module = LayerwiseStage(
+            cfg,
+            k,
+            run.optim_for(stage_key),
+            run.masking.weighting,
+            run.max_steps(stage_key),
+            previous=previous,
+            embed_weight=embed_weight,
+            init=run.layer_init,
+        )
 
         ckpt_path = self.paths.layer_ckpt(k)
         if ckpt_path.exists():  # trained before, killed while caching: reuse the weights
@@ -315,10 +370,18 @@ class Pipeline:
             seconds = time.time() - t0
             steps = run.max_steps(stage_key)
             # no wall time in the file: the same settings must give the same bytes (invariant 4)
-            meta = {"stage": name, "k": k, "config_hash": self.hashes["layer"], "model": cfg.to_dict(),
-                    "frozen_sha256": module.block.frozen_up_checksum(), "prev_sha256": prev_sha,
-                    "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
-                    "steps": steps, "tokens": self.tokens_seen(stage_key, steps)}
+            meta = {
+                "stage": name,
+                "k": k,
+                "config_hash": self.hashes["layer"],
+                "model": cfg.to_dict(),
+                "frozen_sha256": module.block.frozen_up_checksum(),
+                "prev_sha256": prev_sha,
+                "val_loss": metrics["val/loss"],
+                "val_acc": metrics["val/masked_acc"],
+                "steps": steps,
+                "tokens": self.tokens_seen(stage_key, steps),
+            }
             state = module.export_state()
             self.write_once(lambda: art.save_layer_checkpoint(ckpt_path, state, meta))
             _kill_point(f"saved:{name}")
@@ -331,23 +394,41 @@ class Pipeline:
         run, acts_dir = self.run, self.paths.acts_dir(k)
         acts.discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
         loaders = self.check_cache_space(data, k)  # before the first shard is written
-        writer = acts.CacheWriter(acts_dir, splits=["train", "val"], shard_size=run.cache.shard_size,
-                                  dtype=run.cache.dtype, vocab_size=self.cfg.vocab_size)
+        writer = acts.CacheWriter(
+            acts_dir,
+            splits=["train", "val"],
+            shard_size=run.cache.shard_size,
+            dtype=run.cache.dtype,
+            vocab_size=self.cfg.vocab_size,
+        )
         trainer = self.plain_trainer(callbacks=[writer] + ([_KillHook(str(k))] if _KILL_AT else []))
         module.eval()
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
         _kill_point(f"cached:{k}")
-        self.write_once(lambda: acts.write_manifest(acts_dir, writer.records(), {
-            "k": k, "config_hash": self.hashes["layer"], "producer_sha256": art.sha256_file(self.paths.layer_ckpt(k)),
-            "d_model": self.cfg.d_model, "seq_len": run.data.seq_len, "views": run.cache.views,
-            "dtype": run.cache.dtype}))
+        self.write_once(
+            lambda: acts.write_manifest(
+                acts_dir,
+                writer.records(),
+                {
+                    "k": k,
+                    "config_hash": self.hashes["layer"],
+                    "producer_sha256": art.sha256_file(self.paths.layer_ckpt(k)),
+                    "d_model": self.cfg.d_model,
+                    "seq_len": run.data.seq_len,
+                    "views": run.cache.views,
+                    "dtype": run.cache.dtype,
+                },
+            )
+        )
 
     def check_cache_space(self, data, k: int) -> list:
         """Stop when acts_layer{k} would not fit on its disk; returns the caching loaders."""
         run, loaders = self.run, data.predict_dataloader()
         rows = sum(len(dl.dataset) for dl in loaders)
-        acts.check_free_space(self.paths.acts_dir(k), acts.estimate_cache_bytes(
-            rows, run.data.seq_len, self.cfg.d_model, run.cache.dtype, self.cfg.vocab_size))
+        acts.check_free_space(
+            self.paths.acts_dir(k),
+            acts.estimate_cache_bytes(rows, run.data.seq_len, self.cfg.d_model, run.cache.dtype, self.cfg.vocab_size),
+        )
         return loaders
 
     def drop_stage_ckpt(self, name: str) -> None:
@@ -364,26 +445,44 @@ class Pipeline:
         for k in range(1, cfg.n_layers + 1):
             path = self.paths.layer_ckpt(k)
             if not path.exists():
-                raise ArtifactError(f"stage=fusion needs {path}, which does not exist: run "
-                                    f"{'stage=embed' if k == 1 else f'stage=layer k={k}'} first (or stage=all)")
+                raise ArtifactError(
+                    f"stage=fusion needs {path}, which does not exist: run "
+                    f"{'stage=embed' if k == 1 else f'stage=layer k={k}'} first (or stage=all)"
+                )
             states.append(art.load_layer_checkpoint(path, expect=self.layer_meta_expect(k)))
             if k > 1 and states[-1][1].get("prev_sha256") != art.sha256_file(self.paths.layer_ckpt(k - 1)):
-                raise ArtifactError(f"{path} was trained on the activations of another layer_{k - 1}.pt than the "
-                                    f"one there now; rerun stage=layer k={k} (overwrite=true) or stage=all")
+                raise ArtifactError(
+                    f"{path} was trained on the activations of another layer_{k - 1}.pt than the "
+                    f"one there now; rerun stage=layer k={k} (overwrite=true) or stage=all"
+                )
         model = assemble(cfg, states)
         data = self.token_data(0, max(1, run.fusion.finetune_steps))
-        module = FullModelStage(cfg, run.optim_for("fusion"), run.masking.weighting,
-                                max(1, run.fusion.finetune_steps), "fusion", model=model)
+        module = FullModelStage(
+            cfg,
+            run.optim_for("fusion"),
+            run.masking.weighting,
+            max(1, run.fusion.finetune_steps),
+            "fusion",
+            model=model,
+        )
         t0 = time.time()
         metrics = self.evaluate(module, data.val_dataloader())
         last_meta = states[-1][1]
         if run.fusion.check:
             self.check_fused(metrics["val/loss"], last_meta["val_loss"])
-        layer_seconds = sum(r["seconds"] for r in art.read_results(self.paths)
-                            if r["stage"] == "embed" or r["stage"].startswith("layer_"))
-        meta = {"config_hash": self.hashes["fusion"], "val_loss": metrics["val/loss"],
-                "val_acc": metrics["val/masked_acc"], "finetuned": False,
-                "tokens": sum(m["tokens"] for _, m in states), "layers_sha256": self.layer_shas()}
+        layer_seconds = sum(
+            r["seconds"]
+            for r in art.read_results(self.paths)
+            if r["stage"] == "embed" or r["stage"].startswith("layer_")
+        )
+        meta = {
+            "config_hash": self.hashes["fusion"],
+            "val_loss": metrics["val/loss"],
+            "val_acc": metrics["val/masked_acc"],
+            "finetuned": False,
+            "tokens": sum(m["tokens"] for _, m in states),
+            "layers_sha256": self.layer_shas(),
+        }
         fused_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         self.write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(), meta))
         _kill_point("saved:fused")
@@ -392,14 +491,23 @@ class Pipeline:
             self.fit(module, data, "fusion", "finetune")
             ft = self.evaluate(module, data.val_dataloader())
             steps = run.fusion.finetune_steps
-            ft_meta = {**meta, "val_loss": ft["val/loss"], "val_acc": ft["val/masked_acc"], "finetuned": True,
-                       "tokens": meta["tokens"] + self.tokens_seen("fusion", steps)}
+            ft_meta = {
+                **meta,
+                "val_loss": ft["val/loss"],
+                "val_acc": ft["val/masked_acc"],
+                "finetuned": True,
+                "tokens": meta["tokens"] + self.tokens_seen("fusion", steps),
+            }
             ft_state = module.model.state_dict()
-            self.write_once(lambda: art.save_safetensors_model(self.paths.finetuned_dir, ft_state, cfg.to_dict(),
-                                                               ft_meta))
+            self.write_once(
+                lambda: art.save_safetensors_model(self.paths.finetuned_dir, ft_state, cfg.to_dict(), ft_meta)
+            )
             # the fused record goes last: it says the whole fusion stage is complete
-            self.write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused_state, cfg.to_dict(),
-                                                               {**meta, "finetuned": True}))
+            self.write_once(
+                lambda: art.save_safetensors_model(
+                    self.paths.fused_dir, fused_state, cfg.to_dict(), {**meta, "finetuned": True}
+                )
+            )
             self.record("finetuned", cfg.n_layers, ft_meta, layer_seconds + time.time() - t0)
             self.drop_stage_ckpt("finetune")
 
@@ -410,14 +518,16 @@ class Pipeline:
         if abs(fused_loss - stage_loss) > rtol * abs(stage_loss):
             raise StackWiseError(
                 f"fusion check failed: the fused model's validation loss {fused_loss:.6f} differs from the last "
-                f"stage's {stage_loss:.6f} by more than {rtol:g} relative; the layer checkpoints are inconsistent")
+                f"stage's {stage_loss:.6f} by more than {rtol:g} relative; the layer checkpoints are inconsistent"
+            )
         log.info("fusion check: fused val loss %.6f == last stage %.6f (rtol %g)", fused_loss, stage_loss, rtol)
 
     def e2e_stage(self) -> None:
         run, cfg = self.run, self.cfg
         try:
-            _, _, meta = art.load_safetensors_model(self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]},
-                                                     verify=self.run.verify)
+            _, _, meta = art.load_safetensors_model(
+                self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]}, verify=self.run.verify
+            )
             log.info("stage e2e: complete, skipped")
             self.drop_stage_ckpt("e2e")
             return
@@ -429,8 +539,13 @@ class Pipeline:
         t0 = time.time()
         self.fit(module, data, "e2e", "e2e")
         metrics = self.evaluate(module, data.val_dataloader())
-        meta = {"config_hash": self.hashes["e2e"], "val_loss": metrics["val/loss"], "val_acc": metrics["val/masked_acc"],
-                "tokens": self.tokens_seen("e2e", steps), "steps": steps}
+        meta = {
+            "config_hash": self.hashes["e2e"],
+            "val_loss": metrics["val/loss"],
+            "val_acc": metrics["val/masked_acc"],
+            "tokens": self.tokens_seen("e2e", steps),
+            "steps": steps,
+        }
         e2e_state = module.model.state_dict()
         self.write_once(lambda: art.save_safetensors_model(self.paths.e2e_dir, e2e_state, cfg.to_dict(), meta))
         self.record("e2e", cfg.n_layers, meta, time.time() - t0)
@@ -445,8 +560,13 @@ class Pipeline:
         kw = run.trainer_kwargs(stage_key)
         # read by Lightning's ThroughputMonitor for FLOP/s and MFU in TensorBoard (constant per step)
         module.flops_per_batch = train_step_flops(
-            run.model, stage_key, getattr(module, "k", 1), run.data.batch_size, run.data.seq_len,
-            run.masking.mean_rate())  # per batch: what one forward + backward costs
+            run.model,
+            stage_key,
+            getattr(module, "k", 1),
+            run.data.batch_size,
+            run.data.seq_len,
+            run.masking.mean_rate(),
+        )  # per batch: what one forward + backward costs
         ckpt_dir = self.paths.stage_ckpt_dir(name)
         last = self.resume_point(ckpt_dir, {"stage": name, "config_hash": self.hashes[_HASH_OF_STAGE[stage_key]]})
         ckpt_every = int(kw.get("val_check_interval") or 50) if isinstance(kw.get("val_check_interval"), int) else 50
@@ -454,18 +574,27 @@ class Pipeline:
         logger = self.logger(name)
         callbacks = [checkpoint] + self.extra_callbacks(logger is not None) + ([_KillHook(name)] if _KILL_AT else [])
         plugins = {} if "plugins" in kw else {"plugins": [AtomicCheckpointIO()]}
-        trainer = L.Trainer(**kw, logger=logger if logger is not None else False, callbacks=callbacks,
-                            default_root_dir=str(self.paths.root), **plugins)
+        trainer = L.Trainer(
+            **kw,
+            logger=logger if logger is not None else False,
+            callbacks=callbacks,
+            default_root_dir=str(self.paths.root),
+            **plugins,
+        )
         L.seed_everything(derive_seed(run.seed, "dropout", name) % (2**31), workers=True, verbose=False)
         if logger is not None:
             logger.log_hyperparams(_flat_hparams(run, name))
         with warnings.catch_warnings():
             # our train loaders do resume mid-epoch (the sampler starts at global_step), whatever Lightning assumes
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
-            trainer.fit(module, datamodule=data, ckpt_path=str(last) if last else None,
-                        **({"weights_only": True} if last else {}))
+            trainer.fit(
+                module,
+                datamodule=data,
+                ckpt_path=str(last) if last else None,
+                **({"weights_only": True} if last else {}),
+            )
 
-    def resume_point(self, ckpt_dir: Path, tag: dict) -> Optional[Path]:
+    def resume_point(self, ckpt_dir: Path, tag: dict) -> Path | None:
         """ckpt/<stage>/last.ckpt when a killed run with these settings left a readable one, else None.
 
         The folder's stackwise.json (stage and config hash) is written before Lightning saves anything
@@ -482,8 +611,10 @@ class Pipeline:
             if not isinstance(have, dict) or have.get("config_hash") is None:
                 problem = f"has no readable {tag_path.name} saying which settings made it"
             elif have != tag:
-                problem = (f"was made by config {str(have.get('config_hash'))[:12]} (stage {have.get('stage')}) but this "
-                           f"run's is {tag['config_hash'][:12]} (stage {tag['stage']})")
+                problem = (
+                    f"was made by config {str(have.get('config_hash'))[:12]} (stage {have.get('stage')}) but this "
+                    f"run's is {tag['config_hash'][:12]} (stage {tag['stage']})"
+                )
             else:
                 try:
                     with zipfile.ZipFile(last) as z:  # the archive's directory sits at its end: truncation shows
@@ -496,8 +627,10 @@ class Pipeline:
                 log.info("stage %s: resuming from %s", tag["stage"], last)
                 return last
             if not self.run.overwrite:
-                raise ArtifactError(f"{last} {problem}; use overwrite=true to restart stage {tag['stage']} from "
-                                    f"scratch, or experiment=NAME for a new folder")
+                raise ArtifactError(
+                    f"{last} {problem}; use overwrite=true to restart stage {tag['stage']} from "
+                    f"scratch, or experiment=NAME for a new folder"
+                )
             log.warning("overwrite=true: dropping %s (%s)", last, problem)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         art.atomic_write_json(tag, tag_path)
@@ -512,11 +645,20 @@ class Pipeline:
         return {k: float(v) for k, v in metrics.items()}
 
     def plain_trainer(self, callbacks=(), inference_mode: bool = True) -> L.Trainer:
-        kw = {k: v for k, v in self.run.trainer.items()
-              if k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")}
-        return L.Trainer(**kw, logger=False, callbacks=list(callbacks), limit_val_batches=1.0,
-                         enable_model_summary=False, default_root_dir=str(self.paths.root),
-                         inference_mode=inference_mode)
+        kw = {
+            k: v
+            for k, v in self.run.trainer.items()
+            if k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")
+        }
+        return L.Trainer(
+            **kw,
+            logger=False,
+            callbacks=list(callbacks),
+            limit_val_batches=1.0,
+            enable_model_summary=False,
+            default_root_dir=str(self.paths.root),
+            inference_mode=inference_mode,
+        )
 
     def logger(self, version: str):
         if not self.run.logger:
@@ -525,7 +667,7 @@ class Pipeline:
 
     def extra_callbacks(self, have_logger: bool) -> list:
         out = []
-        for name, node in (self.run.callbacks or {}).items():
+        for node in (self.run.callbacks or {}).values():
             if not node:
                 continue
             cb = instantiate(node)
@@ -535,8 +677,14 @@ class Pipeline:
         return out
 
     def record(self, stage: str, k: int, meta: dict, seconds: float) -> None:
-        rec = {"stage": stage, "k": k, "val_loss": meta["val_loss"], "val_acc": meta["val_acc"],
-               "tokens": meta["tokens"], "seconds": seconds}
+        rec = {
+            "stage": stage,
+            "k": k,
+            "val_loss": meta["val_loss"],
+            "val_acc": meta["val_acc"],
+            "tokens": meta["tokens"],
+            "seconds": seconds,
+        }
         self.write_once(lambda: (art.append_result(self.paths, rec), self.log_summary(stage, k, rec)))
 
     def log_summary(self, stage: str, k: int, rec: dict) -> None:
@@ -560,8 +708,16 @@ def _stage_name(k: int) -> str:
 
 
 def _flat_hparams(run: RunConfig, stage: str) -> dict:
-    out = {"stage": stage, "experiment": run.experiment, "seed": run.seed, "lr": run.optim_for(
-        "fusion" if stage == "finetune" else ("embed" if stage == "embed" else ("e2e" if stage == "e2e" else "layer"))).lr}
+    out = {
+        "stage": stage,
+        "experiment": run.experiment,
+        "seed": run.seed,
+        "lr": run.optim_for(
+            "fusion"
+            if stage == "finetune"
+            else ("embed" if stage == "embed" else ("e2e" if stage == "e2e" else "layer"))
+        ).lr,
+    }
     for key, value in run.model.to_dict().items():
         out[f"model/{key}"] = str(value) if isinstance(value, list) else value
     for key, value in dataclasses.asdict(run.masking).items():
@@ -576,5 +732,7 @@ def print_table(records: list[dict]) -> None:
         return
     lines = [f"{'stage':<12}{'val loss':>10}{'val acc':>10}{'tokens':>14}{'time (s)':>10}"]
     for r in records:
-        lines.append(f"{r['stage']:<12}{r['val_loss']:>10.4f}{r['val_acc']:>10.4f}{r['tokens']:>14,}{r['seconds']:>10.1f}")
+        lines.append(
+            f"{r['stage']:<12}{r['val_loss']:>10.4f}{r['val_acc']:>10.4f}{r['tokens']:>14,}{r['seconds']:>10.1f}"
+        )
     print("\n" + "\n".join(lines) + "\n", flush=True)

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 from stackwise import artifacts as art
 from stackwise.errors import ArtifactError, StackWiseError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 REPORT_MD = "report.md"
 DEPTH_PNG = "depth.png"
@@ -49,12 +50,12 @@ _REQUIRED = ("stage", "val_loss", "val_acc", "tokens", "seconds")
 class Row:
     """One model of the report: a layer-wise prefix 1..k, the fused, fine-tuned or e2e model."""
 
-    stage: str            # "embed", "layer_k", "fused", "finetuned", "e2e"
+    stage: str  # "embed", "layer_k", "fused", "finetuned", "e2e"
     k: int
     val_loss: float
     val_acc: float
-    tokens: int           # tokens seen by this model (cumulative for layer-wise rows, see module doc)
-    seconds: float        # wall time that produced it (same convention)
+    tokens: int  # tokens seen by this model (cumulative for layer-wise rows, see module doc)
+    seconds: float  # wall time that produced it (same convention)
 
     @property
     def label(self) -> str:
@@ -66,7 +67,7 @@ class Step:
     """k-1 -> k: did adding layer k lower the validation loss?"""
 
     k: int
-    delta: Optional[float]  # loss(k) - loss(k-1); None when stage k-1 has no record
+    delta: float | None  # loss(k) - loss(k-1); None when stage k-1 has no record
 
     @property
     def lowers(self) -> bool:
@@ -79,10 +80,10 @@ class DepthResults:
 
     name: str
     exp_dir: Path
-    layers: list[Row] = field(default_factory=list)   # k ascending
-    fused: Optional[Row] = None
-    finetuned: Optional[Row] = None
-    e2e: Optional[Row] = None
+    layers: list[Row] = field(default_factory=list)  # k ascending
+    fused: Row | None = None
+    finetuned: Row | None = None
+    e2e: Row | None = None
 
     # -- derived views
     def rows(self) -> list[Row]:
@@ -90,7 +91,7 @@ class DepthResults:
         return self.layers + [r for r in (self.fused, self.finetuned, self.e2e) if r is not None]
 
     @property
-    def n_layers(self) -> Optional[int]:
+    def n_layers(self) -> int | None:
         ks = [r.k for r in self.rows()]
         return max(ks) if ks else None
 
@@ -99,17 +100,19 @@ class DepthResults:
         by_k = {r.k: r for r in self.layers}
         if len(by_k) < 1:
             return []
-        return [Step(k, by_k[k].val_loss - by_k[k - 1].val_loss if k - 1 in by_k and k in by_k else None)
-                for k in range(min(by_k) + 1, max(by_k) + 1)]
+        return [
+            Step(k, by_k[k].val_loss - by_k[k - 1].val_loss if k - 1 in by_k and k in by_k else None)
+            for k in range(min(by_k) + 1, max(by_k) + 1)
+        ]
 
-    def every_layer_lowers(self) -> Optional[bool]:
+    def every_layer_lowers(self) -> bool | None:
         """True/False; None when fewer than two layer-wise stages exist (nothing to judge)."""
         steps = self.steps()
         if not steps:
             return None
         return all(s.lowers for s in steps) and min(r.k for r in self.layers) == 1
 
-    def best_layerwise(self) -> Optional[Row]:
+    def best_layerwise(self) -> Row | None:
         """The lowest-loss final layer-wise model: fused or fine-tuned; the deepest stage before fusion."""
         finals = [r for r in (self.fused, self.finetuned) if r is not None]
         if not finals:
@@ -118,7 +121,7 @@ class DepthResults:
             return None
         return min(finals, key=lambda r: (_sortable(r.val_loss), r.tokens))
 
-    def gap(self, row: Optional[Row]) -> Optional[float]:
+    def gap(self, row: Row | None) -> float | None:
         """(loss - e2e) / e2e as a fraction; None without an e2e record."""
         if row is None or self.e2e is None:
             return None
@@ -131,12 +134,12 @@ def _sortable(x: float) -> float:
     return math.inf if math.isnan(x) else x
 
 
-def _layer_k(stage: str) -> Optional[int]:
+def _layer_k(stage: str) -> int | None:
     """embed -> 1, layer_k -> k; None for every other stage."""
     if stage == "embed":
         return 1
-    if stage.startswith("layer_") and stage[len("layer_"):].isdigit():
-        return int(stage[len("layer_"):])
+    if stage.startswith("layer_") and stage[len("layer_") :].isdigit():
+        return int(stage[len("layer_") :])
     return None
 
 
@@ -147,7 +150,7 @@ def _number(rec: dict, key: str, where: str, kind: type) -> Any:
     return kind(value)
 
 
-def load_depth_results(exp_dir: PathLike, name: Optional[str] = None) -> DepthResults:
+def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResults:
     """Read `<exp_dir>/results.json` into a DepthResults; StackWiseError (one line) when there is none."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
@@ -155,14 +158,17 @@ def load_depth_results(exp_dir: PathLike, name: Optional[str] = None) -> DepthRe
     paths = art.ExperimentPaths(exp_dir)
     records = art.read_results(paths)
     if not records:
-        raise StackWiseError(f"{exp_dir} has no results ({paths.results_json.name} is missing or empty): "
-                             f"run stackwise-train for this experiment first")
+        raise StackWiseError(
+            f"{exp_dir} has no results ({paths.results_json.name} is missing or empty): "
+            f"run stackwise-train for this experiment first"
+        )
     last: dict[str, dict] = {}
     for i, rec in enumerate(records):
         missing = [key for key in _REQUIRED if key not in rec]
         if missing:
-            raise ArtifactError(f"{paths.results_json} record {i} has no {missing[0]!r}; "
-                                f"the file is not a StackWise results.json")
+            raise ArtifactError(
+                f"{paths.results_json} record {i} has no {missing[0]!r}; the file is not a StackWise results.json"
+            )
         last.pop(str(rec["stage"]), None)  # keep the latest run of a stage, in order of completion
         last[str(rec["stage"])] = rec
 
@@ -174,8 +180,14 @@ def load_depth_results(exp_dir: PathLike, name: Optional[str] = None) -> DepthRe
         if k_layer is None and stage not in _FINAL_STAGES:
             continue  # a stage this report does not know (future kinds): leave it out rather than fail
         k = k_layer if k_layer is not None else (_number(rec, "k", where, int) if "k" in rec else 0)
-        row = Row(stage, k, _number(rec, "val_loss", where, float), _number(rec, "val_acc", where, float),
-                  _number(rec, "tokens", where, int), _number(rec, "seconds", where, float))
+        row = Row(
+            stage,
+            k,
+            _number(rec, "val_loss", where, float),
+            _number(rec, "val_acc", where, float),
+            _number(rec, "tokens", where, int),
+            _number(rec, "seconds", where, float),
+        )
         if k_layer is not None:
             stage_rows.append(row)
         else:
@@ -193,15 +205,15 @@ def load_depth_results(exp_dir: PathLike, name: Optional[str] = None) -> DepthRe
 
 
 # ---------------------------------------------------------------------------------- formatting
-def fmt_loss(x: Optional[float]) -> str:
+def fmt_loss(x: float | None) -> str:
     return "–" if x is None else ("nan" if math.isnan(x) else f"{x:.4f}")
 
 
-def fmt_delta(x: Optional[float]) -> str:
+def fmt_delta(x: float | None) -> str:
     return "–" if x is None else ("nan" if math.isnan(x) else f"{x:+.4f}")
 
 
-def fmt_pct(x: Optional[float], signed: bool = True) -> str:
+def fmt_pct(x: float | None, signed: bool = True) -> str:
     if x is None:
         return "–"
     if math.isnan(x) or math.isinf(x):
@@ -209,7 +221,7 @@ def fmt_pct(x: Optional[float], signed: bool = True) -> str:
     return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
 
 
-def fmt_tokens(n: Optional[int]) -> str:
+def fmt_tokens(n: int | None) -> str:
     """1234 -> 1,234; 123456 -> 123k; 1234567 -> 1.23M; 12345678 -> 12.3M; 2e9 -> 2.00B."""
     if n is None:
         return "–"
@@ -221,7 +233,7 @@ def fmt_tokens(n: Optional[int]) -> str:
     return f"{n:,}"
 
 
-def fmt_seconds(s: Optional[float]) -> str:
+def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "–"
     if math.isnan(s):
@@ -239,9 +251,17 @@ def _md_table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) 
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
 
     def line(c: Sequence[str]) -> str:
-        return "| " + " | ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(c, widths, align)) + " |"
+        return (
+            "| "
+            + " | ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(c, widths, align, strict=True))
+            + " |"
+        )
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
+    rule = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align, strict=True))
+        + "|"
+    )
     return [line(header), rule] + [line(r) for r in cells[1:]]
 
 
@@ -258,8 +278,9 @@ def layers_verdict(res: DepthResults) -> str:
     if min(r.k for r in res.layers) != 1:
         parts.append("embed (k=1) missing")
     for s in res.steps():
-        parts.append(f"{s.k - 1}→{s.k} " + ("missing" if s.delta is None else fmt_delta(s.delta))
-                     + ("" if s.lowers else " ✗"))
+        parts.append(
+            f"{s.k - 1}→{s.k} " + ("missing" if s.delta is None else fmt_delta(s.delta)) + ("" if s.lowers else " ✗")
+        )
     return f"{'yes' if verdict else 'no'} ({', '.join(parts)})"
 
 
@@ -280,11 +301,13 @@ def within_verdict(res: DepthResults) -> str:
         return "n/a (no e2e record: run `stackwise-train stage=e2e` with the same overrides for the baseline)"
     gap = res.gap(best)
     ok = gap is not None and not math.isnan(gap) and gap <= WITHIN + 1e-9  # 4.2 vs 4.0 is 5%, not 5.0000001%
-    return (f"{'yes' if ok else 'no'}: best layer-wise model = {best.label} {fmt_loss(best.val_loss)} vs e2e "
-            f"{fmt_loss(res.e2e.val_loss)} ({fmt_pct(gap)}); {tokens_note(best, res.e2e)}")
+    return (
+        f"{'yes' if ok else 'no'}: best layer-wise model = {best.label} {fmt_loss(best.val_loss)} vs e2e "
+        f"{fmt_loss(res.e2e.val_loss)} ({fmt_pct(gap)}); {tokens_note(best, res.e2e)}"
+    )
 
 
-def depth_markdown(res: DepthResults, png_name: Optional[str] = DEPTH_PNG) -> str:
+def depth_markdown(res: DepthResults, png_name: str | None = DEPTH_PNG) -> str:
     """The single-experiment report: the table, the two verdicts, the plot."""
     have_e2e = res.e2e is not None
     header = ["model", "k", "val loss", "Δ vs k-1", "val acc", "tokens", "time"] + (["gap to e2e"] if have_e2e else [])
@@ -292,30 +315,48 @@ def depth_markdown(res: DepthResults, png_name: Optional[str] = DEPTH_PNG) -> st
     rows = []
     for r in res.rows():
         prev = by_k.get(r.k - 1) if r.stage not in _FINAL_STAGES else None
-        cells = [r.label, str(r.k), fmt_loss(r.val_loss), fmt_delta(r.val_loss - prev.val_loss) if prev else "",
-                 fmt_pct(r.val_acc, signed=False), fmt_tokens(r.tokens), fmt_seconds(r.seconds)]
+        cells = [
+            r.label,
+            str(r.k),
+            fmt_loss(r.val_loss),
+            fmt_delta(r.val_loss - prev.val_loss) if prev else "",
+            fmt_pct(r.val_acc, signed=False),
+            fmt_tokens(r.tokens),
+            fmt_seconds(r.seconds),
+        ]
         if have_e2e:
             cells.append("" if r is res.e2e else fmt_pct(res.gap(r)))
         rows.append(cells)
     lines = [f"# Depth report: {_esc(res.name)}", ""]
     lines += _md_table(header, "lrrrrrrr"[: len(header)], rows)
-    lines += ["",
-              "Layer-wise row k = embeddings + layers 1..k + head after stage k; its tokens and time are summed over "
-              "stages 1..k (as for fused / fine-tuned). e2e: its own budget. "
-              + ("gap to e2e = (loss − e2e) / e2e. " if have_e2e else "")
-              + "Losses: mean masked cross-entropy on the same validation masks for every model.",
-              "",
-              f"- **Every added layer lowers the validation loss:** {layers_verdict(res)}",
-              f"- **Best layer-wise (+ fine-tune) result within {WITHIN:.0%} of e2e:** {within_verdict(res)}"]
+    lines += [
+        "",
+        "Layer-wise row k = embeddings + layers 1..k + head after stage k; its tokens and time are summed over "
+        "stages 1..k (as for fused / fine-tuned). e2e: its own budget. "
+        + ("gap to e2e = (loss − e2e) / e2e. " if have_e2e else "")
+        + "Losses: mean masked cross-entropy on the same validation masks for every model.",
+        "",
+        f"- **Every added layer lowers the validation loss:** {layers_verdict(res)}",
+        f"- **Best layer-wise (+ fine-tune) result within {WITHIN:.0%} of e2e:** {within_verdict(res)}",
+    ]
     if png_name:
         lines += ["", f"![validation loss vs depth]({png_name})"]
     return "\n".join(lines) + "\n"
 
 
-def sweep_markdown(results: Sequence[DepthResults], png_name: Optional[str] = DEPTH_PNG) -> str:
+def sweep_markdown(results: Sequence[DepthResults], png_name: str | None = DEPTH_PNG) -> str:
     """One row per experiment: final layer-wise loss, fused, fine-tuned, e2e, gap, verdicts, tokens."""
-    header = ["experiment", "L", "layer-wise (k=L)", "fused", "fine-tuned", "e2e", "gap to e2e",
-              "every layer lowers", "tokens (best / e2e)"]
+    header = [
+        "experiment",
+        "L",
+        "layer-wise (k=L)",
+        "fused",
+        "fine-tuned",
+        "e2e",
+        "gap to e2e",
+        "every layer lowers",
+        "tokens (best / e2e)",
+    ]
     rows = []
     for res in results:
         best = res.best_layerwise()
@@ -323,20 +364,26 @@ def sweep_markdown(results: Sequence[DepthResults], png_name: Optional[str] = DE
         tokens = fmt_tokens(best.tokens) if best else "–"
         if res.e2e is not None:
             tokens += f" / {fmt_tokens(res.e2e.tokens)}"
-        rows.append([_esc(res.name), str(res.n_layers or "–"),
-                     fmt_loss(res.layers[-1].val_loss) if res.layers else "–",
-                     fmt_loss(res.fused.val_loss) if res.fused else "–",
-                     fmt_loss(res.finetuned.val_loss) if res.finetuned else "–",
-                     fmt_loss(res.e2e.val_loss) if res.e2e else "–",
-                     fmt_pct(res.gap(best)),
-                     "n/a" if verdict is None else ("yes" if verdict else "no"),
-                     tokens])
+        rows.append(
+            [
+                _esc(res.name),
+                str(res.n_layers or "–"),
+                fmt_loss(res.layers[-1].val_loss) if res.layers else "–",
+                fmt_loss(res.fused.val_loss) if res.fused else "–",
+                fmt_loss(res.finetuned.val_loss) if res.finetuned else "–",
+                fmt_loss(res.e2e.val_loss) if res.e2e else "–",
+                fmt_pct(res.gap(best)),
+                "n/a" if verdict is None else ("yes" if verdict else "no"),
+                tokens,
+            ]
+        )
     lines = [f"# Depth report: {len(results)} experiments", ""]
     lines += _md_table(header, "lrrrrrrlr", rows)
-    lines += ["",
-              "gap to e2e: the better of fused / fine-tuned (the deepest layer-wise stage when fusion has not run) "
-              "against the experiment's own e2e baseline, (loss − e2e) / e2e. tokens: that model's total budget / e2e's.",
-              ]
+    lines += [
+        "",
+        "gap to e2e: the better of fused / fine-tuned (the deepest layer-wise stage when fusion has not run) "
+        "against the experiment's own e2e baseline, (loss − e2e) / e2e. tokens: that model's total budget / e2e's.",
+    ]
     scored = [(res.best_layerwise(), res) for res in results]
     scored = [(b, r) for b, r in scored if b is not None and not math.isnan(b.val_loss)]
     if scored:
@@ -371,14 +418,32 @@ def _finals(ax, res: DepthResults, color, x_at: float, annotate: bool) -> None:
     """fused / fine-tuned as markers just right of k = L, e2e as a dashed horizontal line."""
     for dx, row, marker in ((0.12, res.fused, "D"), (0.24, res.finetuned, "*")):
         if row is not None:
-            ax.plot([x_at + dx], [row.val_loss], marker=marker, markersize=9 if marker == "*" else 6,
-                    linestyle="none", color=color, label=row.label if annotate else None)
+            ax.plot(
+                [x_at + dx],
+                [row.val_loss],
+                marker=marker,
+                markersize=9 if marker == "*" else 6,
+                linestyle="none",
+                color=color,
+                label=row.label if annotate else None,
+            )
             if annotate:
-                ax.annotate(f"{row.val_loss:.3f}", (x_at + dx, row.val_loss), textcoords="offset points",
-                            xytext=(6, 0), va="center", fontsize=8)
+                ax.annotate(
+                    f"{row.val_loss:.3f}",
+                    (x_at + dx, row.val_loss),
+                    textcoords="offset points",
+                    xytext=(6, 0),
+                    va="center",
+                    fontsize=8,
+                )
     if res.e2e is not None:
-        ax.axhline(res.e2e.val_loss, color=color if not annotate else "black", linestyle="--", linewidth=1,
-                   label=(f"e2e baseline ({fmt_tokens(res.e2e.tokens)} tokens)" if annotate else None))
+        ax.axhline(
+            res.e2e.val_loss,
+            color=color if not annotate else "black",
+            linestyle="--",
+            linewidth=1,
+            label=(f"e2e baseline ({fmt_tokens(res.e2e.tokens)} tokens)" if annotate else None),
+        )
 
 
 def depth_figure(res: DepthResults):
@@ -387,11 +452,18 @@ def depth_figure(res: DepthResults):
     color = "tab:blue"
     if res.layers:
         ks = [r.k for r in res.layers]
-        ax.plot(ks, [r.val_loss for r in res.layers], marker="o", color=color,
-                label="layer-wise: layers 1..k after stage k")
+        ax.plot(
+            ks, [r.val_loss for r in res.layers], marker="o", color=color, label="layer-wise: layers 1..k after stage k"
+        )
         for r in res.layers:
-            ax.annotate(f"{r.val_loss:.3f}", (r.k, r.val_loss), textcoords="offset points", xytext=(0, 7),
-                        ha="center", fontsize=8)
+            ax.annotate(
+                f"{r.val_loss:.3f}",
+                (r.k, r.val_loss),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+            )
     L = res.n_layers or 1
     _finals(ax, res, "tab:red", L, annotate=True)
     ax.set_xticks(range(1, L + 1))
@@ -416,8 +488,14 @@ def sweep_figure(results: Sequence[DepthResults]):
     for i, res in enumerate(results):
         color = cmap(i % cmap.N)
         if res.layers:
-            ax.plot([r.k for r in res.layers], [r.val_loss for r in res.layers], marker="o", markersize=4,
-                    color=color, label=res.name)
+            ax.plot(
+                [r.k for r in res.layers],
+                [r.val_loss for r in res.layers],
+                marker="o",
+                markersize=4,
+                color=color,
+                label=res.name,
+            )
         else:
             ax.plot([], [], color=color, label=res.name)
         _finals(ax, res, color, res.n_layers or L, annotate=False)
@@ -427,13 +505,14 @@ def sweep_figure(results: Sequence[DepthResults]):
     ax.set_ylabel("validation loss (masked CE)")
     ax.set_title("validation loss vs depth", fontsize=10)
     ax.grid(True, alpha=0.3)
-    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="experiment",
-                       title_fontsize=8)
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="experiment", title_fontsize=8)
     ax.add_artist(legend)
-    key = [Line2D([], [], color="gray", marker="o", markersize=4, label="layer-wise, k"),
-           Line2D([], [], color="gray", marker="D", linestyle="none", label="fused (at L)"),
-           Line2D([], [], color="gray", marker="*", markersize=9, linestyle="none", label="fine-tuned (at L)"),
-           Line2D([], [], color="gray", linestyle="--", label="e2e baseline")]
+    key = [
+        Line2D([], [], color="gray", marker="o", markersize=4, label="layer-wise, k"),
+        Line2D([], [], color="gray", marker="D", linestyle="none", label="fused (at L)"),
+        Line2D([], [], color="gray", marker="*", markersize=9, linestyle="none", label="fine-tuned (at L)"),
+        Line2D([], [], color="gray", linestyle="--", label="e2e baseline"),
+    ]
     ax.legend(handles=key, fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0))
     return fig
 
@@ -448,7 +527,7 @@ def _write(out_dir: Path, markdown: str, fig) -> tuple[Path, Path]:
     return md_path, png_path
 
 
-def write_report(exp_dir: PathLike, out_dir: Optional[PathLike] = None) -> tuple[Path, Path]:
+def write_report(exp_dir: PathLike, out_dir: PathLike | None = None) -> tuple[Path, Path]:
     """Write report.md + depth.png for one experiment (into exp_dir unless out_dir); return their paths.
 
     Raises StackWiseError (one line) when the folder or its results are missing or unreadable.
@@ -460,13 +539,13 @@ def write_report(exp_dir: PathLike, out_dir: Optional[PathLike] = None) -> tuple
 def experiment_names(exp_dirs: Sequence[PathLike]) -> list[str]:
     """Folder names, or the paths as given where two folders share a name."""
     names = [Path(d).resolve().name for d in exp_dirs]
-    return [str(d) if names.count(n) > 1 else n for d, n in zip(exp_dirs, names)]
+    return [str(d) if names.count(n) > 1 else n for d, n in zip(exp_dirs, names, strict=True)]
 
 
 _GENERIC_KEY_PARTS = {"stages", "trainer", "optim"}
 
 
-def _split_overrides(name: str) -> Optional[list[str]]:
+def _split_overrides(name: str) -> list[str] | None:
     """`a.b=1,c=[x,y]` -> ["a.b=1", "c=[x,y]"] (commas inside brackets kept); None if not such a list."""
     parts, depth, cur = [], 0, ""
     for ch in name:
@@ -498,7 +577,7 @@ def sweep_labels(names: Sequence[str]) -> tuple[list[str], list[str]]:
         return list(names), []
     common = [p for p in split[0] if all(p in other for other in split[1:])]
     labels = []
-    for parts, name in zip(split, names):
+    for parts, name in zip(split, names, strict=True):
         rest = [p for p in parts if p not in common]
         labels.append(",".join(f"{_short_key(p.split('=', 1)[0])}={p.split('=', 1)[1]}" for p in rest) or name)
     if len(set(labels)) < len(labels):  # shortening made two alike: keep the full names
@@ -512,12 +591,15 @@ def write_sweep_report(exp_dirs: Sequence[PathLike], out_dir: PathLike) -> tuple
         raise StackWiseError("no experiment folders given")
     folders = experiment_names(exp_dirs)
     labels, common = sweep_labels(folders)
-    results = [load_depth_results(d, label) for d, label in zip(exp_dirs, labels)]
+    results = [load_depth_results(d, label) for d, label in zip(exp_dirs, labels, strict=True)]
     markdown = sweep_markdown(results)
     if labels != folders:
-        markdown += ("\nRows are labelled by the overrides that differ (keys shortened); the folders: "
-                     + ", ".join(f"`{f}`" for f in folders)
-                     + (f". Common to all: `{','.join(common)}`." if common else ".") + "\n")
+        markdown += (
+            "\nRows are labelled by the overrides that differ (keys shortened); the folders: "
+            + ", ".join(f"`{f}`" for f in folders)
+            + (f". Common to all: `{','.join(common)}`." if common else ".")
+            + "\n"
+        )
     return _write(Path(out_dir), markdown, sweep_figure(results))
 
 
@@ -526,5 +608,8 @@ def find_experiments(folder: PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and art.ExperimentPaths(p).results_json.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and art.ExperimentPaths(p).results_json.is_file()
+    )

@@ -19,13 +19,21 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 # imported once in the fork server; nothing of stackwise, whose import-time state must come fresh
-PRELOAD = ["torch", "lightning", "lightning.pytorch", "hydra", "omegaconf", "torchmetrics", "tensorboard",
-           "safetensors", "numpy"]
+PRELOAD = [
+    "torch",
+    "lightning",
+    "lightning.pytorch",
+    "hydra",
+    "omegaconf",
+    "torchmetrics",
+    "tensorboard",
+    "safetensors",
+    "numpy",
+]
 
-_context: Optional[multiprocessing.context.BaseContext] = None
+_context: multiprocessing.context.BaseContext | None = None
 
 
 def _ctx() -> multiprocessing.context.BaseContext:
@@ -81,10 +89,10 @@ class CliRun:
         if self.proc.exitcode is None:
             self.proc.kill()
             self.proc.join()
-            raise subprocess.TimeoutExpired(self.args, self.timeout, output=self._read(self._out),
-                                            stderr=self._read(self._err))
-        done = subprocess.CompletedProcess(self.args, self.proc.exitcode, self._read(self._out),
-                                           self._read(self._err))
+            raise subprocess.TimeoutExpired(
+                self.args, self.timeout, output=self._read(self._out), stderr=self._read(self._err)
+            )
+        done = subprocess.CompletedProcess(self.args, self.proc.exitcode, self._read(self._out), self._read(self._err))
         self.proc.close()
         self._dir.cleanup()
         return done

@@ -17,11 +17,21 @@ from tests.cli_runner import CliRun
 
 # A tiny experiment: seconds per stage on 2 CPU cores.
 TINY = [
-    "model=tiny", "data=dummy", "data.seq_len=32", "data.batch_size=16", "data.n_train=256", "data.n_val=32",
-    "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2", "cache.shard_size=100", "cache.batch_size=64",
+    "model=tiny",
+    "data=dummy",
+    "data.seq_len=32",
+    "data.batch_size=16",
+    "data.n_train=256",
+    "data.n_val=32",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.enable_progress_bar=false",
+    "optim.warmup_steps=2",
+    "cache.shard_size=100",
+    "cache.batch_size=64",
     # every stage the same steps and no fine-tune, unless a test asks for them (the defaults are tested as such)
-    "layerwise.embed_budget=1", "fusion.finetune_steps=0",
+    "layerwise.embed_budget=1",
+    "fusion.finetune_steps=0",
 ]
 
 
@@ -37,8 +47,13 @@ def make_run(tmp_path):
     """RunConfig for a tiny experiment under tmp_path: make_run("attention=mla", experiment="x")."""
 
     def _make(*overrides: str, experiment: str = "exp", tiny: bool = True):
-        ovr = (TINY if tiny else []) + [f"output_root={tmp_path}", f"experiment={experiment}", "logger=none",
-                                         "callbacks=none", *overrides]
+        ovr = (TINY if tiny else []) + [
+            f"output_root={tmp_path}",
+            f"experiment={experiment}",
+            "logger=none",
+            "callbacks=none",
+            *overrides,
+        ]
         return RunConfig.from_hydra(compose_cfg(ovr))
 
     return _make
@@ -56,12 +71,14 @@ def cli_start(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int
     return CliRun(list(args), cwd, cli_env(env_extra), timeout)
 
 
-def cli(*args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300,
-        console_script: bool = False) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300, console_script: bool = False
+) -> subprocess.CompletedProcess:
     """Run `stackwise-train ARGS` as a user would; `console_script=True` execs the installed script itself."""
     if not console_script:
         return cli_start(*args, cwd=cwd, env_extra=env_extra, timeout=timeout).wait()
     exe = shutil.which("stackwise-train")
     cmd = [exe] if exe else [sys.executable, "-m", "stackwise.cli.train"]
-    return subprocess.run(cmd + list(args), cwd=cwd, env=cli_env(env_extra), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd + list(args), cwd=cwd, env=cli_env(env_extra), capture_output=True, text=True, timeout=timeout
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -43,9 +42,14 @@ class RowSource(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(i * 7 + (0 if self.split == "train" else 1000))
-        return {"hidden": torch.randn(T, D, generator=g), "targets": torch.randint(0, self.vocab, (T,), generator=g),
-                "mask": torch.rand(T, generator=g) < 0.5, "t": torch.rand((), generator=g),
-                "index": torch.tensor(i // 2), "view": torch.tensor(i % 2)}
+        return {
+            "hidden": torch.randn(T, D, generator=g),
+            "targets": torch.randint(0, self.vocab, (T,), generator=g),
+            "mask": torch.rand(T, generator=g) < 0.5,
+            "t": torch.rand((), generator=g),
+            "index": torch.tensor(i // 2),
+            "view": torch.tensor(i % 2),
+        }
 
 
 class Passthrough(L.LightningModule):
@@ -61,15 +65,25 @@ class Passthrough(L.LightningModule):
 
 
 def _trainer(*callbacks) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
 
 
-def _build(acts_dir: Path, dtype: str = "float32", n_train: int = 23, n_val: int = 9, shard_size: int = 5,
-           vocab: int = V) -> CacheWriter:
+def _build(
+    acts_dir: Path, dtype: str = "float32", n_train: int = 23, n_val: int = 9, shard_size: int = 5, vocab: int = V
+) -> CacheWriter:
     writer = CacheWriter(acts_dir, shard_size=shard_size, vocab_size=vocab, dtype=dtype)
-    loaders = [DataLoader(RowSource(n_train, "train", vocab), batch_size=4),
-               DataLoader(RowSource(n_val, "val", vocab), batch_size=4)]
+    loaders = [
+        DataLoader(RowSource(n_train, "train", vocab), batch_size=4),
+        DataLoader(RowSource(n_val, "val", vocab), batch_size=4),
+    ]
     _trainer(writer).predict(Passthrough(), dataloaders=loaders, return_predictions=False)
     write_manifest(acts_dir, writer.records(), META)
     return writer
@@ -93,8 +107,9 @@ def f32_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ----------------------------------------------------------------------------- writer + reader
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_predict_writes_shards_and_rows_read_back_bit_identical(tmp_path: Path, dtype: str,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_writes_shards_and_rows_read_back_bit_identical(
+    tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     acts = tmp_path / "acts_layer1"
     _build(acts, dtype)
     m = json.loads((acts / "manifest.json").read_text())
@@ -108,11 +123,12 @@ def test_predict_writes_shards_and_rows_read_back_bit_identical(tmp_path: Path, 
     assert m["producer_sha256"] == META["producer_sha256"] and m["k"] == 1 and m["views"] == 2
     assert not [p for p in acts.rglob("*") if p.name.endswith(".tmp")]
 
-    loads: list[Optional[str]] = []
+    loads: list[str | None] = []
     real_load = np.load
     monkeypatch.setattr(acts_mod.np, "load", lambda *a, **kw: loads.append(kw.get("mmap_mode")) or real_load(*a, **kw))
-    cache = ActivationCache.open(acts, expect={"config_hash": META["config_hash"], "d_model": D, "seq_len": T},
-                                 verify=True)
+    cache = ActivationCache.open(
+        acts, expect={"config_hash": META["config_hash"], "d_model": D, "seq_len": T}, verify=True
+    )
     for split, n in (("train", 23), ("val", 9)):
         ds, src = ActivationDataset(cache, split), RowSource(n, split)
         assert len(ds) == n
@@ -161,7 +177,7 @@ def test_incremental_caching_through_predict_dataloader(f32_cache: Path, tmp_pat
 # --------------------------------------------------------------------------------- data module
 def _stream(dm: ActivationDataModule) -> list[list[tuple[int, int]]]:
     """Batches of the train loader as (index, view) pairs, which identify a row."""
-    return [list(zip(b["index"].tolist(), b["view"].tolist())) for b in dm.train_dataloader()]
+    return [list(zip(b["index"].tolist(), b["view"].tolist(), strict=True)) for b in dm.train_dataloader()]
 
 
 def test_train_loader_shuffles_across_shards_covers_all_and_resumes(f32_cache: Path) -> None:
@@ -178,19 +194,21 @@ def test_train_loader_shuffles_across_shards_covers_all_and_resumes(f32_cache: P
     assert flat == [((i // 2), i % 2) for i in order]
 
     resumed = ActivationDataModule(cache, batch_size=bs, seed=3, max_steps=steps)
-    resumed.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=1, global_rank=0, world_size=1,
-                                      max_steps=steps)  # what a mid-stage resume sees
+    resumed.trainer = SimpleNamespace(
+        global_step=5, accumulate_grad_batches=1, global_rank=0, world_size=1, max_steps=steps
+    )  # what a mid-stage resume sees
     assert _stream(resumed) == full[5:]
 
     # two ranks split every global batch: together they see the one-process stream of batch 2*bs
     halves = []
     for rank in (0, 1):
         d = ActivationDataModule(cache, batch_size=bs, seed=3, max_steps=steps)
-        d.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=rank, world_size=2,
-                                    max_steps=steps)
+        d.trainer = SimpleNamespace(
+            global_step=0, accumulate_grad_batches=1, global_rank=rank, world_size=2, max_steps=steps
+        )
         halves.append(_stream(d))
     single = ActivationDataModule(cache, batch_size=2 * bs, seed=3, max_steps=steps)
-    assert [a + b for a, b in zip(*halves)] == _stream(single)
+    assert [a + b for a, b in zip(*halves, strict=True)] == _stream(single)
 
 
 class TinyTrain(L.LightningModule):
@@ -212,11 +230,19 @@ class TinyTrain(L.LightningModule):
 def test_lightning_resume_mid_stage_continues_the_stream(f32_cache: Path, tmp_path: Path) -> None:
     cache = ActivationCache.open(f32_cache)
 
-    def fit(max_steps: int, ckpt_dir: str, ckpt: Optional[str] = None) -> TinyTrain:
+    def fit(max_steps: int, ckpt_dir: str, ckpt: str | None = None) -> TinyTrain:
         m = TinyTrain()
         cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / ckpt_dir, save_last=True, every_n_train_steps=1)
-        tr = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False, max_steps=max_steps, limit_val_batches=0, callbacks=[cb])
+        tr = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            max_steps=max_steps,
+            limit_val_batches=0,
+            callbacks=[cb],
+        )
         tr.fit(m, datamodule=ActivationDataModule(cache, batch_size=4, seed=1, max_steps=7), ckpt_path=ckpt)
         return m
 
@@ -300,11 +326,13 @@ def test_estimate_and_check_free_space(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(StackWiseError):
         estimate_cache_bytes(1, T, D, "int8")
 
-    monkeypatch.setattr(acts_mod.shutil, "disk_usage", lambda p: SimpleNamespace(total=8 << 30, used=7 << 30,
-                                                                                  free=1 << 30))
+    monkeypatch.setattr(
+        acts_mod.shutil, "disk_usage", lambda p: SimpleNamespace(total=8 << 30, used=7 << 30, free=1 << 30)
+    )
     target = tmp_path / "not" / "yet" / "acts_layer1"
     check_free_space(target, 1 << 29)
     with pytest.raises(StackWiseError) as e:
         check_free_space(target, 3 << 30)
-    assert str(e.value).startswith(f"not enough disk space for the activation cache at {target}: "
-                                   "needs 3.00 GiB, 1.00 GiB free")
+    assert str(e.value).startswith(
+        f"not enough disk space for the activation cache at {target}: needs 3.00 GiB, 1.00 GiB free"
+    )

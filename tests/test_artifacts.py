@@ -27,8 +27,11 @@ from stackwise.errors import ArtifactError, ConfigError
 
 def _state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"block.attn.wq": torch.randn(8, 8, generator=g), "head.norm.weight": torch.ones(8),
-            "block.bf": torch.randn(4, generator=g).to(torch.bfloat16)}
+    return {
+        "block.attn.wq": torch.randn(8, 8, generator=g),
+        "head.norm.weight": torch.ones(8),
+        "block.bf": torch.randn(4, generator=g).to(torch.bfloat16),
+    }
 
 
 META = {"k": 2, "config_hash": "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d", "frozen_sha256": "ab" * 32, "dims": (8, 8)}
@@ -55,7 +58,11 @@ def test_paths_layout(tmp_path: Path) -> None:
     assert p.stage_ckpt_dir("layer_3") == root / "ckpt" / "layer_3"
     assert p.stage_last_ckpt("layer_3") == root / "ckpt" / "layer_3" / "last.ckpt"
     assert (p.tb_dir, p.tokens_dir, p.results_json, p.hydra_dir) == (
-        root / "tb", root / "tokens", root / "results.json", root / "hydra")
+        root / "tb",
+        root / "tokens",
+        root / "results.json",
+        root / "hydra",
+    )
     assert not root.exists()  # constructing paths creates nothing
     with pytest.raises(ConfigError):
         p.layer_ckpt(0)
@@ -176,8 +183,12 @@ def test_layer_checkpoint_foreign_structure(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- safetensors
 def test_safetensors_roundtrip_with_tied_weights(tmp_path: Path) -> None:
     emb = torch.randn(10, 4)
-    sd = {"embed.weight": emb, "head.weight": emb, "norm.weight": torch.ones(4),
-          "bf": torch.randn(3).to(torch.bfloat16)}
+    sd = {
+        "embed.weight": emb,
+        "head.weight": emb,
+        "norm.weight": torch.ones(4),
+        "bf": torch.randn(3).to(torch.bfloat16),
+    }
     out = tmp_path / "fused"
     cfg = {"d_model": 4, "n_layers": 2, "attention": ["gqa", "mla"]}
     sha = save_safetensors_model(out, sd, cfg, {"config_hash": "abc", "layers": [1, 2]})
@@ -188,8 +199,9 @@ def test_safetensors_roundtrip_with_tied_weights(tmp_path: Path) -> None:
         assert torch.equal(state[k], sd[k]) and state[k].dtype == sd[k].dtype
     assert state["head.weight"].data_ptr() == state["embed.weight"].data_ptr()  # still tied
 
-    save_safetensors_model(out, {"w": torch.zeros(2)}, cfg, {"config_hash": "abc", "finetune_steps": 5},
-                           name="finetuned")
+    save_safetensors_model(
+        out, {"w": torch.zeros(2)}, cfg, {"config_hash": "abc", "finetune_steps": 5}, name="finetuned"
+    )
     ft, _, ft_meta = load_safetensors_model(out, name="finetuned")
     assert ft_meta["finetune_steps"] == 5 and torch.equal(ft["w"], torch.zeros(2))
 

@@ -162,8 +162,11 @@ def copy_of(finished: Path, tmp_path: Path) -> Path:
 
 
 def stamps(folder: Path) -> dict:
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file() and "hydra" not in p.parts and p.name != "run_config.json"}
+    return {
+        p: (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and "hydra" not in p.parts and p.name != "run_config.json"
+    }
 
 
 def truncate(path: Path) -> None:
@@ -181,6 +184,7 @@ def flip(path: Path, where: float = 0.6) -> None:
 
 SHARD = "acts/acts_layer1/train/r0_s00000.hidden.npy"
 
+
 def retrain_layer_1(exp: Path) -> None:
     """A valid layer_1.pt of the same settings, but not the one layer 2 was trained on."""
     state, meta = art.load_layer_checkpoint(exp / "layers/layer_1.pt")
@@ -194,14 +198,22 @@ ARTIFACT_CASES = [
     ("truncated_shard", lambda e: truncate(e / SHARD), ALL, "r0_s00000.hidden.npy"),
     ("missing_shard", lambda e: (e / SHARD).unlink(), ALL, "r0_s00000.hidden.npy"),
     ("shard_bytes_changed_verify", lambda e: flip(e / SHARD), ALL + ["verify=true"], "sha256"),
-    ("corrupt_manifest", lambda e: (e / "acts/acts_layer1/manifest.json").write_text("{not json"), ALL,
-     "manifest.json"),
+    (
+        "corrupt_manifest",
+        lambda e: (e / "acts/acts_layer1/manifest.json").write_text("{not json"),
+        ALL,
+        "manifest.json",
+    ),
     ("corrupt_checkpoint_bytes", lambda e: flip(e / "layers/layer_1.pt", 0.5), ALL, "layer_1.pt"),
     ("truncated_checkpoint", lambda e: truncate(e / "layers/layer_2.pt"), ALL, "layer_2.pt"),
     ("checkpoint_from_another_config", lambda e: None, ALL + ["optim.lr=0.01"], "layer_1.pt"),
     ("layer_from_another_predecessor", retrain_layer_1, ["stage=layer", "k=2"], "layer_2.pt"),
-    ("truncated_cache_read_by_next_layer", lambda e: ((e / "layers/layer_2.pt").unlink(), truncate(e / SHARD)),
-     ["stage=layer", "k=2"], "r0_s00000.hidden.npy"),
+    (
+        "truncated_cache_read_by_next_layer",
+        lambda e: ((e / "layers/layer_2.pt").unlink(), truncate(e / SHARD)),
+        ["stage=layer", "k=2"],
+        "r0_s00000.hidden.npy",
+    ),
 ]
 
 
@@ -228,7 +240,7 @@ def test_mid_stage_checkpoint_from_another_config(finished, tmp_path, make_run):
     exp = tmp_path / "outputs" / "exp"
     (exp / "ckpt" / "embed").mkdir(parents=True)
     shutil.copy(finished / "layers" / "layer_1.pt", exp / "ckpt" / "embed" / "last.ckpt")  # any zip will do
-    other = make_run(*BASE[len(TINY):], "optim.lr=0.01").hashes()["layer"]
+    other = make_run(*BASE[len(TINY) :], "optim.lr=0.01").hashes()["layer"]
     (exp / "ckpt" / "embed" / "stackwise.json").write_text(json.dumps({"stage": "embed", "config_hash": other}))
     out = run_cli(["stage=embed", "experiment=exp", *BASE], tmp_path)
     line = error_line(out)
@@ -238,7 +250,7 @@ def test_mid_stage_checkpoint_from_another_config(finished, tmp_path, make_run):
 
 # ------------------------------------------------------------------------------ in-process guards
 def test_non_finite_loss_stops_the_stage_and_keeps_nothing(make_run):
-    run = make_run("stage=all", "optim.lr=1e30", "optim.warmup_steps=0", *BASE[len(TINY):])
+    run = make_run("stage=all", "optim.lr=1e30", "optim.warmup_steps=0", *BASE[len(TINY) :])
     pipe = Pipeline(run)
     with pytest.raises(NonFiniteLossError, match=r"stage embed: non-finite training loss .* at step \d+"):
         pipe.execute()
@@ -254,7 +266,7 @@ def _no_space(monkeypatch, free: int = 1000) -> None:
 
 def test_cache_that_does_not_fit_stops_before_training(make_run, monkeypatch):
     _no_space(monkeypatch)
-    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY):]))
+    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY) :]))
     with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):
         pipe.execute()
     assert not pipe.paths.layer_ckpt(1).exists() and not pipe.paths.acts_root.exists()
@@ -264,7 +276,7 @@ def test_cache_that_does_not_fit_stops_before_writing(finished, tmp_path, make_r
     """Killed after layer_1.pt, before its cache: the rerun that rebuilds only the cache checks too."""
     shutil.copytree(finished, tmp_path / "exp")
     shutil.rmtree(tmp_path / "exp" / "acts")
-    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY):], experiment="exp"))
+    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY) :], experiment="exp"))
     _no_space(monkeypatch)
     with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):
         pipe.execute()

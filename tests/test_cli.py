@@ -21,8 +21,14 @@ def test_default_chain_writes_the_documented_artifacts(tmp_path):
     # derived from the overrides that change the model / data / objective (sorted; long names end in a hash)
     assert name.startswith("data.batch_size=16,data.n_train=256") and "cache.shard_size" not in name
     exp = tmp_path / "outputs" / name
-    for rel in ("layers/layer_1.pt", "layers/layer_2.pt", "acts/acts_layer1/manifest.json",
-                "fused/model.safetensors", "fused/config.json", "results.json"):
+    for rel in (
+        "layers/layer_1.pt",
+        "layers/layer_2.pt",
+        "acts/acts_layer1/manifest.json",
+        "fused/model.safetensors",
+        "fused/config.json",
+        "results.json",
+    ):
         assert (exp / rel).is_file(), rel
     assert not (exp / "acts" / "acts_layer2").exists()  # nothing reads the last layer's cache
     assert list((exp / "tb").glob("*/events.out.tfevents.*")), "one TensorBoard run per stage"
@@ -34,8 +40,12 @@ def test_default_chain_writes_the_documented_artifacts(tmp_path):
 
 def test_stage_by_stage_finds_the_same_experiment(tmp_path):
     common = FAST + ["model.n_layers=3"]
-    for args in (["stage=embed", "attention=gqa"], ["stage=layer", "k=2", "attention=gqa"],
-                 ["stage=layer", "k=3", "attention=gqa"], ["stage=fusion", "attention=gqa"]):
+    for args in (
+        ["stage=embed", "attention=gqa"],
+        ["stage=layer", "k=2", "attention=gqa"],
+        ["stage=layer", "k=3", "attention=gqa"],
+        ["stage=fusion", "attention=gqa"],
+    ):
         out = cli(*common, *args, cwd=tmp_path)
         assert out.returncode == 0, (args, out.stderr[-3000:])
     (name,) = exp_dirs(tmp_path)
@@ -70,14 +80,26 @@ def test_missing_previous_layer_is_one_clear_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("stackwise-train: error:") and "layer_2.pt" in lines[-1]
     assert "Traceback" not in out.stderr
-    assert not (tmp_path / "outputs" / "x" / "layers").exists() or not any((tmp_path / "outputs" / "x" / "layers").iterdir())
+    assert not (tmp_path / "outputs" / "x" / "layers").exists() or not any(
+        (tmp_path / "outputs" / "x" / "layers").iterdir()
+    )
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
     """hardware=ddp end to end with 2 ranks (gloo on CPU): per-rank cache shards, rank 0 writes the
     artifacts and the others wait for them, the fused model passes the fusion check."""
-    out = cli(*FAST, "hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-              "cache.dtype=float32", "experiment=ddp", "fusion.finetune_steps=2", cwd=tmp_path, console_script=True)
+    out = cli(
+        *FAST,
+        "hardware=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "cache.dtype=float32",
+        "experiment=ddp",
+        "fusion.finetune_steps=2",
+        cwd=tmp_path,
+        console_script=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     exp = tmp_path / "outputs" / "ddp"
     manifest = json.loads((exp / "acts" / "acts_layer1" / "manifest.json").read_text())
@@ -95,8 +117,9 @@ def test_tensorboard_gets_throughput_and_flops(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = [a for a in TINY if not a.startswith("trainer.max_steps")]
-    out = cli(*args, "stage=embed", "experiment=tb", "trainer.max_steps=24", "trainer.log_every_n_steps=4",
-              cwd=tmp_path)
+    out = cli(
+        *args, "stage=embed", "experiment=tb", "trainer.max_steps=24", "trainer.log_every_n_steps=4", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "outputs" / "tb" / "tb" / "embed"))
     events.Reload()

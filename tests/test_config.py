@@ -23,7 +23,9 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "attention", "masking", "data", "hardware", "trainer", "logger", "callbacks"])
+@pytest.mark.parametrize(
+    "group", ["model", "attention", "masking", "data", "hardware", "trainer", "logger", "callbacks"]
+)
 def test_every_group_option_composes(group, tmp_path):
     for option in group_options(group):
         overrides = [f"{group}={option}", f"output_root={tmp_path}"]
@@ -72,15 +74,26 @@ def test_seed_and_70b_param_counts_without_allocating():
     assert param_counts(seed)["total"] == L * per_layer + v * d + d
 
 
-@pytest.mark.parametrize("override,field", [
-    ("stage=bogus", "stage"), ("attention=gqa model.n_kv_heads=3", "model.n_kv_heads"),
-    ("model.d_model=130", "model.d_model"), ("masking.mask_fraction_min=0.95", "masking"),
-    ("stage=layer k=9", "k"), ("stage=layer", "k"), ("model.attention=[gqa,mla]", "model.attention"),
-    ("model.attention=[gqa,foo,gqa,gqa]", "model.attention"), ("cache.dtype=int8", "cache.dtype"),
-    ("optim.lr=-1", "optim.lr"), ("model.dropout=1.5", "model.dropout"), ("seed=-3", "seed"),
-    ("layerwise.embed_budget=0", "layerwise.embed_budget"), ("layerwise.embed_budget=abc", "layerwise.embed_budget"),
-    ("+layerwise.foo=1", "layerwise.foo"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("stage=bogus", "stage"),
+        ("attention=gqa model.n_kv_heads=3", "model.n_kv_heads"),
+        ("model.d_model=130", "model.d_model"),
+        ("masking.mask_fraction_min=0.95", "masking"),
+        ("stage=layer k=9", "k"),
+        ("stage=layer", "k"),
+        ("model.attention=[gqa,mla]", "model.attention"),
+        ("model.attention=[gqa,foo,gqa,gqa]", "model.attention"),
+        ("cache.dtype=int8", "cache.dtype"),
+        ("optim.lr=-1", "optim.lr"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("seed=-3", "seed"),
+        ("layerwise.embed_budget=0", "layerwise.embed_budget"),
+        ("layerwise.embed_budget=abc", "layerwise.embed_budget"),
+        ("+layerwise.foo=1", "layerwise.foo"),
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         RunConfig.from_hydra(compose_cfg(override.split()))
@@ -127,8 +140,9 @@ def test_config_found_from_another_folder_editable(tmp_path):
     """The installed console script composes conf/ from any working directory."""
     exe = shutil.which("stackwise-train")
     cmd = [exe] if exe else [sys.executable, "-m", "stackwise.cli.train"]
-    out = subprocess.run(cmd + ["--cfg", "job", "attention=mla"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        cmd + ["--cfg", "job", "attention=mla"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "attention: mla" in out.stdout and "d_model: 128" in out.stdout
 
@@ -142,31 +156,55 @@ def test_plain_pip_install_finds_config(tmp_path):
     # build wheels), then install that wheel into the fresh venv: a plain, non-editable install.
     # From a copy of the source: setuptools leaves build/ and *.egg-info beside what it builds.
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "outputs", "multirun", "build", "*.egg-info",
-                                                              "__pycache__", "tests", "benchmarks", ".venv", ".whl"))
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "outputs", "multirun", "build", "*.egg-info", "__pycache__", "tests", "benchmarks", ".venv", ".whl"
+        ),
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     wheels = tmp_path / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                           env=env)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("stackwise-*.whl")
-    install = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import stackwise, pathlib; from hydra import compose, initialize_config_module;"
-            "from stackwise.config import register_resolvers; register_resolvers();"
-            "initialize_config_module(config_module='stackwise.conf', version_base='1.3');"
-            "cfg = compose(config_name='config', overrides=['attention=gqa']);"
-            "print(pathlib.Path(stackwise.__file__).resolve()); print(cfg.model.attention, cfg.model.d_model)")
+    code = (
+        "import stackwise, pathlib; from hydra import compose, initialize_config_module;"
+        "from stackwise.config import register_resolvers; register_resolvers();"
+        "initialize_config_module(config_module='stackwise.conf', version_base='1.3');"
+        "cfg = compose(config_name='config', overrides=['attention=gqa']);"
+        "print(pathlib.Path(stackwise.__file__).resolve()); print(cfg.model.attention, cfg.model.d_model)"
+    )
     out = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     where, values = out.stdout.strip().splitlines()[-2:]
     assert str(venv) in where, f"imported {where}, not the installed copy"
     assert values == "gqa 128"
-    script = subprocess.run([str(venv / "bin" / "stackwise-train"), "--cfg", "job"], cwd=elsewhere, env=env,
-                            capture_output=True, text=True, timeout=120)
+    script = subprocess.run(
+        [str(venv / "bin" / "stackwise-train"), "--cfg", "job"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert script.returncode == 0, script.stderr[-2000:]
     assert "stage: all" in script.stdout

@@ -17,9 +17,18 @@ import torch.nn.functional as F
 
 from stackwise import artifacts as art
 from stackwise.cli.eval import main as eval_main
-from stackwise.evaluation import (EvalSettings, WholeModel, bytes_per_token, draw_masks, eval_json_path,
-                                  evaluate_experiment, masked_ce_per_sequence, paired_difference, score,
-                                  stratified_counts)
+from stackwise.evaluation import (
+    EvalSettings,
+    WholeModel,
+    bytes_per_token,
+    draw_masks,
+    eval_json_path,
+    evaluate_experiment,
+    masked_ce_per_sequence,
+    paired_difference,
+    score,
+    stratified_counts,
+)
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Transformer
 from stackwise.objective.loss import masked_loss
@@ -33,8 +42,18 @@ FAST = EvalSettings(rates=RATES, bound_samples=4, batch_size=16)
 # ------------------------------------------------------------------------------ the estimator
 def small_model(seed: int = 1) -> Transformer:
     # a large init_std: the masked CE then depends strongly on how many positions are masked
-    cfg = ModelConfig(vocab_size=12, mask_id=10, pad_id=11, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      d_ff=64, init_std=0.3, seed=seed)
+    cfg = ModelConfig(
+        vocab_size=12,
+        mask_id=10,
+        pad_id=11,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        init_std=0.3,
+        seed=seed,
+    )
     return Transformer(cfg).eval()
 
 
@@ -42,14 +61,14 @@ def exact_bound(model: Transformer, x: torch.Tensor) -> tuple[float, list[float]
     """sum_l f(l), every subset of every size enumerated: the any-order bound of one sequence (nats)."""
     n, mask_id, f = len(x), model.cfg.mask_id, []
     with torch.no_grad():
-        for l in range(1, n + 1):
-            subsets = list(itertools.combinations(range(n), l))
+        for size in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), size))
             ids = x.repeat(len(subsets), 1)
             mask = torch.zeros_like(ids, dtype=torch.bool)
             for row, s in enumerate(subsets):
                 mask[row, list(s)] = True
             logits = model(ids.masked_fill(mask, mask_id))
-            f.append(float(F.cross_entropy(logits[mask], ids[mask], reduction="sum")) / (len(subsets) * l))
+            f.append(float(F.cross_entropy(logits[mask], ids[mask], reduction="sum")) / (len(subsets) * size))
     return sum(f), f
 
 
@@ -172,8 +191,9 @@ def test_depth_L_prefix_is_the_fused_model(trained):
     run = load_run(exp)
     first = assemble(run.model, [art.load_layer_checkpoint(paths.layer_ckpt(1))])
     val = torch.from_numpy(np.asarray(load_val(exp)).astype(np.int64))
-    masks = draw_masks(val, seed=run.seed, rates=RATES, bound_samples=4, mask_id=run.model.mask_id,
-                       pad_id=run.model.pad_id)
+    masks = draw_masks(
+        val, seed=run.seed, rates=RATES, bound_samples=4, mask_id=run.model.mask_id, pad_id=run.model.pad_id
+    )
     got = score(WholeModel("a", first, depth=1), val, masks, mask_id=run.model.mask_id, pad_id=run.model.pad_id)["a"]
     assert got["bound"]["nats_per_token"] == pytest.approx(m["depth_1"]["bound"]["nats_per_token"], rel=1e-6)
     assert got["rates"]["0.5"]["ce"] == pytest.approx(m["depth_1"]["rates"]["0.5"]["ce"], rel=1e-6)
@@ -232,8 +252,9 @@ def test_bound_decreases_after_training(trained):
     run = load_run(exp)
     cfg, paths = run.model, art.ExperimentPaths(exp)
     val = torch.from_numpy(np.asarray(load_val(exp)).astype(np.int64))
-    masks = draw_masks(val, seed=run.seed, rates=RATES, bound_samples=4, mask_id=cfg.mask_id,
-                       pad_id=cfg.pad_id)  # the very masks evaluate_experiment drew
+    masks = draw_masks(
+        val, seed=run.seed, rates=RATES, bound_samples=4, mask_id=cfg.mask_id, pad_id=cfg.pad_id
+    )  # the very masks evaluate_experiment drew
     kw = dict(mask_id=cfg.mask_id, pad_id=cfg.pad_id)
     fresh = score(WholeModel("fresh", Transformer(cfg)), val, masks, **kw)["fresh"]
     assert fresh["bound"]["nats_per_token"] == pytest.approx(math.log(cfg.vocab_size), rel=0.05)  # ~uniform
@@ -241,7 +262,8 @@ def test_bound_decreases_after_training(trained):
         got = score(WholeModel(name, load_model(folder)), val, masks, **kw)[name]
         reported = by_name(report)[name]["bound"]
         assert (got["bound"]["nats_per_token"], got["bound"]["se"]) == pytest.approx(
-            (reported["nats_per_token"], reported["se"]), rel=1e-9)  # deterministic: the same masks again
+            (reported["nats_per_token"], reported["se"]), rel=1e-9
+        )  # deterministic: the same masks again
         # same masks for both: the paired se is the honest yardstick of the difference
         diff = paired_difference(got, fresh, masks.n_tokens)
         assert diff["delta_nats_per_token"] < -3 * diff["se"], (name, diff)
@@ -269,8 +291,18 @@ def test_cli_prints_the_table_and_writes_json(trained, capsys, tmp_path):
     assert eval_json_path(exp) == exp / "eval.json"
     written = json.loads((exp / "eval.json").read_text())
     assert written["models"] == json.loads(json.dumps(report["models"]))  # deterministic: same masks, same numbers
-    code, _, err = run_cli(capsys, exp, "--bound-samples", "2", "--rates", "0.3", "--max-sequences", "8",
-                           "--json", tmp_path / "sub" / "e.json")
+    code, _, err = run_cli(
+        capsys,
+        exp,
+        "--bound-samples",
+        "2",
+        "--rates",
+        "0.3",
+        "--max-sequences",
+        "8",
+        "--json",
+        tmp_path / "sub" / "e.json",
+    )
     assert code == 0, err
     small = json.loads((tmp_path / "sub" / "e.json").read_text())
     assert small["n_sequences"] == 8 and small["rates"] == [0.3] and small["bound_samples"] == 2
@@ -278,7 +310,7 @@ def test_cli_prints_the_table_and_writes_json(trained, capsys, tmp_path):
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     # not a folder
-    code, out, err = run_cli(capsys, tmp_path / "nope")
+    code, _out, err = run_cli(capsys, tmp_path / "nope")
     assert code == 2 and err.count("\n") == 1 and err.startswith("stackwise-eval: error: ") and "nope" in err
     # a folder that is not an experiment
     (tmp_path / "empty").mkdir()
@@ -299,9 +331,16 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
 def test_cli_bad_path_as_a_user_runs_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    out = subprocess.run([sys.executable, "-m", "stackwise.cli.eval", str(tmp_path / "missing")], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "stackwise.cli.eval", str(tmp_path / "missing")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"stackwise-eval: error: experiment folder {tmp_path / 'missing'} "
-                                               "does not exist"]
+    assert out.stderr.strip().splitlines() == [
+        f"stackwise-eval: error: experiment folder {tmp_path / 'missing'} does not exist"
+    ]
     assert "Traceback" not in out.stderr

@@ -13,8 +13,15 @@ import torch
 from stackwise import artifacts as art
 from stackwise.cli.generate import main as generate_main
 from stackwise.data.tokenizers import ByteTokenizer
-from stackwise.generation import (GenerationError, build_ids, decode, generate, linear_counts, sample_generators,
-                                  sample_text)
+from stackwise.generation import (
+    GenerationError,
+    build_ids,
+    decode,
+    generate,
+    linear_counts,
+    sample_generators,
+    sample_text,
+)
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Transformer
 from tests.conftest import TINY, compose_cfg
@@ -50,8 +57,18 @@ def test_linear_schedule():
     assert all(sum(linear_counts(n, s)) == n for n in range(20) for s in range(1, 12))
 
 
-@pytest.mark.parametrize("kw", [{}, {"strategy": "random"}, {"block_length": 5, "steps": 9}, {"top_k": 3},
-                                {"temperature": 0.0}, {"steps": 3}, {"steps": 50}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"strategy": "random"},
+        {"block_length": 5, "steps": 9},
+        {"top_k": 3},
+        {"temperature": 0.0},
+        {"steps": 3},
+        {"steps": 50},
+    ],
+)
 def test_fills_every_mask_and_keeps_given_tokens(model, kw):
     ids = start(n=3)
     out = run(model, ids, **kw)
@@ -71,7 +88,9 @@ def test_same_seed_same_output_other_seed_differs(model):
 
 def test_greedy_ignores_the_seed(model):
     ids = start()
-    assert torch.equal(run(model, ids, temperature=0.0, generator=g(1)), run(model, ids, temperature=0.0, generator=g(2)))
+    assert torch.equal(
+        run(model, ids, temperature=0.0, generator=g(1)), run(model, ids, temperature=0.0, generator=g(2))
+    )
     assert torch.equal(run(model, ids, temperature=0.0), run(model, ids, top_k=1, generator=g(5)))
 
 
@@ -147,10 +166,16 @@ def test_training_flag_restored(model):
     model.eval()
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"steps": 0}, "steps must be"), ({"strategy": "lowest"}, "unknown strategy"),
-    ({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"), ({"block_length": 0}, "block_length"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"steps": 0}, "steps must be"),
+        ({"strategy": "lowest"}, "unknown strategy"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"block_length": 0}, "block_length"),
+    ],
+)
 def test_bad_arguments(model, kw, match):
     with pytest.raises(GenerationError, match=match):
         run(model, start(), **kw)
@@ -176,10 +201,21 @@ def text_exp(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gen")
     tiny = [o for o in TINY if not o.startswith("data.")]
-    cfg = compose_cfg(tiny + ["data=shakespeare", "data.seq_len=32", "data.batch_size=8", "data.val_fraction=0.002",
-                              "trainer.max_steps=4",
-                              "cache.train_sequences=16", f"output_root={root}", "experiment=text", "logger=none",
-                              "callbacks=none"])
+    cfg = compose_cfg(
+        tiny
+        + [
+            "data=shakespeare",
+            "data.seq_len=32",
+            "data.batch_size=8",
+            "data.val_fraction=0.002",
+            "trainer.max_steps=4",
+            "cache.train_sequences=16",
+            f"output_root={root}",
+            "experiment=text",
+            "logger=none",
+            "callbacks=none",
+        ]
+    )
     Pipeline(RunConfig.from_hydra(cfg)).execute()
     return root / "text"
 
@@ -219,16 +255,39 @@ def test_cli_text_sample(text_exp, capsys):
 
 
 def test_cli_infill_blocks_samples(text_exp, capsys):
-    code, out, err = cli(capsys, text_exp, "--infill", "To be or ___ to be, [MASK]hat is", "--steps", "2",
-                         "--num-samples", "2", "--strategy", "random", "--show-steps")
+    code, out, err = cli(
+        capsys,
+        text_exp,
+        "--infill",
+        "To be or ___ to be, [MASK]hat is",
+        "--steps",
+        "2",
+        "--num-samples",
+        "2",
+        "--strategy",
+        "random",
+        "--show-steps",
+    )
     assert code == 0, err
     parts = re.split(r"=== sample (\d)/2 \(seed 0\) ===\n", out)  # a sample may hold newlines itself
     assert parts[0] == "" and parts[1::2] == ["1", "2"]
     for s in parts[2::2]:
         assert s.startswith("To be or ") and " to be, " in s and s.endswith("hat is\n")
     assert "[step 1 sample 1] To be or " in err and "_" in err
-    code, out, err = cli(capsys, text_exp, "--length", "12", "--steps", "4", "--block-length", "3",
-                         "--temperature", "0.7", "--top-k", "10")
+    code, out, err = cli(
+        capsys,
+        text_exp,
+        "--length",
+        "12",
+        "--steps",
+        "4",
+        "--block-length",
+        "3",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "10",
+    )
     assert code == 0, err
 
 
@@ -241,16 +300,19 @@ def test_cli_dummy_prints_ids(dummy_exp, capsys):
     assert cfg["mask_id"] not in ids
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--prompt", "1 2 3 4 5", "--length", "4"], "prompt is 5 tokens"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--strategy", "lowest"], "unknown strategy 'lowest'"),
-    (["--length", "8", "--steps", "1", "--block-length", "2"], "fewer than the 4 blocks"),
-    (["--infill", "1 2 _", "--length", "8"], "--length does not apply"),
-    (["--model", "e2e"], "has no e2e model"),
-    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
-    (["--prompt", "1", "--infill", "1 _"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--prompt", "1 2 3 4 5", "--length", "4"], "prompt is 5 tokens"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--strategy", "lowest"], "unknown strategy 'lowest'"),
+        (["--length", "8", "--steps", "1", "--block-length", "2"], "fewer than the 4 blocks"),
+        (["--infill", "1 2 _", "--length", "8"], "--length does not apply"),
+        (["--model", "e2e"], "has no e2e model"),
+        (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["--prompt", "1", "--infill", "1 _"], "not allowed with argument"),
+    ],
+)
 def test_cli_bad_input_one_line(dummy_exp, capsys, args, match):
     code, out, err = cli(capsys, dummy_exp, *args)
     assert code == 2 and out == ""
@@ -267,7 +329,11 @@ def test_cli_missing_folder_and_model(tmp_path, dummy_exp, capsys):
 
 
 def test_cli_subprocess_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "stackwise.cli.generate", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "stackwise.cli.generate", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"stackwise-generate: error: experiment folder {tmp_path / 'nope'} does not exist"]

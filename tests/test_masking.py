@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from importlib import resources
 
@@ -12,9 +13,17 @@ from omegaconf import OmegaConf
 
 from stackwise.errors import ConfigError
 from stackwise.objective.loss import masked_loss
-from stackwise.objective.masking import (CURRICULUM_START, SCHEDULES, CurriculumSchedule, FixedSchedule,
-                                         MaskingConfig, PerLayerSchedule, UniformSchedule, build_schedule,
-                                         mask_batch)
+from stackwise.objective.masking import (
+    CURRICULUM_START,
+    SCHEDULES,
+    CurriculumSchedule,
+    FixedSchedule,
+    MaskingConfig,
+    PerLayerSchedule,
+    UniformSchedule,
+    build_schedule,
+    mask_batch,
+)
 
 MASK, PAD = 100, 101
 UNIFORM = UniformSchedule(0.15, 0.90)
@@ -27,8 +36,9 @@ def _ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
 def _mask(ids, index, view=None, *, seed=0, schedule=UNIFORM, k=1, progress=1.0, pad_id=PAD, u=None):
     index = torch.as_tensor(index)
     view = torch.zeros_like(index) if view is None else torch.as_tensor(view)
-    return mask_batch(ids, index, view, seed=seed, schedule=schedule, k=k, progress=progress,
-                      mask_id=MASK, pad_id=pad_id, u=u)
+    return mask_batch(
+        ids, index, view, seed=seed, schedule=schedule, k=k, progress=progress, mask_id=MASK, pad_id=pad_id, u=u
+    )
 
 
 # ---------------------------------------------------------------------------------- determinism
@@ -41,7 +51,7 @@ def test_masks_reproducible_and_independent_of_batch_composition():
 
     # each example alone, and the batch reversed (with other neighbours), gives the same row
     for b in range(4):
-        m1, k1, t1 = _mask(ids[b:b + 1], [index[b]])
+        m1, k1, t1 = _mask(ids[b : b + 1], [index[b]])
         assert torch.equal(k1[0], mask[b]) and torch.equal(m1[0], masked[b]) and t1[0] == t[b]
     perm = [3, 1, 0, 2]
     _, mask_p, t_p = _mask(torch.cat([ids[perm], _ids(2, 24, seed=9)]), [index[i] for i in perm] + [99, 98])
@@ -86,7 +96,7 @@ def test_never_masks_padding_and_at_least_one_masked():
     ids[4] = torch.tensor([PAD] * 13 + [1, 2, 3])  # left padding too
     valid = ids != PAD
     for schedule in (UNIFORM, FixedSchedule(1.0), FixedSchedule(0.01)):
-        masked, mask, t = _mask(ids, list(range(5)), schedule=schedule)
+        masked, mask, _t = _mask(ids, list(range(5)), schedule=schedule)
         assert not torch.any(mask & ~valid), schedule
         assert torch.all(masked[~valid] == PAD)
         counts = mask.sum(1)
@@ -164,8 +174,8 @@ def test_curriculum_grows_with_progress():
         assert torch.all(t >= lo) and torch.all(t <= hi + 1e-6)
         means.append(t.mean().item())
         maxes.append(t.max().item())
-    assert all(a < b for a, b in zip(means, means[1:])), means
-    assert all(a < b for a, b in zip(maxes, maxes[1:])), maxes
+    assert all(a < b for a, b in itertools.pairwise(means)), means
+    assert all(a < b for a, b in itertools.pairwise(maxes)), maxes
     # at the start only the first CURRICULUM_START of the range is open; at the end it is the uniform one
     assert maxes[0] <= lo + CURRICULUM_START * (hi - lo) + 1e-6
     assert torch.allclose(sched.rate(u, 1, 1.0), UniformSchedule(lo, hi).rate(u, 1, 0.0))
@@ -200,20 +210,23 @@ def test_u_override_nests_masks():
 
 
 # --------------------------------------------------------------------------------------- config
-@pytest.mark.parametrize("d, field", [
-    ({"mask_fraction_min": 0.8, "mask_fraction_max": 0.5}, "masking.mask_fraction_min"),
-    ({"schedule": "cosine"}, "masking.schedule"),
-    ({"weighting": "sum"}, "masking.weighting"),
-    ({"mask_fraction_min": 0.0}, "masking.mask_fraction_min"),
-    ({"mask_fraction_max": 1.5}, "masking.mask_fraction_max"),
-    ({"mask_fraction_min": "0.1"}, "masking.mask_fraction_min"),
-    ({"rate": 0}, "masking.rate"),
-    ({"rate": True}, "masking.rate"),
-    ({"rates": [0.2, 1.2]}, "masking.rates[1]"),
-    ({"rates": "0.2"}, "masking.rates"),
-    ({"schedule": 3}, "masking.schedule"),
-    ({"mask_fracton_min": 0.1}, "masking.mask_fracton_min"),
-])
+@pytest.mark.parametrize(
+    "d, field",
+    [
+        ({"mask_fraction_min": 0.8, "mask_fraction_max": 0.5}, "masking.mask_fraction_min"),
+        ({"schedule": "cosine"}, "masking.schedule"),
+        ({"weighting": "sum"}, "masking.weighting"),
+        ({"mask_fraction_min": 0.0}, "masking.mask_fraction_min"),
+        ({"mask_fraction_max": 1.5}, "masking.mask_fraction_max"),
+        ({"mask_fraction_min": "0.1"}, "masking.mask_fraction_min"),
+        ({"rate": 0}, "masking.rate"),
+        ({"rate": True}, "masking.rate"),
+        ({"rates": [0.2, 1.2]}, "masking.rates[1]"),
+        ({"rates": "0.2"}, "masking.rates"),
+        ({"schedule": 3}, "masking.schedule"),
+        ({"mask_fracton_min": 0.1}, "masking.mask_fracton_min"),
+    ],
+)
 def test_bad_config_raises_config_error_naming_field(d, field):
     with pytest.raises(ConfigError) as e:
         MaskingConfig.from_dict(d)
@@ -301,7 +314,9 @@ def test_mean_and_elbo_weighting_match_hand_computation():
     elbo = masked_loss(hidden, targets, mask, t, head, "elbo", pad_id=PADT)
     assert mean.loss.item() == pytest.approx(ce_sum / n_masked, rel=1e-5)
     assert elbo.loss.item() == pytest.approx(weighted / n_tokens, rel=1e-5)
-    assert mean.ce_sum.item() == pytest.approx(ce_sum, rel=1e-5) and elbo.ce_sum.item() == pytest.approx(ce_sum, rel=1e-5)
+    assert mean.ce_sum.item() == pytest.approx(ce_sum, rel=1e-5) and elbo.ce_sum.item() == pytest.approx(
+        ce_sum, rel=1e-5
+    )
     assert mean.n_tokens.item() == n_tokens and mean.n_masked.item() == n_masked
     assert not mean.ce_sum.requires_grad
     # without pad_id every position counts in the elbo denominator
@@ -327,7 +342,7 @@ def test_elbo_equals_mean_times_fraction_at_constant_t():
 
 
 def test_masked_accuracy():
-    B, T, V = 2, 5, 4
+    B, _T, V = 2, 5, 4
     targets = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 3]])
     # one-hot hidden states of a prediction, identity head: the argmax is the prediction
     pred = targets.clone()

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from stackwise.errors import ConfigError
 from stackwise.model.config import ModelConfig
@@ -31,7 +30,9 @@ def _max_rss_bytes() -> int:
 # ---------------------------------------------------------------------------- param_counts
 def test_seed_config_counts():
     # The SRD's seed model: tied embeddings, gqa everywhere.
-    cfg = ModelConfig(vocab_size=128000, d_model=4096, n_layers=8, n_heads=32, n_kv_heads=8, d_ff=14336, attention="gqa")
+    cfg = ModelConfig(
+        vocab_size=128000, d_model=4096, n_layers=8, n_heads=32, n_kv_heads=8, d_ff=14336, attention="gqa"
+    )
     V, D, L = 128000, 4096, 8
     layer, frozen = gqa_layer(D, 32, 8, 14336)
     assert layer == 218_112_000 and frozen == 58_720_256
@@ -47,15 +48,22 @@ def test_seed_config_counts():
 
 def test_llama3_70b_counts_without_allocating():
     cfg = ModelConfig(
-        vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
-        attention="gqa", tie_embeddings=False, rope_theta=500000.0,
+        vocab_size=128256,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=28672,
+        attention="gqa",
+        tie_embeddings=False,
+        rope_theta=500000.0,
     )
     rss, start = _max_rss_bytes(), time.perf_counter()
     counts = param_counts(cfg)
     assert time.perf_counter() - start < 10
     assert _max_rss_bytes() - rss < 512 * 2**20  # the weights alone would be 282 GB in fp32
     V, D, L = 128256, 8192, 80
-    layer, frozen = gqa_layer(D, 64, 8, 28672)
+    layer, _frozen = gqa_layer(D, 64, 8, 28672)
     # embeddings + untied head matrix + final norm + 80 layers
     assert counts["total"] == V * D + (D * V + D) + L * layer == 70_553_706_496
     assert counts["head"]["total"] == D * V + D
@@ -64,8 +72,21 @@ def test_llama3_70b_counts_without_allocating():
 
 def test_mla_layer_counts_and_frozen_latent_ups():
     D, H, rq, rkv, r, nope, dv, d_ff = 64, 4, 32, 16, 8, 16, 16, 128
-    kw = dict(vocab_size=64, d_model=D, n_layers=2, n_heads=H, d_ff=d_ff, attention="mla", mla_rq=rq, mla_rkv=rkv,
-              qk_rope_head_dim=r, qk_nope_head_dim=nope, v_head_dim=dv, mask_id=62, pad_id=63)
+    kw = dict(
+        vocab_size=64,
+        d_model=D,
+        n_layers=2,
+        n_heads=H,
+        d_ff=d_ff,
+        attention="mla",
+        mla_rq=rq,
+        mla_rkv=rkv,
+        qk_rope_head_dim=r,
+        qk_nope_head_dim=nope,
+        v_head_dim=dv,
+        mask_id=62,
+        pad_id=63,
+    )
     q_b, kv_b = rq * H * (nope + r), rkv * H * (nope + dv)
     attn = D * rq + rq + q_b + D * (rkv + r) + rkv + kv_b + H * dv * D
     layer = attn + 3 * D * d_ff + 2 * D
@@ -78,9 +99,23 @@ def test_mla_layer_counts_and_frozen_latent_ups():
 
 @pytest.mark.parametrize("attention", ["mha", "gqa", ["gqa", "mla"]], ids=["mha", "gqa", "mixed"])
 def test_counts_match_a_real_model(attention):
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, attention=attention,
-                      mla_rq=16, mla_rkv=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
-                      tie_embeddings=False, mask_id=62, pad_id=63)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        attention=attention,
+        mla_rq=16,
+        mla_rkv=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        tie_embeddings=False,
+        mask_id=62,
+        pad_id=63,
+    )
     model = Transformer(cfg)
     counts = param_counts(cfg)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -89,7 +124,9 @@ def test_counts_match_a_real_model(attention):
 
 
 # ---------------------------------------------------------------------------- train_step_flops
-TINY = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, attention="gqa", mask_id=62, pad_id=63)
+TINY = dict(
+    vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, attention="gqa", mask_id=62, pad_id=63
+)
 Bs, T, RATE = 4, 16, 0.5
 
 
@@ -138,7 +175,9 @@ def test_flops_fewer_with_frozen_mla_ups():
 
 
 def test_flops_of_a_70b_layer_stage_are_computed_without_allocating():
-    cfg = ModelConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672, tie_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672, tie_embeddings=False
+    )
     assert train_step_flops(cfg, "layer", 40, 1, 4096, 0.5) < train_step_flops(cfg, "e2e", 40, 1, 4096, 0.5)
 
 

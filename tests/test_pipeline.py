@@ -8,7 +8,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from stackwise import artifacts as art
 from stackwise.data import activations as acts
@@ -39,8 +38,7 @@ def done(make_run):
 # ---------------------------------------------------------------- invariant 1
 @pytest.mark.parametrize("tie", [True, False])
 def test_stage_changes_only_its_trainable_tensors(make_run, tie):
-    run = make_run("stage=all", f"model.tie_embeddings={str(tie).lower()}", "model.n_layers=3",
-                   "attention=hybrid")
+    run = make_run("stage=all", f"model.tie_embeddings={str(tie).lower()}", "model.n_layers=3", "attention=hybrid")
     pipe = Pipeline(run)
     pipe.layer_stage(1)
     pipe.layer_stage(2)
@@ -48,14 +46,21 @@ def test_stage_changes_only_its_trainable_tensors(make_run, tie):
     # stage 3 trained by hand so every tensor can be compared before and after
     prev, _ = art.load_layer_checkpoint(pipe.paths.layer_ckpt(2))
     first, _ = art.load_layer_checkpoint(pipe.paths.layer_ckpt(1))
-    module = LayerwiseStage(run.model, 3, run.optim, "mean", 5, previous=prev,
-                            embed_weight=first["embed.weight"] if tie else None)
+    module = LayerwiseStage(
+        run.model, 3, run.optim, "mean", 5, previous=prev, embed_weight=first["embed.weight"] if tie else None
+    )
     declared = {id(p) for p in module.trainable_parameters()}
     names_trainable = {n for n, p in module.named_parameters() if id(p) in declared}
     before = snapshot(module)
     data = acts.ActivationDataModule(pipe.open_cache(2), batch_size=16, seed=0, max_steps=5)
-    L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              limit_val_batches=0, accelerator="cpu").fit(module, datamodule=data)
+    L.Trainer(
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    ).fit(module, datamodule=data)
     after = snapshot(module)
     frozen_up = [n for n in before if "up" in n and n not in names_trainable]
     assert frozen_up, "the SwiGLU up-projection must be a frozen tensor of the block"
@@ -123,16 +128,17 @@ def test_same_config_same_bytes_and_second_run_does_nothing(done, make_run, monk
     again.execute()
     for k in (1, 2):
         a, b = first.paths.layer_ckpt(k), again.paths.layer_ckpt(k)
-        sa, ma = art.load_layer_checkpoint(a)
-        sb, mb = art.load_layer_checkpoint(b)
+        sa, _ma = art.load_layer_checkpoint(a)
+        sb, _mb = art.load_layer_checkpoint(b)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
         ca = acts.ActivationDataset(first.open_cache(k), "train")
         cb = acts.ActivationDataset(again.open_cache(k), "train")
         assert len(ca) == len(cb)
         for i in (0, len(ca) // 2, len(ca) - 1):
             assert all(torch.equal(ca[i][f], cb[i][f]) for f in ("hidden", "mask", "t", "targets"))
-    assert (first.paths.fused_dir / "model.safetensors").read_bytes() == \
-           (again.paths.fused_dir / "model.safetensors").read_bytes()
+    assert (first.paths.fused_dir / "model.safetensors").read_bytes() == (
+        again.paths.fused_dir / "model.safetensors"
+    ).read_bytes()
 
     # `all` again: every stage is complete, nothing trains or caches
     def boom(*a, **k):
@@ -147,9 +153,19 @@ def test_same_config_same_bytes_and_second_run_does_nothing(done, make_run, monk
 
 # ---------------------------------------------------------------- learning
 def test_training_learns_and_depth_helps(make_run):
-    run = make_run("stage=all", "model.n_layers=3", "model.d_model=64", "model.d_ff=128", "trainer.max_steps=150",
-                   "trainer.val_check_interval=150", "optim.lr=3e-3", "data.n_train=1024", "data.n_val=64",
-                   "cache.shard_size=1000", experiment="learn")
+    run = make_run(
+        "stage=all",
+        "model.n_layers=3",
+        "model.d_model=64",
+        "model.d_ff=128",
+        "trainer.max_steps=150",
+        "trainer.val_check_interval=150",
+        "optim.lr=3e-3",
+        "data.n_train=1024",
+        "data.n_val=64",
+        "cache.shard_size=1000",
+        experiment="learn",
+    )
     pipe = Pipeline(run)
     pipe.execute()
     losses = [art.load_layer_checkpoint(pipe.paths.layer_ckpt(k))[1]["val_loss"] for k in (1, 2, 3)]

@@ -13,7 +13,7 @@ import pytest
 from stackwise import artifacts as art
 from stackwise.cli.report import main as report_main
 from stackwise.errors import StackWiseError
-from stackwise.report import (DEPTH_PNG, REPORT_MD, load_depth_results, write_report, write_sweep_report)
+from stackwise.report import DEPTH_PNG, REPORT_MD, load_depth_results, write_report, write_sweep_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -27,17 +27,49 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
     for fused / fine-tuned, e2e its own budget."""
     out = []
     for k, loss in enumerate(losses, 1):
-        out.append({"stage": "embed" if k == 1 else f"layer_{k}", "k": k, "val_loss": loss, "val_acc": 0.1 + 0.01 * k,
-                    "tokens": STAGE_TOKENS, "seconds": 10.0})
+        out.append(
+            {
+                "stage": "embed" if k == 1 else f"layer_{k}",
+                "k": k,
+                "val_loss": loss,
+                "val_acc": 0.1 + 0.01 * k,
+                "tokens": STAGE_TOKENS,
+                "seconds": 10.0,
+            }
+        )
     L = len(losses)
-    out.append({"stage": "fused", "k": L, "val_loss": losses[-1], "val_acc": 0.3, "tokens": STAGE_TOKENS * L,
-                "seconds": 10.0 * L + 1})
+    out.append(
+        {
+            "stage": "fused",
+            "k": L,
+            "val_loss": losses[-1],
+            "val_acc": 0.3,
+            "tokens": STAGE_TOKENS * L,
+            "seconds": 10.0 * L + 1,
+        }
+    )
     if finetuned is not None:
-        out.append({"stage": "finetuned", "k": L, "val_loss": finetuned, "val_acc": 0.31,
-                    "tokens": STAGE_TOKENS * L + FT_TOKENS, "seconds": 10.0 * L + 5})
+        out.append(
+            {
+                "stage": "finetuned",
+                "k": L,
+                "val_loss": finetuned,
+                "val_acc": 0.31,
+                "tokens": STAGE_TOKENS * L + FT_TOKENS,
+                "seconds": 10.0 * L + 5,
+            }
+        )
     if e2e is not None:
-        out.append({"stage": "e2e", "k": L, "val_loss": e2e, "val_acc": 0.35,
-                    "tokens": e2e_tokens if e2e_tokens is not None else STAGE_TOKENS * L + FT_TOKENS, "seconds": 60.0})
+        out.append(
+            {
+                "stage": "e2e",
+                "k": L,
+                "val_loss": e2e,
+                "val_acc": 0.35,
+                "tokens": e2e_tokens if e2e_tokens is not None else STAGE_TOKENS * L + FT_TOKENS,
+                "seconds": 60.0,
+            }
+        )
     return out
 
 
@@ -162,8 +194,16 @@ def test_sweep_report_one_row_and_curve_per_experiment(tmp_path, capsys):
     assert_png(tmp_path / "cmp" / DEPTH_PNG)
     rows = table_rows(md)
     # experiment | L | layer-wise (k=L) | fused | fine-tuned | e2e | gap to e2e | every layer lowers | tokens
-    assert rows["layerwise.init=identity"][:8] == ["4", "4.3000", "4.3000", "4.2000", "4.0000", "+5.0%", "yes",
-                                                   "803k / 803k"]
+    assert rows["layerwise.init=identity"][:8] == [
+        "4",
+        "4.3000",
+        "4.3000",
+        "4.2000",
+        "4.0000",
+        "+5.0%",
+        "yes",
+        "803k / 803k",
+    ]
     assert rows["layerwise.init=random"][:7] == ["4", "4.6000", "4.6000", "–", "4.0000", "+15.0%", "no"]
     assert rows["no_e2e"][4:6] == ["–", "–"]
     # a sweep's output root stands for its experiments; the report goes into it by default
@@ -181,8 +221,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     (tmp_path / "hollow").mkdir()  # a folder with neither results.json nor experiments inside
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{not json")
-    args = {"missing": [str(tmp_path / "nope")], "no_results": [str(tmp_path / "hollow")],
-            "corrupt": [str(tmp_path / "bad")], "several_without_out": [str(good), str(good)]}[case]
+    args = {
+        "missing": [str(tmp_path / "nope")],
+        "no_results": [str(tmp_path / "hollow")],
+        "corrupt": [str(tmp_path / "bad")],
+        "several_without_out": [str(good), str(good)],
+    }[case]
     with pytest.raises(SystemExit) as e:
         report_main(args)
     assert e.value.code == 2
@@ -193,11 +237,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
 def test_console_script_bad_input_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("HYDRA_FULL_ERROR", None)
-    p = subprocess.run([sys.executable, "-m", "stackwise.cli.report", str(tmp_path / "missing")],
-                       capture_output=True, text=True, env=env, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "stackwise.cli.report", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"stackwise-report: error: experiment folder {tmp_path / 'missing'} "
-                                             f"does not exist"]
+    assert p.stderr.strip().splitlines() == [
+        f"stackwise-report: error: experiment folder {tmp_path / 'missing'} does not exist"
+    ]
 
 
 # ------------------------------------------------------------------------- a real tiny run
@@ -215,8 +265,13 @@ def test_real_tiny_run_and_e2e(make_run):
     md = md_path.read_text()
     rows = table_rows(md)
     recs = {r["stage"]: r for r in json.loads((Path(run.exp_dir) / "results.json").read_text())}
-    for stage, label in (("embed", "embed"), ("layer_2", "layer_2"), ("fused", "fused"),
-                         ("finetuned", "fused + fine-tuned"), ("e2e", "end-to-end (e2e)")):
+    for stage, label in (
+        ("embed", "embed"),
+        ("layer_2", "layer_2"),
+        ("fused", "fused"),
+        ("finetuned", "fused + fine-tuned"),
+        ("e2e", "end-to-end (e2e)"),
+    ):
         assert rows[label][1] == f"{recs[stage]['val_loss']:.4f}", stage
     assert verdict(md, "within 5%").split(":")[0] in ("yes", "no")
 
@@ -224,8 +279,10 @@ def test_real_tiny_run_and_e2e(make_run):
 def test_sweep_labels_drop_what_every_experiment_shares():
     from stackwise.report import sweep_labels
 
-    names = ["+stages.embed.trainer.max_steps=320,layerwise.init=previous,model.attention=[gqa,mla]",
-             "+stages.embed.trainer.max_steps=320,layerwise.init=random,model.attention=[gqa,mla]"]
+    names = [
+        "+stages.embed.trainer.max_steps=320,layerwise.init=previous,model.attention=[gqa,mla]",
+        "+stages.embed.trainer.max_steps=320,layerwise.init=random,model.attention=[gqa,mla]",
+    ]
     labels, common = sweep_labels(names)
     assert labels == ["layerwise.init=previous", "layerwise.init=random"]
     assert common == ["+stages.embed.trainer.max_steps=320", "model.attention=[gqa,mla]"]

@@ -19,8 +19,13 @@ from tests.conftest import TINY, cli
 
 # checkpoints every 4 steps (the pipeline saves one per val_check_interval); dropout on, so the
 # resumed stages must also continue the dropout stream where it was
-ARGS = TINY + ["trainer.val_check_interval=4", "fusion.finetune_steps=8", "model.dropout=0.1",
-               "callbacks=none", "logger=none"]
+ARGS = TINY + [
+    "trainer.val_check_interval=4",
+    "fusion.finetune_steps=8",
+    "model.dropout=0.1",
+    "callbacks=none",
+    "logger=none",
+]
 
 # in order: each point is reached by the rerun after the previous kill
 KILLS = [
@@ -44,11 +49,15 @@ def files(exp):
 
 def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_run):
     # the uninterrupted reference, in-process (same code, same config, same bytes: invariant 4)
-    ref = Pipeline(make_run(*ARGS[len(TINY):], "stage=all", experiment="ref"))
+    ref = Pipeline(make_run(*ARGS[len(TINY) :], "stage=all", experiment="ref"))
     ref.execute()
     want = files(ref.paths.root)
-    assert {"fused/model.safetensors", "fused/config.json", "fused/finetuned/model.safetensors",
-            "fused/finetuned/config.json"} <= set(want)
+    assert {
+        "fused/model.safetensors",
+        "fused/config.json",
+        "fused/finetuned/model.safetensors",
+        "fused/finetuned/config.json",
+    } <= set(want)
 
     exp = tmp_path / "outputs" / "crash"
     args = ["stage=all", "experiment=crash", *ARGS]
@@ -67,8 +76,9 @@ def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_
         assert not (exp / "fused" / "finetuned" / "config.json").exists()
     out = cli(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Restoring states from the checkpoint" in out.stderr or "Restored all states" in out.stderr \
-        or seen_resume  # Lightning's resume messages vary by version; the ckpt files were asserted above
+    assert (
+        "Restoring states from the checkpoint" in out.stderr or "Restored all states" in out.stderr or seen_resume
+    )  # Lightning's resume messages vary by version; the ckpt files were asserted above
     got = files(exp)
     assert got.keys() == want.keys()
     for rel in want:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stackwise.data.tokenizers import (MASK_TOKEN, PAD_TOKEN, ByteTokenizer, HFTokenizer, build_tokenizer,
-                                       train_bpe)
+from stackwise.data.tokenizers import MASK_TOKEN, ByteTokenizer, HFTokenizer, build_tokenizer, train_bpe
 from stackwise.errors import ConfigError, StackWiseError
 
 SAMPLES = [
@@ -28,9 +27,11 @@ SAMPLES = [
     "math ∑∫√ and RTL עברית العربية",
 ]
 
-CORPUS = ("the quick brown fox jumps over the lazy dog.\n"
-          "the lazy dog sleeps; the quick fox runs away.\n"
-          "héllo wörld, 你好世界, emoji 🎉 time.\n") * 20
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog.\n"
+    "the lazy dog sleeps; the quick fox runs away.\n"
+    "héllo wörld, 你好世界, emoji 🎉 time.\n"
+) * 20
 
 
 def _random_strings(n: int, seed: int = 0) -> list[str]:
@@ -102,11 +103,15 @@ def test_train_bpe_writes_a_tokenizer_with_mask_and_pad(bpe):
     assert 258 < tok.vocab_size <= 300  # merges were learnt, and no more than asked
     # it reloads with the same ids and identity
     again = HFTokenizer(path)
-    assert (again.vocab_size, again.mask_id, again.pad_id, again.identity) == \
-           (tok.vocab_size, tok.mask_id, tok.pad_id, tok.identity)
+    assert (again.vocab_size, again.mask_id, again.pad_id, again.identity) == (
+        tok.vocab_size,
+        tok.mask_id,
+        tok.pad_id,
+        tok.identity,
+    )
     assert again.identity.startswith("hf:")
     # merges make the corpus shorter than its bytes
-    assert len(tok.encode("the quick brown fox")) < len("the quick brown fox".encode())
+    assert len(tok.encode("the quick brown fox")) < len(b"the quick brown fox")
     assert build_tokenizer({"kind": "hf", "path": str(path)}).vocab_size == tok.vocab_size
 
 
@@ -189,7 +194,7 @@ def test_cli_writes_a_usable_tokenizer(tmp_path):
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)
     (docs / "a.txt").write_text(CORPUS[: len(CORPUS) // 2])
-    (docs / "sub" / "b.txt").write_text(CORPUS[len(CORPUS) // 2:])
+    (docs / "sub" / "b.txt").write_text(CORPUS[len(CORPUS) // 2 :])
     (docs / "ignored.md").write_bytes(b"\x00 not read: only .txt files count")
     r = _tokenizer_cli("docs", "--vocab-size", "290", "--out", "tok/tokenizer.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -202,8 +207,13 @@ def test_cli_writes_a_usable_tokenizer(tmp_path):
     assert "[MASK]=0" in r.stdout and "[PAD]=1" in r.stdout
     # the line to paste uses the real config keys, with absolute paths
     line = next(s.strip() for s in r.stdout.splitlines() if s.strip().startswith("stackwise-train"))
-    assert line.split() == ["stackwise-train", "data=text", f"data.path={docs.resolve()}", "data.tokenizer.kind=hf",
-                            f"data.tokenizer.path={out.resolve()}"]
+    assert line.split() == [
+        "stackwise-train",
+        "data=text",
+        f"data.path={docs.resolve()}",
+        "data.tokenizer.kind=hf",
+        f"data.tokenizer.path={out.resolve()}",
+    ]
 
 
 def test_cli_jsonl_field_and_folder_out(tmp_path, monkeypatch, capsys):

@@ -14,8 +14,15 @@ import torch
 import stackwise.data.tokens as tokens
 from stackwise.config import RunConfig
 from stackwise.data.tokenizers import ByteTokenizer, train_bpe
-from stackwise.data.tokens import (DataConfig, TokenDataset, check_vocab, dummy_splits, load_token_splits,
-                                   token_dtype, vocab_info)
+from stackwise.data.tokens import (
+    DataConfig,
+    TokenDataset,
+    check_vocab,
+    dummy_splits,
+    load_token_splits,
+    token_dtype,
+    vocab_info,
+)
 from stackwise.errors import ConfigError, StackWiseError
 from tests.conftest import cli, compose_cfg
 
@@ -193,7 +200,9 @@ def test_other_corpus_or_tokenizer_gets_another_cache(tmp_path):
     train_bpe([b], 270, tok_path, min_frequency=1)
     sh = load_token_splits(text_cfg(b, tokenizer={"kind": "hf", "path": str(tok_path)}), seed=0, cache_dir=cache)
     assert sh.built and sh.cache_file not in (sa.cache_file, sb.cache_file, sa2.cache_file)
-    assert sh.vocab_size == 270 and sh.tokenizer.decode(_stream(sh)) == (LINE * 4)[: len(sh.tokenizer.decode(_stream(sh)))]
+    assert (
+        sh.vocab_size == 270 and sh.tokenizer.decode(_stream(sh)) == (LINE * 4)[: len(sh.tokenizer.decode(_stream(sh)))]
+    )
     assert _stream(sh).size < _stream(sb).size  # BPE merges: fewer tokens than bytes
 
 
@@ -235,8 +244,11 @@ def test_model_vocab_must_cover_the_tokenizer(tmp_path):
     padded = RunConfig.from_hydra(compose_cfg(base + ["model.vocab_size=64"]))
     assert padded.model.vocab_size == 64 and padded.model.mask_id == 32
     check_vocab(padded.model, padded.data)  # the library check agrees: a padded vocab fits
-    for override, field in (("model.vocab_size=33", "model.vocab_size"), ("model.mask_id=0", "model.mask_id"),
-                            ("model.pad_id=32", "model.pad_id")):
+    for override, field in (
+        ("model.vocab_size=33", "model.vocab_size"),
+        ("model.mask_id=0", "model.mask_id"),
+        ("model.pad_id=32", "model.pad_id"),
+    ):
         with pytest.raises(ConfigError) as e:
             RunConfig.from_hydra(compose_cfg(base + [override]))
         assert e.value.field == field
@@ -250,8 +262,14 @@ def test_text_vocab_follows_an_hf_tokenizer(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(LINE * 8)
     tok = train_bpe([corpus], 280, tmp_path / "tok.json", min_frequency=1)
-    base = ["model=tiny", "data=text", f"data.path={corpus}", "data.tokenizer.kind=hf",
-            f"data.tokenizer.path={tmp_path / 'tok.json'}", f"output_root={tmp_path}"]
+    base = [
+        "model=tiny",
+        "data=text",
+        f"data.path={corpus}",
+        "data.tokenizer.kind=hf",
+        f"data.tokenizer.path={tmp_path / 'tok.json'}",
+        f"output_root={tmp_path}",
+    ]
     run = RunConfig.from_hydra(compose_cfg(base))
     assert (run.model.vocab_size, run.model.mask_id, run.model.pad_id) == (tok.vocab_size, 0, 1)
     with pytest.raises(ConfigError, match="model.vocab_size"):
@@ -332,9 +350,18 @@ def test_train_cli_bad_corpus_one_line(tmp_path, case):
     corpus = tmp_path / f"{case}.txt"
     if case == "empty":
         corpus.write_text("")
-    r = cli("data=text", f"data.path={corpus}", "model=tiny", "data.seq_len=32", "trainer.max_steps=2",
-            "logger=none", "callbacks=none", f"output_root={tmp_path / 'out'}", "trainer.enable_progress_bar=false",
-            cwd=tmp_path)
+    r = cli(
+        "data=text",
+        f"data.path={corpus}",
+        "model=tiny",
+        "data.seq_len=32",
+        "trainer.max_steps=2",
+        "logger=none",
+        "callbacks=none",
+        f"output_root={tmp_path / 'out'}",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
     assert r.returncode != 0
     err = [line for line in r.stderr.splitlines() if line.strip()]
     errors = [line for line in err if "error" in line.lower() and "[INFO]" not in line]

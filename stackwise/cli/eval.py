@@ -22,19 +22,30 @@ PROG = "stackwise-eval"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("experiment", type=Path, help="an experiment folder, e.g. outputs/default")
-    parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES),
-                        help="fixed masking rates for masked CE / accuracy (default: 0.15 0.5 0.9)")
-    parser.add_argument("--bound-samples", type=int, default=8,
-                        help="masked draws per sequence for the NLL bound (default: 8)")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_RATES),
+        help="fixed masking rates for masked CE / accuracy (default: 0.15 0.5 0.9)",
+    )
+    parser.add_argument(
+        "--bound-samples", type=int, default=8, help="masked draws per sequence for the NLL bound (default: 8)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default: 64)")
-    parser.add_argument("--max-sequences", type=int, default=None,
-                        help="evaluate the first N validation sequences only (default: all)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="where to write the results (default: outputs/<experiment>/eval.json)")
+    parser.add_argument(
+        "--max-sequences", type=int, default=None, help="evaluate the first N validation sequences only (default: all)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="where to write the results (default: outputs/<experiment>/eval.json)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=None, help="mask seed (default: the experiment's seed)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -46,11 +57,15 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
             raise StackWiseError(f"--device must be cpu or cuda, got {args.device!r}")
-        settings = EvalSettings(rates=tuple(args.rates), bound_samples=args.bound_samples,
-                                batch_size=args.batch_size, max_sequences=args.max_sequences,
-                                device=args.device, seed=args.seed)
-        report = evaluate_experiment(args.experiment, settings,
-                                     log=lambda s: print(s, file=sys.stderr, flush=True))
+        settings = EvalSettings(
+            rates=tuple(args.rates),
+            bound_samples=args.bound_samples,
+            batch_size=args.batch_size,
+            max_sequences=args.max_sequences,
+            device=args.device,
+            seed=args.seed,
+        )
+        report = evaluate_experiment(args.experiment, settings, log=lambda s: print(s, file=sys.stderr, flush=True))
         out = args.json if args.json is not None else eval_json_path(args.experiment)
         try:
             atomic_write_json(report, out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 from stackwise.cli.common import user_errors
 from stackwise.errors import StackWiseError
@@ -32,37 +31,62 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     p.add_argument("experiment", type=Path, help="an experiment folder, e.g. outputs/default")
-    p.add_argument("--model", choices=MODEL_KINDS, default="fused",
-                   help="which model of the experiment: fused (default), finetuned or e2e")
+    p.add_argument(
+        "--model",
+        choices=MODEL_KINDS,
+        default="fused",
+        help="which model of the experiment: fused (default), finetuned or e2e",
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument("--prompt", default="", help="text the sample starts with (kept as given)")
-    start.add_argument("--infill", default=None,
-                       help="text with the positions to fill marked: [MASK] = one token, each _ = one token "
-                            "(tokens, not characters, for a BPE tokenizer); --length does not apply")
-    p.add_argument("--length", type=int, default=None,
-                   help="tokens in all, prompt included (default: the experiment's data.seq_len)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="unmasking steps (model calls); default: one per masked token")
-    p.add_argument("--strategy", default="confidence",
-                   help=f"which positions each step reveals: {' or '.join(STRATEGIES)} (default confidence: "
-                        "keep the most confident draws, remask the rest)")
+    start.add_argument(
+        "--infill",
+        default=None,
+        help="text with the positions to fill marked: [MASK] = one token, each _ = one token "
+        "(tokens, not characters, for a BPE tokenizer); --length does not apply",
+    )
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="tokens in all, prompt included (default: the experiment's data.seq_len)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="unmasking steps (model calls); default: one per masked token"
+    )
+    p.add_argument(
+        "--strategy",
+        default="confidence",
+        help=f"which positions each step reveals: {' or '.join(STRATEGIES)} (default confidence: "
+        "keep the most confident draws, remask the rest)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
-    p.add_argument("--block-length", type=int, default=None,
-                   help="semi-autoregressive: fill blocks of this many positions left to right (default: one block)")
+    p.add_argument(
+        "--block-length",
+        type=int,
+        default=None,
+        help="semi-autoregressive: fill blocks of this many positions left to right (default: one block)",
+    )
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sample i of a seed is the same on every run (default 0)")
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default cpu)")
-    p.add_argument("--show-steps", action="store_true",
-                   help="print every step's partly unmasked sequence to stderr (masks shown as _)")
+    p.add_argument(
+        "--show-steps",
+        action="store_true",
+        help="print every step's partly unmasked sequence to stderr (masks shown as _)",
+    )
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     with user_errors(PROG):
         if args.strategy not in STRATEGIES:
@@ -91,15 +115,32 @@ def main(argv: Optional[list[str]] = None) -> None:
         em = load_experiment_model(args.experiment, args.model, device=device)
         callback = None
         if args.show_steps:
-            def callback(step, x):  # noqa: E306 - the live ids after each step
+
+            def callback(step, x):
                 for i, row in enumerate(x.tolist()):
                     tag = f"[step {step} sample {i + 1}]" if args.num_samples > 1 else f"[step {step}]"
-                    print(tag, decode(em.tokenizer, row, mask_text="_") if em.tokenizer is not None
-                          else " ".join("_" if t == em.cfg.mask_id else str(t) for t in row), file=sys.stderr)
-        _, out = sample_ids(em, prompt=args.prompt, infill=args.infill, length=args.length, steps=args.steps,
-                            num_samples=args.num_samples, seed=args.seed, strategy=args.strategy,
-                            temperature=args.temperature, top_k=args.top_k, block_length=args.block_length,
-                            callback=callback)
+                    print(
+                        tag,
+                        decode(em.tokenizer, row, mask_text="_")
+                        if em.tokenizer is not None
+                        else " ".join("_" if t == em.cfg.mask_id else str(t) for t in row),
+                        file=sys.stderr,
+                    )
+
+        _, out = sample_ids(
+            em,
+            prompt=args.prompt,
+            infill=args.infill,
+            length=args.length,
+            steps=args.steps,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            strategy=args.strategy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            block_length=args.block_length,
+            callback=callback,
+        )
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"=== sample {i + 1}/{args.num_samples} (seed {args.seed}) ===")

@@ -28,33 +28,44 @@ def inspect_experiment(exp_dir: Path, verify: bool) -> tuple[list[str], list[str
         try:
             state, meta = art.load_layer_checkpoint(path)
             n = sum(t.numel() for t in state.values())
-            lines.append(f"  layer_{k}.pt  {n:,} params  val loss {meta.get('val_loss', float('nan')):.4f}  "
-                         f"tokens {meta.get('tokens', 0):,}  config {meta.get('config_hash')}")
+            lines.append(
+                f"  layer_{k}.pt  {n:,} params  val loss {meta.get('val_loss', float('nan')):.4f}  "
+                f"tokens {meta.get('tokens', 0):,}  config {meta.get('config_hash')}"
+            )
         except ArtifactError as e:
             problems.append(str(e))
         acts_dir = paths.acts_dir(k)
         if acts_dir.exists():
             try:
                 cache = acts.ActivationCache.open(acts_dir, verify=verify)
-                lines.append(f"  acts_layer{k}  train {cache.rows('train'):,} rows, val {cache.rows('val'):,} rows, "
-                             f"{cache.hidden_dtype}, views {cache.views}" + ("  sha256 ok" if verify else ""))
+                lines.append(
+                    f"  acts_layer{k}  train {cache.rows('train'):,} rows, val {cache.rows('val'):,} rows, "
+                    f"{cache.hidden_dtype}, views {cache.views}" + ("  sha256 ok" if verify else "")
+                )
             except ArtifactError as e:
                 problems.append(str(e))
-    for label, folder, name in (("fused", paths.fused_dir, "model"), ("fine-tuned", paths.finetuned_dir, "model"),
-                                ("e2e", paths.e2e_dir, "model")):
+    for label, folder, name in (
+        ("fused", paths.fused_dir, "model"),
+        ("fine-tuned", paths.finetuned_dir, "model"),
+        ("e2e", paths.e2e_dir, "model"),
+    ):
         if folder.exists():
             try:
                 state, _, meta = art.load_safetensors_model(folder, name=name, verify=verify)
-                lines.append(f"  {label:<10} {sum(t.numel() for t in state.values()):,} params  "
-                             f"val loss {meta.get('val_loss', float('nan')):.4f}")
+                lines.append(
+                    f"  {label:<10} {sum(t.numel() for t in state.values()):,} params  "
+                    f"val loss {meta.get('val_loss', float('nan')):.4f}"
+                )
             except ArtifactError as e:
                 problems.append(str(e))
     stale = sorted(p.name for p in paths.ckpt_root.glob("*")) if paths.ckpt_root.exists() else []
     if stale:
         lines.append(f"  in progress (mid-stage checkpoints): {', '.join(stale)}")
     for r in art.read_results(paths):
-        lines.append(f"  result {r['stage']:<10} val loss {r['val_loss']:.4f}  acc {r['val_acc']:.4f}  "
-                     f"tokens {r['tokens']:,}  {r['seconds']:.1f}s")
+        lines.append(
+            f"  result {r['stage']:<10} val loss {r['val_loss']:.4f}  acc {r['val_acc']:.4f}  "
+            f"tokens {r['tokens']:,}  {r['seconds']:.1f}s"
+        )
     return lines, problems
 
 

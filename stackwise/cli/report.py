@@ -37,11 +37,21 @@ def resolve_experiments(folders: list[Path]) -> tuple[list[Path], bool]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", type=Path, nargs="+", metavar="EXPERIMENT",
-                        help="experiment folder(s), e.g. outputs/default; several (or a folder of them) = a sweep")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="where report.md and depth.png go (default: the experiment folder; "
-                             "required for several experiments unless they were given as one parent folder)")
+    parser.add_argument(
+        "experiments",
+        type=Path,
+        nargs="+",
+        metavar="EXPERIMENT",
+        help="experiment folder(s), e.g. outputs/default; several (or a folder of them) = a sweep",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where report.md and depth.png go (default: the experiment folder; "
+        "required for several experiments unless they were given as one parent folder)",
+    )
     args = parser.parse_args(argv)
     with user_errors(PROG):
         from stackwise.report import write_report, write_sweep_report  # matplotlib: after argument errors

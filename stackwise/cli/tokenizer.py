@@ -18,7 +18,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 from stackwise.cli.common import user_errors
 
@@ -49,26 +49,46 @@ def _override_line(corpus: list[Path], field: str, out: Path) -> str:
     if field != "text" and any(p.suffix.lower() == ".jsonl" for p in corpus):
         args.append(f"data.field={_override_value(Path(field))}")
     args += ["data.tokenizer.kind=hf", f"data.tokenizer.path={_override_value(out.resolve())}"]
-    return " ".join(a if a.startswith("stackwise-") or re.fullmatch(r"[\w.=/~+-]+", a) else shlex.quote(a)
-                    for a in args)
+    return " ".join(
+        a if a.startswith("stackwise-") or re.fullmatch(r"[\w.=/~+-]+", a) else shlex.quote(a) for a in args
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("corpus", type=Path, nargs="+",
-                        help="a .txt file, a folder of .txt files (recursive) or a .jsonl file; several allowed")
-    parser.add_argument("--vocab-size", type=int, required=True,
-                        help=f"target vocabulary size, [MASK] and [PAD] included (>= {MIN_VOCAB}); a small "
-                             "corpus may end with fewer merges")
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
-                        help=f"where to write the tokenizer.json (a folder gets {DEFAULT_OUT} inside it; "
-                             f"default: ./{DEFAULT_OUT})")
-    parser.add_argument("--field", default="text", help="the JSON key holding the text of each .jsonl line "
-                                                        "(default: text)")
-    parser.add_argument("--min-frequency", type=int, default=2,
-                        help="a pair is merged only if it occurs at least this often (default: 2)")
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    parser.add_argument(
+        "corpus",
+        type=Path,
+        nargs="+",
+        help="a .txt file, a folder of .txt files (recursive) or a .jsonl file; several allowed",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        required=True,
+        help=f"target vocabulary size, [MASK] and [PAD] included (>= {MIN_VOCAB}); a small "
+        "corpus may end with fewer merges",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_OUT),
+        help=f"where to write the tokenizer.json (a folder gets {DEFAULT_OUT} inside it; default: ./{DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "--field", default="text", help="the JSON key holding the text of each .jsonl line (default: text)"
+    )
+    parser.add_argument(
+        "--min-frequency",
+        type=int,
+        default=2,
+        help="a pair is merged only if it occurs at least this often (default: 2)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
 
@@ -78,8 +98,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         from stackwise.errors import StackWiseError
 
         if args.vocab_size < MIN_VOCAB:
-            raise StackWiseError(f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + {MASK_TOKEN} + {PAD_TOKEN}), "
-                                 f"got {args.vocab_size}")
+            raise StackWiseError(
+                f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + {MASK_TOKEN} + {PAD_TOKEN}), got {args.vocab_size}"
+            )
         if args.min_frequency < 1:
             raise StackWiseError(f"--min-frequency must be >= 1, got {args.min_frequency}")
         if not args.field:
@@ -97,10 +118,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         except OSError as e:  # a corpus file that cannot be read, an output folder that cannot be written
             raise StackWiseError(f"{e.filename or out}: {e.strerror or e}") from None
 
-    note = "" if tok.vocab_size >= args.vocab_size else \
-        f" (asked for {args.vocab_size}: the corpus has too few distinct pairs for more merges)"
-    print(f"wrote {out} (vocab_size={tok.vocab_size} incl. {MASK_TOKEN}={tok.mask_id} and "
-          f"{PAD_TOKEN}={tok.pad_id}){note}", flush=True)
+    note = (
+        ""
+        if tok.vocab_size >= args.vocab_size
+        else f" (asked for {args.vocab_size}: the corpus has too few distinct pairs for more merges)"
+    )
+    print(
+        f"wrote {out} (vocab_size={tok.vocab_size} incl. {MASK_TOKEN}={tok.mask_id} and "
+        f"{PAD_TOKEN}={tok.pad_id}){note}",
+        flush=True,
+    )
     print("use it with:", flush=True)
     print(f"  {_override_line(corpus, args.field, out)}", flush=True)
 

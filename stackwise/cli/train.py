@@ -1,8 +1,8 @@
 """`stackwise-train`: compose the config with Hydra, validate it, run the pipeline.
 
-    stackwise-train                                   # all stages + fusion on the default config
-    stackwise-train stage=layer k=3 attention=gqa     # one stage
-    stackwise-train -m attention=mha,gqa,mla          # a sweep: one experiment folder each
+stackwise-train                                   # all stages + fusion on the default config
+stackwise-train stage=layer k=3 attention=gqa     # one stage
+stackwise-train -m attention=mha,gqa,mla          # a sweep: one experiment folder each
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def train(cfg: DictConfig) -> None:
     logging.getLogger("lightning.pytorch").propagate = False
     with user_errors("stackwise-train", debug=bool(cfg.get("debug", False))):
         run = RunConfig.from_hydra(cfg, override_dirname=HydraConfig.get().job.override_dirname)
-        log.info("experiment %s -> %s (stage=%s%s)", run.experiment, run.exp_dir, run.stage,
-                 f" k={run.k}" if run.k else "")
+        log.info(
+            "experiment %s -> %s (stage=%s%s)", run.experiment, run.exp_dir, run.stage, f" k={run.k}" if run.k else ""
+        )
         from stackwise.pipeline import Pipeline  # imports Lightning; keep `--help` fast
 
         Pipeline(run).execute()

@@ -29,9 +29,10 @@ import bisect
 import json
 import shutil
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -70,15 +71,26 @@ def targets_storage(vocab_size: int) -> str:
 
 def _storage_dtypes(hidden_dtype: str, vocab_size: int) -> dict[str, str]:
     """numpy dtype on disk per field (bf16 hidden states are their uint16 bit patterns)."""
-    return {"hidden": "uint16" if hidden_dtype == "bfloat16" else hidden_dtype,
-            "targets": targets_storage(vocab_size), "mask": "bool", "t": "float32", "index": "int64",
-            "view": "int16"}
+    return {
+        "hidden": "uint16" if hidden_dtype == "bfloat16" else hidden_dtype,
+        "targets": targets_storage(vocab_size),
+        "mask": "bool",
+        "t": "float32",
+        "index": "int64",
+        "view": "int16",
+    }
 
 
 def _logical_dtypes(hidden_dtype: str) -> dict[str, str]:
     """dtype of the tensors a reader gets back per field."""
-    return {"hidden": hidden_dtype, "targets": "int64", "mask": "bool", "t": "float32", "index": "int64",
-            "view": "int64"}
+    return {
+        "hidden": hidden_dtype,
+        "targets": "int64",
+        "mask": "bool",
+        "t": "float32",
+        "index": "int64",
+        "view": "int64",
+    }
 
 
 def _hidden_to_numpy(h: Tensor, hidden_dtype: str) -> np.ndarray:
@@ -97,7 +109,7 @@ def _hidden_from_numpy(a: np.ndarray, hidden_dtype: str) -> Tensor:
     return torch.from_numpy(a)
 
 
-def estimate_cache_bytes(n_rows: int, seq_len: int, d_model: int, dtype: str, vocab_size: Optional[int] = None) -> int:
+def estimate_cache_bytes(n_rows: int, seq_len: int, d_model: int, dtype: str, vocab_size: int | None = None) -> int:
     """Bytes the shards of `n_rows` rows take on disk (headers excluded: < 1 KiB per file).
 
     Without `vocab_size` targets are counted at 4 bytes, the larger of the two storages.
@@ -121,9 +133,11 @@ def check_free_space(path: PathLike, needed_bytes: int) -> None:
     """Stop before caching when the disk under `path` (which may not exist yet) cannot hold it."""
     free = shutil.disk_usage(_existing_ancestor(Path(path))).free
     if needed_bytes > free:
-        raise StackWiseError(f"not enough disk space for the activation cache at {path}: needs "
-                             f"{_human_bytes(needed_bytes)}, {_human_bytes(free)} free (lower cache.train_sequences "
-                             f"or cache.views, use cache.dtype=bfloat16, or free some space)")
+        raise StackWiseError(
+            f"not enough disk space for the activation cache at {path}: needs "
+            f"{_human_bytes(needed_bytes)}, {_human_bytes(free)} free (lower cache.train_sequences "
+            f"or cache.views, use cache.dtype=bfloat16, or free some space)"
+        )
 
 
 def _human_bytes(n: int) -> str:
@@ -152,8 +166,15 @@ class CacheWriter(BasePredictionWriter):
     `write_manifest`, which the caller runs on global rank 0 once the stage's checks pass.
     """
 
-    def __init__(self, acts_dir: PathLike, *, shard_size: int, vocab_size: int, dtype: str = "float32",
-                 splits: Sequence[str] = SPLITS):
+    def __init__(
+        self,
+        acts_dir: PathLike,
+        *,
+        shard_size: int,
+        vocab_size: int,
+        dtype: str = "float32",
+        splits: Sequence[str] = SPLITS,
+    ):
         super().__init__(write_interval="batch")
         if dtype not in HIDDEN_DTYPES:
             raise StackWiseError(f"cache.dtype: must be one of {sorted(HIDDEN_DTYPES)}, got {dtype!r}")
@@ -170,13 +191,15 @@ class CacheWriter(BasePredictionWriter):
         self._next_shard: dict[str, int] = {}
 
     # -- lifecycle
-    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "predict":  # only a predict run writes; never touch the folder otherwise
             return
         if manifest_path(self.acts_dir).exists():
-            raise ArtifactError(f"{self.acts_dir} already holds a complete activation cache; discard it first "
-                                f"(overwrite=true) instead of writing over it")
+            raise ArtifactError(
+                f"{self.acts_dir} already holds a complete activation cache; discard it first "
+                f"(overwrite=true) instead of writing over it"
+            )
         self.rank = trainer.global_rank
         if self.rank == 0:  # leftovers of an interrupted run, every rank's: no manifest trusts them
             discard_incomplete(self.acts_dir)
@@ -185,17 +208,26 @@ class CacheWriter(BasePredictionWriter):
             (self.acts_dir / split).mkdir(parents=True, exist_ok=True)
         self.local_records = []
         self._buffers = {s: [] for s in self.splits}
-        self._buffered = {s: 0 for s in self.splits}
-        self._next_shard = {s: 0 for s in self.splits}
+        self._buffered = dict.fromkeys(self.splits, 0)
+        self._next_shard = dict.fromkeys(self.splits, 0)
 
-    def on_predict_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.predict_loop.return_predictions:
-            rank_zero_warn("CacheWriter: call trainer.predict(..., return_predictions=False), or Lightning keeps "
-                           "every cached activation in memory as well")
+            rank_zero_warn(
+                "CacheWriter: call trainer.predict(..., return_predictions=False), or Lightning keeps "
+                "every cached activation in memory as well"
+            )
 
-    def write_on_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", prediction: Any,
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         if not 0 <= dataloader_idx < len(self.splits):
             raise ValueError(f"CacheWriter got predict dataloader {dataloader_idx} but knows splits {self.splits}")
         split = self.splits[dataloader_idx]
@@ -205,7 +237,7 @@ class CacheWriter(BasePredictionWriter):
         while self._buffered[split] >= self.shard_size:
             self._write_shard(split, self.shard_size)
 
-    def on_predict_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for split in self.splits:  # the last, smaller shard of each split
             if self._buffered[split]:
                 self._write_shard(split, self._buffered[split])
@@ -223,8 +255,10 @@ class CacheWriter(BasePredictionWriter):
         b, t_len = hidden.shape[:2]
         targets = pred["targets"].detach().to("cpu")
         if tuple(targets.shape) != (b, t_len) or tuple(pred["mask"].shape) != (b, t_len):
-            raise ValueError(f"'targets'/'mask' must be (B, T) = {(b, t_len)}, got "
-                             f"{tuple(targets.shape)}/{tuple(pred['mask'].shape)}")
+            raise ValueError(
+                f"'targets'/'mask' must be (B, T) = {(b, t_len)}, got "
+                f"{tuple(targets.shape)}/{tuple(pred['mask'].shape)}"
+            )
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.vocab_size):
             raise ValueError(f"'targets' outside [0, {self.vocab_size}): the cache's vocab_size is wrong")
         out = {
@@ -264,15 +298,16 @@ class CacheWriter(BasePredictionWriter):
 def gather_records(acts_dir: PathLike) -> list[dict[str, Any]]:
     """Shard records of all ranks, ordered by rank then write order (the dataset's row order)."""
     out: list[dict[str, Any]] = []
-    files = sorted(Path(acts_dir).glob("records_r*.json"), key=lambda p: int(p.stem[len("records_r"):]))
+    files = sorted(Path(acts_dir).glob("records_r*.json"), key=lambda p: int(p.stem[len("records_r") :]))
     for p in files:
         out.extend(json.loads(p.read_text()))
     return out
 
 
 # ----------------------------------------------------------------------------------- manifest
-def write_manifest(acts_dir: PathLike, records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
-                   splits: Sequence[str] = SPLITS) -> Path:
+def write_manifest(
+    acts_dir: PathLike, records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], splits: Sequence[str] = SPLITS
+) -> Path:
     """Write manifest.json (atomically, and last): the cache is complete from this moment.
 
     `meta` must hold k, config_hash, producer_sha256 (of layer_k.pt) and views; it may add any
@@ -300,12 +335,19 @@ def write_manifest(acts_dir: PathLike, records: Sequence[Mapping[str, Any]], met
             info = rec["files"][f]
             rs, dt = list(info["shape"][1:]), info["dtype"]
             if info["shape"][0] != rec["rows"] or row_shapes.setdefault(f, rs) != rs or storage.setdefault(f, dt) != dt:
-                raise ValueError(f"shard {rec['stem']}: field {f} is {info['shape']} {dt}, expected "
-                                 f"[{rec['rows']}, *{row_shapes[f]}] {storage[f]}")
+                raise ValueError(
+                    f"shard {rec['stem']}: field {f} is {info['shape']} {dt}, expected "
+                    f"[{rec['rows']}, *{row_shapes[f]}] {storage[f]}"
+                )
             total += int(info["bytes"])
-        by_split[rec["split"]].append({
-            "stem": rec["stem"], "rank": rec["rank"], "rows": int(rec["rows"]),
-            "files": {f: {k: rec["files"][f][k] for k in ("path", "sha256", "bytes")} for f in FIELDS}})
+        by_split[rec["split"]].append(
+            {
+                "stem": rec["stem"],
+                "rank": rec["rank"],
+                "rows": int(rec["rows"]),
+                "files": {f: {k: rec["files"][f][k] for k in ("path", "sha256", "bytes")} for f in FIELDS},
+            }
+        )
     hidden_dtype = "bfloat16" if storage["hidden"] == "uint16" else storage["hidden"]
     logical = _logical_dtypes(hidden_dtype)
     seq_len, d_model = row_shapes["hidden"]
@@ -313,9 +355,15 @@ def write_manifest(acts_dir: PathLike, records: Sequence[Mapping[str, Any]], met
         if key in meta and meta[key] != got:
             raise ValueError(f"write_manifest: meta says {key}={meta[key]!r} but the shards hold {key}={got!r}")
     manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-        "k": meta["k"], "config_hash": meta["config_hash"], "producer_sha256": meta["producer_sha256"],
-        "views": meta["views"], "seq_len": seq_len, "d_model": d_model, "hidden_dtype": hidden_dtype,
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "k": meta["k"],
+        "config_hash": meta["config_hash"],
+        "producer_sha256": meta["producer_sha256"],
+        "views": meta["views"],
+        "seq_len": seq_len,
+        "d_model": d_model,
+        "hidden_dtype": hidden_dtype,
         "fields": {f: {"dtype": logical[f], "storage": storage[f], "row_shape": row_shapes[f]} for f in FIELDS},
         "splits": {s: {"rows": sum(sh["rows"] for sh in shs), "shards": shs} for s, shs in by_split.items()},
         "total_bytes": total,
@@ -383,12 +431,13 @@ class ActivationCache:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.rows(s)}" for s in self.splits)
-        return f"ActivationCache({str(self.dir)!r}, k={self.k}, {counts}, T={self.seq_len}, D={self.d_model}, " \
-               f"{self.hidden_dtype})"
+        return (
+            f"ActivationCache({str(self.dir)!r}, k={self.k}, {counts}, T={self.seq_len}, D={self.d_model}, "
+            f"{self.hidden_dtype})"
+        )
 
     @classmethod
-    def open(cls, acts_dir: PathLike, expect: Optional[Mapping[str, Any]] = None,
-             verify: bool = False) -> "ActivationCache":
+    def open(cls, acts_dir: PathLike, expect: Mapping[str, Any] | None = None, verify: bool = False) -> ActivationCache:
         """Read and check manifest.json and the presence and size (sha256 too with `verify`) of every shard.
 
         `expect` holds what this run requires of the cache (config_hash, producer_sha256, k,
@@ -398,17 +447,22 @@ class ActivationCache:
         mpath = manifest_path(acts)
         if not mpath.is_file():
             where = acts if acts.exists() else f"{acts} (missing)"
-            raise ArtifactError(f"{where} has no manifest.json: the cache is incomplete; rerun the stage that writes it")
+            raise ArtifactError(
+                f"{where} has no manifest.json: the cache is incomplete; rerun the stage that writes it"
+            )
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
-            raise ArtifactError(f"{mpath} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it "
-                                f"(overwrite=true)") from None
+            raise ArtifactError(
+                f"{mpath} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it (overwrite=true)"
+            ) from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise ArtifactError(f"{mpath} is not a StackWise activation manifest; rerun the stage that writes it")
         if manifest.get("version") != MANIFEST_VERSION:
-            raise ArtifactError(f"{mpath} has version {manifest.get('version')!r} but this StackWise reads version "
-                                f"{MANIFEST_VERSION}; rerun the stage that writes it (overwrite=true)")
+            raise ArtifactError(
+                f"{mpath} has version {manifest.get('version')!r} but this StackWise reads version "
+                f"{MANIFEST_VERSION}; rerun the stage that writes it (overwrite=true)"
+            )
         # expect may name any top-level key (config_hash, d_model...) or any key the producer put in meta
         try:
             check_expected(mpath, {**manifest.get("meta", {}), **manifest}, expect)
@@ -453,8 +507,9 @@ class ActivationDataset(Dataset):
     (each DataLoader worker opens its own) and at most `max_open_shards` shards stay open.
     """
 
-    def __init__(self, cache: ActivationCache, split: str, views: Optional[Sequence[int]] = None,
-                 max_open_shards: int = 32):
+    def __init__(
+        self, cache: ActivationCache, split: str, views: Sequence[int] | None = None, max_open_shards: int = 32
+    ):
         self.cache, self.split = cache, split
         self.hidden_dtype = cache.hidden_dtype
         self.shards = cache.shards(split)
@@ -462,11 +517,14 @@ class ActivationDataset(Dataset):
         self._ends = np.cumsum([s.rows for s in self.shards]).tolist()  # shard j holds rows [ends[j-1], ends[j])
         self.max_open_shards = max(1, max_open_shards)
         self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self.selected: Optional[np.ndarray] = None  # global rows kept by the view filter
+        self.selected: np.ndarray | None = None  # global rows kept by the view filter
         if views is not None:
-            keep = np.asarray(sorted(set(int(v) for v in views)), dtype=np.int64)
-            view_col = np.concatenate([np.asarray(self._shard(j)["view"]) for j in range(len(self.shards))]) \
-                if self.shards else np.zeros(0, np.int16)
+            keep = np.asarray(sorted({int(v) for v in views}), dtype=np.int64)
+            view_col = (
+                np.concatenate([np.asarray(self._shard(j)["view"]) for j in range(len(self.shards))])
+                if self.shards
+                else np.zeros(0, np.int16)
+            )
             self.selected = np.flatnonzero(np.isin(view_col, keep)).astype(np.int64)
             self._open.clear()
 
@@ -500,12 +558,16 @@ class ActivationDataset(Dataset):
             try:
                 arr = np.load(p, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
-                raise ArtifactError(f"{p} is not a readable shard ({one_line(e, 120)}): the cache is corrupt; "
-                                    f"rerun stage k={self.cache.k} (overwrite=true)") from None
+                raise ArtifactError(
+                    f"{p} is not a readable shard ({one_line(e, 120)}): the cache is corrupt; "
+                    f"rerun stage k={self.cache.k} (overwrite=true)"
+                ) from None
             if arr.shape != (shard.rows, *self.row_shapes[f]):
-                raise ArtifactError(f"{p} has shape {arr.shape} but the manifest records "
-                                    f"{(shard.rows, *self.row_shapes[f])}: the cache is corrupt; rerun stage "
-                                    f"k={self.cache.k} (overwrite=true)")
+                raise ArtifactError(
+                    f"{p} has shape {arr.shape} but the manifest records "
+                    f"{(shard.rows, *self.row_shapes[f])}: the cache is corrupt; rerun stage "
+                    f"k={self.cache.k} (overwrite=true)"
+                )
             arrays[f] = arr
         self._open[j] = arrays
         while len(self._open) > self.max_open_shards:
@@ -536,9 +598,17 @@ class ActivationDataModule(L.LightningDataModule):
     layer k+1 (pair it with `CacheWriter(splits=("train", "val"))`).
     """
 
-    def __init__(self, cache: Union[ActivationCache, PathLike], batch_size: int, seed: int, num_workers: int = 0,
-                 train_views: Optional[Sequence[int]] = None, max_steps: Optional[int] = None,
-                 predict_batch_size: Optional[int] = None, pin_memory: bool = False):
+    def __init__(
+        self,
+        cache: ActivationCache | PathLike,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        train_views: Sequence[int] | None = None,
+        max_steps: int | None = None,
+        predict_batch_size: int | None = None,
+        pin_memory: bool = False,
+    ):
         super().__init__()
         self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
         self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), int(num_workers)
@@ -546,9 +616,9 @@ class ActivationDataModule(L.LightningDataModule):
         self.max_steps = max_steps
         self.predict_batch_size = int(predict_batch_size or batch_size)
         self.pin_memory = pin_memory
-        self._train: Optional[ActivationDataset] = None
-        self._train_all: Optional[ActivationDataset] = None
-        self._val: Optional[ActivationDataset] = None
+        self._train: ActivationDataset | None = None
+        self._train_all: ActivationDataset | None = None
+        self._val: ActivationDataset | None = None
 
     @property
     def train_set(self) -> ActivationDataset:
@@ -556,8 +626,9 @@ class ActivationDataModule(L.LightningDataModule):
             self._train = ActivationDataset(self.cache, "train", self.train_views)
             if len(self._train) == 0:
                 views = "" if self.train_views is None else f" with views {self.train_views}"
-                raise StackWiseError(f"{self.cache.dir} has no training rows{views}; check cache.views and the "
-                                     f"stage's views")
+                raise StackWiseError(
+                    f"{self.cache.dir} has no training rows{views}; check cache.views and the stage's views"
+                )
         return self._train
 
     @property
@@ -574,8 +645,15 @@ class ActivationDataModule(L.LightningDataModule):
         max_steps = self.max_steps if self.max_steps is not None else trainer_max
         total = (max_steps * accum) if max_steps is not None else 1 << 30
         # StepSampler counts batches: with gradient accumulation an optimizer step is `accum` of them
-        sampler = RankStepSampler(self.train_set, self.batch_size, self.seed, start_step=step * accum,
-                                  total_steps=total, rank=rank, world_size=world)
+        sampler = RankStepSampler(
+            self.train_set,
+            self.batch_size,
+            self.seed,
+            start_step=step * accum,
+            total_steps=total,
+            rank=rank,
+            world_size=world,
+        )
         return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -583,7 +661,12 @@ class ActivationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         if self._train_all is None:
-            self._train_all = self._train if self.train_views is None and self._train is not None \
+            self._train_all = (
+                self._train
+                if self.train_views is None and self._train is not None
                 else ActivationDataset(self.cache, "train")
-        return [self._loader(self._train_all, self.predict_batch_size, shuffle=False),
-                self._loader(self.val_set, self.predict_batch_size, shuffle=False)]
+            )
+        return [
+            self._loader(self._train_all, self.predict_batch_size, shuffle=False),
+            self._loader(self.val_set, self.predict_batch_size, shuffle=False),
+        ]

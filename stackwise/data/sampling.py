@@ -8,7 +8,8 @@ stream is an endless chain of seeded permutations ("epochs") and the sampler sta
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -24,8 +25,15 @@ class StepSampler(Sampler[int]):
     is what stops training in practice.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int = 1 << 30,
-                 with_position: bool = False):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        total_steps: int = 1 << 30,
+        with_position: bool = False,
+    ):
         if n <= 0:
             raise ValueError("StepSampler needs a non-empty dataset")
         self.n, self.batch_size, self.seed = n, batch_size, seed
@@ -60,8 +68,17 @@ class RankStepSampler(DistributedSampler):
     nor reshuffles it. With one process it yields exactly `StepSampler(n, batch_size, ...)`.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int,
-                 rank: int = 0, world_size: int = 1, with_position: bool = False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        with_position: bool = False,
+    ):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True)
         self.batch_size, self.world, self.total_steps = batch_size, world_size, total_steps
         n = getattr(dataset, "n_examples", None) or len(dataset)  # type: ignore[arg-type]
@@ -84,12 +101,16 @@ class RankStepSampler(DistributedSampler):
                 global_batch = []
 
 
-def trainer_state(module: Any) -> tuple[int, int, int, int, Optional[int]]:
+def trainer_state(module: Any) -> tuple[int, int, int, int, int | None]:
     """(global_step, accumulate_grad_batches, rank, world_size, trainer max_steps) of a DataModule's trainer."""
     tr = getattr(module, "trainer", None)
     if tr is None:
         return 0, 1, 0, 1, None
     max_steps = getattr(tr, "max_steps", None)
-    return (int(tr.global_step), int(getattr(tr, "accumulate_grad_batches", 1) or 1),
-            int(getattr(tr, "global_rank", 0)), int(getattr(tr, "world_size", 1)),
-            max_steps if max_steps is not None and max_steps > 0 else None)
+    return (
+        int(tr.global_step),
+        int(getattr(tr, "accumulate_grad_batches", 1) or 1),
+        int(getattr(tr, "global_rank", 0)),
+        int(getattr(tr, "world_size", 1)),
+        max_steps if max_steps is not None and max_steps > 0 else None,
+    )

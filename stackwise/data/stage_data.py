@@ -13,7 +13,7 @@ Items have the same keys as the activation cache's, with `ids` (masked input) in
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
@@ -33,9 +33,21 @@ class MaskedTokenDataset(Dataset):
     `rate_layer(view)` gives the stage index the schedule uses for a fixed view (per_layer: view+1).
     """
 
-    def __init__(self, tokens: np.ndarray, *, seed: int, schedule, mask_id: int, pad_id: int, k: int,
-                 views: Optional[int] = None, rows: Optional[Sequence[int]] = None, total_positions: int = 1,
-                 per_layer_views: bool = False, n_layers: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        seed: int,
+        schedule,
+        mask_id: int,
+        pad_id: int,
+        k: int,
+        views: int | None = None,
+        rows: Sequence[int] | None = None,
+        total_positions: int = 1,
+        per_layer_views: bool = False,
+        n_layers: int = 1,
+    ):
         self.tokens, self.seed, self.schedule = tokens, seed, schedule
         self.mask_id, self.pad_id, self.k = mask_id, pad_id, k
         self.views = views
@@ -59,37 +71,88 @@ class MaskedTokenDataset(Dataset):
             k = view + 1 if self.per_layer_views else max(self.k, 1)
         ids = torch.from_numpy(np.asarray(self.tokens[index], dtype=np.int64))[None]  # (1, T)
         masked, mask, t = mask_batch(
-            ids, torch.tensor([index]), torch.tensor([view]), seed=self.seed, schedule=self.schedule,
-            k=k, progress=progress, mask_id=self.mask_id, pad_id=self.pad_id)
-        return {"ids": masked[0], "targets": ids[0], "mask": mask[0], "t": t[0],
-                "index": torch.tensor(index), "view": torch.tensor(view)}
+            ids,
+            torch.tensor([index]),
+            torch.tensor([view]),
+            seed=self.seed,
+            schedule=self.schedule,
+            k=k,
+            progress=progress,
+            mask_id=self.mask_id,
+            pad_id=self.pad_id,
+        )
+        return {
+            "ids": masked[0],
+            "targets": ids[0],
+            "mask": mask[0],
+            "t": t[0],
+            "index": torch.tensor(index),
+            "view": torch.tensor(view),
+        }
 
 
 class TokenStageData(L.LightningDataModule):
     """Train (resumable seeded stream), validation (fixed views) and caching (fixed views) loaders."""
 
-    def __init__(self, train: np.ndarray, val: np.ndarray, *, batch_size: int, seed: int, schedule, mask_id: int,
-                 pad_id: int, k: int, max_steps: int, views: int, num_workers: int = 0,
-                 cache_rows: Optional[Sequence[int]] = None, cache_batch_size: int = 64,
-                 per_layer_views: bool = False, n_layers: int = 1):
+    def __init__(
+        self,
+        train: np.ndarray,
+        val: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        schedule,
+        mask_id: int,
+        pad_id: int,
+        k: int,
+        max_steps: int,
+        views: int,
+        num_workers: int = 0,
+        cache_rows: Sequence[int] | None = None,
+        cache_batch_size: int = 64,
+        per_layer_views: bool = False,
+        n_layers: int = 1,
+    ):
         super().__init__()
         self.train_tokens, self.val_tokens = train, val
         self.batch_size, self.seed, self.max_steps, self.views = batch_size, seed, max_steps, views
         self.num_workers, self.cache_rows, self.cache_batch_size = num_workers, cache_rows, cache_batch_size
-        common = dict(seed=seed, schedule=schedule, mask_id=mask_id, pad_id=pad_id, k=k,
-                      per_layer_views=per_layer_views, n_layers=n_layers)
+        common = dict(
+            seed=seed,
+            schedule=schedule,
+            mask_id=mask_id,
+            pad_id=pad_id,
+            k=k,
+            per_layer_views=per_layer_views,
+            n_layers=n_layers,
+        )
         self._common = common
 
     def _loader(self, ds: Dataset, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=sampler is not None,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=sampler is not None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         step, accum, rank, world, _ = trainer_state(self)
         total = self.max_steps * accum  # batches: with gradient accumulation a step is `accum` of them
         ds = MaskedTokenDataset(self.train_tokens, total_positions=total * self.batch_size * world, **self._common)
-        sampler = RankStepSampler(ds, self.batch_size, self.seed, start_step=step * accum, total_steps=total,
-                                  rank=rank, world_size=world, with_position=True)
+        sampler = RankStepSampler(
+            ds,
+            self.batch_size,
+            self.seed,
+            start_step=step * accum,
+            total_steps=total,
+            rank=rank,
+            world_size=world,
+            with_position=True,
+        )
         return self._loader(ds, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -102,7 +165,7 @@ class TokenStageData(L.LightningDataModule):
         return [self._loader(train, self.cache_batch_size), self._loader(val, self.cache_batch_size)]
 
 
-def cache_rows(n_train: int, limit: Optional[int], seed: int) -> np.ndarray:
+def cache_rows(n_train: int, limit: int | None, seed: int) -> np.ndarray:
     """Which training sequences get cached: all, or a seeded subset of `limit` (kept in order)."""
     if limit is None or limit >= n_train:
         return np.arange(n_train)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 from stackwise.errors import ConfigError, StackWiseError
 
@@ -39,7 +40,7 @@ class _Base(abc.ABC):
     def _decode_plain(self, ids: list[int]) -> str:
         """Text of ids that contain no special id."""
 
-    def decode(self, ids: Iterable[int], mask_text: Optional[str] = None) -> str:
+    def decode(self, ids: Iterable[int], mask_text: str | None = None) -> str:
         """Text of `ids`. Special ids are dropped, except [MASK] rendered as `mask_text` when given."""
         pieces: list[str] = []
         run: list[int] = []
@@ -111,10 +112,10 @@ class HFTokenizer(_Base):
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-Tokenizer = Union[ByteTokenizer, HFTokenizer]
+Tokenizer = ByteTokenizer | HFTokenizer
 
 
-def build_tokenizer(cfg: Optional[Mapping[str, Any]], prefix: str = "data.tokenizer") -> Tokenizer:
+def build_tokenizer(cfg: Mapping[str, Any] | None, prefix: str = "data.tokenizer") -> Tokenizer:
     """{kind: byte} or {kind: hf, path: tokenizer.json}."""
     cfg = dict(cfg or {})
     for key in cfg:
@@ -125,33 +126,43 @@ def build_tokenizer(cfg: Optional[Mapping[str, Any]], prefix: str = "data.tokeni
         return ByteTokenizer()
     if kind == "hf":
         if not cfg.get("path"):
-            raise ConfigError(f"{prefix}.path", "kind=hf needs the path of a Hugging Face tokenizer.json "
-                              "(make one with stackwise-tokenizer)")
+            raise ConfigError(
+                f"{prefix}.path",
+                "kind=hf needs the path of a Hugging Face tokenizer.json (make one with stackwise-tokenizer)",
+            )
         return HFTokenizer(cfg["path"])
     raise ConfigError(f"{prefix}.kind", f"unknown tokenizer kind {kind!r}; allowed: {', '.join(TOKENIZER_KINDS)}")
 
 
-def train_bpe(files: Sequence[PathLike], vocab_size: int, out_path: PathLike, *, field: str = "text",
-              min_frequency: int = 2) -> HFTokenizer:
+def train_bpe(
+    files: Sequence[PathLike], vocab_size: int, out_path: PathLike, *, field: str = "text", min_frequency: int = 2
+) -> HFTokenizer:
     """Train a byte-level BPE on corpus files (.txt, or .jsonl with `field`) and write tokenizer.json.
 
     [MASK] and [PAD] are its first two ids. The file is written under a temporary name and renamed,
     so an interrupted run never leaves a half-written tokenizer.json.
     """
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from stackwise.artifacts import atomic_path
     from stackwise.data.tokens import iter_corpus_text  # the corpus reader (and its checks) lives with the data
 
     min_size = 256 + 2  # the byte alphabet and the two special tokens
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_size:
-        raise StackWiseError(f"vocab size must be an integer >= {min_size} (256 bytes + [MASK] + [PAD]), got {vocab_size!r}")
+        raise StackWiseError(
+            f"vocab size must be an integer >= {min_size} (256 bytes + [MASK] + [PAD]), got {vocab_size!r}"
+        )
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[MASK_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[MASK_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     n_chars = 0
 
     def texts() -> Iterable[str]:

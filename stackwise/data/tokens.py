@@ -24,12 +24,12 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Optional, Union
+from typing import IO, Any, Union
 
 import numpy as np
 import torch
@@ -62,17 +62,17 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     val_fraction: float = 0.05  # text / shakespeare: the last fraction of the windows
-    path: Optional[str] = None  # text: a .txt file, a folder of .txt files, or a .jsonl file
+    path: str | None = None  # text: a .txt file, a folder of .txt files, or a .jsonl file
     field: str = "text"  # text: the JSON key holding the text of each .jsonl line
     tokenizer: dict = dataclasses.field(default_factory=lambda: {"kind": "byte", "path": None})
-    cache_dir: Optional[str] = None  # null: the caller's folder (the experiment's tokens/)
+    cache_dir: str | None = None  # null: the caller's folder (the experiment's tokens/)
     # dummy only
     n_train: int = 4096
     n_val: int = 256
     dummy_vocab: int = 32  # symbols of the dummy language; + [MASK] + [PAD]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], prefix: str = "data") -> "DataConfig":
+    def from_dict(cls, d: Mapping[str, Any], prefix: str = "data") -> DataConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
@@ -97,19 +97,27 @@ class DataConfig:
             if self.dummy_vocab > 65534:
                 raise ConfigError(p + "dummy_vocab", f"must be <= 65534 (uint16 tokens), got {self.dummy_vocab}")
             return
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
-                or not 0.0 < self.val_fraction < 1.0:
+        if (
+            isinstance(self.val_fraction, bool)
+            or not isinstance(self.val_fraction, (int, float))
+            or not 0.0 < self.val_fraction < 1.0
+        ):
             raise ConfigError(p + "val_fraction", f"must be a number in (0, 1), got {self.val_fraction!r}")
         if not isinstance(self.tokenizer, Mapping):
-            raise ConfigError(p + "tokenizer", f"must be a mapping {{kind: byte|hf, path: ...}}, got {self.tokenizer!r}")
+            raise ConfigError(
+                p + "tokenizer", f"must be a mapping {{kind: byte|hf, path: ...}}, got {self.tokenizer!r}"
+            )
         if self.name == "text":
             if not self.path:
-                raise ConfigError(p + "path", "data=text needs data.path: a .txt file, a folder of .txt files "
-                                  "or a .jsonl file")
+                raise ConfigError(
+                    p + "path", "data=text needs data.path: a .txt file, a folder of .txt files or a .jsonl file"
+                )
             path = Path(self.path).expanduser()
             if not path.exists():
-                raise ConfigError(p + "path", f"{self.path} does not exist (expected a .txt file, a folder of "
-                                  ".txt files or a .jsonl file)")
+                raise ConfigError(
+                    p + "path",
+                    f"{self.path} does not exist (expected a .txt file, a folder of .txt files or a .jsonl file)",
+                )
             if path.is_file() and path.stat().st_size == 0:  # caught here, before any experiment folder is made
                 raise ConfigError(p + "path", f"{self.path}: the corpus is empty (0 bytes)")
             if not isinstance(self.field, str) or not self.field:
@@ -121,7 +129,7 @@ def _int_at_least(name: str, value: Any, low: int) -> None:
         raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
 
 
-def data_tokenizer(cfg: DataConfig) -> Optional[Tokenizer]:
+def data_tokenizer(cfg: DataConfig) -> Tokenizer | None:
     """The tokenizer of a text data set; None for dummy (its symbols are ids already)."""
     return None if cfg.name == "dummy" else build_tokenizer(cfg.tokenizer)
 
@@ -139,12 +147,15 @@ def check_vocab(model_cfg: Any, cfg: DataConfig, prefix: str = "model") -> None:
 
     As in RunConfig.from_hydra, a padded vocabulary (more rows than the tokenizer has ids) fits.
     """
-    for name, value in zip(("vocab_size", "mask_id", "pad_id"), vocab_info(cfg)):
+    for name, value in zip(("vocab_size", "mask_id", "pad_id"), vocab_info(cfg), strict=True):
         if name == "vocab_size" and getattr(model_cfg, name) >= value:
             continue
         if getattr(model_cfg, name) != value:
-            raise ConfigError(f"{prefix}.{name}", f"is {getattr(model_cfg, name)} but the data's tokenizer has "
-                              f"{name}={value}; leave it null to take the tokenizer's")
+            raise ConfigError(
+                f"{prefix}.{name}",
+                f"is {getattr(model_cfg, name)} but the data's tokenizer has "
+                f"{name}={value}; leave it null to take the tokenizer's",
+            )
 
 
 # ------------------------------------------------------------------------------------ the splits
@@ -155,12 +166,12 @@ class TokenSplits:
     vocab_size: int
     mask_id: int
     pad_id: int
-    tokenizer: Optional[Tokenizer] = None  # None for dummy
+    tokenizer: Tokenizer | None = None  # None for dummy
     built: bool = False  # text: True when this call tokenized the corpus, False when it reused the cache
-    cache_file: Optional[Path] = None
+    cache_file: Path | None = None
 
 
-def load_token_splits(cfg: DataConfig, seed: int, cache_dir: Optional[PathLike] = None) -> TokenSplits:
+def load_token_splits(cfg: DataConfig, seed: int, cache_dir: PathLike | None = None) -> TokenSplits:
     """The train/val token arrays of `cfg`. `cfg.cache_dir`, when set, wins over `cache_dir`."""
     if cfg.name == "dummy":
         return dummy_splits(cfg, seed)
@@ -183,10 +194,11 @@ def _split_windows(stream: np.ndarray, cfg: DataConfig, name: str) -> tuple[np.n
     if n < 2:
         raise StackWiseError(
             f"{name}: the corpus has {len(stream)} tokens, {n} sequence(s) of data.seq_len={T}; it needs at least "
-            f"one training and one validation sequence ({2 * T} tokens): use a longer corpus or a smaller data.seq_len")
-    n_val = min(n - 1, max(1, int(round(n * cfg.val_fraction))))
+            f"one training and one validation sequence ({2 * T} tokens): use a longer corpus or a smaller data.seq_len"
+        )
+    n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
     windows = stream[: n * T].reshape(n, T)  # still a memmap view: nothing is read yet
-    return windows[: n - n_val], windows[n - n_val:]
+    return windows[: n - n_val], windows[n - n_val :]
 
 
 # ------------------------------------------------------------------------------------------ dummy
@@ -255,8 +267,11 @@ def _dummy_val(successors: torch.Tensor, n: int, T: int, g: torch.Generator, tra
                 rows.append(row)
         if len(rows) >= n:
             return np.stack(rows[:n])
-    raise ConfigError("data.seq_len", f"seq_len={T} is too short to draw {n} validation sequences that differ from "
-                      "the training ones; raise data.seq_len or lower data.n_val / data.n_train")
+    raise ConfigError(
+        "data.seq_len",
+        f"seq_len={T} is too short to draw {n} validation sequences that differ from "
+        "the training ones; raise data.seq_len or lower data.n_val / data.n_train",
+    )
 
 
 # ------------------------------------------------------------------------------ reading a corpus
@@ -289,7 +304,7 @@ def _file_source(path: Path, field_name: str) -> _Source:
     for f in files:
         st = f.stat()
         identity.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    opened = [(str(f), (lambda f=f: open(f, "rb")), f.suffix.lower() == ".jsonl") for f in files]
+    opened = [(str(f), (lambda f=f: open(f, "rb")), f.suffix.lower() == ".jsonl") for f in files]  # noqa: SIM115 (opened later, by the reader, in a with)
     return _Source(str(path), identity, opened, field_name)
 
 
@@ -297,8 +312,9 @@ def _shakespeare_source() -> _Source:
     res = resources.files(SHAKESPEARE[0]).joinpath(SHAKESPEARE[1])
     blob = res.read_bytes()
     name = f"stackwise/data/corpora/{SHAKESPEARE[1]}"
-    return _Source(name, [name, hashlib.sha256(blob).hexdigest()],
-                   [(name, lambda: gzip.GzipFile(fileobj=io.BytesIO(blob)), False)])
+    return _Source(
+        name, [name, hashlib.sha256(blob).hexdigest()], [(name, lambda: gzip.GzipFile(fileobj=io.BytesIO(blob)), False)]
+    )
 
 
 def iter_corpus_text(path: PathLike, field: str = "text") -> Iterator[tuple[str, str]]:
@@ -335,8 +351,9 @@ def _text_chunks(name: str, f: IO[bytes]) -> Iterator[str]:
         try:
             text = decoder.decode(block, final=not block)
         except UnicodeDecodeError as e:
-            raise StackWiseError(f"{name}: not valid UTF-8 text (near byte offset {max(0, offset + e.start)}: "
-                                 f"{e.reason})") from None
+            raise StackWiseError(
+                f"{name}: not valid UTF-8 text (near byte offset {max(0, offset + e.start)}: {e.reason})"
+            ) from None
         offset += len(block)
         text = carry + text
         if not block:
@@ -367,8 +384,9 @@ def _jsonl_texts(name: str, f: IO[bytes], field_name: str) -> Iterator[str]:
         except json.JSONDecodeError as e:
             raise StackWiseError(f"{name}:{lineno}: not a JSON line ({e.msg})") from None
         if not isinstance(record, dict) or field_name not in record:
-            raise StackWiseError(f"{name}:{lineno}: no {field_name!r} field (set data.field / --field to the key "
-                                 "holding the text)")
+            raise StackWiseError(
+                f"{name}:{lineno}: no {field_name!r} field (set data.field / --field to the key holding the text)"
+            )
         text = record[field_name]
         if not isinstance(text, str):
             raise StackWiseError(f"{name}:{lineno}: field {field_name!r} is {type(text).__name__}, not a string")
@@ -384,8 +402,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def _token_stream(source: _Source, tok: Tokenizer, cache_dir: Path) -> tuple[np.ndarray, bool, Path]:
     """The corpus as one flat token memmap; (array, built now?, file)."""
     dtype = token_dtype(tok.vocab_size)
-    key_obj = {"format": CACHE_FORMAT, "corpus": source.identity, "field": source.field,
-               "tokenizer": tok.identity, "dtype": dtype.name}
+    key_obj = {
+        "format": CACHE_FORMAT,
+        "corpus": source.identity,
+        "field": source.field,
+        "tokenizer": tok.identity,
+        "dtype": dtype.name,
+    }
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()[:20]
     bin_path, meta_path = cache_dir / f"tokens-{key}.bin", cache_dir / f"tokens-{key}.json"
 
@@ -401,21 +424,36 @@ def _token_stream(source: _Source, tok: Tokenizer, cache_dir: Path) -> tuple[np.
             n_tokens += len(ids)
         if n_tokens == 0:
             raise StackWiseError(f"{source.name}: the corpus is empty (no text to tokenize)")
-    atomic_write_json({"format": CACHE_FORMAT, "key": key, "n_tokens": n_tokens, "dtype": dtype.name,
-                       "vocab_size": tok.vocab_size, "source": source.name, "identity": key_obj}, meta_path)
+    atomic_write_json(
+        {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "n_tokens": n_tokens,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "source": source.name,
+            "identity": key_obj,
+        },
+        meta_path,
+    )
     log.info("tokens: tokenized %s into %s (%d tokens)", source.name, bin_path, n_tokens)
     stream = _open_cached(bin_path, meta_path, key, dtype)
     assert stream is not None, "the token file just written does not read back"
     return stream, True, bin_path
 
 
-def _open_cached(bin_path: Path, meta_path: Path, key: str, dtype: np.dtype) -> Optional[np.ndarray]:
+def _open_cached(bin_path: Path, meta_path: Path, key: str, dtype: np.dtype) -> np.ndarray | None:
     """The memmap when a complete cache exists (sidecar matches the file), else None."""
     try:
         meta = json.loads(meta_path.read_text())
         n = int(meta["n_tokens"])
-        ok = (meta.get("format") == CACHE_FORMAT and meta.get("key") == key and meta.get("dtype") == dtype.name
-              and n > 0 and bin_path.stat().st_size == n * dtype.itemsize)
+        ok = (
+            meta.get("format") == CACHE_FORMAT
+            and meta.get("key") == key
+            and meta.get("dtype") == dtype.name
+            and n > 0
+            and bin_path.stat().st_size == n * dtype.itemsize
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,)) if ok else None
@@ -464,12 +502,19 @@ def _token_data_module() -> type:
         def train_dataloader(self) -> DataLoader:
             # its own seeded generator: the order depends on `seed` only, not on the global RNG
             g = torch.Generator().manual_seed(derive_seed(self.seed, "tokens", "shuffle"))
-            return DataLoader(TokenDataset(self.splits.train), batch_size=self.batch_size, shuffle=True, generator=g,
-                              drop_last=True, num_workers=self.num_workers)
+            return DataLoader(
+                TokenDataset(self.splits.train),
+                batch_size=self.batch_size,
+                shuffle=True,
+                generator=g,
+                drop_last=True,
+                num_workers=self.num_workers,
+            )
 
         def val_dataloader(self) -> DataLoader:
-            return DataLoader(TokenDataset(self.splits.val), batch_size=self.batch_size, shuffle=False,
-                              num_workers=self.num_workers)
+            return DataLoader(
+                TokenDataset(self.splits.val), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            )
 
     TokenDataModule.__qualname__ = "TokenDataModule"  # pickles as stackwise.data.tokens.TokenDataModule
     return TokenDataModule

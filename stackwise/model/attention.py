@@ -8,8 +8,6 @@ When there is no padding mask, no mask tensor is passed at all, so SDPA may choo
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -19,7 +17,7 @@ from stackwise.model.layers import RotaryEmbedding, load_frozen, normal
 from stackwise.utils import generator
 
 
-def attention_mask(pad_mask: Optional[torch.Tensor], causal: bool) -> tuple[Optional[torch.Tensor], bool]:
+def attention_mask(pad_mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for SDPA; attn_mask is bool, True where a query may read a key."""
     if pad_mask is None:
         return None, causal
@@ -53,7 +51,7 @@ class GroupedQueryAttention(nn.Module):
     def frozen_values(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -101,7 +99,7 @@ class MultiHeadLatentAttention(nn.Module):
         g = generator(self.seed, "mla_up", self.k)  # q_b first, then kv_b, from one stream
         return {name: normal(self.get_parameter(name).shape, self.std, g) for name in self.frozen}
 
-    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
         B, T, _ = x.shape
         H, nope, r, dv = self.n_heads, self.nope, self.rope_dim, self.v_dim

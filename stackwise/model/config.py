@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from stackwise.errors import ConfigError
 
@@ -28,7 +29,7 @@ class ModelConfig:
     n_kv_heads: int = 2  # used by `gqa` layers; `mha` layers always use n_heads
     d_ff: int = 344
     # --- attention: one kind for every layer, or a list with one kind per layer ---
-    attention: Union[str, list] = "gqa"
+    attention: str | list = "gqa"
     # MLA (DeepSeek-V2/V3): q_lora_rank, kv_lora_rank and the per-head dims
     mla_rq: int = 64
     mla_rkv: int = 32
@@ -50,7 +51,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], prefix: str = "model") -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any], prefix: str = "model") -> ModelConfig:
         """Build from a plain mapping (e.g. an OmegaConf node turned into a dict).
 
         Unknown keys and wrong types raise `ConfigError` naming `prefix.key`.
@@ -106,7 +107,9 @@ class ModelConfig:
             raise ConfigError(p + "attention", f"must be one of {ATTENTION_KINDS} or a list of them, got {kinds!r}")
         for kind in kinds:
             if kind not in ATTENTION_KINDS:
-                raise ConfigError(p + "attention", f"unknown attention kind {kind!r}; allowed: {', '.join(ATTENTION_KINDS)}")
+                raise ConfigError(
+                    p + "attention", f"unknown attention kind {kind!r}; allowed: {', '.join(ATTENTION_KINDS)}"
+                )
         if any(k in ("mha", "gqa") for k in kinds):
             if self.d_model % self.n_heads:
                 raise ConfigError(p + "d_model", f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -114,9 +117,13 @@ class ModelConfig:
                 raise ConfigError(p + "n_heads", f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
         if "gqa" in kinds:
             if self.n_kv_heads >= self.n_heads:
-                raise ConfigError(p + "n_kv_heads", f"gqa needs n_kv_heads < n_heads, got {self.n_kv_heads} >= {self.n_heads}")
+                raise ConfigError(
+                    p + "n_kv_heads", f"gqa needs n_kv_heads < n_heads, got {self.n_kv_heads} >= {self.n_heads}"
+                )
             if self.n_heads % self.n_kv_heads:
-                raise ConfigError(p + "n_kv_heads", f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+                raise ConfigError(
+                    p + "n_kv_heads", f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
+                )
         if "mla" in kinds:
             for name in ("mla_rq", "mla_rkv", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
                 _positive(p + name, getattr(self, name))

@@ -79,4 +79,4 @@ def train_step_flops(cfg: ModelConfig, stage: str, k: int, batch_size: int, seq_
         flops += (matmul + attn_core) + (matmul + (matmul - frozen) + 2 * attn_core)
     head = 2 * mask_rate * batch_size * seq_len * cfg.d_model * cfg.vocab_size
     flops += head + head + (head if head_trains else 0)
-    return int(round(flops))
+    return round(flops)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +84,7 @@ class Block(nn.Module):
                     std = out_std if name in ("attn.o_proj.weight", "mlp.down.weight") else self.cfg.init_std
                     p.copy_(normal(p.shape, std, g))
 
-    def forward(self, h: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, T, D), pad_mask (B, T) bool True at padding -> (B, T, D)."""
         h = h + self.drop(self.attn(self.attn_norm(h), pad_mask))
         return h + self.drop(self.mlp(self.mlp_norm(h)))
@@ -98,7 +97,7 @@ class Block(nn.Module):
             self.attn.o_proj.weight.zero_()
             self.mlp.down.weight.zero_()
 
-    def copy_trainable_from(self, other: "Block") -> None:
+    def copy_trainable_from(self, other: Block) -> None:
         """Start from another layer's trained weights (progressive stacking). The frozen tensors
         stay this layer's own: they are a function of (seed, k) by design. When the two layers'
         attention kinds differ (a hybrid model), only the kind-independent part is copied (the two
@@ -176,7 +175,7 @@ class Head(nn.Module):
             with torch.no_grad():
                 self.proj.weight.copy_(normal(self.proj.weight.shape, cfg.init_std, generator(cfg.seed, "head")))
 
-    def forward(self, h: torch.Tensor, embed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, embed_weight: torch.Tensor | None = None) -> torch.Tensor:
         """h (..., D) -> logits (..., V). `embed_weight (V, D)` is used only when tied."""
         h = self.norm(h)
         if self.proj is not None:
@@ -201,7 +200,7 @@ class Transformer(nn.Module):
         """ids (B, T) -> h (B, T, D)."""
         return self.embed(ids)
 
-    def run_layers(self, h: torch.Tensor, first: int, last: int, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, first: int, last: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Layers first..last inclusive (1-based) on h (B, T, D); first > last returns h unchanged."""
         if first > last:
             return h
@@ -215,6 +214,6 @@ class Transformer(nn.Module):
         """Final norm + head on h (..., D) -> (..., V)."""
         return self.head(h, self.embed.weight if self.head.proj is None else None)
 
-    def forward(self, ids: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V)."""
         return self.logits(self.run_layers(self.embed_tokens(ids), 1, self.cfg.n_layers, pad_mask))

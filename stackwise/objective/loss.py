@@ -11,7 +11,8 @@ Weightings:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,15 @@ class LossOut(NamedTuple):
     n_tokens: Tensor  # () long, non-pad positions (the elbo denominator)
 
 
-def masked_loss(hidden: Tensor, targets: Tensor, mask: Tensor, t: Tensor,
-                head_fn: Callable[[Tensor], Tensor], weighting: str = "mean",
-                pad_id: Optional[int] = None) -> LossOut:
+def masked_loss(
+    hidden: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    t: Tensor,
+    head_fn: Callable[[Tensor], Tensor],
+    weighting: str = "mean",
+    pad_id: int | None = None,
+) -> LossOut:
     """hidden (B, T, D), targets (B, T) long, mask (B, T) bool, t (B,); head_fn: (N, D) -> (N, V).
 
     pad_id: positions where targets == pad_id are padding (they only change the elbo denominator;

@@ -20,8 +20,9 @@ Schedules (`masking.schedule`), each `rate(u (B,), k, progress) -> t (B,)`:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,11 +45,11 @@ class MaskingConfig:
     mask_fraction_min: float = 0.15
     mask_fraction_max: float = 0.90
     rate: float = 0.15  # the `fixed` schedule's rate
-    rates: Optional[list] = None  # `per_layer`: one rate per layer (None = linear from min to max)
+    rates: list | None = None  # `per_layer`: one rate per layer (None = linear from min to max)
     weighting: str = "mean"  # mean over masked tokens | elbo (1/t weights, the MDLM/LLaDA bound)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], prefix: str = "masking") -> "MaskingConfig":
+    def from_dict(cls, d: Mapping[str, Any], prefix: str = "masking") -> MaskingConfig:
         """Build from a plain mapping; unknown keys and wrong types raise ConfigError naming `prefix.key`.
 
         Ranges that depend on the model (len(rates) == n_layers) are checked by `validate(n_layers)`.
@@ -81,21 +82,24 @@ class MaskingConfig:
             return sum(self.rates) / len(self.rates)
         return (self.mask_fraction_min + self.mask_fraction_max) / 2
 
-    def validate(self, n_layers: Optional[int] = None, prefix: str = "masking") -> None:
+    def validate(self, n_layers: int | None = None, prefix: str = "masking") -> None:
         """Raise ConfigError naming the bad value. `n_layers=None` skips the per-layer length check."""
         p = prefix + "."
         if self.schedule not in SCHEDULES:
             raise ConfigError(p + "schedule", f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if self.weighting not in WEIGHTINGS:
-            raise ConfigError(p + "weighting", f"unknown weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+            raise ConfigError(
+                p + "weighting", f"unknown weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}"
+            )
         lo, hi = self.mask_fraction_min, self.mask_fraction_max
         if not 0.0 < lo <= 1.0:
             raise ConfigError(p + "mask_fraction_min", f"must be in (0, 1], got {lo}")
         if not 0.0 < hi <= 1.0:
             raise ConfigError(p + "mask_fraction_max", f"must be in (0, 1], got {hi}")
         if lo > hi:
-            raise ConfigError(p + "mask_fraction_min",
-                              f"must be <= mask_fraction_max={hi}, got {lo} (need 0 < min <= max <= 1)")
+            raise ConfigError(
+                p + "mask_fraction_min", f"must be <= mask_fraction_max={hi}, got {lo} (need 0 < min <= max <= 1)"
+            )
         if not 0.0 < self.rate <= 1.0:
             raise ConfigError(p + "rate", f"must be in (0, 1], got {self.rate}")
         if self.rates is not None:
@@ -103,8 +107,11 @@ class MaskingConfig:
                 if not 0.0 < r <= 1.0:
                     raise ConfigError(f"{p}rates[{i}]", f"must be in (0, 1], got {r}")
             if n_layers is not None and len(self.rates) != n_layers:
-                raise ConfigError(p + "rates", f"has {len(self.rates)} entries but n_layers={n_layers}; "
-                                  "give one rate per layer, or null for linear from min to max")
+                raise ConfigError(
+                    p + "rates",
+                    f"has {len(self.rates)} entries but n_layers={n_layers}; "
+                    "give one rate per layer, or null for linear from min to max",
+                )
 
 
 def _number(name: str, value: Any) -> float:
@@ -156,7 +163,7 @@ class CurriculumSchedule:
         return self.lo + (self.hi - self.lo) * u * p
 
 
-Schedule = Union[UniformSchedule, FixedSchedule, PerLayerSchedule, CurriculumSchedule]
+Schedule = UniformSchedule | FixedSchedule | PerLayerSchedule | CurriculumSchedule
 
 
 def build_schedule(cfg: MaskingConfig, n_layers: int) -> Schedule:
@@ -176,9 +183,19 @@ def build_schedule(cfg: MaskingConfig, n_layers: int) -> Schedule:
 
 
 # ----------------------------------------------------------------------------------------- masks
-def mask_batch(ids: Tensor, index: Tensor, view: Tensor, *, seed: int, schedule: Schedule, k: int,
-               progress: float, mask_id: int, pad_id: Optional[int], u: Optional[Tensor] = None
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def mask_batch(
+    ids: Tensor,
+    index: Tensor,
+    view: Tensor,
+    *,
+    seed: int,
+    schedule: Schedule,
+    k: int,
+    progress: float,
+    mask_id: int,
+    pad_id: int | None,
+    u: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mask a batch of token ids.
 
     ids (B, T) long; index (B,) example indices; view (B,) view numbers (any ints, negative ones too).

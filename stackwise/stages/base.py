@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Optional
 
 import lightning as L
 import torch
@@ -55,15 +54,22 @@ class StageModule(L.LightningModule, abc.ABC):
         """(N, D) hidden states at supervised positions -> (N, V) logits."""
 
     # ------------------------------------------------------------------ shared loop
-    def pad_mask(self, batch: dict) -> Optional[Tensor]:
+    def pad_mask(self, batch: dict) -> Tensor | None:
         pad = batch["targets"] == self.cfg.pad_id  # (B, T)
         # None lets attention use its fused kernels when a batch has no padding at all
         return pad if bool(pad.any()) else None
 
     def compute_loss(self, batch: dict) -> LossOut:
         h = self.hidden_states(batch)  # (B, T, D)
-        return masked_loss(h, batch["targets"], batch["mask"], batch["t"], self.head_logits,
-                           weighting=self.weighting, pad_id=self.cfg.pad_id)
+        return masked_loss(
+            h,
+            batch["targets"],
+            batch["mask"],
+            batch["t"],
+            self.head_logits,
+            weighting=self.weighting,
+            pad_id=self.cfg.pad_id,
+        )
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Dropout draws from the global RNG, which every DataLoader iterator also draws from (its base
@@ -71,15 +77,17 @@ class StageModule(L.LightningModule, abc.ABC):
         # Seeding it per (seed, stage, step, micro-batch, rank) makes step s's dropout the same either way.
         if self.cfg.dropout > 0:
             micro = batch_idx % max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
-            torch.manual_seed(derive_seed(self.cfg.seed, "dropout", self.stage_name, self.global_step, micro,
-                                          self.global_rank))
+            torch.manual_seed(
+                derive_seed(self.cfg.seed, "dropout", self.stage_name, self.global_step, micro, self.global_rank)
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(
                 f"stage {self.stage_name}: non-finite training loss ({out.loss.item()}) at step "
-                f"{self.global_step}; nothing of this stage is saved or cached (lower optim.lr?)")
+                f"{self.global_step}; nothing of this stage is saved or cached (lower optim.lr?)"
+            )
         bsz = batch["targets"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bsz)
         self.log("train/masked_acc", out.n_correct / out.n_masked.clamp_min(1), batch_size=bsz)
@@ -94,8 +102,9 @@ class StageModule(L.LightningModule, abc.ABC):
     def compute_loss_mean(self, batch: dict) -> LossOut:
         """Validation always reports the mean masked CE, comparable across weightings."""
         h = self.hidden_states(batch)
-        return masked_loss(h, batch["targets"], batch["mask"], batch["t"], self.head_logits,
-                           weighting="mean", pad_id=self.cfg.pad_id)
+        return masked_loss(
+            h, batch["targets"], batch["mask"], batch["t"], self.head_logits, weighting="mean", pad_id=self.cfg.pad_id
+        )
 
     def on_validation_epoch_end(self) -> None:
         ce, n, correct = self.val_ce.compute(), self.val_masked.compute(), self.val_correct.compute()
@@ -107,8 +116,14 @@ class StageModule(L.LightningModule, abc.ABC):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """One batch of the activation cache: the hidden state after this stage's layer."""
-        return {"hidden": self.hidden_states(batch), "targets": batch["targets"], "mask": batch["mask"],
-                "t": batch["t"], "index": batch["index"], "view": batch["view"]}
+        return {
+            "hidden": self.hidden_states(batch),
+            "targets": batch["targets"],
+            "mask": batch["mask"],
+            "t": batch["t"],
+            "index": batch["index"],
+            "view": batch["view"],
+        }
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -117,9 +132,13 @@ class StageModule(L.LightningModule, abc.ABC):
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.optim.warmup_steps, self.max_steps_total,
-                                                                     self.optim.min_lr_ratio))
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(self.optim.warmup_steps, self.max_steps_total, self.optim.min_lr_ratio)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

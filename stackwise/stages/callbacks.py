@@ -8,8 +8,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 def token_throughput_monitor(**kwargs) -> ThroughputMonitor:
     """Lightning's ThroughputMonitor counting sequences and tokens of our dict batches (tokens/s)."""
-    return ThroughputMonitor(batch_size_fn=lambda b: b["targets"].shape[0],
-                             length_fn=lambda b: b["targets"].numel(), **kwargs)
+    return ThroughputMonitor(
+        batch_size_fn=lambda b: b["targets"].shape[0], length_fn=lambda b: b["targets"].numel(), **kwargs
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from stackwise.config import OptimConfig
@@ -16,8 +14,15 @@ from stackwise.stages.layerwise import _strip
 class FullModelStage(StageModule):
     """Every trainable tensor of the model, trained jointly on token data."""
 
-    def __init__(self, cfg: ModelConfig, optim: OptimConfig, weighting: str, max_steps: int,
-                 stage_name: str, model: Optional[Transformer] = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        optim: OptimConfig,
+        weighting: str,
+        max_steps: int,
+        stage_name: str,
+        model: Transformer | None = None,
+    ):
         super().__init__(cfg, optim, weighting, max_steps)
         self.stage_name = stage_name
         self.model = model if model is not None else Transformer(cfg)

@@ -11,8 +11,6 @@ Frozen tensors (SwiGLU up, MLA ups) are not stored: the block regenerates them f
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -28,15 +26,23 @@ def _prefixed(prefix: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _strip(prefix: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:
     p = prefix + "."
-    return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)}
 
 
 class LayerwiseStage(StageModule):
     """Layer k, the final norm and the head, on top of whatever produces layer k's input."""
 
-    def __init__(self, cfg: ModelConfig, k: int, optim: OptimConfig, weighting: str, max_steps: int,
-                 previous: Optional[dict[str, Tensor]] = None, embed_weight: Optional[Tensor] = None,
-                 init: str = "random"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        k: int,
+        optim: OptimConfig,
+        weighting: str,
+        max_steps: int,
+        previous: dict[str, Tensor] | None = None,
+        embed_weight: Tensor | None = None,
+        init: str = "random",
+    ):
         super().__init__(cfg, optim, weighting, max_steps)
         self.k = k
         self.stage_name = "embed" if k == 1 else f"layer_{k}"
