@@ -53,6 +53,7 @@ _NON_RESULT_TRAINER_KEYS = {
     "enable_checkpointing",
     "logger",
     "callbacks",
+    "_target_",  # the class Hydra instantiates (lightning.Trainer), not one of its arguments
 }
 
 

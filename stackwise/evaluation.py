@@ -57,9 +57,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stackwise import artifacts as art
+from stackwise.config import load_run
+from stackwise.data.tokenizers import ByteTokenizer
+from stackwise.data.tokens import load_token_splits
 from stackwise.errors import ArtifactError, StackWiseError
 from stackwise.model.config import ModelConfig
-from stackwise.model.transformer import Head, Transformer
+from stackwise.model.transformer import Transformer
+from stackwise.model.weights import LayerWeights, assemble, head_of
 from stackwise.objective.masking import FixedSchedule, UniformSchedule, mask_batch
 from stackwise.utils import generator
 
@@ -207,7 +211,7 @@ class Scorer(abc.ABC):
 
 class WholeModel(Scorer):
     """A whole Transformer (fused, fine-tuned, e2e, or any model built by hand); `depth` runs only
-    layers 1..depth (e.g. `assemble(cfg, states[:k])`, depth=k)."""
+    layers 1..depth (e.g. `assemble(cfg, layers[:k])`, depth=k)."""
 
     def __init__(self, name: str, model: Transformer, depth: int | None = None):
         self.names, self.model = [name], model.eval()
@@ -228,20 +232,14 @@ class PrefixStack(Scorer):
     layer k is layer k applied to the one after layer k-1 (as the activation cache is made), and
     prefix k reads it out with stage k's final norm and head.
 
-    `assemble(cfg, states[:k])` builds the same model k; the tests check the two agree.
+    `assemble(cfg, layers[:k])` builds the same model k; the tests check the two agree.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_states: list[tuple[dict, dict]]):
-        from stackwise.stages.full import assemble  # the one place that knows how layer_k.pt maps onto the model
-
-        self.cfg, self.depth = cfg, len(layer_states)
+    def __init__(self, cfg: ModelConfig, layers: Sequence[LayerWeights]):
+        self.cfg, self.depth = cfg, len(layers)
         self.names = [f"depth_{k}" for k in range(1, self.depth + 1)]
-        self.model = assemble(cfg, layer_states).eval()  # embedding of layer 1, blocks 1..K, head of layer K
-        self.heads = nn.ModuleList()
-        for state, _ in layer_states:
-            head = Head(cfg)
-            head.load_state_dict({n[len("head.") :]: t for n, t in state.items() if n.startswith("head.")})
-            self.heads.append(head.eval())
+        self.model = assemble(cfg, layers).eval()  # embedding of layer 1, blocks 1..K, head of layer K
+        self.heads = nn.ModuleList(head_of(cfg, weights).eval() for weights in layers)
 
     def to(self, device):
         self.model.to(device)
@@ -391,9 +389,14 @@ class ModelEntry:
 
 
 def _model_config(d: Any, source: Path, run_cfg: ModelConfig) -> ModelConfig:
+    """A layer checkpoint's recorded model config (the experiment's when it records none), checked by `_belongs`."""
     if not isinstance(d, dict):
         return run_cfg
-    cfg = ModelConfig.from_dict(d, prefix=f"{source}: model")
+    return _belongs(ModelConfig.from_dict(d, prefix=f"{source}: model"), source, run_cfg)
+
+
+def _belongs(cfg: ModelConfig, source: Path, run_cfg: ModelConfig) -> ModelConfig:
+    """A model of this experiment shares its data's vocabulary and special ids."""
     for key in ("vocab_size", "mask_id", "pad_id"):
         if getattr(cfg, key) != getattr(run_cfg, key):
             raise ArtifactError(
@@ -405,17 +408,17 @@ def _model_config(d: Any, source: Path, run_cfg: ModelConfig) -> ModelConfig:
 
 def layer_stack(
     paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[str]
-) -> tuple[ModelConfig | None, list[tuple[dict, dict]]]:
+) -> tuple[ModelConfig | None, list[tuple[LayerWeights, dict]]]:
     """The layer checkpoints 1..K that form one consistent stack (K may be 0)."""
     present = paths.existing_layers()
-    states: list[tuple[dict, dict]] = []
+    states: list[tuple[LayerWeights, dict]] = []
     cfg: ModelConfig | None = None
     for k in present:
         if k != len(states) + 1:
             warnings.append(f"{paths.layer_ckpt(k)} skipped: {paths.layer_ckpt(len(states) + 1)} is missing")
             break
         path = paths.layer_ckpt(k)
-        state, meta = art.load_layer_checkpoint(path)
+        weights, meta = art.load_layer_checkpoint(path)
         if meta.get("k") not in (None, k):
             raise ArtifactError(f"{path} says it is layer {meta.get('k')}, not {k}")
         if k > 1 and meta.get("prev_sha256") and meta["prev_sha256"] != art.sha256_file(paths.layer_ckpt(k - 1)):
@@ -429,7 +432,7 @@ def layer_stack(
             warnings.append(f"{path} skipped: its model config differs from layer 1's")
             break
         cfg = k_cfg
-        states.append((state, meta))
+        states.append((weights, meta))
     return cfg, states
 
 
@@ -447,7 +450,7 @@ def discover(
         entries = [
             ModelEntry(f"depth_{k}", "prefix", k, meta.get("val_loss")) for k, (_, meta) in enumerate(states, start=1)
         ]
-        groups.append((entries, lambda: PrefixStack(cfg, states)))
+        groups.append((entries, lambda: PrefixStack(cfg, [weights for weights, _ in states])))
     complete = paths.fused_config.name  # a model folder is complete once its config.json exists
     for name, folder in (("fused", paths.fused_dir), ("finetuned", paths.finetuned_dir), ("e2e", paths.e2e_dir)):
         if not folder.is_dir():
@@ -458,14 +461,9 @@ def discover(
         entry = ModelEntry(name, name, run_cfg.n_layers)
 
         def load(name=name, folder=folder, entry=entry) -> Scorer:
-            state, config, meta = art.load_safetensors_model(folder)
-            m_cfg = _model_config(config, folder, run_cfg)
-            entry.depth, entry.recorded_val_loss = m_cfg.n_layers, meta.get("val_loss")
-            model = Transformer(m_cfg)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise ArtifactError(f"{folder}: weights do not fit its config ({art.one_line(e, 160)})") from None
+            model, meta = art.load_model(folder)
+            _belongs(model.cfg, folder, run_cfg)
+            entry.depth, entry.recorded_val_loss = model.cfg.n_layers, meta.get("val_loss")
             return WholeModel(name, model)
 
         groups.append(([entry], load))
@@ -476,8 +474,6 @@ def bytes_per_token(tokens: np.ndarray, tokenizer: Any, pad_id: int | None) -> t
     """(bytes per non-pad token of the evaluated text, how it was measured); None for dummy data."""
     if tokenizer is None:
         return None, "dummy data has no bytes: bits/token"
-    from stackwise.data.tokenizers import ByteTokenizer
-
     if isinstance(tokenizer, ByteTokenizer):
         return 1.0, "byte tokenizer: 1 token = 1 byte"
     flat = np.asarray(tokens).reshape(-1)
@@ -497,9 +493,6 @@ def evaluate_experiment(
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise StackWiseError(f"experiment folder {exp_dir} does not exist")
-    from stackwise.config import load_run  # imported late: a bad path fails fast, before the data layer loads
-    from stackwise.data.tokens import load_token_splits
-
     run = load_run(exp_dir)
     paths = art.ExperimentPaths(exp_dir)
     warnings: list[str] = []
@@ -590,9 +583,8 @@ def evaluate_experiment(
 
 
 def eval_json_path(exp_dir: str | Path) -> Path:
-    """Where eval.json goes by default (`ExperimentPaths.eval_json` when artifacts.py defines it)."""
-    paths = art.ExperimentPaths(exp_dir)
-    return Path(getattr(paths, "eval_json", paths.root / "eval.json"))
+    """Where eval.json goes by default."""
+    return art.ExperimentPaths(exp_dir).eval_json
 
 
 def format_table(report: dict) -> str:

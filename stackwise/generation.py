@@ -23,7 +23,7 @@ With one generator per row, each row is a function of its own input and generato
 of a seed is the same whether 1 or 10 samples are drawn.
 
 This module is pure torch (no Lightning). `load_experiment_model`, `build_ids` and `sample_text`
-read an experiment folder (lazy imports of the config and data layers).
+read an experiment folder.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stackwise import artifacts as art
+from stackwise.config import load_run
+from stackwise.data.tokens import data_tokenizer
 from stackwise.errors import StackWiseError
+from stackwise.utils import generator
 
 STRATEGIES = ("confidence", "random")
 MODEL_KINDS = ("fused", "finetuned", "e2e")
@@ -308,11 +312,6 @@ def load_experiment_model(
 
     Raises StackWiseError (one line) for a missing folder or model, or a corrupt artifact.
     """
-    from stackwise import artifacts as art
-    from stackwise.config import load_run
-    from stackwise.model.config import ModelConfig
-    from stackwise.model.transformer import Transformer
-
     exp_dir = Path(exp_dir)
     if which not in MODEL_KINDS:
         raise GenerationError(f"unknown model {which!r}; allowed: {', '.join(MODEL_KINDS)}")
@@ -328,15 +327,8 @@ def load_experiment_model(
         }[which]
         raise StackWiseError(f"{exp_dir} has no {which} model ({folder} is missing or incomplete); run {how} first")
     run = load_run(exp_dir)
-    state, config, meta = art.load_safetensors_model(folder)
-    cfg = ModelConfig.from_dict(config)
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise StackWiseError(
-            f"{folder}: the weights do not match the model config (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); rerun the stage that writes it"
-        )
+    model, meta = art.load_model(folder)
+    cfg = model.cfg
     model.to(device).eval()
     tokenizer = experiment_tokenizer(run)
     if tokenizer is not None and (tokenizer.mask_id, tokenizer.vocab_size) != (cfg.mask_id, cfg.vocab_size):
@@ -353,15 +345,11 @@ def experiment_tokenizer(run: Any) -> Any:
     Built from the data config alone (what `load_token_splits(...).tokenizer` returns), so sampling
     never reads or re-tokenizes the corpus.
     """
-    from stackwise.data.tokens import data_tokenizer
-
     return data_tokenizer(run.data)
 
 
 def sample_generators(seed: int, n: int) -> list[torch.Generator]:
     """One CPU generator per sample, from (seed, sample index): sample i does not depend on n."""
-    from stackwise.utils import generator
-
     return [generator(seed, "generate", i) for i in range(n)]
 
 

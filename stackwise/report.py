@@ -40,7 +40,7 @@ REPORT_MD = "report.md"
 DEPTH_PNG = "depth.png"
 WITHIN = 0.05  # "within 5% of e2e"
 
-_FINAL_STAGES = ("fused", "finetuned", "e2e")
+_FINAL_STAGES = ("fused", "finetuned", "e2e")  # the records of the whole models, by their `stage`
 _LABELS = {"fused": "fused", "finetuned": "fused + fine-tuned", "e2e": "end-to-end (e2e)"}
 _REQUIRED = ("stage", "val_loss", "val_acc", "tokens", "seconds")
 
@@ -134,15 +134,6 @@ def _sortable(x: float) -> float:
     return math.inf if math.isnan(x) else x
 
 
-def _layer_k(stage: str) -> int | None:
-    """embed -> 1, layer_k -> k; None for every other stage."""
-    if stage == "embed":
-        return 1
-    if stage.startswith("layer_") and stage[len("layer_") :].isdigit():
-        return int(stage[len("layer_") :])
-    return None
-
-
 def _number(rec: dict, key: str, where: str, kind: type) -> Any:
     value = rec[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -176,10 +167,12 @@ def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResul
     stage_rows: list[Row] = []
     for stage, rec in last.items():
         where = f"{paths.results_json} stage {stage}"
-        k_layer = _layer_k(stage)
-        if k_layer is None and stage not in _FINAL_STAGES:
+        layerwise = rec.get("kind") == "layer"  # the record says what it is (stackwise/pipeline/stage.py)
+        if not layerwise and stage not in _FINAL_STAGES:
             continue  # a stage this report does not know (future kinds): leave it out rather than fail
-        k = k_layer if k_layer is not None else (_number(rec, "k", where, int) if "k" in rec else 0)
+        k = _number(rec, "k", where, int) if "k" in rec else 0
+        if layerwise and k < 1:
+            raise ArtifactError(f"{where}: a layer-wise record needs k >= 1; the file is not a StackWise results.json")
         row = Row(
             stage,
             k,
@@ -188,7 +181,7 @@ def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResul
             _number(rec, "tokens", where, int),
             _number(rec, "seconds", where, float),
         )
-        if k_layer is not None:
+        if layerwise:
             stage_rows.append(row)
         else:
             setattr(out, stage, row)

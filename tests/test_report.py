@@ -1,4 +1,4 @@
-"""The depth report (issue 5): report.md + depth.png from results.json, one experiment or a sweep."""
+"""The depth report: report.md + depth.png from results.json, one experiment or a sweep."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from stackwise import artifacts as art
 from stackwise.cli.report import main as report_main
 from stackwise.errors import StackWiseError
+from stackwise.pipeline import Pipeline
 from stackwise.report import DEPTH_PNG, REPORT_MD, load_depth_results, write_report, write_sweep_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +31,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
         out.append(
             {
                 "stage": "embed" if k == 1 else f"layer_{k}",
+                "kind": "layer",
                 "k": k,
                 "val_loss": loss,
                 "val_acc": 0.1 + 0.01 * k,
@@ -41,6 +43,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
     out.append(
         {
             "stage": "fused",
+            "kind": "fusion",
             "k": L,
             "val_loss": losses[-1],
             "val_acc": 0.3,
@@ -52,6 +55,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
         out.append(
             {
                 "stage": "finetuned",
+                "kind": "finetune",
                 "k": L,
                 "val_loss": finetuned,
                 "val_acc": 0.31,
@@ -63,6 +67,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
         out.append(
             {
                 "stage": "e2e",
+                "kind": "e2e",
                 "k": L,
                 "val_loss": e2e,
                 "val_acc": 0.35,
@@ -152,6 +157,20 @@ def test_missing_stage_and_reruns(tmp_path):
     recs.append({**recs[1], "val_loss": 6.0})  # layer_2 rerun: the last record wins
     res = load_depth_results(make_exp(tmp_path, "rerun", recs))
     assert [r.val_loss for r in res.layers] == [5.5, 6.0, 4.5]
+
+
+def test_rows_come_from_each_record_s_kind_and_k_not_its_name(tmp_path):
+    recs = records([5.5, 4.9, 4.5], finetuned=None, e2e=None)
+    recs[1]["stage"] = "second layer"  # a layer record under any name is still layer k
+    recs.append({**recs[0], "stage": "probe", "kind": "probe"})  # a kind the report does not know: left out
+    res = load_depth_results(make_exp(tmp_path, "named", recs))
+    assert [(r.stage, r.k) for r in res.layers] == [("embed", 1), ("second layer", 2), ("layer_3", 3)]
+    assert res.every_layer_lowers() is True and [r.stage for r in res.rows()] == [
+        "embed",
+        "second layer",
+        "layer_3",
+        "fused",
+    ]
 
 
 def test_within_verdict_says_when_token_budgets_differ(tmp_path):
@@ -252,10 +271,6 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
 
 # ------------------------------------------------------------------------- a real tiny run
 def test_real_tiny_run_and_e2e(make_run):
-    try:
-        from stackwise.pipeline import Pipeline
-    except ImportError as e:  # the pipeline is still being finished; the hand-written tests cover the report
-        pytest.skip(f"pipeline not importable: {e}")
     overrides = ("model.n_layers=2", "trainer.max_steps=4", "fusion.finetune_steps=2")
     run = make_run(*overrides)
     Pipeline(run).execute()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from stackwise.artifacts import atomic_torch_save
+
 
 def token_throughput_monitor(**kwargs) -> ThroughputMonitor:
     """Lightning's ThroughputMonitor counting sequences and tokens of our dict batches (tokens/s)."""
@@ -24,6 +26,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):  # remote paths: Lightning's own way
             return super().save_checkpoint(checkpoint, path, storage_options)
-        from stackwise.artifacts import atomic_torch_save
-
         atomic_torch_save(checkpoint, path)
