@@ -1,4 +1,4 @@
-"""Crash and resume (issue 6, DESIGN §5 invariant 4): a `stackwise-train stage=all` killed with SIGKILL
+"""Crash and resume: a `stackwise-train stage=all` killed with SIGKILL
 at any point and started again with the same command ends with fused weights BIT-IDENTICAL to a run
 that never stopped (CPU, fp32).
 
