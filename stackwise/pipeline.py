@@ -37,7 +37,7 @@ from stackwise.errors import ArtifactError, ConfigError, StackWiseError
 from stackwise.model.stats import train_step_flops
 from stackwise.objective.masking import build_schedule
 from stackwise.stages.base import StageModule
-from stackwise.stages.callbacks import AtomicCheckpointIO
+from stackwise.stages.callbacks import AtomicCheckpointIO, with_progress_bar
 from stackwise.stages.full import FullModelStage, assemble
 from stackwise.stages.layerwise import LayerwiseStage
 from stackwise.utils import derive_seed
@@ -580,6 +580,7 @@ class Pipeline:
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
         callbacks = [checkpoint, started] + self.extra_callbacks(logger is not None)
         callbacks += [_KillHook(name)] if _KILL_AT else []
+        callbacks = with_progress_bar(callbacks, kw.get("enable_progress_bar"))
         plugins = {} if "plugins" in kw else {"plugins": [AtomicCheckpointIO()]}
         trainer = L.Trainer(
             **kw,
@@ -661,7 +662,7 @@ class Pipeline:
         return L.Trainer(
             **kw,
             logger=False,
-            callbacks=list(callbacks),
+            callbacks=with_progress_bar(list(callbacks), kw.get("enable_progress_bar")),
             limit_val_batches=1.0,
             enable_model_summary=False,
             default_root_dir=str(self.paths.root),

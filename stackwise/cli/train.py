@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from stackwise.cli.common import CONFIG_PATH, user_errors
+from stackwise.cli.common import CONFIG_PATH, quiet_known_advice, user_errors
 from stackwise.config import RunConfig, check_output_dir, experiment_name, register_resolvers
 
 log = logging.getLogger("stackwise")
@@ -59,6 +59,7 @@ def _check_run_folder(config: DictConfig) -> None:
 
 
 def main() -> None:
+    quiet_known_advice()
     register_resolvers()
     hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")(train)()
 
