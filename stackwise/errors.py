@@ -33,10 +33,13 @@ class ArtifactWriteError(ArtifactError):
     """
 
     def __init__(self, path: object, errno: int | None, detail: str = ""):
-        self.path, self.errno = path, errno
+        self.path, self.errno, self.detail = path, errno, detail
         name = _errno.errorcode.get(errno, "") if errno is not None else ""
         reason, hint = _WRITE_HINTS.get(errno, (detail or "the write failed", "check that disk, then rerun"))
         super().__init__(f"cannot write {path}: {reason}{f' ({name})' if name else ''}; {hint}")
+
+    def __reduce__(self):  # pickles (a DataLoader worker, a spawned rank) with its own arguments
+        return type(self), (self.path, self.errno, self.detail)
 
 
 class ExperimentBusyError(StackWiseError):

@@ -9,7 +9,8 @@ line naming the holder's pid and host.
 The lock is `fcntl.flock`: the kernel drops it when its holder's last file descriptor closes, also
 when the process is killed with SIGKILL, so no stale lock ever needs removing by hand. (A DataLoader
 worker forked by the holder shares the descriptor and keeps the lock until it exits too.) Linux maps
-flock onto NFS byte-range locks, so runs on two hosts sharing an NFS folder exclude each other as well.
+flock onto NFS byte-range locks, so runs on two hosts sharing an NFS folder should exclude each other
+too (not tested).
 The file stays after a run: only the lock on it counts, and deleting a lock file races with a run
 opening it. While held it holds one JSON line: pid, host, start time and command.
 
