@@ -169,7 +169,7 @@ def stamps(folder: Path) -> dict:
     return {
         p: (p.stat().st_size, p.stat().st_mtime_ns)
         for p in folder.rglob("*")
-        if p.is_file() and "hydra" not in p.parts and p.name != "run_config.json"
+        if p.is_file() and "hydra" not in p.parts and p.name not in ("run_config.json", "run.lock")
     }
 
 
