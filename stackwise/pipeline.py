@@ -34,6 +34,7 @@ from stackwise.data import activations as acts
 from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import load_token_splits
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
+from stackwise.lock import experiment_lock
 from stackwise.model.stats import train_step_flops
 from stackwise.objective.masking import build_schedule
 from stackwise.stages.base import StageModule
@@ -101,21 +102,22 @@ class Pipeline:
             raise StackWiseError(
                 f"output_root: cannot create the experiment folder {self.paths.root}: {e.strerror or e}"
             ) from None
-        self.check_foreign()
-        self.write_run_config()
-        if run.stage == "all":
-            for k in range(1, self.cfg.n_layers + 1):
-                self.layer_stage(k)
-            self.fusion_stage()
-            self.finish_all()
-        elif run.stage == "embed":
-            self.layer_stage(1)
-        elif run.stage == "layer":
-            self.layer_stage(run.k)
-        elif run.stage == "fusion":
-            self.fusion_stage()
-        elif run.stage == "e2e":
-            self.e2e_stage()
+        with experiment_lock(self.paths):  # one run at a time per folder, from the first write to the last
+            self.check_foreign()
+            self.write_run_config()
+            if run.stage == "all":
+                for k in range(1, self.cfg.n_layers + 1):
+                    self.layer_stage(k)
+                self.fusion_stage()
+                self.finish_all()
+            elif run.stage == "embed":
+                self.layer_stage(1)
+            elif run.stage == "layer":
+                self.layer_stage(run.k)
+            elif run.stage == "fusion":
+                self.fusion_stage()
+            elif run.stage == "e2e":
+                self.e2e_stage()
 
     def finish_all(self) -> None:
         """The end of `stage=all`: the table, the depth report when an e2e run is beside it, a sample."""
@@ -698,7 +700,7 @@ class Pipeline:
         }
         if resumed_from_step is not None:
             rec["resumed_from_step"] = resumed_from_step
-        self.write_once(lambda: (art.append_result(self.paths, rec), self.log_summary(stage, k, rec)))
+        self.write_once(lambda: (art.record_result(self.paths, rec), self.log_summary(stage, k, rec)))
 
     def log_summary(self, stage: str, k: int, rec: dict) -> None:
         """The dashboard's depth view: validation loss against layer index k, fused / e2e beside it."""

@@ -83,8 +83,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote paths: Lightning's own way
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        from stackwise.artifacts import atomic_torch_save
+        # a full or read-only disk is an ArtifactWriteError naming the file, not an OSError traceback
+        from stackwise.artifacts import atomic_torch_save, write_errors
 
+        if storage_options is not None or "://" in str(path):  # remote paths: Lightning's own way
+            with write_errors(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
