@@ -21,6 +21,7 @@ from stackwise import artifacts as art
 from stackwise.config import RunConfig
 from stackwise.data import activations as acts
 from stackwise.errors import StackWiseError
+from stackwise.lock import experiment_lock
 from stackwise.model.weights import LayerWeights, assemble, first_layer, next_layer
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
@@ -50,12 +51,14 @@ class Pipeline:
 
     def execute(self) -> None:
         self.trainers.check_node()  # a trainer key Lightning does not take stops here, before any work
-        self.state.prepare(self.run.raw)
-        run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
-        for stage in plan(self.run.stage, self.run.k, self.cfg.n_layers):
-            run_stage[stage.kind](stage)
-        if self.run.stage == "all":
-            write_once(lambda: console.finish_all(self.run, self.paths))
+        self.state.create()
+        with experiment_lock(self.paths):  # one run at a time per folder, from the first write to the last
+            self.state.adopt(self.run.raw)
+            run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
+            for stage in plan(self.run.stage, self.run.k, self.cfg.n_layers):
+                run_stage[stage.kind](stage)
+            if self.run.stage == "all":
+                write_once(lambda: console.finish_all(self.run, self.paths))
 
     # ------------------------------------------------------------------ layer k
     def layer_stage(self, stage: Stage) -> None:
@@ -98,7 +101,7 @@ class Pipeline:
         if self.state.needs_cache(stage):  # hours of training must not end in a full disk
             self.inputs.cache_loaders(stage, data)
         t0 = time.time()
-        scores = self.train(stage, module, data)
+        scores, resumed = self.train(stage, module, data)
         seconds, steps = time.time() - t0, self.run.max_steps(stage.budget)
         below = art.sha256_file(self.paths.layer_ckpt(stage.below.k)) if stage.below else None
         # no wall time in the file: the same settings must give the same bytes
@@ -107,7 +110,7 @@ class Pipeline:
         weights = LayerWeights.of(module.trained_modules())
         write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
         self.saved(stage)
-        self.record(stage, meta, seconds)
+        self.record(stage, meta, seconds, resumed)
         self.state.drop_resume_point(stage)
 
     def cache(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> None:
@@ -153,20 +156,20 @@ class Pipeline:
         layer_seconds = sum(r["seconds"] for r in art.read_results(self.paths) if r.get("kind") == "layer")
         self.record(stage, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
-            finetuned = self.finetune(finetune, module, data, fused, meta)
-            self.record(finetune, finetuned, layer_seconds + time.time() - t0)
+            finetuned, resumed = self.finetune(finetune, module, data, fused, meta)
+            self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
             self.state.drop_resume_point(finetune)
 
-    def finetune(self, stage: Stage, module: FullModelStage, data, fused: dict, fused_meta: dict) -> dict:
+    def finetune(self, stage: Stage, module: FullModelStage, data, fused: dict, fused_meta: dict) -> tuple[dict, int]:
         """Train the fused model jointly into fused/finetuned/; fused/ is rewritten last, marked
-        finetuned: from then on the whole fusion stage is complete."""
-        scores = self.train(stage, module, data)
+        finetuned: from then on the whole fusion stage is complete. (its meta, the step it resumed from)"""
+        scores, resumed = self.train(stage, module, data)
         tokens = fused_meta["tokens"] + self.tokens_seen(stage, self.run.fusion.finetune_steps)
         meta = {**fused_meta, **scores, "finetuned": True, "tokens": tokens}
         self.save_model(stage, self.paths.finetuned_dir, module.model.state_dict(), meta)
         done = {**fused_meta, "finetuned": True}
         write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused, self.cfg.to_dict(), done))
-        return meta
+        return meta, resumed
 
     # ------------------------------------------------------------------ e2e
     def e2e_stage(self, stage: Stage) -> None:
@@ -180,18 +183,19 @@ class Pipeline:
         data = self.inputs.tokens(stage, steps)
         module = FullModelStage(cfg, run.optim_for(stage.budget), run.masking.weighting, steps, stage.name)
         t0 = time.time()
-        scores = self.train(stage, module, data)
+        scores, resumed = self.train(stage, module, data)
         meta = {"config_hash": self.hashes["e2e"], **scores, "tokens": self.tokens_seen(stage, steps), "steps": steps}
         self.save_model(stage, self.paths.e2e_dir, module.model.state_dict(), meta)
-        self.record(stage, meta, time.time() - t0)
+        self.record(stage, meta, time.time() - t0, resumed)
         self.state.drop_resume_point(stage)
         write_once(lambda: console.print_table(art.read_results(self.paths)))
 
     # ------------------------------------------------------------------ shared steps
-    def train(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> dict[str, float]:
-        """Fit `stage` (from the checkpoint a killed run left, if any), then score it: val_loss, val_acc."""
-        self.trainers.fit(stage, module, data, self.state.resume_point(stage))
-        return self.trainers.validate(module, data.val_dataloader())
+    def train(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> tuple[dict[str, float], int]:
+        """Fit `stage` (from the checkpoint a killed run left, if any), then score it: ({val_loss,
+        val_acc}, the optimizer step training started from: 0, or the resumed checkpoint's)."""
+        resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
+        return self.trainers.validate(module, data.val_dataloader()), resumed
 
     def tokens_seen(self, stage: Stage, steps: int) -> int:
         """Tokens one stage trained on: every rank's batches (DDP) at every optimizer step."""
@@ -205,8 +209,9 @@ class Pipeline:
         for observer in self.observers:
             observer.saved(stage)
 
-    def record(self, stage: Stage, meta: dict, seconds: float) -> None:
-        """One results.json record (and the TensorBoard depth summary) per finished stage."""
+    def record(self, stage: Stage, meta: dict, seconds: float, resumed_from_step: int | None = None) -> None:
+        """One results.json record (and the TensorBoard depth summary) per finished stage; a trained
+        stage also says the step it started from, so a resumed stage is visible there."""
         rec = {
             "stage": stage.record,
             "kind": stage.kind,
@@ -216,9 +221,11 @@ class Pipeline:
             "tokens": meta["tokens"],
             "seconds": seconds,
         }
+        if resumed_from_step is not None:
+            rec["resumed_from_step"] = resumed_from_step
 
         def write() -> None:
-            art.append_result(self.paths, rec)
+            art.record_result(self.paths, rec)
             if self.run.logger:
                 console.log_depth(self.paths, stage, rec)
 

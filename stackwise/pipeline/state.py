@@ -39,14 +39,16 @@ class ExperimentState:
         self.run, self.paths, self.hashes = run, paths, hashes
 
     # ------------------------------------------------------------------ the folder as a whole
-    def prepare(self, run_config: dict) -> None:
-        """Create the folder, stop at (or clear) foreign layer-wise artifacts, keep the resolved config beside them."""
+    def create(self) -> None:
         try:
             self.paths.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StackWiseError(
                 f"output_root: cannot create the experiment folder {self.paths.root}: {e.strerror or e}"
             ) from None
+
+    def adopt(self, run_config: dict) -> None:
+        """Stop at (or clear) foreign layer-wise artifacts; keep the resolved config beside them."""
         self.check_foreign()
         path = self.paths.run_config
         try:  # untouched when it has not changed

@@ -33,7 +33,7 @@ from stackwise.model.stats import train_step_flops
 from stackwise.pipeline.events import StageObserver
 from stackwise.pipeline.stage import Stage
 from stackwise.stages.base import StageModule
-from stackwise.stages.callbacks import AtomicCheckpointIO
+from stackwise.stages.callbacks import AtomicCheckpointIO, with_progress_bar
 from stackwise.utils import derive_seed
 
 TRAINER_TARGET = "lightning.Trainer"  # when the node names no _target_ (a run_config.json of an older run)
@@ -84,10 +84,11 @@ class Trainers:
         start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
         callbacks = [self._checkpoint(stage, node), started, *self._configured_callbacks(logger is not None)]
+        callbacks = with_progress_bar(callbacks + self._observer_callbacks(stage), node.get("enable_progress_bar"))
         trainer = build(
             node,
             logger=logger if logger is not None else False,
-            callbacks=callbacks + self._observer_callbacks(stage),
+            callbacks=callbacks,
             default_root_dir=str(self.paths.root),
             **({} if "plugins" in node else {"plugins": [AtomicCheckpointIO()]}),
         )
@@ -132,12 +133,13 @@ class Trainers:
         return [cb for observer in self.observers for cb in observer.callbacks(stage)]
 
     # ------------------------------------------------------------------ evaluating and caching
-    def _plain(self, callbacks: Sequence[Callback] = (), inference_mode: bool = True) -> L.Trainer:
+    def plain(self, callbacks: Sequence[Callback] = (), inference_mode: bool = True) -> L.Trainer:
+        """A Trainer that only runs a module (validate, predict): the node's placement, no logger, no checkpoints."""
         node = {k: v for k, v in self.run.trainer.items() if k in PLACEMENT or k == "_target_"}
         return build(
             node,
             logger=False,
-            callbacks=list(callbacks),
+            callbacks=with_progress_bar(list(callbacks), node.get("enable_progress_bar")),
             limit_val_batches=1.0,
             enable_model_summary=False,
             default_root_dir=str(self.paths.root),
@@ -148,13 +150,13 @@ class Trainers:
         """{"val_loss", "val_acc"}: mean masked CE and accuracy over the whole validation set (every view)."""
         # no_grad, not inference mode: inference-mode metric states would break a later fit of the
         # same module (fusion evaluates the fused model, then fine-tunes it)
-        (metrics,) = self._plain(inference_mode=False).validate(module, dataloaders=loader, verbose=False)
+        (metrics,) = self.plain(inference_mode=False).validate(module, dataloaders=loader, verbose=False)
         return {"val_loss": float(metrics["val/loss"]), "val_acc": float(metrics["val/masked_acc"])}
 
     def predict(self, stage: Stage, module: StageModule, loaders: list, writer: Callback) -> None:
         """The caching pass of `stage`: every batch of `loaders` through `module`, into `writer`."""
         module.eval()
-        trainer = self._plain(callbacks=[writer, *self._observer_callbacks(stage)])
+        trainer = self.plain(callbacks=[writer, *self._observer_callbacks(stage)])
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
 
 
