@@ -596,18 +596,7 @@ def load_safetensors_model(
     """
     out = Path(out_dir)
     cfg_path, weights = out / "config.json", out / f"{name}.safetensors"
-    if not cfg_path.is_file():
-        raise ArtifactError(
-            f"{cfg_path} does not exist: {out} is missing or incomplete; rerun the stage that writes it"
-        )
-    try:
-        cfg_obj = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(
-            f"{cfg_path} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it"
-        ) from None
-    if not isinstance(cfg_obj, dict) or cfg_obj.get("format") != MODEL_FORMAT or "config" not in cfg_obj:
-        raise ArtifactError(f"{cfg_path} is not a StackWise model config (expected format {MODEL_FORMAT!r})")
+    cfg_obj = _model_manifest(cfg_path)
     if not weights.is_file():
         raise ArtifactError(f"{weights} does not exist; rerun the stage that writes it")
     recorded = (cfg_obj.get("files") or {}).get(weights.name)
@@ -642,6 +631,23 @@ def load_safetensors_model(
         state[dup] = state[src]
     check_expected(weights, meta, expect)
     return state, cfg_obj["config"], meta
+
+
+def _model_manifest(cfg_path: Path) -> dict[str, Any]:
+    """A model folder's config.json: {"format", "version", "config", "meta", "files"}."""
+    if not cfg_path.is_file():
+        raise ArtifactError(
+            f"{cfg_path} does not exist: {cfg_path.parent} is missing or incomplete; rerun the stage that writes it"
+        )
+    try:
+        cfg_obj = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(
+            f"{cfg_path} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it"
+        ) from None
+    if not isinstance(cfg_obj, dict) or cfg_obj.get("format") != MODEL_FORMAT or "config" not in cfg_obj:
+        raise ArtifactError(f"{cfg_path} is not a StackWise model config (expected format {MODEL_FORMAT!r})")
+    return cfg_obj
 
 
 def load_model(

@@ -494,10 +494,8 @@ def evaluate_experiment(
     if not exp_dir.is_dir():
         raise StackWiseError(f"experiment folder {exp_dir} does not exist")
     run = load_run(exp_dir)
-    paths = art.ExperimentPaths(exp_dir)
     warnings: list[str] = []
-    groups = discover(paths, run.model, warnings)
-    entries = [e for group_entries, _ in groups for e in group_entries]
+    groups = discover(art.ExperimentPaths(exp_dir), run.model, warnings)
     for w in warnings:
         log(f"warning: {w}")
     if not groups:
@@ -505,80 +503,69 @@ def evaluate_experiment(
             f"{exp_dir} holds no model to evaluate (no layers/layer_1.pt, fused/ or e2e/); "
             "train one with stackwise-train first"
         )
-    splits = load_token_splits(run.data, run.seed, paths.tokens_dir)
-    val = np.asarray(splits.val)
-    if settings.max_sequences is not None:
-        val = val[: settings.max_sequences]
-    if len(val) == 0:
-        raise StackWiseError(f"{exp_dir}: the validation split is empty")
-    mask_id, pad_id = run.model.mask_id, run.model.pad_id
+    val, tokenizer = validation_tokens(run, exp_dir, settings.max_sequences)
+    entries = [e for group_entries, _ in groups for e in group_entries]
     seed = run.seed if settings.seed is None else settings.seed
     tokens = torch.from_numpy(val.astype(np.int64))
     log(
         f"eval: {len(val)} validation sequences x {val.shape[1]} tokens, {len(entries)} models, "
         f"rates {list(settings.rates)}, {settings.bound_samples} bound draws per sequence"
     )
+    mask_id, pad_id = run.model.mask_id, run.model.pad_id
     masks = draw_masks(
         tokens, seed=seed, rates=settings.rates, bound_samples=settings.bound_samples, mask_id=mask_id, pad_id=pad_id
     )
-    bpt, byte_note = bytes_per_token(val, splits.tokenizer, pad_id)
     results: dict[str, dict] = {}
-    for group_entries, load in groups:
-        scorer = load()
-        results.update(
-            score(
-                scorer,
-                tokens,
-                masks,
-                mask_id=mask_id,
-                pad_id=pad_id,
-                batch_size=settings.batch_size,
-                device=settings.device,
-            )
-        )
+    for group_entries, load in groups:  # one model group in memory at a time
+        kw = {"batch_size": settings.batch_size, "device": settings.device}
+        results.update(score(load(), tokens, masks, mask_id=mask_id, pad_id=pad_id, **kw))
         log(f"eval: {', '.join(e.name for e in group_entries)} done")
-        del scorer
+    bpt, byte_note = bytes_per_token(val, tokenizer, pad_id)
     # paired differences of the bound against the baseline: e2e when present, else the fused model
     ref = next((n for n in ("e2e", "fused", "finetuned") if n in results), entries[-1].name)
-    models = []
-    for e in entries:
-        res = results[e.name]
-        b = res["bound"]
-        b["bits_per_byte"] = b["bits_per_token"] / bpt if bpt else None
-        b["se_bits_per_byte"] = b["se_bits_per_token"] / bpt if bpt and b["se"] is not None else None
-        paired = {"vs": ref, **paired_difference(res, results[ref], masks.n_tokens)} if e.name != ref else None
-        models.append(
-            {
-                "name": e.name,
-                "kind": e.kind,
-                "depth": e.depth,
-                "recorded_val_loss": e.recorded_val_loss,
-                "rates": res["rates"],
-                "bound": b,
-                "paired": paired,
-            }
-        )
+    report = {"experiment": exp_dir.name, "exp_dir": str(exp_dir), "split": "val", "n_sequences": len(val)}
+    report.update(seq_len=int(val.shape[1]), n_tokens=int(masks.n_tokens.sum()), seed=seed)
+    report.update(rates=[float(r) for r in settings.rates], bound_samples=settings.bound_samples)
+    report.update(bytes_per_token=bpt, bytes_note=byte_note, unit="bits/byte" if bpt else "bits/token")
+    report.update(reference=ref, estimator=ESTIMATOR)
+    report["models"] = [model_report(e, results, ref, bpt, masks) for e in entries]
+    report["warnings"] = warnings
+    return report
+
+
+ESTIMATOR = (
+    "MDLM/LLaDA bound with l ~ U{1..n} masks (t = l/n), weight 1/t, per token = sum / non-pad "
+    "tokens; t stratified over the validation set per draw; se over sequences (ratio estimator); "
+    "paired: bound minus the reference's on the same masks, paired se"
+)
+
+
+def validation_tokens(run: Any, exp_dir: Path, max_sequences: int | None) -> tuple[np.ndarray, Any]:
+    """(the first `max_sequences` validation sequences (N, T), the experiment's tokenizer)."""
+    splits = load_token_splits(run.data, run.seed, art.ExperimentPaths(exp_dir).tokens_dir)
+    val = np.asarray(splits.val)
+    if max_sequences is not None:
+        val = val[:max_sequences]
+    if len(val) == 0:
+        raise StackWiseError(f"{exp_dir}: the validation split is empty")
+    return val, splits.tokenizer
+
+
+def model_report(entry: ModelEntry, results: dict[str, dict], ref: str, bpt: float | None, masks: EvalMasks) -> dict:
+    """One model's part of eval.json: its scores, its bound in bits/byte, the paired difference to `ref`."""
+    res = results[entry.name]
+    b = res["bound"]
+    b["bits_per_byte"] = b["bits_per_token"] / bpt if bpt else None
+    b["se_bits_per_byte"] = b["se_bits_per_token"] / bpt if bpt and b["se"] is not None else None
+    paired = {"vs": ref, **paired_difference(res, results[ref], masks.n_tokens)} if entry.name != ref else None
     return {
-        "experiment": run.experiment,
-        "exp_dir": str(exp_dir),
-        "split": "val",
-        "n_sequences": len(val),
-        "seq_len": int(val.shape[1]),
-        "n_tokens": int(masks.n_tokens.sum()),
-        "seed": seed,
-        "rates": [float(r) for r in settings.rates],
-        "bound_samples": settings.bound_samples,
-        "bytes_per_token": bpt,
-        "bytes_note": byte_note,
-        "unit": "bits/byte" if bpt else "bits/token",
-        "reference": ref,
-        "estimator": (
-            "MDLM/LLaDA bound with l ~ U{1..n} masks (t = l/n), weight 1/t, per token = sum / non-pad "
-            "tokens; t stratified over the validation set per draw; se over sequences (ratio estimator); "
-            "paired: bound minus the reference's on the same masks, paired se"
-        ),
-        "models": models,
-        "warnings": warnings,
+        "name": entry.name,
+        "kind": entry.kind,
+        "depth": entry.depth,
+        "recorded_val_loss": entry.recorded_val_loss,
+        "rates": res["rates"],
+        "bound": b,
+        "paired": paired,
     }
 
 

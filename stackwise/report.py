@@ -31,6 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.lines import Line2D
+
 from stackwise import artifacts as art
 from stackwise.errors import ArtifactError, StackWiseError
 
@@ -141,16 +147,12 @@ def _number(rec: dict, key: str, where: str, kind: type) -> Any:
     return kind(value)
 
 
-def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResults:
-    """Read `<exp_dir>/results.json` into a DepthResults; StackWiseError (one line) when there is none."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        raise StackWiseError(f"experiment folder {exp_dir} does not exist")
-    paths = art.ExperimentPaths(exp_dir)
+def _last_records(paths: art.ExperimentPaths) -> dict[str, dict]:
+    """{stage: its latest record}, in order of completion; StackWiseError when there is none."""
     records = art.read_results(paths)
     if not records:
         raise StackWiseError(
-            f"{exp_dir} has no results ({paths.results_json.name} is missing or empty): "
+            f"{paths.root} has no results ({paths.results_json.name} is missing or empty): "
             f"run stackwise-train for this experiment first"
         )
     last: dict[str, dict] = {}
@@ -162,7 +164,16 @@ def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResul
             )
         last.pop(str(rec["stage"]), None)  # keep the latest run of a stage, in order of completion
         last[str(rec["stage"])] = rec
+    return last
 
+
+def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResults:
+    """Read `<exp_dir>/results.json` into a DepthResults; StackWiseError (one line) when there is none."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise StackWiseError(f"experiment folder {exp_dir} does not exist")
+    paths = art.ExperimentPaths(exp_dir)
+    last = _last_records(paths)
     out = DepthResults(name=name or exp_dir.resolve().name, exp_dir=exp_dir)
     stage_rows: list[Row] = []
     for stage, rec in last.items():
@@ -389,17 +400,12 @@ def sweep_markdown(results: Sequence[DepthResults], png_name: str | None = DEPTH
 
 # --------------------------------------------------------------------------------------- plots
 def _new_figure(width: float = 7.0, height: float = 4.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)  # Agg, whatever backend pyplot would pick: a server has no display
     return fig
 
 
 def _png_bytes(fig) -> bytes:
-    from matplotlib.legend import Legend
-
     # every legend, the ones added with add_artist too, counts for the tight bounding box
     legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
     buf = io.BytesIO()
@@ -470,9 +476,6 @@ def depth_figure(res: DepthResults):
 
 
 def sweep_figure(results: Sequence[DepthResults]):
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-
     n = len(results)
     fig = _new_figure(8.0, 4.8 + 0.2 * max(0, n - 6))
     ax = fig.add_subplot(111)

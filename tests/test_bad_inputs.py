@@ -1,4 +1,4 @@
-"""Invalid input (issue 6, DESIGN §5 invariant 5) through the real `stackwise-train` CLI.
+"""Invalid input through the real `stackwise-train` CLI: it stops before any training.
 
 Every case: non-zero exit, exactly one line `stackwise-train: error: ...` on stderr naming the bad
 value (Hydra's own message for an unknown override key or group option), no traceback, and no

@@ -38,7 +38,7 @@ def _max_rss_bytes() -> int:
 
 # ---------------------------------------------------------------------------- param_counts
 def test_seed_config_counts():
-    # The SRD's seed model: tied embeddings, gqa everywhere.
+    # The seed model (conf/model/seed.yaml): tied embeddings, gqa everywhere.
     cfg = ModelConfig(
         vocab_size=128000, d_model=4096, n_layers=8, n_heads=32, n_kv_heads=8, d_ff=14336, attention="gqa"
     )

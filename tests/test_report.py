@@ -8,13 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import pytest
 
 from stackwise import artifacts as art
 from stackwise.cli.report import main as report_main
 from stackwise.errors import StackWiseError
 from stackwise.pipeline import Pipeline
-from stackwise.report import DEPTH_PNG, REPORT_MD, load_depth_results, write_report, write_sweep_report
+from stackwise.report import (
+    DEPTH_PNG,
+    REPORT_MD,
+    load_depth_results,
+    sweep_labels,
+    write_report,
+    write_sweep_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +109,6 @@ def verdict(md: str, what: str) -> str:
 
 
 def assert_png(path: Path) -> None:
-    import matplotlib.image as mpimg
-
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
@@ -303,8 +309,6 @@ def test_real_tiny_run_and_e2e(make_run):
 
 
 def test_sweep_labels_drop_what_every_experiment_shares():
-    from stackwise.report import sweep_labels
-
     names = [
         "+stages.embed.trainer.max_steps=320,layerwise.init=previous,model.attention=[gqa,mla]",
         "+stages.embed.trainer.max_steps=320,layerwise.init=random,model.attention=[gqa,mla]",
