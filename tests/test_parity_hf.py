@@ -82,7 +82,7 @@ def block_to_hf(prefix: str, block: Block) -> dict[str, torch.Tensor]:
         "mlp.down.weight": "mlp.down_proj.weight",
     }
     names.update({f"attn.{n}": f"self_attn.{hf}" for n, hf in ATTN_NAMES.items()})
-    return {prefix + names[n]: t for n, t in block.state_dict().items()}
+    return {prefix + names[n]: t for n, t in {**block.state_dict(), **block.frozen_tensors()}.items()}
 
 
 ATTN_NAMES = {

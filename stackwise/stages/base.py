@@ -53,6 +53,15 @@ class StageModule(L.LightningModule, abc.ABC):
     def head_logits(self, h: Tensor) -> Tensor:
         """(N, D) hidden states at supervised positions -> (N, V) logits."""
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # Read by torch's DistributedDataParallel when it wraps this module. Every buffer of a stage
+        # is a constant each rank builds identically (the frozen tensors, regenerated from (seed, k);
+        # a later stage's copy of the tied embedding, read from layer_1.pt), so DDP's default of
+        # broadcasting all buffers from rank 0 before every forward would only move bytes: about
+        # 1 GB a step for the frozen up-projection of one 70B-sized layer.
+        return [name for name, _ in self.named_buffers()]
+
     # ------------------------------------------------------------------ shared loop
     def pad_mask(self, batch: dict) -> Tensor | None:
         pad = batch["targets"] == self.cfg.pad_id  # (B, T)
