@@ -115,6 +115,13 @@ class StageModule(L.LightningModule, abc.ABC):
             h, batch["targets"], batch["mask"], batch["t"], self.head_logits, weighting="mean", pad_id=self.cfg.pad_id
         )
 
+    def on_validation_epoch_start(self) -> None:
+        # A bf16-true / 16-true precision plugin casts the whole module to half precision, metric
+        # states included: a sum over the validation set in bf16 keeps 3 significant digits, and a
+        # count past 256 is no longer exact. The sums stay fp32 whatever dtype the model runs in.
+        for m in (self.val_ce, self.val_masked, self.val_correct):
+            m.set_dtype(torch.float32)
+
     def on_validation_epoch_end(self) -> None:
         ce, n, correct = self.val_ce.compute(), self.val_masked.compute(), self.val_correct.compute()
         n = n.clamp_min(1)
