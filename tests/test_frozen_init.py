@@ -59,10 +59,10 @@ def tiny_mla() -> ModelConfig:
 def _numpy_dispatch_features() -> list[str]:
     """numpy's runtime-dispatched SIMD features (NPY_DISABLE_CPU_FEATURES takes these names)."""
     try:
-        from numpy._core._multiarray_umath import __cpu_dispatch__
+        from numpy._core import _multiarray_umath as umath
     except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_dispatch__
-    return list(__cpu_dispatch__)
+        from numpy.core import _multiarray_umath as umath
+    return list(umath.__cpu_dispatch__)
 
 
 # ---------------------------------------------------------------------------- the same bits everywhere
@@ -70,6 +70,10 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:  # numpy < 2
+        from numpy.core import _multiarray_umath as umath
     from stackwise.model.config import ModelConfig
     from stackwise.model.transformer import Block
     from stackwise.utils import tensor_sha256
@@ -78,6 +82,7 @@ SCRIPT = textwrap.dedent(
     out["checksum"] = block.frozen_up_checksum()
     out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     out["threads"] = torch.get_num_threads()
+    out["numpy_simd"] = [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
     print(json.dumps(out))
     """
 )
@@ -103,7 +108,8 @@ def test_frozen_tensors_are_bit_identical_without_simd_and_with_the_best_simd():
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     generic, best = runs
     assert generic.pop("torch_capability") == "DEFAULT" and generic.pop("threads") == 1
-    best.pop("torch_capability"), best.pop("threads")
+    assert generic.pop("numpy_simd") == []  # numpy's baseline kernels only
+    best.pop("torch_capability"), best.pop("threads"), best.pop("numpy_simd")
     assert set(generic) == {"attn.q_b.weight", "attn.kv_b.weight", "mlp.up", "checksum"}
     assert generic == best
 
