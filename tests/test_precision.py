@@ -100,6 +100,20 @@ def test_folder_name_keeps_only_precisions_that_change_the_weights():
     assert experiment_name(None, "+stages.layer.trainer.precision=bf16") == "default"
 
 
+def test_folder_names_from_the_command_line(tmp_path):
+    """Hydra names the folder before validation, so an invalid flag shows the name at no training cost."""
+    names = {}
+    for precision in (None, "32", "bf16-mixed", "bf16-true"):
+        cwd = tmp_path / str(precision)
+        cwd.mkdir()
+        extra = [f"trainer.precision={precision}"] if precision else []
+        out = cli("data=dummy", "overwrite=maybe", *extra, cwd=cwd, timeout=120)
+        assert "overwrite: must be true or false" in error_line(out)
+        (names[precision],) = [d.name for d in (cwd / "outputs").iterdir()]
+    assert names[None] == names["32"] == names["bf16-mixed"] == "data=dummy"
+    assert names["bf16-true"] == "data=dummy,trainer.precision=bf16-true"
+
+
 def test_a_bf16_true_run_never_takes_fp32_artifacts(tmp_path):
     """One experiment folder: stage 1 in fp32, then bf16-true must stop (other settings), while
     bf16-mixed (fp32 weights) finds stage 1 complete."""
