@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stackwise.errors import ConfigError
 from stackwise.model.config import ModelConfig
+from stackwise.model.portable_rng import VERSION as FROZEN_INIT
 from stackwise.objective.masking import MaskingConfig
 
 STAGES = ("embed", "layer", "fusion", "all", "e2e")
@@ -33,6 +34,7 @@ CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Trainer keys that change how fast / where a stage runs or what it prints, not what it learns.
 # They stay out of the config hashes, so a run can move from CPU to GPU between stages.
+# `precision` is among them, but what it makes of the weights is not: see PRECISION_WEIGHTS.
 _NON_RESULT_TRAINER_KEYS = {
     "accelerator",
     "devices",
@@ -55,6 +57,48 @@ _NON_RESULT_TRAINER_KEYS = {
     "callbacks",
     "_target_",  # the class Hydra instantiates (lightning.Trainer), not one of its arguments
 }
+
+
+# trainer.precision: every value lightning.Trainer takes (its int and short aliases too; null is
+# its default, 32-true) but transformer-engine*, which swaps in layers this model does not have.
+# Each maps to the dtype the weights are held and trained in: that is part of the settings'
+# identity (RunConfig.hashes). Autocast (the *-mixed values) keeps fp32 weights and changes results
+# only by rounding, as moving from CPU to GPU does, so a run may change it between stages; a
+# *-true value trains weights of another dtype, a different result, so artifacts made in it are
+# never taken for fp32 ones (and the experiment folder's name keeps the value: experiment_name).
+PRECISION_WEIGHTS: dict[Any, str] = {
+    None: "float32",
+    "32-true": "float32",
+    "32": "float32",
+    32: "float32",
+    "bf16-mixed": "float32",
+    "bf16": "float32",
+    "16-mixed": "float32",  # on CPU Lightning runs it as bf16-mixed
+    "16": "float32",
+    16: "float32",
+    "bf16-true": "bfloat16",
+    "16-true": "float16",
+    "64-true": "float64",
+    "64": "float64",
+    64: "float64",
+}
+
+
+# The values that compute in fp32 or fp64 throughout: no autocast, no half-precision weights.
+FULL_PRECISION = (None, "32-true", "32", 32, "64-true", "64", 64)
+# trainer.precision=16-true keeps the weights and AdamW's state in fp16, where an eps below the
+# smallest normal number (2**-14) rounds to 0 or near it: the first step divides by ~0 (NaN).
+_FP16_MIN_EPS = 2.0**-14
+
+
+def precision_weights(precision: Any) -> str:
+    """The dtype of the weights under `trainer.precision` (a validated value)."""
+    return PRECISION_WEIGHTS[precision]
+
+
+def _valid_precision(v: Any) -> bool:
+    # 32.0 == 32 and True == 1 would match the dict keys; Lightning takes neither
+    return not isinstance(v, (bool, float)) and v in PRECISION_WEIGHTS
 
 
 @dataclass
@@ -261,6 +305,7 @@ class RunConfig:
             "data": _data_identity(r.get("data", {})),
             "seed": self.seed,
             "cache": {"views": self.cache.views, "train_sequences": self.cache_train_sequences()},
+            "frozen_init": FROZEN_INIT,  # how the frozen tensors are drawn: another draw, another model
         }
         layer = {
             **common,
@@ -277,9 +322,11 @@ class RunConfig:
         return {"layer": _digest(layer), "fusion": _digest(fusion), "e2e": _digest(e2e)}
 
     def _train_identity(self, stage: str) -> dict:
-        trainer = {k: v for k, v in self.trainer_kwargs(stage).items() if k not in _NON_RESULT_TRAINER_KEYS}
+        kw = self.trainer_kwargs(stage)
+        trainer = {k: v for k, v in kw.items() if k not in _NON_RESULT_TRAINER_KEYS}
         return {
             "trainer": trainer,
+            "weights": precision_weights(kw.get("precision")),
             "optim": dataclasses.asdict(self.optim_for(stage)),
             "batch_size": self.data.batch_size,
         }
@@ -413,6 +460,15 @@ class RunConfig:
                 f"must be a positive integer for stage {name}, got {steps!r}",
             )
             run.optim_for(name)
+        for name in TRAINED_STAGES:
+            eps = run.optim_for(name).eps
+            if precision_weights(run.trainer_kwargs(name).get("precision")) == "float16" and eps < _FP16_MIN_EPS:
+                where = f"stages.{name}.optim.eps" if "eps" in stages.get(name, {}).get("optim", {}) else "optim.eps"
+                raise ConfigError(
+                    where,
+                    f"is {eps:g}, too small for trainer.precision=16-true (fp16 weights and AdamW state: stage "
+                    f"{name} would divide by ~0); set it >= {_FP16_MIN_EPS:.2g} or use bf16-true or 16-mixed",
+                )
         return run
 
 
@@ -474,6 +530,9 @@ _TRAINER_CHECKS = {
 
 
 def _check_trainer(node: Mapping[str, Any], prefix: str) -> None:
+    if "precision" in node and not _valid_precision(node["precision"]):
+        allowed = ", ".join(dict.fromkeys(str(v) for v in PRECISION_WEIGHTS if v is not None))
+        raise ConfigError(f"{prefix}.precision", f"unknown precision {node['precision']!r}; allowed: {allowed}")
     for key, (ok, allowed) in _TRAINER_CHECKS.items():
         if key in node and not ok(node[key]):
             raise ConfigError(f"{prefix}.{key}", f"must be {allowed}, got {node[key]!r}")
@@ -490,12 +549,29 @@ def experiment_name(experiment: str | None, override_dirname: str = "") -> str:
             f"must be a plain folder name, got {name!r}",
         )
         return name
+    override_dirname = _drop_fp32_precision(override_dirname)
     if not override_dirname:
         return "default"
     name = re.sub(r"[/\\\s]+", "_", override_dirname)
     if len(name) > 120:  # keep it readable and within file-name limits
         name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return name
+
+
+# `[+]trainer.precision=V` or `[+]stages.<name>.trainer.precision=V` in Hydra's override_dirname
+_PRECISION_OVERRIDE = re.compile(r"(?:^|,)\+{0,2}(?:stages\.\w+\.)?trainer\.precision=([^,]*)")
+
+
+def _drop_fp32_precision(override_dirname: str) -> str:
+    """The overrides without a precision that keeps fp32 weights: such a run shares the folder (and the
+    hash) of an fp32 one, as a run on another device does; a bf16-true run gets a folder of its own."""
+
+    def keep(m: re.Match) -> str:
+        value = m.group(1)
+        key = None if value == "null" else int(value) if value.isdigit() else value
+        return "" if PRECISION_WEIGHTS.get(key) == "float32" else m.group(0)
+
+    return _PRECISION_OVERRIDE.sub(keep, override_dirname).strip(",")
 
 
 def register_resolvers() -> None:
