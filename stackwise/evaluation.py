@@ -421,7 +421,7 @@ def layer_stack(
         weights, meta = art.load_layer_checkpoint(path)
         if meta.get("k") not in (None, k):
             raise ArtifactError(f"{path} says it is layer {meta.get('k')}, not {k}")
-        if k > 1 and meta.get("prev_sha256") and meta["prev_sha256"] != art.sha256_file(paths.layer_ckpt(k - 1)):
+        if states and meta.get("prev_sha256") and meta["prev_sha256"] != art.sha256_file(paths.layer_ckpt(k - 1)):
             warnings.append(
                 f"{path} skipped: it was trained on another {paths.layer_ckpt(k - 1).name} than the one "
                 "present (rerun its stage)"
