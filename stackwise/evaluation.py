@@ -566,7 +566,7 @@ def evaluate_experiment(
             }
         )
     return {
-        "experiment": run.experiment,
+        "experiment": run.name,
         "exp_dir": str(exp_dir),
         "split": "val",
         "n_sequences": len(val),

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from stackwise import artifacts as art
-from stackwise.config import RunConfig
+from stackwise.config import STAGE_KEYS, RunConfig
 from stackwise.data import activations as acts
 from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import load_token_splits
@@ -85,11 +85,11 @@ class Pipeline:
         """Keep the resolved config beside the artifacts; untouched when it has not changed."""
         path = self.paths.run_config
         try:
-            same = path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(self.run.raw))
+            same = path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(self.run.to_dict()))
         except ValueError:
             same = False
         if not same:
-            art.atomic_write_json(self.run.raw, path)
+            art.atomic_write_json(self.run.to_dict(), path)
 
     # ------------------------------------------------------------------ entry point
     def execute(self) -> None:
@@ -174,7 +174,7 @@ class Pipeline:
         before any work, rather than when that stage's Trainer is built."""
         known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
         for where, node in [("trainer", self.run.trainer)] + [
-            (f"stages.{n}.trainer", v.get("trainer", {})) for n, v in self.run.stages.items()
+            (f"stages.{n}.trainer", self.run.stages.of(n).trainer) for n in STAGE_KEYS
         ]:
             for key in node:
                 if key not in known:
@@ -195,7 +195,7 @@ class Pipeline:
         if not self.run.overwrite:
             raise ArtifactError(
                 f"{first} was made by other settings (config {meta.get('config_hash')}, this run's is "
-                f"{self.hashes['layer']}); use overwrite=true to replace them or experiment=NAME for a new folder"
+                f"{self.hashes['layer']}); use overwrite=true to replace them or name=NAME for a new folder"
             )
         log.warning("overwrite=true: removing the layer-wise artifacts of %s", self.paths.root)
         for d in (self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
@@ -629,7 +629,7 @@ class Pipeline:
             if not self.run.overwrite:
                 raise ArtifactError(
                     f"{last} {problem}; use overwrite=true to restart stage {tag['stage']} from "
-                    f"scratch, or experiment=NAME for a new folder"
+                    f"scratch, or name=NAME for a new folder"
                 )
             log.warning("overwrite=true: dropping %s (%s)", last, problem)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -710,7 +710,7 @@ def _stage_name(k: int) -> str:
 def _flat_hparams(run: RunConfig, stage: str) -> dict:
     out = {
         "stage": stage,
-        "experiment": run.experiment,
+        "experiment": run.name,
         "seed": run.seed,
         "lr": run.optim_for(
             "fusion"

@@ -151,7 +151,7 @@ def trained(tmp_path_factory):
     from stackwise.pipeline import Pipeline
 
     root = tmp_path_factory.mktemp("eval")
-    common = TINY + [f"output_root={root}", "experiment=exp", "logger=none", "callbacks=none"]
+    common = TINY + [f"output_root={root}", "name=exp", "logger=none", "callbacks=none"]
     for stage in ("all", "e2e"):
         Pipeline(RunConfig.from_hydra(compose_cfg(common + [f"stage={stage}"]))).execute()
     exp = root / "exp"
@@ -319,9 +319,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     # an experiment without any model
     from stackwise.config import RunConfig
 
-    run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={tmp_path}", "experiment=bare", "logger=none"]))
+    run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={tmp_path}", "name=bare", "logger=none"]))
     run.exp_dir.mkdir(parents=True)
-    art.atomic_write_json(run.raw, art.ExperimentPaths(run.exp_dir).run_config)
+    art.atomic_write_json(run.to_dict(), art.ExperimentPaths(run.exp_dir).run_config)
     code, _, err = run_cli(capsys, run.exp_dir)
     assert code == 2 and err.count("\n") == 1 and "no model" in err
     code, _, err = run_cli(capsys, run.exp_dir, "--bound-samples", "0")

@@ -124,7 +124,7 @@ def test_fused_model_reproduces_last_stage_val_loss(done):
 # ---------------------------------------------------------------- invariant 4
 def test_same_config_same_bytes_and_second_run_does_nothing(done, make_run, monkeypatch):
     first = done
-    again = Pipeline(make_run("stage=all", "cache.last_layer=true", experiment="exp2"))
+    again = Pipeline(make_run("stage=all", "cache.last_layer=true", name="exp2"))
     again.execute()
     for k in (1, 2):
         a, b = first.paths.layer_ckpt(k), again.paths.layer_ckpt(k)
@@ -164,7 +164,7 @@ def test_training_learns_and_depth_helps(make_run):
         "data.n_train=1024",
         "data.n_val=64",
         "cache.shard_size=1000",
-        experiment="learn",
+        name="learn",
     )
     pipe = Pipeline(run)
     pipe.execute()

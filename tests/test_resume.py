@@ -49,7 +49,7 @@ def files(exp):
 
 def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_run):
     # the uninterrupted reference, in-process (same code, same config, same bytes: invariant 4)
-    ref = Pipeline(make_run(*ARGS[len(TINY) :], "stage=all", experiment="ref"))
+    ref = Pipeline(make_run(*ARGS[len(TINY) :], "stage=all", name="ref"))
     ref.execute()
     want = files(ref.paths.root)
     assert {
@@ -60,7 +60,7 @@ def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_
     } <= set(want)
 
     exp = tmp_path / "outputs" / "crash"
-    args = ["stage=all", "experiment=crash", *ARGS]
+    args = ["stage=all", "name=crash", *ARGS]
     seen_resume = set()
     for point in KILLS:
         out = cli(*args, cwd=tmp_path, env_extra={"STACKWISE_TEST_KILL_AT": point})

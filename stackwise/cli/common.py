@@ -1,4 +1,4 @@
-"""What every StackWise CLI shares: one-line user errors, Hydra's packaged config."""
+"""What every StackWise CLI shares: one-line user errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from stackwise.errors import StackWiseError
-
-# conf/ ships inside the package, so the installed CLIs find it from any working directory
-CONFIG_PATH = "pkg://stackwise.conf"
 
 
 @contextmanager
