@@ -15,11 +15,12 @@ before the parent's cross-field checks that rely on it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stackwise.errors import ConfigError
@@ -72,15 +73,15 @@ def build(cls: type[T], node: DictConfig, prefix: str, **given: Any) -> T:
             continue
         typ = hints[f.name]
         try:
-            child = node._get_node(f.name)
+            value = node[f.name]
             if isinstance(typ, type) and issubclass(typ, Structured):
-                kwargs[f.name] = build(typ, node[f.name], _join(prefix, f.name))
-            elif isinstance(child, (DictConfig, ListConfig)):
-                kwargs[f.name] = OmegaConf.to_container(child, resolve=True, throw_on_missing=True)
-            else:
-                kwargs[f.name] = node[f.name]
+                value = build(typ, value, _join(prefix, f.name))
+            elif OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
         except OmegaConfBaseException as e:
+            # OmegaConf names the key from the root of its tree; `node` may sit anywhere in it
             raise as_config_error(e, prefix, within=node._get_full_key(None)) from None
+        kwargs[f.name] = value
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -115,6 +116,21 @@ def as_config_error(e: OmegaConfBaseException, prefix: str, within: str = "") ->
     msg = getattr(e, "msg", None) or str(e)
     message = " ".join(msg.strip().splitlines()[0].split()) if msg.strip() else type(e).__name__
     return ConfigError(_join(prefix, key) or prefix or "config", message)
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool, not a string: `optim.lr=abc` must not reach a comparison)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check(ok: bool, name: str, message: str) -> None:
+    """Raise ConfigError(name, message) unless `ok`."""
+    if not ok:
+        raise ConfigError(name, message)
 
 
 def _join(prefix: str, name: str) -> str:

@@ -27,6 +27,8 @@ def group_options(group: str) -> list[str]:
     "group", ["model", "attention", "masking", "data", "hardware", "trainer", "logger", "callbacks", "experiment"]
 )
 def test_every_group_option_composes(group, tmp_path):
+    """Every option of every group, the experiment presets included, composes into a valid RunConfig."""
+    assert group_options(group), group
     for option in group_options(group):
         overrides = [f"{group}={option}", f"output_root={tmp_path}"]
         if group == "data" and option == "text":
@@ -38,6 +40,37 @@ def test_every_group_option_composes(group, tmp_path):
         cfg = compose_cfg(overrides)
         run = RunConfig.from_hydra(cfg)
         assert run.model.n_layers >= 1, (group, option)
+
+
+def test_presets_hold_the_settings_of_the_published_figures():
+    from hydra import compose, initialize_config_module
+
+    from stackwise.config import CONFIG_MODULE, register_configs
+    from stackwise.config.compose import sweep_jobs
+
+    greedy = RunConfig.from_hydra(compose_cfg(["experiment=plain_greedy"]))
+    steps = tuple(greedy.max_steps(s) for s in ("embed", "layer", "fusion", "e2e"))
+    assert (greedy.layer_init, steps, greedy.cache_train_sequences()) == ("random", (200, 200, 0, 800), None)
+    assert (greedy.trainer["precision"], greedy.cache.dtype) == ("bf16-mixed", "bfloat16")  # hardware=gpu
+    assert RunConfig.from_hydra(compose_cfg(["experiment=plain_greedy", "hardware=cpu"])).cache.dtype == "float32"
+    fp32 = RunConfig.from_hydra(compose_cfg(["experiment=levers_default_fp32"]))
+    assert (fp32.trainer["precision"], fp32.cache.dtype, fp32.layer_init) == ("32-true", "float32", "previous")
+    b = RunConfig.from_hydra(compose_cfg(["experiment=levers_b"]))
+    assert (b.max_steps("embed"), b.max_steps("layer")) == (320, 160)
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        sweeps = {
+            name: compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+            for name in ("levers_a", "levers_b", "levers_c", "plain_greedy")
+        }
+    jobs = {name: sweep_jobs([f"{k}={v}" for k, v in c.hydra.sweeper.params.items()]) for name, c in sweeps.items()}
+    assert {name: len(j) for name, j in jobs.items()} == {
+        "levers_a": 12,
+        "levers_b": 12,
+        "levers_c": 6,
+        "plain_greedy": 2,
+    }
+    assert all(any(o in ("stage=all", "stage=e2e") for o in job) for j in jobs.values() for job in j)
 
 
 def test_root_declares_stage_k_name_seed():

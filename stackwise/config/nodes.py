@@ -4,12 +4,12 @@ stackwise/config/run.py); each `__post_init__` checks what the types cannot."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from stackwise.errors import ConfigError
-from stackwise.structured import Structured
+from stackwise.structured import Structured, check, is_int, is_number
 
 STAGE_KEYS = ("embed", "layer", "fusion", "e2e")  # the stages that train, each with its own budget
 LAYER_INITS = ("random", "identity", "previous")
@@ -31,23 +31,23 @@ class OptimConfig(Structured):
 
     def __post_init__(self) -> None:
         betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
-        if betas is None or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        if betas is None or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
             raise ConfigError(self.key("betas"), f"must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = [float(b) for b in betas]
-        _check(_is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
-        _check(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
+        check(is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
+        check(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
             self.key("weight_decay"),
             f"must be a number >= 0, got {self.weight_decay!r}",
         )
-        _check(_is_number(self.eps) and self.eps > 0, self.key("eps"), f"must be a number > 0, got {self.eps!r}")
-        _check(
-            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+        check(is_number(self.eps) and self.eps > 0, self.key("eps"), f"must be a number > 0, got {self.eps!r}")
+        check(
+            is_int(self.warmup_steps) and self.warmup_steps >= 0,
             self.key("warmup_steps"),
             f"must be an integer >= 0, got {self.warmup_steps!r}",
         )
-        _check(
-            _is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+        check(
+            is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
             self.key("min_lr_ratio"),
             f"must be a number in [0, 1], got {self.min_lr_ratio!r}",
         )
@@ -69,13 +69,13 @@ class LayerwiseConfig(Structured):
     embed_budget: float = 2.0
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.init in LAYER_INITS,
             self.key("init"),
             f"unknown init {self.init!r}; allowed: {', '.join(LAYER_INITS)}",
         )
-        _check(
-            _is_number(self.embed_budget) and self.embed_budget > 0,
+        check(
+            is_number(self.embed_budget) and self.embed_budget > 0,
             self.key("embed_budget"),
             f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {self.embed_budget!r}",
         )
@@ -99,15 +99,15 @@ class CacheConfig(Structured):
     def __post_init__(self) -> None:
         for name in ("views", "shard_size", "batch_size"):
             v = getattr(self, name)
-            _check(_is_int(v) and v > 0, self.key(name), f"must be a positive integer, got {v!r}")
-        _check(
+            check(is_int(v) and v > 0, self.key(name), f"must be a positive integer, got {v!r}")
+        check(
             self.dtype in CACHE_DTYPES,
             self.key("dtype"),
             f"unknown dtype {self.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}",
         )
         n = self.train_sequences
-        _check(
-            n is None or n == "auto" or (_is_int(n) and n > 0),
+        check(
+            n is None or n == "auto" or (is_int(n) and n > 0),
             self.key("train_sequences"),
             f"must be a positive integer, auto or null, got {n!r}",
         )
@@ -124,12 +124,12 @@ class FusionConfig(Structured):
     check: bool = True
 
     def __post_init__(self) -> None:
-        _check(
-            _is_int(self.finetune_steps) and self.finetune_steps >= 0,
+        check(
+            is_int(self.finetune_steps) and self.finetune_steps >= 0,
             self.key("finetune_steps"),
             f"must be an integer >= 0, got {self.finetune_steps!r}",
         )
-        _check(_is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
+        check(is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
 
 
 @dataclass
@@ -148,11 +148,9 @@ class SampleConfig(Structured):
     def __post_init__(self) -> None:
         for name in ("length", "steps", "top_k"):
             v = getattr(self, name)
-            _check(
-                v is None or (_is_int(v) and v > 0), self.key(name), f"must be a positive integer or null, got {v!r}"
-            )
-        _check(
-            _is_number(self.temperature) and self.temperature >= 0,
+            check(v is None or (is_int(v) and v > 0), self.key(name), f"must be a positive integer or null, got {v!r}")
+        check(
+            is_number(self.temperature) and self.temperature >= 0,
             self.key("temperature"),
             f"must be a number >= 0, got {self.temperature!r}",
         )
@@ -184,15 +182,27 @@ class StagesConfig(Structured):
         return getattr(self, stage_key)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# Trainer arguments the pipeline relies on, checked here so a typo stops before any work (Lightning
+# itself would only complain when the stage's Trainer is built, after the data is prepared).
+_TRAINER_CHECKS = {
+    "accumulate_grad_batches": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "val_check_interval": (
+        lambda v: v is None or (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+        "an integer >= 1 (steps), a fraction in (0, 1] or null",
+    ),
+    "gradient_clip_val": (lambda v: v is None or (is_number(v) and v >= 0), "a number >= 0 or null"),
+    "limit_val_batches": (
+        lambda v: v is None or (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+        "an integer >= 0, a fraction in [0, 1] or null",
+    ),
+    "log_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "num_sanity_val_steps": (lambda v: is_int(v) and v >= -1, "an integer >= -1"),
+    "max_epochs": (lambda v: v is None or (is_int(v) and v >= -1), "an integer >= -1 or null"),
+}
 
 
-def _is_number(v: Any) -> bool:
-    """A finite int or float (not a bool, not a string: `optim.lr=abc` must not reach a comparison)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(name, message)
+def check_trainer(node: Mapping[str, Any], prefix: str) -> None:
+    """The `trainer` node (or a stage's override of it): the arguments the pipeline relies on."""
+    for key, (ok, allowed) in _TRAINER_CHECKS.items():
+        if key in node and not ok(node[key]):
+            raise ConfigError(f"{prefix}.{key}", f"must be {allowed}, got {node[key]!r}")

@@ -36,15 +36,13 @@ from stackwise.config.nodes import (
     OptimConfig,
     SampleConfig,
     StagesConfig,
-    _check,
-    _is_int,
-    _is_number,
+    check_trainer,
 )
 from stackwise.data.tokens import DataConfig, vocab_info
 from stackwise.errors import ArtifactError, ConfigError
 from stackwise.model.config import ModelConfig
 from stackwise.objective.masking import MaskingConfig
-from stackwise.structured import Structured, as_config_error, build
+from stackwise.structured import Structured, as_config_error, build, check, is_int
 
 STAGES = ("embed", "layer", "fusion", "all", "e2e")
 
@@ -79,10 +77,10 @@ class RunConfig(Structured):
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> a Lightning callback to instantiate
 
     def __post_init__(self) -> None:
-        _check(self.stage in STAGES, "stage", f"unknown stage {self.stage!r}; allowed: {', '.join(STAGES)}")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        check(self.stage in STAGES, "stage", f"unknown stage {self.stage!r}; allowed: {', '.join(STAGES)}")
+        check(is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
         self.name = identity.folder_name(self.name)
-        _check(isinstance(self.output_root, str), "output_root", f"must be a folder path, got {self.output_root!r}")
+        check(isinstance(self.output_root, str), "output_root", f"must be a folder path, got {self.output_root!r}")
         # structure only: readers (load_run) may use a read-only folder; the CLI checks writability
         check_output_dir(self.exp_dir, "output_root", writable=False)
         self._check_k()
@@ -93,17 +91,17 @@ class RunConfig(Structured):
                 f"the per_layer schedule caches one mask view per layer: set "
                 f"cache.views={self.model.n_layers} (n_layers), got {self.cache.views}",
             )
-        _check_trainer(self.trainer, "trainer")
+        check_trainer(self.trainer, "trainer")
         for key in STAGE_KEYS:
-            _check_trainer(self.stages.of(key).trainer, f"stages.{key}.trainer")
+            check_trainer(self.stages.of(key).trainer, f"stages.{key}.trainer")
         if "max_steps" in self.stages.fusion.trainer:
             raise ConfigError(
                 "stages.fusion.trainer.max_steps", "the fine-tune's budget is fusion.finetune_steps; set that instead"
             )
         for key in ("embed", "layer", "e2e"):
             steps = self.trainer_kwargs(key).get("max_steps")
-            _check(
-                _is_int(steps) and steps > 0,
+            check(
+                is_int(steps) and steps > 0,
                 "trainer.max_steps",
                 f"must be a positive integer for stage {key}, got {steps!r}",
             )
@@ -113,14 +111,14 @@ class RunConfig(Structured):
     def _check_k(self) -> None:
         k, n = self.k, self.model.n_layers
         if self.stage == "layer":
-            _check(k is not None, "k", f"stage=layer needs k in 2..{n} (the layer to train), got null")
-            _check(
-                _is_int(k) and 2 <= k <= n,
+            check(k is not None, "k", f"stage=layer needs k in 2..{n} (the layer to train), got null")
+            check(
+                is_int(k) and 2 <= k <= n,
                 "k",
                 f"must be an integer in 2..n_layers={n} for stage=layer (k=1 is stage=embed), got {k!r}",
             )
         elif k is not None:
-            _check(_is_int(k) and 1 <= k <= n, "k", f"must be in 1..n_layers={n}, got {k!r}")
+            check(is_int(k) and 1 <= k <= n, "k", f"must be in 1..n_layers={n}, got {k!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -249,7 +247,7 @@ def _vocab(model: DictConfig, data: DataConfig) -> dict[str, int]:
         if given is None:
             out[key] = value
         elif key == "vocab_size":
-            _check(
+            check(
                 given >= value,
                 "model.vocab_size",
                 f"is {given} but the data's tokenizer has {value} ids; set it >= {value} "
@@ -295,31 +293,6 @@ def check_output_dir(path: Path, field_name: str, writable: bool = True) -> None
         raise ConfigError(field_name, f"cannot create {p}: {anc} is a file, not a folder")
     if writable and not os.access(anc, os.W_OK | os.X_OK):
         raise ConfigError(field_name, f"cannot create {p}: {anc} is not writable")
-
-
-# Trainer arguments the pipeline relies on, checked here so a typo stops before any work (Lightning
-# itself would only complain when the stage's Trainer is built, after the data is prepared).
-_TRAINER_CHECKS = {
-    "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "val_check_interval": (
-        lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
-        "an integer >= 1 (steps), a fraction in (0, 1] or null",
-    ),
-    "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0 or null"),
-    "limit_val_batches": (
-        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
-        "an integer >= 0, a fraction in [0, 1] or null",
-    ),
-    "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
-    "max_epochs": (lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1 or null"),
-}
-
-
-def _check_trainer(node: Mapping[str, Any], prefix: str) -> None:
-    for key, (ok, allowed) in _TRAINER_CHECKS.items():
-        if key in node and not ok(node[key]):
-            raise ConfigError(f"{prefix}.{key}", f"must be {allowed}, got {node[key]!r}")
 
 
 def _first_line(e: Exception) -> str:
