@@ -41,14 +41,15 @@ def check_before_hydra(argv: list[str]) -> None:
     """Compose and validate the command line's config (every job of a `-m` sweep) before Hydra
     runs anything, so that a bad value, a wrong type or an unknown key is one line, exit status 2:
     Hydra would print its own multi-line report, and in a sweep only when that job's turn came.
-    Left to Hydra: its help and info flags, `--cfg` (printing a config is no run), another config."""
+    `--cfg` only composes (printing a config runs nothing, so its values need not be valid). Left
+    to Hydra: its help and info flags, and a config other than the packaged one."""
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg or args.experimental_rerun:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
         return
     if args.config_path or args.config_dir or args.config_name not in (None, "config"):
         return
     with user_errors("stackwise-train", debug=_debug_requested(args.overrides)):
-        check_command_line(args.overrides, multirun=args.multirun)
+        check_command_line(args.overrides, multirun=args.multirun, validate=not args.cfg)
 
 
 def _debug_requested(overrides: list[str]) -> bool:

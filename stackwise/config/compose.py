@@ -38,30 +38,34 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sw.alternate", lambda a, b, n: [a if i % 2 == 0 else b for i in range(int(n))])
 
 
-def check_command_line(overrides: Sequence[str], multirun: bool, config_name: str = "config") -> None:
+def check_command_line(
+    overrides: Sequence[str], multirun: bool, config_name: str = "config", validate: bool = True
+) -> None:
     """Compose and validate every job the command line makes (with `-m`, each combination of the
     sweep's values, an experiment preset's `hydra.sweeper.params` included) and check that its output
-    folder can be created. Raises ConfigError, one line naming the bad value: Hydra's own errors
-    (an unknown key or group option, a wrong type) included."""
+    folder can be created (`validate=False`: compose only). Raises ConfigError, one line naming the
+    bad value: Hydra's own errors (an unknown key or group option, a wrong type) included."""
     try:
         register_configs()
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             jobs = sweep_jobs(overrides) if multirun else [list(overrides)]
             first = jobs[0]
-            params = _check_job(first, config_name).sweeper.get("params")
+            params = _check_job(first, config_name, validate).sweeper.get("params")
             if multirun and params:  # the sweeper takes them first; the command line's win
                 jobs = sweep_jobs([f"{key}={value}" for key, value in params.items()] + list(overrides))
             for job in jobs:
                 if job != first:
-                    _check_job(job, config_name)
+                    _check_job(job, config_name, validate)
     except (HydraException, OmegaConfBaseException) as e:
         raise user_error(e) from None
 
 
-def _check_job(overrides: list[str], config_name: str) -> DictConfig:
+def _check_job(overrides: list[str], config_name: str, validate: bool) -> DictConfig:
     """Compose and validate one job; its `hydra` node."""
     cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     hydra_node = cfg.hydra
+    if not validate:
+        return hydra_node
     with open_dict(cfg):
         del cfg["hydra"]  # as the job will see it
     run = RunConfig.from_hydra(cfg, list(hydra_node.overrides.task))
