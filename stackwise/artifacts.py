@@ -9,14 +9,17 @@ Only this module knows where things live under `exp_dir = <output_root>/<experim
     ckpt/<stage>/                          Lightning ModelCheckpoint folder (mid-stage resume)
     tb/                                    TensorBoard root (one run per stage)
     tokens/                                token cache
-    results.json                           per-stage summary records
+    results.json                           one summary record per stage
+    run.lock                               held (OS file lock) by the run writing here; see stackwise/lock.py
     hydra/                                 Hydra's run logs
 
 Why atomic writes everywhere: a run killed mid-write must never leave a file that a later run
 would trust (DESIGN §5, invariant 5). Every file is written under a temporary name in the same
 folder, fsync'ed, then `os.replace`d over the final name, so a reader sees the old file or the
-new one, never half of one. Why no pickle: opening a checkpoint must never run code (DESIGN §4),
-so `torch.load` is always called with `weights_only=True` and models ship as safetensors.
+new one, never half of one. An OS error while writing (a full disk, a read-only file system) is an
+ArtifactWriteError naming the file: the temporary is removed and the old file, if any, stays.
+Why no pickle: opening a checkpoint must never run code (DESIGN §4), so `torch.load` is always
+called with `weights_only=True` and models ship as safetensors.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -33,7 +37,7 @@ from typing import IO, Any, Union
 import torch
 from torch import Tensor
 
-from stackwise.errors import ArtifactError, ConfigError
+from stackwise.errors import ArtifactError, ArtifactWriteError, ConfigError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -162,6 +166,11 @@ class ExperimentPaths:
     def hydra_dir(self) -> Path:
         return self.root / "hydra"
 
+    @property
+    def lock_file(self) -> Path:
+        """`run.lock`: the run that writes here holds an OS lock on it (the file itself stays)."""
+        return self.root / "run.lock"
+
 
 def manifest_path(acts_dir: PathLike) -> Path:
     """The manifest of one activation cache folder."""
@@ -189,25 +198,73 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OS error behind `exc`: itself, the one it was raised from or while handling (torch.save
+    reports a failed write as a RuntimeError raised while handling the OSError), or the `(os error N)`
+    that Rust libraries (safetensors) put in their message. None when there is none."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+@contextlib.contextmanager
+def write_errors(path: PathLike) -> Iterator[None]:
+    """Turn an OS error while writing `path` (no space, quota, read-only, permission, file too large)
+    into an ArtifactWriteError naming `path`: a full disk is the user's to fix, not a traceback.
+
+    An OS error about another file (one the writer was reading, say) passes unchanged, as does
+    every other exception.
+    """
+    try:
+        yield
+    except ArtifactWriteError:
+        raise
+    except Exception as e:
+        err = os_error_in(e)
+        if err is None or not _is_about(err, Path(path)):
+            raise
+        raise ArtifactWriteError(path, err.errno, one_line(err.strerror or err)) from e
+
+
+def _is_about(err: OSError, path: Path) -> bool:
+    """Whether `err` names no file, or `path`, one of its folders, or a file beside it (its temporary)."""
+    if err.filename is None:
+        return True
+    named = Path(os.fsdecode(err.filename)).absolute()
+    target = path.absolute()
+    return named == target or named in target.parents or named.parent == target.parent
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
     For writers that want a file name (safetensors' `save_file`). On any exception the temporary
-    file is removed and `path` is left exactly as it was.
+    file is removed and `path` is left exactly as it was; an OS error (a full disk...) is raised as
+    an ArtifactWriteError naming `path`.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with write_errors(final):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
 
@@ -559,10 +616,9 @@ def load_safetensors_model(
 
 # ----------------------------------------------------------------------------------- results
 def read_results(paths: ExperimentPaths) -> list[dict[str, Any]]:
-    """All summary records of the experiment, oldest first ([] when none was written yet).
-
-    A stage that was rerun appears once per run; readers keep the last record per stage.
-    """
+    """The summary records of the experiment, one per stage, in the order the stages first ran ([]
+    when none was written yet). Files written before records were replaced may hold a stage twice:
+    its last record counts."""
     p = paths.results_json
     if not p.is_file():
         return []
@@ -572,14 +628,25 @@ def read_results(paths: ExperimentPaths) -> list[dict[str, Any]]:
         raise ArtifactError(f"{p} is not valid JSON ({one_line(e, 120)}); delete it to start a new one") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ArtifactError(f"{p} is not a list of result records; delete it to start a new one")
-    return records
+    by_stage: dict[Any, dict[str, Any]] = {}
+    for r in records:
+        by_stage[r.get("stage")] = r  # a dict keeps the first position of a key and takes its last value
+    return list(by_stage.values())
 
 
-def append_result(paths: ExperimentPaths, record: Mapping[str, Any]) -> None:
-    """Append one record (val loss, acc, tokens, seconds, ...) to results.json, atomically.
+def record_result(paths: ExperimentPaths, record: Mapping[str, Any]) -> None:
+    """Write one stage's record (val loss, acc, tokens, seconds, ...) to results.json, atomically: a
+    stage run again replaces its record, in place.
 
-    Call it from one process only (global rank 0): it is a read-modify-write.
+    Call it from one process only (global rank 0) and under the experiment's lock (stackwise/lock.py):
+    it is a read-modify-write.
     """
+    rec = _json_normal(dict(record))
     records = read_results(paths)
-    records.append(_json_normal(dict(record)))
+    for i, r in enumerate(records):
+        if r.get("stage") == rec.get("stage"):
+            records[i] = rec
+            break
+    else:
+        records.append(rec)
     atomic_write_json(records, paths.results_json)

@@ -19,8 +19,9 @@ and the steps are shared between the blocks as evenly as possible (each needs at
 
 Given (unmasked) tokens are never changed. Every random draw comes from CPU `torch.Generator`s,
 so a seed gives the same output on any machine (up to the model's own float arithmetic).
-With one generator per row, each row is a function of its own input and generator only: sample i
-of a seed is the same whether 1 or 10 samples are drawn.
+With one generator per row, each row is a function of its own input and generator only. Sample i
+(0-based) of `seed` is drawn with seed `seed + i`: it is the same whether 1 or 10 samples are drawn,
+and `seed + i` alone gives it again, so each sample is labelled with the one seed that reproduces it.
 
 This module is pure torch (no Lightning). `load_experiment_model`, `build_ids` and `sample_text`
 read an experiment folder (lazy imports of the config and data layers).
@@ -358,11 +359,17 @@ def experiment_tokenizer(run: Any) -> Any:
     return data_tokenizer(run.data)
 
 
+def sample_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each of n samples: sample i is the single sample of seed + i."""
+    return [seed + i for i in range(n)]
+
+
 def sample_generators(seed: int, n: int) -> list[torch.Generator]:
-    """One CPU generator per sample, from (seed, sample index): sample i does not depend on n."""
+    """One CPU generator per sample, from that sample's own seed: sample i does not depend on n."""
     from stackwise.utils import generator
 
-    return [generator(seed, "generate", i) for i in range(n)]
+    # the key ("generate", 0) keeps the first sample of every seed what it has always been
+    return [generator(s, "generate", 0) for s in sample_seeds(seed, n)]
 
 
 def sample_ids(

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LambdaCallback, LearningRateMonitor, ModelCheckpoint
 
 from stackwise import artifacts as art
 from stackwise.config import STAGE_KEYS, RunConfig
@@ -34,10 +34,11 @@ from stackwise.data import activations as acts
 from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import load_token_splits
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
+from stackwise.lock import experiment_lock
 from stackwise.model.stats import train_step_flops
 from stackwise.objective.masking import build_schedule
 from stackwise.stages.base import StageModule
-from stackwise.stages.callbacks import AtomicCheckpointIO
+from stackwise.stages.callbacks import AtomicCheckpointIO, with_progress_bar
 from stackwise.stages.full import FullModelStage, assemble
 from stackwise.stages.layerwise import LayerwiseStage
 from stackwise.utils import derive_seed
@@ -101,21 +102,22 @@ class Pipeline:
             raise StackWiseError(
                 f"output_root: cannot create the experiment folder {self.paths.root}: {e.strerror or e}"
             ) from None
-        self.check_foreign()
-        self.write_run_config()
-        if run.stage == "all":
-            for k in range(1, self.cfg.n_layers + 1):
-                self.layer_stage(k)
-            self.fusion_stage()
-            self.finish_all()
-        elif run.stage == "embed":
-            self.layer_stage(1)
-        elif run.stage == "layer":
-            self.layer_stage(run.k)
-        elif run.stage == "fusion":
-            self.fusion_stage()
-        elif run.stage == "e2e":
-            self.e2e_stage()
+        with experiment_lock(self.paths):  # one run at a time per folder, from the first write to the last
+            self.check_foreign()
+            self.write_run_config()
+            if run.stage == "all":
+                for k in range(1, self.cfg.n_layers + 1):
+                    self.layer_stage(k)
+                self.fusion_stage()
+                self.finish_all()
+            elif run.stage == "embed":
+                self.layer_stage(1)
+            elif run.stage == "layer":
+                self.layer_stage(run.k)
+            elif run.stage == "fusion":
+                self.fusion_stage()
+            elif run.stage == "e2e":
+                self.e2e_stage()
 
     def finish_all(self) -> None:
         """The end of `stage=all`: the table, the depth report when an e2e run is beside it, a sample."""
@@ -365,7 +367,7 @@ class Pipeline:
             if self.needs_cache(k):  # hours of training must not end in a full disk
                 self.check_cache_space(data, k)
             t0 = time.time()
-            self.fit(module, data, stage_key, name)
+            resumed_from = self.fit(module, data, stage_key, name)
             metrics = self.evaluate(module, data.val_dataloader())
             seconds = time.time() - t0
             steps = run.max_steps(stage_key)
@@ -385,7 +387,7 @@ class Pipeline:
             state = module.export_state()
             self.write_once(lambda: art.save_layer_checkpoint(ckpt_path, state, meta))
             _kill_point(f"saved:{name}")
-            self.record(name, k, meta, seconds)
+            self.record(name, k, meta, seconds, resumed_from)
             self.drop_stage_ckpt(name)  # optimizer state ends with the stage
         if self.needs_cache(k):
             self.write_cache(module, data, k)
@@ -488,7 +490,7 @@ class Pipeline:
         _kill_point("saved:fused")
         self.record("fused", cfg.n_layers, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
-            self.fit(module, data, "fusion", "finetune")
+            resumed_from = self.fit(module, data, "fusion", "finetune")
             ft = self.evaluate(module, data.val_dataloader())
             steps = run.fusion.finetune_steps
             ft_meta = {
@@ -508,7 +510,7 @@ class Pipeline:
                     self.paths.fused_dir, fused_state, cfg.to_dict(), {**meta, "finetuned": True}
                 )
             )
-            self.record("finetuned", cfg.n_layers, ft_meta, layer_seconds + time.time() - t0)
+            self.record("finetuned", cfg.n_layers, ft_meta, layer_seconds + time.time() - t0, resumed_from)
             self.drop_stage_ckpt("finetune")
 
     def check_fused(self, fused_loss: float, stage_loss: float) -> None:
@@ -537,7 +539,7 @@ class Pipeline:
         data = self.token_data(0, steps)
         module = FullModelStage(cfg, run.optim_for("e2e"), run.masking.weighting, steps, "e2e")
         t0 = time.time()
-        self.fit(module, data, "e2e", "e2e")
+        resumed_from = self.fit(module, data, "e2e", "e2e")
         metrics = self.evaluate(module, data.val_dataloader())
         meta = {
             "config_hash": self.hashes["e2e"],
@@ -548,14 +550,17 @@ class Pipeline:
         }
         e2e_state = module.model.state_dict()
         self.write_once(lambda: art.save_safetensors_model(self.paths.e2e_dir, e2e_state, cfg.to_dict(), meta))
-        self.record("e2e", cfg.n_layers, meta, time.time() - t0)
+        self.record("e2e", cfg.n_layers, meta, time.time() - t0, resumed_from)
         self.drop_stage_ckpt("e2e")
         if self.trainer_is_global_zero():
             print_table(art.read_results(self.paths))
 
     # ------------------------------------------------------------------ Lightning plumbing
-    def fit(self, module: StageModule, data, stage_key: str, name: str) -> None:
-        """Train one stage; resumes from ckpt/<name>/last.ckpt when a killed run with these settings left one."""
+    def fit(self, module: StageModule, data, stage_key: str, name: str) -> int:
+        """Train one stage; resumes from ckpt/<name>/last.ckpt when a killed run with these settings left one.
+
+        Returns the optimizer step training started from: 0, or the step of the checkpoint it resumed from.
+        """
         run = self.run
         kw = run.trainer_kwargs(stage_key)
         # read by Lightning's ThroughputMonitor for FLOP/s and MFU in TensorBoard (constant per step)
@@ -572,7 +577,12 @@ class Pipeline:
         ckpt_every = int(kw.get("val_check_interval") or 50) if isinstance(kw.get("val_check_interval"), int) else 50
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=ckpt_every)
         logger = self.logger(name)
-        callbacks = [checkpoint] + self.extra_callbacks(logger is not None) + ([_KillHook(name)] if _KILL_AT else [])
+        # the step Lightning really continued from, read after it restored the checkpoint
+        start: dict[str, int] = {}
+        started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
+        callbacks = [checkpoint, started] + self.extra_callbacks(logger is not None)
+        callbacks += [_KillHook(name)] if _KILL_AT else []
+        callbacks = with_progress_bar(callbacks, kw.get("enable_progress_bar"))
         plugins = {} if "plugins" in kw else {"plugins": [AtomicCheckpointIO()]}
         trainer = L.Trainer(
             **kw,
@@ -593,6 +603,7 @@ class Pipeline:
                 ckpt_path=str(last) if last else None,
                 **({"weights_only": True} if last else {}),
             )
+        return start.get("step", 0)
 
     def resume_point(self, ckpt_dir: Path, tag: dict) -> Path | None:
         """ckpt/<stage>/last.ckpt when a killed run with these settings left a readable one, else None.
@@ -653,7 +664,7 @@ class Pipeline:
         return L.Trainer(
             **kw,
             logger=False,
-            callbacks=list(callbacks),
+            callbacks=with_progress_bar(list(callbacks), kw.get("enable_progress_bar")),
             limit_val_batches=1.0,
             enable_model_summary=False,
             default_root_dir=str(self.paths.root),
@@ -676,7 +687,9 @@ class Pipeline:
             out.append(cb)
         return out
 
-    def record(self, stage: str, k: int, meta: dict, seconds: float) -> None:
+    def record(self, stage: str, k: int, meta: dict, seconds: float, resumed_from_step: int | None = None) -> None:
+        """One results.json record; a trained stage also says the step it started from (0, or the
+        step of the mid-stage checkpoint a killed run left), so a resumed stage is visible there."""
         rec = {
             "stage": stage,
             "k": k,
@@ -685,7 +698,9 @@ class Pipeline:
             "tokens": meta["tokens"],
             "seconds": seconds,
         }
-        self.write_once(lambda: (art.append_result(self.paths, rec), self.log_summary(stage, k, rec)))
+        if resumed_from_step is not None:
+            rec["resumed_from_step"] = resumed_from_step
+        self.write_once(lambda: (art.record_result(self.paths, rec), self.log_summary(stage, k, rec)))
 
     def log_summary(self, stage: str, k: int, rec: dict) -> None:
         """The dashboard's depth view: validation loss against layer index k, fused / e2e beside it."""

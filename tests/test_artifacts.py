@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import resource
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from stackwise import artifacts as art
 from stackwise.artifacts import (
     ExperimentPaths,
-    append_result,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_stream,
     load_layer_checkpoint,
     load_safetensors_model,
     read_results,
+    record_result,
     save_layer_checkpoint,
     save_safetensors_model,
     sha256_file,
 )
-from stackwise.errors import ArtifactError, ConfigError
+from stackwise.errors import ArtifactError, ArtifactWriteError, ConfigError
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -93,6 +99,123 @@ def test_atomic_write_leaves_no_temp_and_failure_keeps_old(tmp_path: Path) -> No
     assert torch.load(tmp_path / "t.pt", weights_only=True)["w"].tolist() == [1.0, 1.0]
     leftovers = [f.name for f in tmp_path.rglob("*") if f.is_file() and f.name.endswith(".tmp")]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------------- disk errors
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A real OS error from every writer, C++ and Rust ones too: past RLIMIT_FSIZE a write fails with
+    EFBIG (Python ignores the SIGXFSZ that would otherwise kill the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _save_model(path: Path, n: int) -> None:
+    save_safetensors_model(path.parent, {"w": torch.ones(n)}, {"d": 1}, {"n": n})
+
+
+# (name, writer(path, n floats), the file it writes at `path`)
+WRITERS = [
+    ("json", lambda p, n: atomic_write_json({"x": [1.0] * n}, p)),
+    ("torch_save", lambda p, n: atomic_torch_save({"w": torch.ones(n)}, p)),
+    ("layer_checkpoint", lambda p, n: save_layer_checkpoint(p, {"w": torch.ones(n)}, {"k": 1})),
+    ("npy_shard", lambda p, n: atomic_write_stream(p, lambda fh: np.save(fh, np.ones(n), allow_pickle=False))),
+    ("safetensors", _save_model),
+]
+
+
+@pytest.mark.parametrize("name,write", WRITERS, ids=[w[0] for w in WRITERS])
+def test_os_error_while_writing_is_one_line_naming_the_file(tmp_path: Path, name: str, write) -> None:
+    path = tmp_path / "out" / ("model.safetensors" if name == "safetensors" else f"f.{name}")
+    write(path, 10)
+    before = path.read_bytes()
+    with pytest.raises(ArtifactWriteError) as e, file_size_limit(32 * 1024):
+        write(path, 100_000)
+    msg = _assert_one_line_naming(e, path)
+    assert "file too large" in msg and "(EFBIG)" in msg and e.value.errno == errno.EFBIG, msg
+    assert path.read_bytes() == before  # the old file stays whole, no temporary is left
+    assert [f.name for f in path.parent.iterdir() if f.name.endswith(".tmp")] == []
+    write(path, 100_000)  # room again: the same write completes
+
+
+class _FailingFile:
+    """A file whose writes fail with `code` once `after` bytes went through (a disk filling up)."""
+
+    def __init__(self, f, code: int, after: int):
+        self._f, self._code, self._left = f, code, after
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self._left:
+            raise OSError(self._code, os.strerror(self._code))
+        self._left -= n
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize(
+    "code,words",
+    [
+        (errno.ENOSPC, ["no space left on device (ENOSPC)", "free space", "output_root=DIR"]),
+        (errno.EDQUOT, ["disk quota exceeded (EDQUOT)", "quota"]),
+        (errno.EROFS, ["read-only file system, not writable (EROFS)", "output_root=DIR"]),
+        (errno.EACCES, ["permission denied, not writable (EACCES)", "writable"]),
+        (errno.EPERM, ["not writable (EPERM)", "writable"]),
+        (errno.EIO, ["Input/output error (EIO)", "check that disk"]),
+    ],
+)
+def test_disk_error_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: list) -> None:
+    real_open = open
+    monkeypatch.setattr(
+        art, "open", lambda f, mode="r", **k: _FailingFile(real_open(f, mode, **k), code, 100), raising=False
+    )
+    path = tmp_path / "acts" / "r0_s00003.hidden.npy"
+    with pytest.raises(ArtifactWriteError) as e:
+        atomic_write_stream(path, lambda fh: np.save(fh, np.ones(1000), allow_pickle=False))
+    msg = _assert_one_line_naming(e, path)
+    assert msg.startswith(f"cannot write {path}: ") and all(w in msg for w in words), msg
+    assert list(path.parent.iterdir()) == []
+
+
+def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    else:  # root writes through any mode bits: refuse the way the OS does for everyone else
+
+        def refuse(*a, dir=None, **k):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, ".f.json.x.tmp"))
+
+        monkeypatch.setattr(art.tempfile, "mkstemp", refuse)
+    try:
+        with pytest.raises(ArtifactWriteError) as e:
+            atomic_write_json({"a": 1}, folder / "f.json")
+    finally:
+        folder.chmod(0o755)
+    msg = _assert_one_line_naming(e, folder / "f.json")
+    assert "permission denied, not writable (EACCES)" in msg, msg
+
+
+def test_os_error_about_another_file_is_not_a_write_error(tmp_path: Path) -> None:
+    """A writer that fails reading something else (its input) keeps its own error."""
+    with pytest.raises(FileNotFoundError), art.atomic_path(tmp_path / "f.bin"):
+        open(tmp_path / "elsewhere" / "input.txt")  # noqa: SIM115
+    with pytest.raises(ValueError), art.atomic_path(tmp_path / "f.bin"):
+        raise ValueError("not an OS error")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------- layer checkpoints
@@ -219,12 +342,23 @@ def test_safetensors_roundtrip_with_tied_weights(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ results
-def test_results_append(tmp_path: Path) -> None:
+def test_results_one_record_per_stage(tmp_path: Path) -> None:
     paths = ExperimentPaths(tmp_path / "exp")
     assert read_results(paths) == []
-    append_result(paths, {"stage": "embed", "val_loss": 3.5, "tokens": 1024, "seconds": 1.5})
-    append_result(paths, {"stage": "layer_2", "val_loss": 3.1, "tokens": 2048, "seconds": 1.0})
-    assert [r["stage"] for r in read_results(paths)] == ["embed", "layer_2"]
+    record_result(paths, {"stage": "embed", "val_loss": 3.5, "tokens": 1024, "seconds": 1.5})
+    record_result(paths, {"stage": "layer_2", "val_loss": 3.1, "tokens": 2048, "seconds": 1.0})
+    record_result(paths, {"stage": "embed", "val_loss": 3.4, "tokens": 1024, "seconds": 2.0})  # retrained
+    on_disk = json.loads(paths.results_json.read_text())
+    assert [(r["stage"], r["val_loss"]) for r in on_disk] == [("embed", 3.4), ("layer_2", 3.1)]
+    # a file from before records were replaced: its last record per stage counts, in first-run order
+    atomic_write_json(
+        on_disk + [{"stage": "layer_2", "val_loss": 3.0}, {"stage": "fused", "val_loss": 3.0}], paths.results_json
+    )
+    assert [(r["stage"], r["val_loss"]) for r in read_results(paths)] == [
+        ("embed", 3.4),
+        ("layer_2", 3.0),
+        ("fused", 3.0),
+    ]
     paths.results_json.write_text("{not json")
     with pytest.raises(ArtifactError) as e:
         read_results(paths)

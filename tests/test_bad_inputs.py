@@ -9,7 +9,10 @@ Artifact cases copy one tiny finished experiment and damage the copy.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import resource
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +21,12 @@ from pathlib import Path
 import pytest
 
 from stackwise import artifacts as art
+from stackwise.cli.train import disk_errors
 from stackwise.data import activations as acts
-from stackwise.errors import StackWiseError
+from stackwise.errors import ArtifactWriteError, StackWiseError
 from stackwise.pipeline import Pipeline
 from stackwise.stages.base import NonFiniteLossError
-from tests.conftest import TINY, cli
+from tests.conftest import TINY, cli, cli_start
 
 BASE = TINY + ["callbacks=none", "logger=none", "trainer.max_steps=4", "trainer.val_check_interval=2"]
 
@@ -165,7 +169,7 @@ def stamps(folder: Path) -> dict:
     return {
         p: (p.stat().st_size, p.stat().st_mtime_ns)
         for p in folder.rglob("*")
-        if p.is_file() and "hydra" not in p.parts and p.name != "run_config.json"
+        if p.is_file() and "hydra" not in p.parts and p.name not in ("run_config.json", "run.lock")
     }
 
 
@@ -281,3 +285,79 @@ def test_cache_that_does_not_fit_stops_before_writing(finished, tmp_path, make_r
     with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):
         pipe.execute()
     assert not pipe.paths.acts_manifest(1).exists() and not list(pipe.paths.root.rglob("*.npy"))
+
+
+# ------------------------------------------------------------------------------ a full disk
+def test_disk_full_while_caching_stops_cleanly_and_a_rerun_completes(make_run, monkeypatch):
+    """The disk fills up midway through a cache (another process took the space after the free-space
+    check): one line naming the file and what to do, nothing half-written kept, and the same command
+    completes once there is room, without retraining the finished stage."""
+    overrides = ["stage=all", "cache.shard_size=16", *BASE[len(TINY) :]]
+    real, files = acts.atomic_write_stream, []
+
+    def filling(path, write):
+        files.append(path)
+        if len(files) < 14:  # two whole shards (6 files each), the third one's hidden states
+            return real(path, write)
+
+        def partly(fh):
+            fh.write(b"\x93NUMPY" + bytes(100))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, partly)
+
+    monkeypatch.setattr(acts, "atomic_write_stream", filling)
+    pipe = Pipeline(make_run(*overrides))
+    with pytest.raises(ArtifactWriteError) as e:
+        pipe.execute()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write {files[-1]}: no space left on device (ENOSPC)"), msg
+    assert files[-1].name == "r0_s00002.targets.npy" and "output_root=" in msg
+    root = pipe.paths.root
+    assert pipe.paths.layer_ckpt(1).is_file() and not pipe.paths.acts_manifest(1).exists()
+    assert not list(root.rglob("*.npy")) and not list(root.rglob("*.tmp")), "shards of a cache that cannot complete"
+    layer_1 = pipe.paths.layer_ckpt(1).read_bytes()
+
+    monkeypatch.undo()  # space freed
+    Pipeline(make_run(*overrides)).execute()
+    assert pipe.paths.layer_ckpt(1).read_bytes() == layer_1  # not retrained: only its cache was rebuilt
+    assert acts.ActivationCache.open(pipe.paths.acts_dir(1), verify=True).rows("train") > 32
+    assert [r["stage"] for r in art.read_results(pipe.paths)] == ["embed", "layer_2", "fused"]
+
+
+def test_write_error_inside_lightning_is_one_line_from_the_cli(tmp_path):
+    """A real OS error from the shard writer inside Lightning's predict loop, through the CLI: the file
+    size limit (ulimit -f) is set on the running process, so writes past it fail with EFBIG."""
+    args = ["stage=all", "name=exp", *BASE]
+    run = cli_start(*args, cwd=tmp_path, timeout=300)
+    # above every checkpoint of the tiny model (last.ckpt ~120 KiB), below a shard of hidden states (~260 KiB)
+    resource.prlimit(run.proc.pid, resource.RLIMIT_FSIZE, (192 * 1024, resource.RLIM_INFINITY))
+    line = error_line(run.wait())
+    exp = tmp_path / "outputs" / "exp"
+    assert "cannot write outputs/exp/acts/acts_layer1/train/r0_s00000.hidden.npy: file too large" in line, line
+    assert not list(exp.rglob("*.npy")) and not list(exp.rglob("*.tmp")) and not list(exp.rglob("manifest.json"))
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["stage"] for r in art.read_results(art.ExperimentPaths(exp))] == ["embed", "layer_2", "fused"]
+
+
+def test_disk_errors_met_outside_our_writers_are_one_line(tmp_path):
+    """stackwise/cli/train.py's net: a full disk met by another writer (TensorBoard's) names its file;
+    when Lightning's failure hooks fail on the same full disk after our error, ours is reported."""
+    folder = tmp_path / "exp"
+    with pytest.raises(ArtifactWriteError) as e, disk_errors(folder):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "tb" / "events.out"))
+    assert str(e.value).startswith(f"cannot write {folder / 'tb' / 'events.out'}: no space left on device")
+    with pytest.raises(ArtifactWriteError) as e, disk_errors(folder):
+        raise RuntimeError("flush failed") from OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert str(e.value).startswith(f"cannot write a file under {folder}: disk quota exceeded")
+    shard = folder / "acts" / "r0_s00001.hidden.npy"
+    with pytest.raises(ArtifactWriteError) as e, disk_errors(folder):
+        try:
+            raise ArtifactWriteError(shard, errno.ENOSPC)
+        except ArtifactWriteError:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None  # a logger's final flush
+    assert str(e.value).startswith(f"cannot write {shard}: no space left on device")
+    for other in (OSError(errno.ENOENT, "No such file or directory", "x"), RuntimeError("a bug")):
+        with pytest.raises(type(other)), disk_errors(folder):
+            raise other

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,14 +193,26 @@ def test_config_found_from_another_folder_editable(tmp_path):
     assert "attention: mla" in out.stdout and "d_model: 128" in out.stdout
 
 
+def _wheel_builds_here() -> bool:
+    """Whether this interpreter's setuptools builds a wheel without pip fetching one: setuptools >= 70.1
+    has bdist_wheel itself; 64 (the floor pyproject.toml asks for) to 70.0 need the `wheel` package."""
+    try:
+        version = tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("setuptools"))[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return version >= (70, 1) or (version >= (64, 0) and importlib.util.find_spec("wheel") is not None)
+
+
 def test_plain_pip_install_finds_config(tmp_path):
-    """A non-editable `pip install .` into a fresh venv composes the packaged config from elsewhere."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    # Build the wheel with this interpreter's setuptools (a venv's bundled one may be too old to
-    # build wheels), then install that wheel into the fresh venv: a plain, non-editable install.
-    # From a copy of the source: setuptools leaves build/ and *.egg-info beside what it builds.
+    """The built wheel, installed plainly (not editable), composes the packaged config from another folder.
+
+    It is installed with `pip install --no-deps --target DIR` and run with DIR first on PYTHONPATH by
+    the interpreter running the tests, whose own environment (a venv, the user site, the system
+    site-packages, PYTHONPATH) provides the dependencies: the test does not depend on how that
+    interpreter was installed, as a venv of its own would (a venv sees its base interpreter's
+    site-packages, not the ones of the venv or user site the tests run from).
+    """
+    # Build from a copy of the source: setuptools leaves build/ and *.egg-info beside what it builds.
     src = tmp_path / "src"
     shutil.copytree(
         REPO,
@@ -206,10 +221,28 @@ def test_plain_pip_install_finds_config(tmp_path):
             ".git", "outputs", "multirun", "build", "*.egg-info", "__pycache__", "tests", "benchmarks", ".venv", ".whl"
         ),
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    wheels = tmp_path / "wheels"
+    # Dependencies may come from PYTHONPATH too: keep it, minus the checkout (the installed copy must
+    # be what is imported). pip installs only where it is told: no --user or --prefix from the environment.
+    outer = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_TARGET", "PIP_PREFIX", "PIP_ROOT")}
+    env["PIP_USER"] = "0"
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    # No build isolation where this interpreter can build the wheel (nothing to download); otherwise
+    # pip fetches setuptools into an isolated build environment, as `pip install -e .` did at install.
+    isolation = ["--no-build-isolation"] if _wheel_builds_here() else []
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            *isolation,
+            "-w",
+            str(wheels),
+            str(src),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -219,7 +252,7 @@ def test_plain_pip_install_finds_config(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("stackwise-*.whl")
     install = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -227,6 +260,8 @@ def test_plain_pip_install_finds_config(tmp_path):
         env=env,
     )
     assert install.returncode == 0, install.stderr[-2000:]
+    assert (target / "stackwise" / "conf" / "attention" / "gqa.yaml").is_file(), "the configs ship in the wheel"
+    env["PYTHONPATH"] = os.pathsep.join([str(target), *outer])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
@@ -236,13 +271,16 @@ def test_plain_pip_install_finds_config(tmp_path):
         "cfg = compose(config_name='config', overrides=['attention=gqa']);"
         "print(pathlib.Path(stackwise.__file__).resolve()); print(cfg.model.attention, cfg.model.d_model)"
     )
-    out = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     where, values = out.stdout.strip().splitlines()[-2:]
-    assert str(venv) in where, f"imported {where}, not the installed copy"
+    assert Path(where).is_relative_to(target.resolve()), f"imported {where}, not the installed copy"
     assert values == "gqa 128"
+    # the console script pip wrote, run as a user runs it (its shebang names this interpreter)
     script = subprocess.run(
-        [str(venv / "bin" / "stackwise-train"), "--cfg", "job"],
+        [str(target / "bin" / "stackwise-train"), "--cfg", "job", "attention=mla"],
         cwd=elsewhere,
         env=env,
         capture_output=True,
@@ -250,4 +288,4 @@ def test_plain_pip_install_finds_config(tmp_path):
         timeout=120,
     )
     assert script.returncode == 0, script.stderr[-2000:]
-    assert "stage: all" in script.stdout
+    assert "stage: all" in script.stdout and "attention: mla" in script.stdout

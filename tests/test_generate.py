@@ -269,9 +269,9 @@ def test_cli_infill_blocks_samples(text_exp, capsys):
         "--show-steps",
     )
     assert code == 0, err
-    parts = re.split(r"=== sample (\d)/2 \(seed 0\) ===\n", out)  # a sample may hold newlines itself
-    assert parts[0] == "" and parts[1::2] == ["1", "2"]
-    for s in parts[2::2]:
+    parts = re.split(r"=== sample (\d)/2 \(seed (\d)\) ===\n", out)  # a sample may hold newlines itself
+    assert parts[0] == "" and parts[1::3] == ["1", "2"] and parts[2::3] == ["0", "1"]
+    for s in parts[3::3]:
         assert s.startswith("To be or ") and " to be, " in s and s.endswith("hat is\n")
     assert "[step 1 sample 1] To be or " in err and "_" in err
     code, out, err = cli(
@@ -289,6 +289,19 @@ def test_cli_infill_blocks_samples(text_exp, capsys):
         "10",
     )
     assert code == 0, err
+
+
+def test_cli_samples_are_labelled_with_the_seed_that_reproduces_them(text_exp, capsys):
+    args = [text_exp, "--prompt", "ROMEO:", "--length", "16"]
+    code, out, err = cli(capsys, *args, "--seed", "5", "--num-samples", "3")
+    assert code == 0, err
+    parts = re.split(r"=== sample (\d)/3 \(seed (\d+)\) ===\n", out)
+    assert parts[0] == "" and parts[1::3] == ["1", "2", "3"]
+    assert parts[2::3] == ["5", "6", "7"]  # every label names another seed, not the same one three times
+    texts = parts[3::3]
+    assert len(set(texts)) == 3, texts
+    for seed, text in zip(parts[2::3], texts, strict=True):
+        assert cli(capsys, *args, "--seed", seed)[1] == text  # the label's seed alone prints that sample
 
 
 def test_cli_dummy_prints_ids(dummy_exp, capsys):

@@ -123,7 +123,7 @@ def test_every_key_changes_both_the_folder_and_a_hash_or_neither(base):
 
 
 def test_precision_and_a_group_choice_are_identity(base):
-    base_cfg, base_hashes = base
+    _, base_hashes = base
     gpu = RunConfig.from_hydra(compose_cfg(["hardware=gpu"])).hashes()
     assert all(gpu[name] != base_hashes[name] for name in gpu)  # bf16 on a GPU is another experiment
     assert identity.folder_name(None, ["hardware=gpu"]) == "hardware=gpu"

@@ -1,10 +1,13 @@
-"""DESIGN §5 invariants 1-4 on a tiny model, run in-process through the real pipeline."""
+"""The pipeline's invariants on a tiny model, run in-process through the real pipeline:
+1. a stage changes only the tensors it declares trainable, and no artifact of an earlier stage;
+2. the activation cache equals the fused prefix on the same masked input, row for row;
+3. the fused model reproduces the last stage's validation loss;
+4. the same config and seed give the same bytes, and a second run does nothing."""
 
 from __future__ import annotations
 
 import hashlib
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 from stackwise import artifacts as art
 from stackwise.data import activations as acts
 from stackwise.errors import ArtifactError
-from stackwise.model.transformer import Transformer
+from stackwise.model.transformer import Block, Transformer
 from stackwise.objective.loss import masked_loss
 from stackwise.pipeline import Pipeline
 from stackwise.stages.layerwise import LayerwiseStage
@@ -36,70 +39,135 @@ def done(make_run):
 
 
 # ---------------------------------------------------------------- invariant 1
-@pytest.mark.parametrize("tie", [True, False])
-def test_stage_changes_only_its_trainable_tensors(make_run, tie):
-    run = make_run("stage=all", f"model.tie_embeddings={str(tie).lower()}", "model.n_layers=3", "attention=hybrid")
-    pipe = Pipeline(run)
-    pipe.layer_stage(1)
-    pipe.layer_stage(2)
-    layer1 = sha(pipe.paths.layer_ckpt(1))
-    # stage 3 trained by hand so every tensor can be compared before and after
-    prev, _ = art.load_layer_checkpoint(pipe.paths.layer_ckpt(2))
-    first, _ = art.load_layer_checkpoint(pipe.paths.layer_ckpt(1))
-    module = LayerwiseStage(
-        run.model, 3, run.optim, "mean", 5, previous=prev, embed_weight=first["embed.weight"] if tie else None
-    )
+def capture_fit(monkeypatch) -> dict:
+    """Pipeline.fit, unchanged, but every tensor of the stage's module is kept before and after it:
+    {stage name: (module, before, after)}."""
+    seen, real_fit = {}, Pipeline.fit
+
+    def fit(self, module, data, stage_key, name):
+        before = snapshot(module)
+        out = real_fit(self, module, data, stage_key, name)
+        seen[name] = (module, before, snapshot(module))
+        return out
+
+    monkeypatch.setattr(Pipeline, "fit", fit)
+    return seen
+
+
+def artifact_digests(root) -> dict[str, str]:
+    """sha256 of every file the stages write (weights, caches, tokens), by relative path."""
+    return {
+        str(p.relative_to(root)): sha(p)
+        for d in ("layers", "acts", "tokens", "fused")
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file()
+    }
+
+
+def block_tensors(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a block, parameter or buffer (persistent or not)."""
+    return {n: t.detach() for n, t in list(block.named_buffers()) + list(block.named_parameters())}
+
+
+def assert_only_declared_trainable_changed(module: LayerwiseStage, before: dict, after: dict, cfg) -> None:
     declared = {id(p) for p in module.trainable_parameters()}
-    names_trainable = {n for n, p in module.named_parameters() if id(p) in declared}
-    before = snapshot(module)
-    data = acts.ActivationDataModule(pipe.open_cache(2), batch_size=16, seed=0, max_steps=5)
-    L.Trainer(
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    ).fit(module, datamodule=data)
-    after = snapshot(module)
-    frozen_up = [n for n in before if "up" in n and n not in names_trainable]
-    assert frozen_up, "the SwiGLU up-projection must be a frozen tensor of the block"
+    trainable_names = {n for n, p in module.named_parameters() if id(p) in declared}
+    assert trainable_names and trainable_names <= set(before)
     for name in before:
         changed = not torch.equal(before[name], after[name])
-        if name in names_trainable:
-            assert changed, f"{name} is declared trainable but did not change"
+        if name in trainable_names:
+            assert changed, f"stage {module.stage_name}: {name} is declared trainable but did not change"
         else:
-            assert not changed, f"{name} is not trainable in stage 3 but changed"
-    assert any(n.startswith("head.") for n in names_trainable)
-    assert not tie or "embed_weight" in before  # the tied matrix is present, frozen
-    assert (not tie) == any(n.startswith("head.proj") for n in names_trainable)
-    assert sha(pipe.paths.layer_ckpt(1)) == layer1  # stage 3 never rewrites earlier layers
-    # no optimizer ever holds a frozen tensor
-    opt = module.configure_optimizers()["optimizer"]
-    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert in_opt == declared
+            assert not changed, f"stage {module.stage_name}: {name} is not trainable but changed"
+    # what stays fixed in the block is exactly its regeneration from (seed, k)
+    fresh = block_tensors(Block(cfg, module.k))
+    fixed = sorted(n for n in before if n.startswith("block.") and n not in trainable_names)
+    assert any("up" in n for n in fixed), f"the SwiGLU up-projection must be a fixed tensor of the block: {fixed}"
+    for name in fixed:
+        assert torch.equal(after[name], fresh[name[len("block.") :]]), f"{name} differs from its (seed, k) regeneration"
+    module.block.verify_frozen()
+
+
+@pytest.mark.parametrize("tie, freeze_mla", [(True, True), (False, False)], ids=["tied", "untied"])
+def test_stage_run_changes_only_its_trainable_tensors(make_run, monkeypatch, tie, freeze_mla):
+    """Invariant 1 through the pipeline's own runs of `stage=embed` then `stage=layer k=2` (a gqa
+    layer 1, an mla layer 2): inside each stage only what it declares trainable changes; stage 2
+    leaves every artifact of stage 1 (layer_1.pt, acts_layer1, tokens) byte for byte as it was."""
+    seen = capture_fit(monkeypatch)
+    common = (
+        f"model.tie_embeddings={str(tie).lower()}",
+        "attention=hybrid",
+        f"+model.mla_freeze_up={str(freeze_mla).lower()}",  # attention/hybrid.yaml has no such key
+    )
+    run1 = make_run("stage=embed", *common)
+    pipe = Pipeline(run1)
+    pipe.execute()
+    module1, before1, after1 = seen["embed"]
+    assert {n for n in before1 if n.startswith("embed.")} == {"embed.weight"}
+    assert_only_declared_trainable_changed(module1, before1, after1, run1.model)
+
+    stage1_files = artifact_digests(pipe.paths.root)
+    assert "layers/layer_1.pt" in stage1_files and any(f.startswith("acts/acts_layer1/") for f in stage1_files)
+    layer1, _ = art.load_layer_checkpoint(pipe.paths.layer_ckpt(1))
+    # what stage 1 saved is what it trained
+    assert all(torch.equal(t, after1[n]) for n, t in layer1.items())
+
+    run2 = make_run("stage=layer", "k=2", *common)
+    Pipeline(run2).execute()
+    module2, before2, after2 = seen["layer_2"]
+    assert_only_declared_trainable_changed(module2, before2, after2, run2.model)
+    assert run2.model.kind(1) == "gqa" and run2.model.kind(2) == "mla"
+    trains = {n for n, p in module2.named_parameters() if p.requires_grad}
+    mla_ups = [n for n in before2 if ".q_b" in n or ".kv_b" in n]
+    assert mla_ups and all((n in trains) != freeze_mla for n in mla_ups), (mla_ups, freeze_mla)
+    # the tied matrix rides along in stage 2, frozen; untied, the head matrix trains in every stage
+    assert ("embed_weight" in before2) == tie
+    if tie:
+        assert torch.equal(after2["embed_weight"], layer1["embed.weight"])
+    assert any(n.startswith("head.proj") for n in trains) == (not tie)
+    # stage 2 wrote its own files and changed none of stage 1's
+    after_files = artifact_digests(pipe.paths.root)
+    assert {f: after_files.get(f) for f in stage1_files} == stage1_files
+    assert "layers/layer_2.pt" in set(after_files) - set(stage1_files)
+    layer2, _ = art.load_layer_checkpoint(pipe.paths.layer_ckpt(2))
+    assert all(torch.equal(t, after2[n]) for n, t in layer2.items())
 
 
 # ---------------------------------------------------------------- invariant 2
-def test_cache_equals_the_fused_prefix(done):
+def test_every_cached_row_equals_the_fused_prefix(done):
+    """acts_layer{k} holds, row for row, what the fused model's embeddings and layers 1..k give on the
+    same masked input: every row of the split the next stage trains on (train) and validates on (val)."""
     pipe = done
     fused = Transformer(pipe.cfg)
     state, _, _ = art.load_safetensors_model(pipe.paths.fused_dir)
     fused.load_state_dict(state)
     fused.eval()
-    data = pipe.token_data(1, 1)
-    for k in (1, 2):
-        cache = pipe.open_cache(k)
-        ds = acts.ActivationDataset(cache, "val")
-        tokens = data.val_dataloader().dataset
-        assert len(ds) == len(tokens)
-        for i in range(0, len(ds), 7):
-            row, item = ds[i], tokens[i]
-            assert int(row["index"]) == int(item["index"]) and int(row["view"]) == int(item["view"])
-            assert torch.equal(row["mask"], item["mask"]) and torch.equal(row["targets"].long(), item["targets"])
+    # the masked token rows the caches were made from, in cache order (stage 1's caching loaders)
+    for split, inputs in zip(("train", "val"), pipe.token_data(1, 1).predict_dataloader(), strict=True):
+        items = [item for batch in inputs for item in _rows(batch)]
+        targets = torch.stack([it["targets"] for it in items])
+        ids = torch.stack([it["ids"] for it in items])
+        pad = targets == pipe.cfg.pad_id
+        for k in (1, 2):
+            ds = acts.ActivationDataset(pipe.open_cache(k), split)
+            assert len(ds) == len(items) > 0
+            rows = [ds[i] for i in range(len(ds))]
+            for field in ("index", "view", "mask", "t"):
+                got_field = torch.stack([r[field] for r in rows])
+                assert torch.equal(got_field, torch.stack([it[field] for it in items])), (split, k, field)
+            assert torch.equal(torch.stack([r["targets"].long() for r in rows]), targets)
             with torch.no_grad():
-                h = fused.run_layers(fused.embed_tokens(item["ids"][None]), 1, k)[0]
-            torch.testing.assert_close(row["hidden"].float(), h, rtol=1e-5, atol=1e-5)
+                want = fused.run_layers(fused.embed_tokens(ids), 1, k, pad_mask=pad if bool(pad.any()) else None)
+            got = torch.stack([r["hidden"].float() for r in rows])
+            for i in range(len(rows)):  # every row; the first that differs is named
+                torch.testing.assert_close(
+                    got[i], want[i], rtol=1e-5, atol=1e-5, msg=lambda m, i=i, k=k, s=split: f"k={k} {s} row {i}: {m}"
+                )
+
+
+def _rows(batch: dict) -> list[dict]:
+    n = len(batch["index"])
+    return [{f: v[i] for f, v in batch.items()} for i in range(n)]
 
 
 # ---------------------------------------------------------------- invariant 3
@@ -146,7 +214,7 @@ def test_same_config_same_bytes_and_second_run_does_nothing(done, make_run, monk
 
     monkeypatch.setattr(Pipeline, "fit", boom)
     monkeypatch.setattr(Pipeline, "write_cache", boom)
-    stamps = {p: p.stat().st_mtime_ns for p in first.paths.root.rglob("*") if p.is_file()}
+    stamps = {p: p.stat().st_mtime_ns for p in first.paths.root.rglob("*") if p.is_file() and p.name != "run.lock"}
     Pipeline(make_run("stage=all", "cache.last_layer=true")).execute()
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 

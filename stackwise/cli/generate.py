@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stackwise.cli.common import user_errors
 from stackwise.errors import StackWiseError
-from stackwise.generation import MODEL_KINDS, STRATEGIES, decode, load_experiment_model, sample_ids
+from stackwise.generation import MODEL_KINDS, STRATEGIES, decode, load_experiment_model, sample_ids, sample_seeds
 
 PROG = "stackwise-generate"
 
@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         help="semi-autoregressive: fill blocks of this many positions left to right (default: one block)",
     )
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sample i of a seed is the same on every run (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first sample; sample i is drawn with seed+i-1, the same on every run (default 0)",
+    )
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default cpu)")
     p.add_argument(
         "--show-steps",
@@ -141,9 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             block_length=args.block_length,
             callback=callback,
         )
-    for i, row in enumerate(out.tolist()):
+    # each sample's own seed: `--seed S` alone prints that sample again
+    for i, (row, seed) in enumerate(zip(out.tolist(), sample_seeds(args.seed, args.num_samples), strict=True)):
         if args.num_samples > 1:
-            print(f"=== sample {i + 1}/{args.num_samples} (seed {args.seed}) ===")
+            print(f"=== sample {i + 1}/{args.num_samples} (seed {seed}) ===")
         print(decode(em.tokenizer, row))
     sys.stdout.flush()
 

@@ -8,8 +8,13 @@ stackwise-train experiment=plain_greedy           # a named preset of stackwise/
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import hydra
 from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser, so flags mean what they mean to it
@@ -18,8 +23,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from stackwise.cli.common import user_errors
+from stackwise.cli.common import quiet_known_advice, user_errors
 from stackwise.config import CONFIG_MODULE, RunConfig, check_command_line, register_configs
+from stackwise.errors import ArtifactWriteError, StackWiseError
 
 log = logging.getLogger("stackwise")
 
@@ -34,7 +40,41 @@ def train(cfg: DictConfig) -> None:
         log.info("experiment %s -> %s (stage=%s%s)", run.name, run.exp_dir, run.stage, f" k={run.k}" if run.k else "")
         from stackwise.pipeline import Pipeline  # imports Lightning; keep `--help` fast
 
-        Pipeline(run).execute()
+        with disk_errors(run.exp_dir):
+            Pipeline(run).execute()
+
+
+# errors of the disk, whoever was writing: never a StackWise bug
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextmanager
+def disk_errors(folder: Path) -> Iterator[None]:
+    """A full or read-only disk met outside StackWise's own writers (which raise ArtifactWriteError
+    naming their file), e.g. by TensorBoard's event writer, is still one line: naming the file when
+    the OS error does, else the experiment folder.
+
+    Lightning runs its failure hooks (a logger's final flush) after an error in fit or predict; on a
+    full disk those fail too and their OSError replaces ours, so the ArtifactWriteError it was raised
+    while handling, which names the file that did not fit, is reported instead.
+    """
+    try:
+        yield
+    except StackWiseError:
+        raise
+    except Exception as e:
+        from stackwise.artifacts import os_error_in
+
+        err = os_error_in(e)
+        if err is None or err.errno not in DISK_ERRNOS:
+            raise
+        ours = e.__context__
+        while ours is not None and not isinstance(ours, ArtifactWriteError):
+            ours = ours.__context__
+        if ours is not None:
+            raise ours from e
+        where = os.fsdecode(err.filename) if err.filename is not None else f"a file under {folder}"
+        raise ArtifactWriteError(where, err.errno, err.strerror or "") from e
 
 
 def check_before_hydra(argv: list[str]) -> None:
@@ -61,6 +101,7 @@ def _debug_requested(overrides: list[str]) -> bool:
 
 
 def main() -> None:
+    quiet_known_advice()
     register_configs()
     check_before_hydra(sys.argv[1:])
     hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(train)()

@@ -26,6 +26,7 @@ is needed: ranks leave their shard records in JSON files that rank 0 folds into 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import shutil
 from collections import OrderedDict
@@ -50,9 +51,10 @@ from stackwise.artifacts import (
     manifest_path,
     one_line,
     sha256_file,
+    write_errors,
 )
 from stackwise.data.sampling import RankStepSampler, trainer_state
-from stackwise.errors import ArtifactError, StackWiseError
+from stackwise.errors import ArtifactError, ArtifactWriteError, StackWiseError
 
 MANIFEST_FORMAT = "stackwise.activations"
 MANIFEST_VERSION = 1
@@ -205,7 +207,8 @@ class CacheWriter(BasePredictionWriter):
             discard_incomplete(self.acts_dir)
         trainer.strategy.barrier("stackwise_cache_setup")
         for split in self.splits:
-            (self.acts_dir / split).mkdir(parents=True, exist_ok=True)
+            with write_errors(self.acts_dir / split):
+                (self.acts_dir / split).mkdir(parents=True, exist_ok=True)
         self.local_records = []
         self._buffers = {s: [] for s in self.splits}
         self._buffered = dict.fromkeys(self.splits, 0)
@@ -282,12 +285,32 @@ class CacheWriter(BasePredictionWriter):
         stem = _shard_stem(split, self.rank, self._next_shard[split])
         self._next_shard[split] += 1
         files = {}
-        for f in FIELDS:
-            rel = f"{stem}.{f}.npy"
-            arr = np.ascontiguousarray(shard[f])
-            sha, size = atomic_write_stream(self.acts_dir / rel, lambda fh, a=arr: np.save(fh, a, allow_pickle=False))
-            files[f] = {"path": rel, "sha256": sha, "bytes": size, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+        try:
+            for f in FIELDS:
+                rel = f"{stem}.{f}.npy"
+                arr = np.ascontiguousarray(shard[f])
+                sha, size = atomic_write_stream(
+                    self.acts_dir / rel, lambda fh, a=arr: np.save(fh, a, allow_pickle=False)
+                )
+                files[f] = {
+                    "path": rel,
+                    "sha256": sha,
+                    "bytes": size,
+                    "shape": list(arr.shape),
+                    "dtype": str(arr.dtype),
+                }
+        except ArtifactWriteError:
+            # a full disk: give back what this rank wrote of a cache that can no longer be completed
+            # (no manifest will list it; the rerun starts the cache afresh)
+            self._remove_written([*self.local_records, {"files": files}])
+            raise
         self.local_records.append({"split": split, "stem": stem, "rank": self.rank, "rows": n, "files": files})
+
+    def _remove_written(self, records: Sequence[Mapping[str, Any]]) -> None:
+        for rec in records:
+            for info in rec["files"].values():
+                with contextlib.suppress(OSError):
+                    (self.acts_dir / info["path"]).unlink(missing_ok=True)
 
     def records(self) -> list[dict[str, Any]]:
         """Every rank's shard records, for `write_manifest` (read from the per-rank files, which
