@@ -97,7 +97,7 @@ def test_stage_run_changes_only_its_trainable_tensors(make_run, monkeypatch, tie
     common = (
         f"model.tie_embeddings={str(tie).lower()}",
         "attention=hybrid",
-        f"+model.mla_freeze_up={str(freeze_mla).lower()}",  # attention/hybrid.yaml has no such key
+        f"model.mla_freeze_up={str(freeze_mla).lower()}",
     )
     run1 = make_run("stage=embed", *common)
     pipe = Pipeline(run1)
