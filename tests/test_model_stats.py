@@ -126,9 +126,12 @@ def test_counts_match_a_real_model(attention):
     )
     model = Transformer(cfg)
     counts = param_counts(cfg)
-    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    # the frozen tensors are the model's only buffers
+    assert counts["total"] == sum(t.numel() for t in [*model.parameters(), *model.buffers()])
     assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert counts["layer_2"]["total"] == sum(p.numel() for p in model.blocks[1].parameters())
+    assert counts["layer_2"]["total"] == sum(
+        t.numel() for t in [*model.blocks[1].parameters(), *model.blocks[1].buffers()]
+    )
 
 
 # ---------------------------------------------------------------------------- train_step_flops

@@ -182,6 +182,43 @@ class StagesConfig(Structured):
         return getattr(self, stage_key)
 
 
+# trainer.precision: every value lightning.Trainer takes (its int and short aliases too; null is
+# its default, 32-true) but transformer-engine*, which swaps in layers this model does not have.
+# Each maps to the dtype the weights are held and trained in (autocast, the *-mixed values, keeps
+# fp32 weights). Every value is part of the experiment's identity (stackwise/identity.py).
+PRECISION_WEIGHTS: dict[Any, str] = {
+    None: "float32",
+    "32-true": "float32",
+    "32": "float32",
+    32: "float32",
+    "bf16-mixed": "float32",
+    "bf16": "float32",
+    "16-mixed": "float32",  # on CPU Lightning runs it as bf16-mixed
+    "16": "float32",
+    16: "float32",
+    "bf16-true": "bfloat16",
+    "16-true": "float16",
+    "64-true": "float64",
+    "64": "float64",
+    64: "float64",
+}
+# The values that compute in fp32 or fp64 throughout: no autocast, no half-precision weights.
+FULL_PRECISION = (None, "32-true", "32", 32, "64-true", "64", 64)
+# trainer.precision=16-true keeps the weights and AdamW's state in fp16, where an eps below the
+# smallest normal number (2**-14) rounds to 0 or near it: the first step divides by ~0 (NaN).
+FP16_MIN_EPS = 2.0**-14
+
+
+def precision_weights(precision: Any) -> str:
+    """The dtype of the weights under `trainer.precision` (a validated value)."""
+    return PRECISION_WEIGHTS[precision]
+
+
+def _valid_precision(v: Any) -> bool:
+    # 32.0 == 32 and True == 1 would match the dict keys; Lightning takes neither
+    return not isinstance(v, (bool, float)) and v in PRECISION_WEIGHTS
+
+
 # Trainer arguments the pipeline relies on, checked here so a typo stops before any work (Lightning
 # itself would only complain when the stage's Trainer is built, after the data is prepared).
 _TRAINER_CHECKS = {
@@ -203,6 +240,9 @@ _TRAINER_CHECKS = {
 
 def check_trainer(node: Mapping[str, Any], prefix: str) -> None:
     """The `trainer` node (or a stage's override of it): the arguments the pipeline relies on."""
+    if "precision" in node and not _valid_precision(node["precision"]):
+        allowed = ", ".join(dict.fromkeys(str(v) for v in PRECISION_WEIGHTS if v is not None))
+        raise ConfigError(f"{prefix}.precision", f"unknown precision {node['precision']!r}; allowed: {allowed}")
     for key, (ok, allowed) in _TRAINER_CHECKS.items():
         if key in node and not ok(node[key]):
             raise ConfigError(f"{prefix}.{key}", f"must be {allowed}, got {node[key]!r}")

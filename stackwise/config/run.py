@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from stackwise import identity
 from stackwise.artifacts import ExperimentPaths
 from stackwise.config.nodes import (
+    FP16_MIN_EPS,
     STAGE_KEYS,
     CacheConfig,
     FusionConfig,
@@ -37,10 +38,12 @@ from stackwise.config.nodes import (
     SampleConfig,
     StagesConfig,
     check_trainer,
+    precision_weights,
 )
 from stackwise.data.tokens import DataConfig, vocab_info
 from stackwise.errors import ArtifactError, ConfigError
 from stackwise.model.config import ModelConfig
+from stackwise.model.portable_rng import VERSION as FROZEN_INIT
 from stackwise.objective.masking import MaskingConfig
 from stackwise.structured import Structured, as_config_error, build, check, is_int
 
@@ -106,7 +109,17 @@ class RunConfig(Structured):
                 f"must be a positive integer for stage {key}, got {steps!r}",
             )
         for key in STAGE_KEYS:
-            self.optim_for(key)
+            self._check_fp16_eps(key)
+
+    def _check_fp16_eps(self, stage_key: str) -> None:
+        eps = self.optim_for(stage_key).eps  # optim_for validates the stage's optimizer settings too
+        if precision_weights(self.trainer_kwargs(stage_key).get("precision")) == "float16" and eps < FP16_MIN_EPS:
+            where = f"stages.{stage_key}.optim.eps" if "eps" in self.stages.of(stage_key).optim else "optim.eps"
+            raise ConfigError(
+                where,
+                f"is {eps:g}, too small for trainer.precision=16-true (fp16 weights and AdamW state: stage "
+                f"{stage_key} would divide by ~0); set it >= {FP16_MIN_EPS:.2g} or use bf16-true or 16-mixed",
+            )
 
     def _check_k(self) -> None:
         k, n = self.k, self.model.n_layers
@@ -196,6 +209,7 @@ class RunConfig(Structured):
         ident = identity.identity_tree(self.to_dict())
         stages = ident["stages"]
         common = {key: ident[key] for key in ("seed", "model", "masking", "data", "cache", "optim", "trainer")}
+        common["frozen_init"] = FROZEN_INIT  # how the frozen tensors are drawn: another draw, another model
         layer = {
             **common,
             "layerwise": ident["layerwise"],

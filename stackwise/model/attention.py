@@ -13,8 +13,7 @@ from torch import nn
 
 from stackwise.compat import RMSNorm, sdpa
 from stackwise.model.config import ModelConfig
-from stackwise.model.layers import RotaryEmbedding, load_frozen, normal
-from stackwise.utils import generator
+from stackwise.model.layers import FrozenLinear, RotaryEmbedding, frozen_normal, load_frozen
 
 
 def attention_mask(pad_mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor | None, bool]:
@@ -64,14 +63,18 @@ class GroupedQueryAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
+def _up_projection(d_in: int, d_out: int, frozen: bool) -> nn.Module:
+    return FrozenLinear(d_in, d_out) if frozen else nn.Linear(d_in, d_out, bias=False)
+
+
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2/V3 Multi-head Latent Attention (weight layout as in Hugging Face DeepseekV3Attention).
 
     Queries pass through a low-rank latent (q_lora_rank = mla_rq) and keys/values through a shared
     latent (kv_lora_rank = mla_rkv), each RMS-normalised before its up-projection. RoPE is decoupled:
     only q_rope and a single k_rope shared by all heads rotate; k_nope and v come from the latent.
-    With `mla_freeze_up`, the up-projections q_b and kv_b are frozen random matrices drawn from
-    `generator(seed, "mla_up", k)`, like the SwiGLU up.
+    With `mla_freeze_up`, the up-projections q_b and kv_b are frozen random matrices (`FrozenLinear`,
+    non-persistent buffers) drawn like the SwiGLU up, from the `(seed, "mla_up", k, name)` streams.
     """
 
     def __init__(self, cfg: ModelConfig, k: int):
@@ -83,21 +86,21 @@ class MultiHeadLatentAttention(nn.Module):
         H, qk_dim = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.q_a = nn.Linear(cfg.d_model, cfg.mla_rq, bias=False)
         self.q_a_norm = RMSNorm(cfg.mla_rq, eps=cfg.norm_eps)
-        self.q_b = nn.Linear(cfg.mla_rq, H * qk_dim, bias=False)  # per head: [nope | rope]
+        self.q_b = _up_projection(cfg.mla_rq, H * qk_dim, cfg.mla_freeze_up)  # per head: [nope | rope]
         self.kv_a = nn.Linear(cfg.d_model, cfg.mla_rkv + cfg.qk_rope_head_dim, bias=False)  # [latent | k_rope]
         self.kv_a_norm = RMSNorm(cfg.mla_rkv, eps=cfg.norm_eps)
         kv_dim = cfg.qk_nope_head_dim + cfg.v_head_dim
-        self.kv_b = nn.Linear(cfg.mla_rkv, H * kv_dim, bias=False)  # per head: [k_nope | v]
+        self.kv_b = _up_projection(cfg.mla_rkv, H * kv_dim, cfg.mla_freeze_up)  # per head: [k_nope | v]
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)
         self.frozen = ("q_b.weight", "kv_b.weight") if cfg.mla_freeze_up else ()
-        for name in self.frozen:
-            self.get_parameter(name).requires_grad_(False)
         load_frozen(self)
 
     def frozen_values(self) -> dict[str, torch.Tensor]:
-        g = generator(self.seed, "mla_up", self.k)  # q_b first, then kv_b, from one stream
-        return {name: normal(self.get_parameter(name).shape, self.std, g) for name in self.frozen}
+        return {
+            name: frozen_normal(self.get_buffer(name).shape, self.std, self.seed, "mla_up", self.k, name)
+            for name in self.frozen
+        }
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""

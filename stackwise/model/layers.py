@@ -1,10 +1,15 @@
 """The pieces of a layer: RMSNorm, rotary embeddings, and the SwiGLU MLP with its frozen up-projection.
 
-Frozen tensors follow one small protocol shared with `attention.py`: a module lists their parameter
-names in `frozen` and returns their canonical values from `frozen_values()` (CPU, fp32, drawn
-from their own `(seed, key, k)` generator), and `load_frozen(module)` copies those values in.
-Because each frozen tensor has its own generator, layer k's values are the same in every process
-and on every device, whatever was built or drawn before it.
+Frozen tensors follow one small protocol shared with `attention.py`: a module lists their buffer
+names in `frozen` and returns their canonical values from `frozen_values()` (CPU, fp32, drawn by
+`portable_normal` from their own `(seed, key, k)` stream), and `load_frozen(module)` copies those
+values in. Because each frozen tensor has its own stream and that generator's bits are defined on
+every platform, layer k's values are the same in every process, on every device and every machine,
+whatever was built or drawn before it.
+
+A frozen tensor is a non-persistent buffer, not a parameter: no optimizer, `requires_grad_(True)`
+or checkpoint (state_dict) can see it. It still moves and casts with the module (`.to(device)`,
+a bf16-true precision plugin), so its live value is its canonical value cast to the module's dtype.
 """
 
 from __future__ import annotations
@@ -15,23 +20,47 @@ from torch import nn
 
 from stackwise.compat import RMSNorm
 from stackwise.model.config import ModelConfig
-from stackwise.utils import generator
+from stackwise.model.portable_rng import portable_normal
+from stackwise.utils import derive_seed
 
-__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "load_frozen", "normal"]
+__all__ = ["FrozenLinear", "RMSNorm", "RotaryEmbedding", "SwiGLU", "frozen_normal", "load_frozen", "normal"]
 
 
 def normal(shape, std: float, g: torch.Generator) -> torch.Tensor:
-    """N(0, std^2) drawn on CPU in fp32 from `g`: the same numbers whatever device the model is on."""
+    """N(0, std^2) drawn on CPU in fp32 from `g`: the same numbers whatever device the model is on.
+
+    For trainable tensors, which checkpoints store. torch.randn's bits depend on the CPU's instruction
+    set, so a tensor that is regenerated rather than stored comes from `frozen_normal` instead."""
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device="cpu") * std
 
 
-def load_frozen(module: nn.Module) -> None:
-    """Copy `module.frozen_values()` into its frozen parameters (cast and moved to theirs)."""
-    if any(module.get_parameter(name).is_meta for name in module.frozen):
+def frozen_normal(shape, std: float, seed: int, *keys) -> torch.Tensor:
+    """N(0, std^2) in fp32 on CPU from the `(seed, *keys)` stream of `portable_normal`: the same bits
+    on every platform, which a tensor that is regenerated instead of stored needs."""
+    return portable_normal(shape, std, derive_seed(seed, *keys))
+
+
+def load_frozen(module: nn.Module, values: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy `values` (default: `module.frozen_values()`) into its frozen buffers, cast and moved to theirs."""
+    if any(module.get_buffer(name).is_meta for name in module.frozen):
         return  # a shape-only model (stats, meta init) has nothing to fill
     with torch.no_grad():
-        for name, value in module.frozen_values().items():
-            module.get_parameter(name).copy_(value)
+        for name, value in (module.frozen_values() if values is None else values).items():
+            module.get_buffer(name).copy_(value)
+
+
+class FrozenLinear(nn.Module):
+    """A bias-free linear map whose `weight (out, in)` is a frozen tensor (a non-persistent buffer).
+
+    It keeps nn.Linear's `weight` name, so a frozen projection has the same tensor name as a trained one.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,22 +103,22 @@ class RotaryEmbedding(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), with `up` a fixed random projection that never trains.
 
-    `up` (d_ff, D) is an nn.Parameter with requires_grad=False (so it moves and casts with the
-    model and shows in its state dict), drawn N(0, init_std^2), the Llama init it would otherwise
-    start from, from `generator(seed, "up", k)`. gate and down are initialised by the `Block`.
+    `up` (d_ff, D) is a non-persistent buffer (see the module docstring), drawn N(0, init_std^2),
+    the Llama init it would otherwise start from, from the `(seed, "up", k)` stream of
+    `frozen_normal`. gate and down are initialised by the `Block`.
     """
 
     def __init__(self, cfg: ModelConfig, k: int):
         super().__init__()
         self.seed, self.k, self.std = cfg.seed, k, cfg.init_std
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)  # (d_ff, D)
+        self.register_buffer("up", torch.empty(cfg.d_ff, cfg.d_model), persistent=False)  # (d_ff, D)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.frozen = ("up",)
         load_frozen(self)
 
     def frozen_values(self) -> dict[str, torch.Tensor]:
-        return {"up": normal(self.up.shape, self.std, generator(self.seed, "up", self.k))}
+        return {"up": frozen_normal(self.up.shape, self.std, self.seed, "up", self.k)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., D)."""

@@ -15,10 +15,17 @@ from stackwise.model.transformer import Block, Transformer
 STAGES = ("embed", "layer", "e2e", "fusion")
 
 
+def _frozen(module: nn.Module) -> list[torch.Tensor]:
+    """The frozen tensors under `module`: buffers of its blocks, not parameters (see layers.py)."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    return [t for b in blocks for t in b.frozen_tensors().values()]
+
+
 def _count(module: nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    frozen += sum(t.numel() for t in _frozen(module))
+    return {"total": trainable + frozen, "trainable": trainable, "frozen": frozen}
 
 
 def param_counts(cfg: ModelConfig) -> dict:
@@ -38,9 +45,8 @@ def _layer_flops(cfg: ModelConfig, k: int, batch_size: int, seq_len: int) -> tup
     with torch.device("meta"):
         block = Block(cfg, k)
     n = batch_size * seq_len
-    frozen = set(block.frozen_names)
-    weights = sum(p.numel() for p in block.parameters() if p.ndim == 2)
-    frozen_weights = sum(p.numel() for name, p in block.named_parameters() if name in frozen)
+    frozen_weights = sum(t.numel() for t in block.frozen_tensors().values())
+    weights = sum(p.numel() for p in block.parameters() if p.ndim == 2) + frozen_weights
     if cfg.kind(k) == "mla":
         qk_dim, v_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     else:

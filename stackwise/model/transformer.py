@@ -5,15 +5,15 @@ weights from its own generator, `(seed, "embed")`, `(seed, "layer", k)`, `(seed,
 in fp32, so a part built alone equals the same part inside a whole `Transformer`, in any process,
 on any device. Inside a block the trainable tensors are drawn in `named_parameters()` order from
 the layer's one stream; frozen tensors (the SwiGLU up, MLA's q_b/kv_b under `mla_freeze_up`) each
-come from their own key (see `layers.py`), so they can be regenerated without the rest.
+come from their own key by the platform-independent generator of `portable_rng.py` (see
+`layers.py`), so they can be regenerated without the rest, on any machine.
 
-Checkpoints do not store frozen tensors: `Block.trainable_state_dict()` leaves them out and the
-caller stores `Block.frozen_up_checksum()` beside it; `Block.load_trainable_state_dict(sd,
-checksum)` regenerates them from the seed and refuses to load if the checksum differs (another
-seed, or a torch whose CPU generator draws differently).
-
-Never call `requires_grad_(True)` on a whole model: it would unfreeze the frozen tensors. Select
-what trains by module, and build optimizers over `p for p in params if p.requires_grad`.
+Frozen tensors are non-persistent buffers: state dicts (and so checkpoints) do not hold them, no
+optimizer or `requires_grad_(True)` reaches them. A layer checkpoint stores
+`Block.frozen_up_checksum()` beside the trainable tensors; `Block.load_trainable_state_dict(sd,
+checksum)` regenerates the frozen tensors from the seed and refuses to load if the checksum
+differs (another seed, or another generator). The checksum is always taken over the canonical
+fp32 draw, whatever dtype the block runs in.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from stackwise.compat import RMSNorm
 from stackwise.errors import ArtifactError
 from stackwise.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from stackwise.model.config import ModelConfig
-from stackwise.model.layers import SwiGLU, load_frozen, normal
+from stackwise.model.layers import SwiGLU, normal
 from stackwise.utils import generator, tensor_sha256
 
 
@@ -75,9 +75,7 @@ class Block(nn.Module):
         g = generator(self.cfg.seed, "layer", self.k)
         out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name in self.frozen_names:
-                    continue
+            for name, p in self.named_parameters():  # frozen tensors are buffers, drawn by their modules
                 if p.ndim == 1:
                     p.fill_(1.0)
                 else:
@@ -108,29 +106,49 @@ class Block(nn.Module):
         self.load_state_dict(state, strict=False)
 
     # ------------------------------------------------------------------ frozen tensors and checkpoints
-    def frozen_up_checksum(self) -> str:
-        """sha256 over the frozen tensors as they are now (names and bytes, in a fixed order)."""
-        return _checksum({name: self.get_parameter(name) for name in self.frozen_names})
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The live frozen tensors by name, in the block's dtype and on its device."""
+        return {name: self.get_buffer(name) for name in self.frozen_names}
 
-    def verify_frozen(self) -> None:
-        """Raise `ArtifactError` if a frozen tensor no longer equals its regeneration from the seed."""
+    def frozen_values(self) -> dict[str, torch.Tensor]:
+        """The canonical frozen tensors by name: fp32 on CPU, regenerated from `(seed, k)`."""
         values = {f"attn.{n}": v for n, v in self.attn.frozen_values().items()}
         values.update({f"mlp.{n}": v for n, v in self.mlp.frozen_values().items()})
-        expected = _checksum({n: v.to(self.get_parameter(n).dtype) for n, v in values.items()})
-        if self.frozen_up_checksum() != expected:
-            raise ArtifactError(
-                f"layer {self.k}: frozen up-projection differs from its regeneration from seed {self.cfg.seed}"
-            )
+        return values
+
+    def frozen_up_checksum(self) -> str:
+        """sha256 over the canonical fp32 frozen tensors (names and bytes, in a fixed order), once the
+        live ones are checked against them (`verify_frozen`).
+
+        Never taken over the live tensors: they are cast to the dtype the block runs in (a bf16-true
+        precision plugin casts buffers too), while the checksum in a checkpoint must be the one that
+        any later run regenerates, in whatever precision it runs.
+        """
+        values = self.frozen_values()
+        self._check_live(values)
+        return _checksum(values)
+
+    def verify_frozen(self) -> None:
+        """Raise `ArtifactError` if a frozen tensor no longer equals its regeneration from the seed
+        (cast to the tensor's own dtype)."""
+        self._check_live(self.frozen_values())
+
+    def _check_live(self, values: dict[str, torch.Tensor]) -> None:
+        for name, live in self.frozen_tensors().items():
+            if not live.is_meta and not torch.equal(live, values[name].to(device=live.device, dtype=live.dtype)):
+                raise ArtifactError(
+                    f"layer {self.k}: frozen tensor {name} differs from its regeneration from seed {self.cfg.seed}"
+                )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict without the frozen tensors (they are regenerated from the seed on load)."""
-        return {n: t for n, t in self.state_dict().items() if n not in self.frozen_names}
+        """What a checkpoint stores: the state dict, which never holds the frozen (non-persistent) tensors."""
+        return self.state_dict()
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], checksum: str) -> None:
         """Load a `trainable_state_dict()`, regenerate the frozen tensors and check them against `checksum`.
 
         Raises `ArtifactError` naming the layer on missing/unexpected keys, a shape mismatch, or a
-        checksum mismatch; the trainable weights are untouched unless everything matches.
+        checksum mismatch; nothing is changed unless everything matches.
         """
         expected = set(self.trainable_state_dict())
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -145,15 +163,18 @@ class Block(nn.Module):
                     f"layer {self.k}: {name} has shape {tuple(t.shape)} in the checkpoint, "
                     f"the model needs {tuple(own[name].shape)}"
                 )
-        load_frozen(self.attn)
-        load_frozen(self.mlp)
-        got = self.frozen_up_checksum()
+        values = self.frozen_values()
+        got = _checksum(values)
         if got != checksum:
             raise ArtifactError(
                 f"layer {self.k}: frozen up-projection checksum mismatch: checkpoint {checksum[:16]}, "
                 f"regenerated from seed {self.cfg.seed} {got[:16]}"
             )
-        self.load_state_dict(sd, strict=False)
+        with torch.no_grad():
+            for name, live in self.frozen_tensors().items():
+                if not live.is_meta:
+                    live.copy_(values[name])
+        self.load_state_dict(sd)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -53,6 +53,15 @@ class StageModule(L.LightningModule, abc.ABC):
     def head_logits(self, h: Tensor) -> Tensor:
         """(N, D) hidden states at supervised positions -> (N, V) logits."""
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # Read by torch's DistributedDataParallel when it wraps this module. Every buffer of a stage
+        # is a constant each rank builds identically (the frozen tensors, regenerated from (seed, k);
+        # a later stage's copy of the tied embedding, read from layer_1.pt), so DDP's default of
+        # broadcasting all buffers from rank 0 before every forward would only move bytes: about
+        # 1 GB a step for the frozen up-projection of one 70B-sized layer.
+        return [name for name, _ in self.named_buffers()]
+
     # ------------------------------------------------------------------ shared loop
     def pad_mask(self, batch: dict) -> Tensor | None:
         pad = batch["targets"] == self.cfg.pad_id  # (B, T)
@@ -105,6 +114,13 @@ class StageModule(L.LightningModule, abc.ABC):
         return masked_loss(
             h, batch["targets"], batch["mask"], batch["t"], self.head_logits, weighting="mean", pad_id=self.cfg.pad_id
         )
+
+    def on_validation_epoch_start(self) -> None:
+        # A bf16-true / 16-true precision plugin casts the whole module to half precision, metric
+        # states included: a sum over the validation set in bf16 keeps 3 significant digits, and a
+        # count past 256 is no longer exact. The sums stay fp32 whatever dtype the model runs in.
+        for m in (self.val_ce, self.val_masked, self.val_correct):
+            m.set_dtype(torch.float32)
 
     def on_validation_epoch_end(self) -> None:
         ce, n, correct = self.val_ce.compute(), self.val_masked.compute(), self.val_correct.compute()
