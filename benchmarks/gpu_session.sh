@@ -31,9 +31,9 @@ step 60 $PY benchmarks/run.py --device cuda --model small --seq-len 128 --batch-
   --workers 0,4 --out "$OUT/small.json"
 
 # the real CLI on one GPU: every layer-wise stage + fusion, then the e2e baseline (default steps)
-step 150 $PY -m stackwise.cli.train hardware=gpu data=shakespeare experiment=gpu_smoke output_root=/tmp/sw_out \
+step 150 $PY -m stackwise.cli.train hardware=gpu data=shakespeare name=gpu_smoke output_root=/tmp/sw_out \
   trainer.enable_progress_bar=false
-step 80 $PY -m stackwise.cli.train hardware=gpu data=shakespeare experiment=gpu_smoke output_root=/tmp/sw_out \
+step 80 $PY -m stackwise.cli.train hardware=gpu data=shakespeare name=gpu_smoke output_root=/tmp/sw_out \
   trainer.enable_progress_bar=false stage=e2e
 
 # the SRD's seed sizes (d_model 4096, 8 layers, vocab 128000), T = 2048; largest batch per stage (gqa)

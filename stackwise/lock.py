@@ -117,7 +117,7 @@ def _busy_message(folder: Path, fd: int) -> str:
     )
     return (
         f"{folder} is in use by another run ({who}): wait for it to finish or stop it, "
-        f"or use experiment=NAME for another folder"
+        f"or use name=NAME for another folder"
     )
 
 

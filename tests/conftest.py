@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from stackwise.config import RunConfig, register_resolvers
+from stackwise.config import CONFIG_MODULE, RunConfig, register_configs
 from tests.cli_runner import CliRun
 
 # A tiny experiment: seconds per stage on 2 CPU cores.
@@ -36,20 +36,20 @@ TINY = [
 
 
 def compose_cfg(overrides: list[str]):
-    register_resolvers()
+    register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="stackwise.conf", version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture
 def make_run(tmp_path):
-    """RunConfig for a tiny experiment under tmp_path: make_run("attention=mla", experiment="x")."""
+    """RunConfig for a tiny experiment under tmp_path: make_run("attention=mla", name="x")."""
 
-    def _make(*overrides: str, experiment: str = "exp", tiny: bool = True):
+    def _make(*overrides: str, name: str = "exp", tiny: bool = True):
         ovr = (TINY if tiny else []) + [
             f"output_root={tmp_path}",
-            f"experiment={experiment}",
+            f"name={name}",
             "logger=none",
             "callbacks=none",
             *overrides,

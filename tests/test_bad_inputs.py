@@ -55,7 +55,7 @@ CONFIG_CASES = [
     ("flag_not_bool", ["overwrite=maybe"], "overwrite"),
     ("vocab_too_small", ["model.vocab_size=10"], "model.vocab_size"),
     ("unknown_layer_init", ["layerwise.init=bogus"], "layerwise.init"),
-    ("experiment_with_slash", ["experiment=a/b"], "experiment"),
+    ("name_with_slash", ["name=a/b"], "name"),
     ("negative_finetune_steps", ["fusion.finetune_steps=-1"], "fusion.finetune_steps"),
     ("unknown_optim_key", ["+optim.momentum=0.9"], "optim.momentum"),
 ]
@@ -154,7 +154,7 @@ def test_debug_shows_the_traceback(config_results):
 def finished(tmp_path_factory):
     """One tiny finished `all` run (2 layers, acts_layer1 cached) to copy and damage."""
     root = tmp_path_factory.mktemp("finished")
-    out = run_cli(["stage=all", "experiment=exp", *BASE], root)
+    out = run_cli(["stage=all", "name=exp", *BASE], root)
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "outputs" / "exp"
 
@@ -226,7 +226,7 @@ def test_bad_artifact(finished, tmp_path, cid, damage, args, needle):
     exp = copy_of(finished, tmp_path)
     damage(exp)
     before = stamps(exp)
-    out = run_cli([*args, "experiment=exp", *BASE], tmp_path)
+    out = run_cli([*args, "name=exp", *BASE], tmp_path)
     line = error_line(out)
     assert needle in line, line
     # stopped before touching anything: no stage retrained, no cache rebuilt, no model rewritten
@@ -234,7 +234,7 @@ def test_bad_artifact(finished, tmp_path, cid, damage, args, needle):
 
 
 def test_missing_previous_layer(tmp_path):
-    out = run_cli(["stage=layer", "k=2", "experiment=exp", *BASE], tmp_path)
+    out = run_cli(["stage=layer", "k=2", "name=exp", *BASE], tmp_path)
     assert "layer_1.pt" in error_line(out)
     assert_nothing_trusted(tmp_path)
 
@@ -246,7 +246,7 @@ def test_mid_stage_checkpoint_from_another_config(finished, tmp_path, make_run):
     shutil.copy(finished / "layers" / "layer_1.pt", exp / "ckpt" / "embed" / "last.ckpt")  # any zip will do
     other = make_run(*BASE[len(TINY) :], "optim.lr=0.01").hashes()["layer"]
     (exp / "ckpt" / "embed" / "stackwise.json").write_text(json.dumps({"stage": "embed", "config_hash": other}))
-    out = run_cli(["stage=embed", "experiment=exp", *BASE], tmp_path)
+    out = run_cli(["stage=embed", "name=exp", *BASE], tmp_path)
     line = error_line(out)
     assert "last.ckpt" in line and other[:12] in line, line
     assert not (exp / "layers").exists()
@@ -280,7 +280,7 @@ def test_cache_that_does_not_fit_stops_before_writing(finished, tmp_path, make_r
     """Killed after layer_1.pt, before its cache: the rerun that rebuilds only the cache checks too."""
     shutil.copytree(finished, tmp_path / "exp")
     shutil.rmtree(tmp_path / "exp" / "acts")
-    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY) :], experiment="exp"))
+    pipe = Pipeline(make_run("stage=all", *BASE[len(TINY) :], name="exp"))
     _no_space(monkeypatch)
     with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):
         pipe.execute()
@@ -328,7 +328,7 @@ def test_disk_full_while_caching_stops_cleanly_and_a_rerun_completes(make_run, m
 def test_write_error_inside_lightning_is_one_line_from_the_cli(tmp_path):
     """A real OS error from the shard writer inside Lightning's predict loop, through the CLI: the file
     size limit (ulimit -f) is set on the running process, so writes past it fail with EFBIG."""
-    args = ["stage=all", "experiment=exp", *BASE]
+    args = ["stage=all", "name=exp", *BASE]
     run = cli_start(*args, cwd=tmp_path, timeout=300)
     # above every checkpoint of the tiny model (last.ckpt ~120 KiB), below a shard of hidden states (~260 KiB)
     resource.prlimit(run.proc.pid, resource.RLIMIT_FSIZE, (192 * 1024, resource.RLIM_INFINITY))

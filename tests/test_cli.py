@@ -65,7 +65,7 @@ def test_sweep_makes_one_experiment_per_combination(tmp_path):
 
 
 def test_e2e_baseline(tmp_path):
-    out = cli("stage=e2e", "experiment=base", *FAST, cwd=tmp_path)
+    out = cli("stage=e2e", "name=base", *FAST, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     exp = tmp_path / "outputs" / "base"
     assert (exp / "e2e" / "model.safetensors").is_file()
@@ -75,7 +75,7 @@ def test_e2e_baseline(tmp_path):
 
 
 def test_missing_previous_layer_is_one_clear_line(tmp_path):
-    out = cli("stage=layer", "k=3", "model.n_layers=3", "experiment=x", *FAST, cwd=tmp_path)
+    out = cli("stage=layer", "k=3", "model.n_layers=3", "name=x", *FAST, cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("stackwise-train: error:") and "layer_2.pt" in lines[-1]
@@ -95,7 +95,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         "trainer.devices=2",
         "trainer.precision=32-true",
         "cache.dtype=float32",
-        "experiment=ddp",
+        "name=ddp",
         "fusion.finetune_steps=2",
         cwd=tmp_path,
         console_script=True,
@@ -117,9 +117,7 @@ def test_tensorboard_gets_throughput_and_flops(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = [a for a in TINY if not a.startswith("trainer.max_steps")]
-    out = cli(
-        *args, "stage=embed", "experiment=tb", "trainer.max_steps=24", "trainer.log_every_n_steps=4", cwd=tmp_path
-    )
+    out = cli(*args, "stage=embed", "name=tb", "trainer.max_steps=24", "trainer.log_every_n_steps=4", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "outputs" / "tb" / "tb" / "embed"))
     events.Reload()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stackwise.config import RunConfig
+from stackwise.config import RunConfig, check_command_line
 from stackwise.errors import ConfigError
 from stackwise.model.stats import param_counts
 from tests.conftest import compose_cfg
@@ -27,9 +27,11 @@ def group_options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "group", ["model", "attention", "masking", "data", "hardware", "trainer", "logger", "callbacks"]
+    "group", ["model", "attention", "masking", "data", "hardware", "trainer", "logger", "callbacks", "experiment"]
 )
 def test_every_group_option_composes(group, tmp_path):
+    """Every option of every group, the experiment presets included, composes into a valid RunConfig."""
+    assert group_options(group), group
     for option in group_options(group):
         overrides = [f"{group}={option}", f"output_root={tmp_path}"]
         if group == "data" and option == "text":
@@ -43,9 +45,40 @@ def test_every_group_option_composes(group, tmp_path):
         assert run.model.n_layers >= 1, (group, option)
 
 
-def test_root_declares_stage_k_experiment_seed():
+def test_presets_hold_the_settings_of_the_published_figures():
+    from hydra import compose, initialize_config_module
+
+    from stackwise.config import CONFIG_MODULE, register_configs
+    from stackwise.config.compose import sweep_jobs
+
+    greedy = RunConfig.from_hydra(compose_cfg(["experiment=plain_greedy"]))
+    steps = tuple(greedy.max_steps(s) for s in ("embed", "layer", "fusion", "e2e"))
+    assert (greedy.layer_init, steps, greedy.cache_train_sequences()) == ("random", (200, 200, 0, 800), None)
+    assert (greedy.trainer["precision"], greedy.cache.dtype) == ("bf16-mixed", "bfloat16")  # hardware=gpu
+    assert RunConfig.from_hydra(compose_cfg(["experiment=plain_greedy", "hardware=cpu"])).cache.dtype == "float32"
+    fp32 = RunConfig.from_hydra(compose_cfg(["experiment=levers_default_fp32"]))
+    assert (fp32.trainer["precision"], fp32.cache.dtype, fp32.layer_init) == ("32-true", "float32", "previous")
+    b = RunConfig.from_hydra(compose_cfg(["experiment=levers_b"]))
+    assert (b.max_steps("embed"), b.max_steps("layer")) == (320, 160)
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        sweeps = {
+            name: compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+            for name in ("levers_a", "levers_b", "levers_c", "plain_greedy")
+        }
+    jobs = {name: sweep_jobs([f"{k}={v}" for k, v in c.hydra.sweeper.params.items()]) for name, c in sweeps.items()}
+    assert {name: len(j) for name, j in jobs.items()} == {
+        "levers_a": 12,
+        "levers_b": 12,
+        "levers_c": 6,
+        "plain_greedy": 2,
+    }
+    assert all(any(o in ("stage=all", "stage=e2e") for o in job) for j in jobs.values() for job in j)
+
+
+def test_root_declares_stage_k_name_seed():
     cfg = compose_cfg(["stage=layer", "k=3"])  # no `+` needed
-    assert cfg.stage == "layer" and cfg.k == 3 and "experiment" in cfg and "seed" in cfg
+    assert cfg.stage == "layer" and cfg.k == 3 and "name" in cfg and "seed" in cfg
 
 
 def test_attention_groups_set_the_model_kind():
@@ -95,12 +128,32 @@ def test_seed_and_70b_param_counts_without_allocating():
         ("layerwise.embed_budget=0", "layerwise.embed_budget"),
         ("layerwise.embed_budget=abc", "layerwise.embed_budget"),
         ("+layerwise.foo=1", "layerwise.foo"),
+        ("model.d_model=abc", "model.d_model"),
+        ("overwrite=maybe", "overwrite"),
+        ("+optim.momentum=0.9", "optim.momentum"),
+        ("+stages.layer.optim.lr=abc", "stages.layer.optim.lr"),
+        ("+stages.fusion.trainer.max_steps=5", "stages.fusion.trainer.max_steps"),
+        ("+stages.bogus.trainer.max_steps=5", "stages.bogus"),
+        ("model.foo=1", "model.foo"),
+        ("attention=bogus", "attention"),
+        ("attention=mha,gqa", "attention"),
+        ("data=text", "data.path"),
+        ("name=a/b", "name"),
     ],
 )
-def test_bad_values_name_the_field(override, field):
+def test_bad_values_name_the_field(override, field, tmp_path):
+    """Hydra's errors while composing (wrong types, unknown keys) and ours after it: one ConfigError
+    naming the value, as `stackwise-train` prints it."""
     with pytest.raises(ConfigError) as e:
-        RunConfig.from_hydra(compose_cfg(override.split()))
+        check_command_line([*override.split(), f"output_root={tmp_path}"], multirun=False)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_every_job_of_a_sweep_is_checked_before_any_runs(tmp_path):
+    check_command_line(["attention=mha,gqa", f"output_root={tmp_path}"], multirun=True)
+    with pytest.raises(ConfigError, match="model.n_kv_heads"):  # only the last combination is bad
+        check_command_line(["model.n_kv_heads=2,3", "attention=mha,gqa", f"output_root={tmp_path}"], multirun=True)
+    assert not list(tmp_path.iterdir())
 
 
 def test_default_budget_split_and_e2e_budget():
@@ -127,16 +180,6 @@ def test_cache_auto_holds_what_the_next_stage_reads():
     assert RunConfig.from_hydra(compose_cfg(["cache.train_sequences=null"])).cache_train_sequences() is None
     with pytest.raises(ConfigError, match="cache.train_sequences"):
         RunConfig.from_hydra(compose_cfg(["cache.train_sequences=some"]))
-
-
-def test_experiment_name_from_overrides():
-    from stackwise.config import experiment_name
-
-    assert experiment_name(None, "") == "default"
-    assert experiment_name(None, "attention=gqa") == "attention=gqa"
-    assert experiment_name("mine", "attention=gqa") == "mine"
-    with pytest.raises(ConfigError, match="experiment"):
-        experiment_name("a/b", "")
 
 
 def test_config_found_from_another_folder_editable(tmp_path):
@@ -223,7 +266,7 @@ def test_plain_pip_install_finds_config(tmp_path):
     elsewhere.mkdir()
     code = (
         "import stackwise, pathlib; from hydra import compose, initialize_config_module;"
-        "from stackwise.config import register_resolvers; register_resolvers();"
+        "from stackwise.config import register_configs; register_configs();"
         "initialize_config_module(config_module='stackwise.conf', version_base='1.3');"
         "cfg = compose(config_name='config', overrides=['attention=gqa']);"
         "print(pathlib.Path(stackwise.__file__).resolve()); print(cfg.model.attention, cfg.model.d_model)"

@@ -151,7 +151,7 @@ def test_bytes_per_token(tmp_path):
 def trained(tmp_path_factory):
     """A tiny dummy-data experiment: stage=all (2 layers, fused) then stage=e2e, and its evaluation."""
     root = tmp_path_factory.mktemp("eval")
-    common = TINY + [f"output_root={root}", "experiment=exp", "logger=none", "callbacks=none"]
+    common = TINY + [f"output_root={root}", "name=exp", "logger=none", "callbacks=none"]
     for stage in ("all", "e2e"):
         Pipeline(RunConfig.from_hydra(compose_cfg(common + [f"stage={stage}"]))).execute()
     exp = root / "exp"
@@ -308,9 +308,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, tmp_path / "empty")
     assert code == 2 and err.count("\n") == 1 and "not a StackWise experiment" in err
     # an experiment without any model
-    run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={tmp_path}", "experiment=bare", "logger=none"]))
+    run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={tmp_path}", "name=bare", "logger=none"]))
     run.exp_dir.mkdir(parents=True)
-    art.atomic_write_json(run.raw, art.ExperimentPaths(run.exp_dir).run_config)
+    art.atomic_write_json(run.to_dict(), art.ExperimentPaths(run.exp_dir).run_config)
     code, _, err = run_cli(capsys, run.exp_dir)
     assert code == 2 and err.count("\n") == 1 and "no model" in err
     code, _, err = run_cli(capsys, run.exp_dir, "--bound-samples", "0")

@@ -211,7 +211,7 @@ def text_exp(tmp_path_factory):
             "trainer.max_steps=4",
             "cache.train_sequences=16",
             f"output_root={root}",
-            "experiment=text",
+            "name=text",
             "logger=none",
             "callbacks=none",
         ]
@@ -226,10 +226,10 @@ def dummy_exp(tmp_path_factory):
     from stackwise.config import RunConfig
 
     root = tmp_path_factory.mktemp("gen")
-    run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={root}", "experiment=dummy", "logger=none"]))
+    run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={root}", "name=dummy", "logger=none"]))
     paths = art.ExperimentPaths(run.exp_dir)
     paths.root.mkdir(parents=True)
-    art.atomic_write_json(run.raw, paths.run_config)
+    art.atomic_write_json(run.to_dict(), paths.run_config)
     art.save_safetensors_model(paths.fused_dir, Transformer(run.model).state_dict(), run.model.to_dict(), {})
     return run.exp_dir
 

@@ -55,7 +55,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
             pass
         msg = str(e.value)
         assert "\n" not in msg and str(paths.root) in msg
-        assert f"pid {os.getpid()} on host {socket.gethostname()}" in msg and "experiment=NAME" in msg
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in msg and "name=NAME" in msg
     with pytest.raises(RuntimeError), experiment_lock(paths):  # released after a failure too
         raise RuntimeError("stage failed")
     with experiment_lock(paths):
@@ -96,7 +96,7 @@ def test_a_retrained_stage_replaces_its_record(make_run):
 
 # ------------------------------------------------------------------------------ two CLI runs
 def test_second_run_on_the_same_experiment_stops_with_the_holders_pid(tmp_path):
-    args = ["stage=embed", "experiment=exp", *BASE]
+    args = ["stage=embed", "name=exp", *BASE]
     lock_file = tmp_path / "outputs" / "exp" / "run.lock"
     first = cli_start(*args, cwd=tmp_path)
     pid = first.proc.pid
@@ -116,7 +116,7 @@ def test_second_run_on_the_same_experiment_stops_with_the_holders_pid(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    args = ["stage=embed", "experiment=exp", *BASE]
+    args = ["stage=embed", "name=exp", *BASE]
     lock_file = tmp_path / "outputs" / "exp" / "run.lock"
     first = cli_start(*args, cwd=tmp_path)
     pid = first.proc.pid

@@ -137,7 +137,7 @@ def test_stage_run_changes_only_its_trainable_tensors(make_run, monkeypatch, tie
     common = (
         f"model.tie_embeddings={str(tie).lower()}",
         "attention=hybrid",
-        f"+model.mla_freeze_up={str(freeze_mla).lower()}",  # attention/hybrid.yaml has no such key
+        f"model.mla_freeze_up={str(freeze_mla).lower()}",
     )
     run1 = make_run("stage=embed", *common)
     pipe = Pipeline(run1)
@@ -232,7 +232,7 @@ def test_fused_model_reproduces_last_stage_val_loss(done):
 # ---------------------------------------------------------------- invariant 4
 def test_same_config_same_bytes_and_second_run_does_nothing(done, make_run, monkeypatch):
     first = done
-    again = Pipeline(make_run("stage=all", "cache.last_layer=true", experiment="exp2"))
+    again = Pipeline(make_run("stage=all", "cache.last_layer=true", name="exp2"))
     again.execute()
     for k in (1, 2):
         a, b = first.paths.layer_ckpt(k), again.paths.layer_ckpt(k)
@@ -275,7 +275,7 @@ def test_training_learns_and_depth_helps(make_run):
         "data.n_train=1024",
         "data.n_val=64",
         "cache.shard_size=1000",
-        experiment="learn",
+        name="learn",
     )
     pipe = Pipeline(run)
     pipe.execute()

@@ -1,5 +1,5 @@
-"""`trainer.precision`: validated before any work, every value runs `stage=all`, and the precisions
-that change what is trained (the weights' dtype) are part of the settings' identity."""
+"""`trainer.precision`: validated before any work, every value runs `stage=all`, and every value is
+part of the settings' identity (stackwise/identity.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from stackwise import artifacts as art
-from stackwise.config import PRECISION_WEIGHTS, experiment_name, load_run
+from stackwise import identity
+from stackwise.config import PRECISION_WEIGHTS, load_run
 from stackwise.errors import ConfigError, StackWiseError
 from stackwise.model.transformer import Block, Transformer
 from stackwise.objective.loss import masked_loss
@@ -59,7 +60,7 @@ def test_unknown_precision_stops_before_any_work(make_run, override, field):
 
 
 def test_unknown_precision_through_the_cli(tmp_path):
-    line = error_line(cli(*FAST, "trainer.precision=bf17", "experiment=x", cwd=tmp_path, timeout=120))
+    line = error_line(cli(*FAST, "trainer.precision=bf17", "name=x", cwd=tmp_path, timeout=120))
     assert (
         "trainer.precision: unknown precision 'bf17'; allowed: 32-true, 32, bf16-mixed, bf16, 16-mixed, 16, bf16-true, 16-true, 64-true, 64"
         in line
@@ -77,13 +78,10 @@ def test_fp16_weights_need_an_eps_fp16_can_hold(make_run):
 
 
 # ---------------------------------------------------------------------------- identity
-def test_precision_enters_the_hashes_through_the_weights_dtype(make_run):
-    """Autocast keeps fp32 weights, like moving to another device: the same identity, so a run may
-    change it between stages. A *-true value trains weights of another dtype: another identity."""
+def test_every_precision_enters_the_hashes(make_run):
+    """Autocast changes the numbers too: every value is another identity (stackwise/identity.py)."""
     fp32 = make_run().hashes()
-    for same in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16", "null"):
-        assert make_run(f"trainer.precision={same}").hashes() == fp32, same
-    for other in ("bf16-true", "64-true"):
+    for other in ("bf16-mixed", "16-mixed", "bf16-true", "64-true"):
         h = make_run(f"trainer.precision={other}").hashes()
         assert h["layer"] != fp32["layer"] and h["fusion"] != fp32["fusion"] and h["e2e"] != fp32["e2e"], other
     assert make_run("trainer.precision=16-true", "optim.eps=1e-4").hashes()["layer"] != fp32["layer"]
@@ -91,39 +89,36 @@ def test_precision_enters_the_hashes_through_the_weights_dtype(make_run):
     assert per_stage["layer"] != fp32["layer"] and per_stage["e2e"] == fp32["e2e"]
 
 
-def test_folder_name_keeps_only_precisions_that_change_the_weights():
-    assert experiment_name(None, "trainer.precision=bf16-mixed") == "default"
-    assert experiment_name(None, "attention=mla,trainer.precision=32") == "attention=mla"
-    assert experiment_name(None, "trainer.precision=32-true,attention=mla") == "attention=mla"
-    assert experiment_name(None, "a=1,trainer.precision=16-mixed,b=2") == "a=1,b=2"
-    assert experiment_name(None, "trainer.precision=bf16-true") == "trainer.precision=bf16-true"
-    assert experiment_name(None, "+stages.layer.trainer.precision=64") == "+stages.layer.trainer.precision=64"
-    assert experiment_name(None, "+stages.layer.trainer.precision=bf16") == "default"
+def test_folder_name_keeps_every_precision():
+    assert identity.folder_name(None, ["trainer.precision=bf16-mixed"]) == "trainer.precision=bf16-mixed"
+    assert identity.folder_name(None, ["trainer.precision=bf16-true"]) == "trainer.precision=bf16-true"
+    stage = "+stages.layer.trainer.precision=64"
+    assert identity.folder_name(None, [stage, "attention=mla"]) == f"{stage},attention=mla"
 
 
 def test_folder_names_from_the_command_line(tmp_path):
-    """Hydra names the folder before validation, so an invalid flag shows the name at no training cost."""
+    """The folder Hydra makes for the run: a missing layer stops the run after Hydra made it, at no
+    training cost."""
     names = {}
-    for precision in (None, "32", "bf16-mixed", "bf16-true"):
+    for precision in (None, "bf16-mixed", "bf16-true"):
         cwd = tmp_path / str(precision)
         cwd.mkdir()
         extra = [f"trainer.precision={precision}"] if precision else []
-        out = cli("data=dummy", "overwrite=maybe", *extra, cwd=cwd, timeout=120)
-        assert "overwrite: must be true or false" in error_line(out)
+        out = cli("data=dummy", "stage=layer", "k=2", *extra, cwd=cwd, timeout=120)
+        assert "layer_1.pt" in error_line(out)
         (names[precision],) = [d.name for d in (cwd / "outputs").iterdir()]
-    assert names[None] == names["32"] == names["bf16-mixed"] == "data=dummy"
+    assert names[None] == "data=dummy"
+    assert names["bf16-mixed"] == "data=dummy,trainer.precision=bf16-mixed"
     assert names["bf16-true"] == "data=dummy,trainer.precision=bf16-true"
 
 
-def test_a_bf16_true_run_never_takes_fp32_artifacts(tmp_path):
-    """One experiment folder: stage 1 in fp32, then bf16-true must stop (other settings), while
-    bf16-mixed (fp32 weights) finds stage 1 complete."""
-    args = [*FAST, "stage=embed", "experiment=same"]
+def test_another_precision_never_takes_fp32_artifacts(tmp_path):
+    """One experiment folder: stage 1 in fp32, then bf16-true or bf16-mixed must stop (other settings)."""
+    args = [*FAST, "stage=embed", "name=same"]
     assert cli(*args, cwd=tmp_path, timeout=300).returncode == 0
-    line = error_line(cli(*args, "trainer.precision=bf16-true", cwd=tmp_path, timeout=300))
-    assert "layer_1.pt was made by other settings" in line
-    out = cli(*args, "trainer.precision=bf16-mixed", cwd=tmp_path, timeout=300)
-    assert out.returncode == 0 and "stage embed: complete, skipped" in out.stdout + out.stderr
+    for precision in ("bf16-true", "bf16-mixed"):
+        line = error_line(cli(*args, f"trainer.precision={precision}", cwd=tmp_path, timeout=300))
+        assert "layer_1.pt was made by other settings" in line, precision
 
 
 def test_fusion_check_tolerance_follows_every_stages_precision(make_run):
@@ -150,7 +145,7 @@ def test_fusion_check_tolerance_follows_every_stages_precision(make_run):
 def test_stage_all_end_to_end(tmp_path, precision):
     """stage=all with a fine-tune in each precision on CPU; the fusion check passes in the precision
     the stages ran in, and every frozen-weight checksum is the canonical fp32 one."""
-    out = cli(*FAST, f"trainer.precision={precision}", "experiment=p", "fusion.finetune_steps=2", cwd=tmp_path)
+    out = cli(*FAST, f"trainer.precision={precision}", "name=p", "fusion.finetune_steps=2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fusion check: fused val loss" in out.stdout + out.stderr
     exp = tmp_path / "outputs" / "p"

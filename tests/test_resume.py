@@ -53,7 +53,7 @@ def files(exp):
 
 def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_run):
     # the uninterrupted reference, in-process (same code, same config, same bytes: invariant 4)
-    ref = Pipeline(make_run(*ARGS[len(TINY) :], "stage=all", experiment="ref"))
+    ref = Pipeline(make_run(*ARGS[len(TINY) :], "stage=all", name="ref"))
     ref.execute()
     want = files(ref.paths.root)
     assert {
@@ -72,7 +72,7 @@ def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_
     }
 
     exp = tmp_path / "outputs" / "crash"
-    args = ["stage=all", "experiment=crash", *ARGS]
+    args = ["stage=all", "name=crash", *ARGS]
     ckpt_step = {}  # stage -> the optimizer step of the last.ckpt its killed run left
     for point in KILLS:
         out = CliRun(args, tmp_path, cli_env(), timeout=300, kill_at=point).wait()

@@ -1,4 +1,4 @@
-"""What every StackWise CLI shares: one-line user errors, Hydra's packaged config, the filters of known noise."""
+"""What every StackWise CLI shares: one-line user errors, the filters of known noise."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from stackwise.errors import StackWiseError
-
-# conf/ ships inside the package, so the installed CLIs find it from any working directory
-CONFIG_PATH = "pkg://stackwise.conf"
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 stackwise-train                                   # all stages + fusion on the default config
 stackwise-train stage=layer k=3 attention=gqa     # one stage
 stackwise-train -m attention=mha,gqa,mla          # a sweep: one experiment folder each
+stackwise-train experiment=plain_greedy           # a named preset of stackwise/conf/experiment/
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import hydra
+from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser, so flags mean what they mean to it
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
 
-from stackwise.cli.common import CONFIG_PATH, quiet_known_advice, user_errors
-from stackwise.config import RunConfig, check_output_dir, experiment_name, register_resolvers
+from stackwise.cli.common import quiet_known_advice, user_errors
+from stackwise.config import CONFIG_MODULE, RunConfig, check_command_line, register_configs
 from stackwise.errors import ArtifactWriteError, StackWiseError
 
 log = logging.getLogger("stackwise")
@@ -33,10 +36,8 @@ def train(cfg: DictConfig) -> None:
     logging.getLogger("lightning").propagate = False
     logging.getLogger("lightning.pytorch").propagate = False
     with user_errors("stackwise-train", debug=bool(cfg.get("debug", False))):
-        run = RunConfig.from_hydra(cfg, override_dirname=HydraConfig.get().job.override_dirname)
-        log.info(
-            "experiment %s -> %s (stage=%s%s)", run.experiment, run.exp_dir, run.stage, f" k={run.k}" if run.k else ""
-        )
+        run = RunConfig.from_hydra(cfg, HydraConfig.get().overrides.task)
+        log.info("experiment %s -> %s (stage=%s%s)", run.name, run.exp_dir, run.stage, f" k={run.k}" if run.k else "")
         from stackwise.pipeline import Pipeline  # imports Lightning; keep `--help` fast
 
         with disk_errors(run.exp_dir):
@@ -76,31 +77,34 @@ def disk_errors(folder: Path) -> Iterator[None]:
         raise ArtifactWriteError(where, err.errno, err.strerror or "") from e
 
 
-class EarlyChecks(Callback):
-    """Hydra callback (conf/config.yaml, hydra.callbacks): check the values Hydra builds its run folder
-    from (experiment, output_root) before it creates that folder, so a bad one is our one-line error
-    rather than Hydra's interpolation error or a traceback from its mkdir."""
+def check_before_hydra(argv: list[str]) -> None:
+    """Compose and validate the command line's config (every job of a `-m` sweep) before Hydra
+    runs anything, so that a bad value, a wrong type or an unknown key is one line, exit status 2:
+    Hydra would print its own multi-line report, and in a sweep only when that job's turn came.
+    `--cfg` only composes (printing a config runs nothing, so its values need not be valid). Left
+    to Hydra: its help and info flags, and a config other than the packaged one."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
+        return
+    if args.config_path or args.config_dir or args.config_name not in (None, "config"):
+        return
+    with user_errors("stackwise-train", debug=_debug_requested(args.overrides)):
+        check_command_line(args.overrides, multirun=args.multirun, validate=not args.cfg)
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_run_folder(config)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_run_folder(config)
-
-
-def _check_run_folder(config: DictConfig) -> None:
-    with user_errors("stackwise-train", debug=OmegaConf.select(config, "debug") is True):
-        experiment = OmegaConf.select(config, "experiment")
-        if experiment is not None:
-            experiment_name(experiment)
-        root = OmegaConf.select(config, "output_root") or "outputs"
-        check_output_dir(Path(str(root)).expanduser(), "output_root")
+def _debug_requested(overrides: list[str]) -> bool:
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return False
+    return any(o.key_or_group == "debug" and o.value() is True for o in parsed)
 
 
 def main() -> None:
     quiet_known_advice()
-    register_resolvers()
-    hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")(train)()
+    register_configs()
+    check_before_hydra(sys.argv[1:])
+    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(train)()
 
 
 if __name__ == "__main__":

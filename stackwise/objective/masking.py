@@ -19,8 +19,6 @@ Schedules (`masking.schedule`), each `rate(u (B,), k, progress) -> t (B,)`:
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 from torch import Tensor
 
 from stackwise.errors import ConfigError
+from stackwise.structured import Structured
 from stackwise.utils import generator
 
 SCHEDULES = ("uniform", "fixed", "per_layer", "curriculum")
@@ -40,38 +39,22 @@ CURRICULUM_START = 0.1
 
 # ---------------------------------------------------------------------------------------- config
 @dataclass
-class MaskingConfig:
+class MaskingConfig(Structured):
+    """The `masking` node (stackwise/structured.py); `validate(n_layers)` adds the per-layer length check."""
+
+    PATH = "masking"
+
     schedule: str = "uniform"
     mask_fraction_min: float = 0.15
     mask_fraction_max: float = 0.90
     rate: float = 0.15  # the `fixed` schedule's rate
-    rates: list | None = None  # `per_layer`: one rate per layer (None = linear from min to max)
+    rates: list[float] | None = None  # `per_layer`: one rate per layer (None = linear from min to max)
     weighting: str = "mean"  # mean over masked tokens | elbo (1/t weights, the MDLM/LLaDA bound)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], prefix: str = "masking") -> MaskingConfig:
-        """Build from a plain mapping; unknown keys and wrong types raise ConfigError naming `prefix.key`.
-
-        Ranges that depend on the model (len(rates) == n_layers) are checked by `validate(n_layers)`.
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            name = f"{prefix}.{key}"
-            if key not in fields:
-                raise ConfigError(name, f"unknown key; allowed: {', '.join(sorted(fields))}")
-            if key in ("mask_fraction_min", "mask_fraction_max", "rate"):
-                value = _number(name, value)
-            elif key == "rates" and value is not None:
-                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                    raise ConfigError(name, f"must be a list of numbers (one per layer) or null, got {value!r}")
-                value = [_number(f"{name}[{i}]", v) for i, v in enumerate(value)]
-            elif key in ("schedule", "weighting") and not isinstance(value, str):
-                raise ConfigError(name, f"must be a string, got {value!r}")
-            kwargs[key] = value
-        cfg = cls(**kwargs)
-        cfg.validate(None, prefix)
-        return cfg
+    def __post_init__(self) -> None:
+        if self.rates is not None:
+            self.rates = list(self.rates)
+        self.validate()
 
     def mean_rate(self) -> float:
         """The average fraction of masked positions over training (for FLOP counts, not for masking):
@@ -82,42 +65,38 @@ class MaskingConfig:
             return sum(self.rates) / len(self.rates)
         return (self.mask_fraction_min + self.mask_fraction_max) / 2
 
-    def validate(self, n_layers: int | None = None, prefix: str = "masking") -> None:
+    def validate(self, n_layers: int | None = None) -> None:
         """Raise ConfigError naming the bad value. `n_layers=None` skips the per-layer length check."""
-        p = prefix + "."
         if self.schedule not in SCHEDULES:
-            raise ConfigError(p + "schedule", f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+            raise ConfigError(
+                self.key("schedule"), f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}"
+            )
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(
-                p + "weighting", f"unknown weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}"
+                self.key("weighting"), f"unknown weighting {self.weighting!r}; allowed: {', '.join(WEIGHTINGS)}"
             )
         lo, hi = self.mask_fraction_min, self.mask_fraction_max
         if not 0.0 < lo <= 1.0:
-            raise ConfigError(p + "mask_fraction_min", f"must be in (0, 1], got {lo}")
+            raise ConfigError(self.key("mask_fraction_min"), f"must be in (0, 1], got {lo}")
         if not 0.0 < hi <= 1.0:
-            raise ConfigError(p + "mask_fraction_max", f"must be in (0, 1], got {hi}")
+            raise ConfigError(self.key("mask_fraction_max"), f"must be in (0, 1], got {hi}")
         if lo > hi:
             raise ConfigError(
-                p + "mask_fraction_min", f"must be <= mask_fraction_max={hi}, got {lo} (need 0 < min <= max <= 1)"
+                self.key("mask_fraction_min"),
+                f"must be <= mask_fraction_max={hi}, got {lo} (need 0 < min <= max <= 1)",
             )
         if not 0.0 < self.rate <= 1.0:
-            raise ConfigError(p + "rate", f"must be in (0, 1], got {self.rate}")
+            raise ConfigError(self.key("rate"), f"must be in (0, 1], got {self.rate}")
         if self.rates is not None:
             for i, r in enumerate(self.rates):
                 if not 0.0 < r <= 1.0:
-                    raise ConfigError(f"{p}rates[{i}]", f"must be in (0, 1], got {r}")
+                    raise ConfigError(f"{self.key('rates')}[{i}]", f"must be in (0, 1], got {r}")
             if n_layers is not None and len(self.rates) != n_layers:
                 raise ConfigError(
-                    p + "rates",
+                    self.key("rates"),
                     f"has {len(self.rates)} entries but n_layers={n_layers}; "
                     "give one rate per layer, or null for linear from min to max",
                 )
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"must be a number, got {value!r}")
-    return float(value)
 
 
 # ------------------------------------------------------------------------------------- schedules

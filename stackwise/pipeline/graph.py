@@ -53,7 +53,7 @@ class Pipeline:
         self.trainers.check_node()  # a trainer key Lightning does not take stops here, before any work
         self.state.create()
         with experiment_lock(self.paths):  # one run at a time per folder, from the first write to the last
-            self.state.adopt(self.run.raw)
+            self.state.adopt(self.run.to_dict())
             run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
             for stage in plan(self.run.stage, self.run.k, self.cfg.n_layers):
                 run_stage[stage.kind](stage)

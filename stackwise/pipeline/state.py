@@ -72,7 +72,7 @@ class ExperimentState:
         if not self.run.overwrite:
             raise ArtifactError(
                 f"{first} was made by other settings (config {meta.get('config_hash')}, this run's is "
-                f"{self.hashes['layer']}); use overwrite=true to replace them or experiment=NAME for a new folder"
+                f"{self.hashes['layer']}); use overwrite=true to replace them or name=NAME for a new folder"
             )
         log.warning("overwrite=true: removing the layer-wise artifacts of %s", self.paths.root)
         for d in (self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
@@ -229,7 +229,7 @@ class ExperimentState:
             if not self.run.overwrite:
                 raise ArtifactError(
                     f"{last} {problem}; use overwrite=true to restart stage {stage.name} from "
-                    f"scratch, or experiment=NAME for a new folder"
+                    f"scratch, or name=NAME for a new folder"
                 )
             log.warning("overwrite=true: dropping %s (%s)", last, problem)
             shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,0 +1,248 @@
+"""The small nodes of the run config: optimizer, layer-wise levers, activation cache, fusion,
+the closing sample, per-stage overrides. Their dataclass defaults are the defaults (see
+stackwise/config/run.py); each `__post_init__` checks what the types cannot."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stackwise.errors import ConfigError
+from stackwise.structured import Structured, check, is_int, is_number
+
+STAGE_KEYS = ("embed", "layer", "fusion", "e2e")  # the stages that train, each with its own budget
+LAYER_INITS = ("random", "identity", "previous")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class OptimConfig(Structured):
+    """AdamW + linear warmup + cosine decay, for every stage unless stages.<name>.optim overrides it."""
+
+    PATH = "optim"
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
+            raise ConfigError(self.key("betas"), f"must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = [float(b) for b in betas]
+        check(is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
+        check(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
+            self.key("weight_decay"),
+            f"must be a number >= 0, got {self.weight_decay!r}",
+        )
+        check(is_number(self.eps) and self.eps > 0, self.key("eps"), f"must be a number > 0, got {self.eps!r}")
+        check(
+            is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            self.key("warmup_steps"),
+            f"must be an integer >= 0, got {self.warmup_steps!r}",
+        )
+        check(
+            is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+            self.key("min_lr_ratio"),
+            f"must be a number in [0, 1], got {self.min_lr_ratio!r}",
+        )
+
+
+@dataclass
+class LayerwiseConfig(Structured):
+    """The levers of greedy layer-wise training. The defaults are the winners of the README's sweep
+    ("Closing the gap"): each lowered the final loss at the same total token budget."""
+
+    PATH = "layerwise"
+
+    # how layer k >= 2 starts: random (drawn from (seed, k)) | identity (output projections zero, the
+    # block starts as the identity map) | previous (a copy of layer k-1's trained weights; in a hybrid
+    # model only its norms and MLP when the attention kinds differ)
+    init: str = "previous"
+    # stage 1 (embeddings + layer 1, the base every later layer builds on) trains for
+    # embed_budget x trainer.max_steps steps; stages.embed.trainer.max_steps, when set, wins
+    embed_budget: float = 2.0
+
+    def __post_init__(self) -> None:
+        check(
+            self.init in LAYER_INITS,
+            self.key("init"),
+            f"unknown init {self.init!r}; allowed: {', '.join(LAYER_INITS)}",
+        )
+        check(
+            is_number(self.embed_budget) and self.embed_budget > 0,
+            self.key("embed_budget"),
+            f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {self.embed_budget!r}",
+        )
+
+
+@dataclass
+class CacheConfig(Structured):
+    """The activation cache written after each layer-wise stage."""
+
+    PATH = "cache"
+
+    views: int = 2  # mask views cached per sequence (per_layer schedule: one per layer)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (the hardware group sets it with the precision)
+    shard_size: int = 1024  # rows per shard
+    batch_size: int = 64  # batch size of the caching pass
+    # training sequences cached: auto = what the next stage reads (each row once), an integer (a
+    # seeded subset), or null (all); `Any` because OmegaConf has no int-or-string type
+    train_sequences: Any = "auto"
+    last_layer: bool = False  # also cache acts_layer{L} (no later stage needs it)
+
+    def __post_init__(self) -> None:
+        for name in ("views", "shard_size", "batch_size"):
+            v = getattr(self, name)
+            check(is_int(v) and v > 0, self.key(name), f"must be a positive integer, got {v!r}")
+        check(
+            self.dtype in CACHE_DTYPES,
+            self.key("dtype"),
+            f"unknown dtype {self.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}",
+        )
+        n = self.train_sequences
+        check(
+            n is None or n == "auto" or (is_int(n) and n > 0),
+            self.key("train_sequences"),
+            f"must be a positive integer, auto or null, got {n!r}",
+        )
+
+
+@dataclass
+class FusionConfig(Structured):
+    """Assemble layer_1..L, check that the fused model reproduces the last stage, optionally fine-tune."""
+
+    PATH = "fusion"
+
+    finetune_steps: int = 80  # ~9% of the default budget (320 + 3 x 160 + 80 steps); 0 = no fine-tune
+    lr: float = 1e-3
+    check: bool = True
+
+    def __post_init__(self) -> None:
+        check(
+            is_int(self.finetune_steps) and self.finetune_steps >= 0,
+            self.key("finetune_steps"),
+            f"must be an integer >= 0, got {self.finetune_steps!r}",
+        )
+        check(is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
+
+
+@dataclass
+class SampleConfig(Structured):
+    """The sample printed at the end of `stage=all` (text data only); `stackwise-generate` does more."""
+
+    PATH = "sample"
+
+    enabled: bool = True
+    prompt: str = ""
+    length: int | None = None  # tokens in all, prompt included; null = data.seq_len
+    steps: int | None = None  # unmasking steps; null = one per masked token
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("length", "steps", "top_k"):
+            v = getattr(self, name)
+            check(v is None or (is_int(v) and v > 0), self.key(name), f"must be a positive integer or null, got {v!r}")
+        check(
+            is_number(self.temperature) and self.temperature >= 0,
+            self.key("temperature"),
+            f"must be a number >= 0, got {self.temperature!r}",
+        )
+
+
+@dataclass
+class StageOverrides(Structured):
+    """One stage's overrides of `trainer` (lightning.Trainer arguments) and `optim` (OptimConfig
+    fields): plain mappings, since a key is added with Hydra's `+` (`+stages.layer.optim.lr=1e-3`);
+    RunConfig checks them against the trainer checks and OptimConfig."""
+
+    trainer: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StagesConfig(Structured):
+    """Per-stage overrides, e.g. `+stages.layer.trainer.max_steps=300`. e2e's max_steps defaults to
+    the layer-wise token budget: embed + (n_layers - 1) * layer + fine-tune steps."""
+
+    PATH = "stages"
+
+    embed: StageOverrides = field(default_factory=StageOverrides)
+    layer: StageOverrides = field(default_factory=StageOverrides)
+    fusion: StageOverrides = field(default_factory=StageOverrides)
+    e2e: StageOverrides = field(default_factory=StageOverrides)
+
+    def of(self, stage_key: str) -> StageOverrides:
+        return getattr(self, stage_key)
+
+
+# trainer.precision: every value lightning.Trainer takes (its int and short aliases too; null is
+# its default, 32-true) but transformer-engine*, which swaps in layers this model does not have.
+# Each maps to the dtype the weights are held and trained in (autocast, the *-mixed values, keeps
+# fp32 weights). Every value is part of the experiment's identity (stackwise/identity.py).
+PRECISION_WEIGHTS: dict[Any, str] = {
+    None: "float32",
+    "32-true": "float32",
+    "32": "float32",
+    32: "float32",
+    "bf16-mixed": "float32",
+    "bf16": "float32",
+    "16-mixed": "float32",  # on CPU Lightning runs it as bf16-mixed
+    "16": "float32",
+    16: "float32",
+    "bf16-true": "bfloat16",
+    "16-true": "float16",
+    "64-true": "float64",
+    "64": "float64",
+    64: "float64",
+}
+# The values that compute in fp32 or fp64 throughout: no autocast, no half-precision weights.
+FULL_PRECISION = (None, "32-true", "32", 32, "64-true", "64", 64)
+# trainer.precision=16-true keeps the weights and AdamW's state in fp16, where an eps below the
+# smallest normal number (2**-14) rounds to 0 or near it: the first step divides by ~0 (NaN).
+FP16_MIN_EPS = 2.0**-14
+
+
+def precision_weights(precision: Any) -> str:
+    """The dtype of the weights under `trainer.precision` (a validated value)."""
+    return PRECISION_WEIGHTS[precision]
+
+
+def _valid_precision(v: Any) -> bool:
+    # 32.0 == 32 and True == 1 would match the dict keys; Lightning takes neither
+    return not isinstance(v, (bool, float)) and v in PRECISION_WEIGHTS
+
+
+# Trainer arguments the pipeline relies on, checked here so a typo stops before any work (Lightning
+# itself would only complain when the stage's Trainer is built, after the data is prepared).
+_TRAINER_CHECKS = {
+    "accumulate_grad_batches": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "val_check_interval": (
+        lambda v: v is None or (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+        "an integer >= 1 (steps), a fraction in (0, 1] or null",
+    ),
+    "gradient_clip_val": (lambda v: v is None or (is_number(v) and v >= 0), "a number >= 0 or null"),
+    "limit_val_batches": (
+        lambda v: v is None or (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+        "an integer >= 0, a fraction in [0, 1] or null",
+    ),
+    "log_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "num_sanity_val_steps": (lambda v: is_int(v) and v >= -1, "an integer >= -1"),
+    "max_epochs": (lambda v: v is None or (is_int(v) and v >= -1), "an integer >= -1 or null"),
+}
+
+
+def check_trainer(node: Mapping[str, Any], prefix: str) -> None:
+    """The `trainer` node (or a stage's override of it): the arguments the pipeline relies on."""
+    if "precision" in node and not _valid_precision(node["precision"]):
+        allowed = ", ".join(dict.fromkeys(str(v) for v in PRECISION_WEIGHTS if v is not None))
+        raise ConfigError(f"{prefix}.precision", f"unknown precision {node['precision']!r}; allowed: {allowed}")
+    for key, (ok, allowed) in _TRAINER_CHECKS.items():
+        if key in node and not ok(node[key]):
+            raise ConfigError(f"{prefix}.{key}", f"must be {allowed}, got {node[key]!r}")
