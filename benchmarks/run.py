@@ -126,17 +126,25 @@ def build(factory, device: torch.device):
 
 
 def make_module(stage: str, cfg: ModelConfig, device: torch.device, max_steps: int):
+    from stackwise.model.transformer import Block, Head
+    from stackwise.model.weights import LayerModules, first_layer
     from stackwise.stages.full import FullModelStage
     from stackwise.stages.layerwise import LayerwiseStage
 
     optim = OptimConfig(warmup_steps=2)
     if stage == "embed":
-        return build(lambda: LayerwiseStage(cfg, 1, optim, "mean", max_steps), device)
+        return build(lambda: LayerwiseStage(cfg, first_layer(cfg), optim, "mean", max_steps, "embed"), device)
     if stage == "layer":
         # k = 2 on cached activations; tied head: stage 1's matrix is a frozen buffer (V, D)
         return build(
             lambda: LayerwiseStage(
-                cfg, 2, optim, "mean", max_steps, embed_weight=torch.empty(cfg.vocab_size, cfg.d_model)
+                cfg,
+                LayerModules(Block(cfg, 2), Head(cfg)),
+                optim,
+                "mean",
+                max_steps,
+                "layer_2",
+                embed_weight=torch.empty(cfg.vocab_size, cfg.d_model),
             ),
             device,
         )

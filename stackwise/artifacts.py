@@ -2,7 +2,7 @@
 
 Only this module knows where things live under `exp_dir = <output_root>/<experiment>/`:
 
-    layers/layer_{k}.pt                    stage k's weights + metadata (torch.save, weights_only-loadable)
+    layers/layer_{k}.pt                    stage k's LayerWeights + metadata (torch.save, weights_only-loadable)
     acts/acts_layer{k}/{train,val}/...     activation shards; acts/acts_layer{k}/manifest.json (written last)
     fused/model.safetensors, fused/config.json (+ fused/finetuned/{model.safetensors,config.json})
     e2e/model.safetensors, e2e/config.json
@@ -10,16 +10,17 @@ Only this module knows where things live under `exp_dir = <output_root>/<experim
     tb/                                    TensorBoard root (one run per stage)
     tokens/                                token cache
     results.json                           one summary record per stage
+    eval.json                              stackwise-eval's report
     run.lock                               held (OS file lock) by the run writing here; see stackwise/lock.py
     hydra/                                 Hydra's run logs
 
 Why atomic writes everywhere: a run killed mid-write must never leave a file that a later run
-would trust (DESIGN §5, invariant 5). Every file is written under a temporary name in the same
-folder, fsync'ed, then `os.replace`d over the final name, so a reader sees the old file or the
-new one, never half of one. An OS error while writing (a full disk, a read-only file system) is an
-ArtifactWriteError naming the file: the temporary is removed and the old file, if any, stays.
-Why no pickle: opening a checkpoint must never run code (DESIGN §4), so `torch.load` is always
-called with `weights_only=True` and models ship as safetensors.
+would trust. Every file is written under a temporary name in the same folder, fsync'ed, then
+`os.replace`d over the final name, so a reader sees the old file or the new one, never half of
+one. An OS error while writing (a full disk, a read-only file system) is an ArtifactWriteError
+naming the file: the temporary is removed and the old file, if any, stays. Why no pickle: opening
+a checkpoint must never run code, so `torch.load` is always called with `weights_only=True` and
+models ship as safetensors.
 """
 
 from __future__ import annotations
@@ -35,15 +36,22 @@ from pathlib import Path
 from typing import IO, Any, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from stackwise.errors import ArtifactError, ArtifactWriteError, ConfigError
+from stackwise.model.config import ModelConfig
+from stackwise.model.transformer import Transformer
+from stackwise.model.weights import LayerWeights
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 LAYER_FORMAT = "stackwise.layer"
 MODEL_FORMAT = "stackwise.model"
-FORMAT_VERSION = 1
+# 2: layer_k.pt holds one state dict per module ("block", "head", "embed") instead of one prefixed dict
+LAYER_FORMAT_VERSION = 2
+MODEL_FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------- paths
@@ -161,6 +169,11 @@ class ExperimentPaths:
     @property
     def results_json(self) -> Path:
         return self.root / "results.json"
+
+    @property
+    def eval_json(self) -> Path:
+        """stackwise-eval's report (the default of its --json)."""
+        return self.root / "eval.json"
 
     @property
     def hydra_dir(self) -> Path:
@@ -396,19 +409,26 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_layer_checkpoint(path: PathLike, state: Mapping[str, Tensor], meta: Mapping[str, Any]) -> str:
+def _weights_digest(sections: Mapping[str, Mapping[str, Tensor]]) -> str:
+    """state_digest of every module's state dict, in module order."""
+    return hashlib.sha256("".join(f"{m}|{state_digest(sections[m])}\n" for m in sorted(sections)).encode()).hexdigest()
+
+
+def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[str, Any]) -> str:
     """Write `layers/layer_k.pt` atomically and return its sha256.
 
-    The file is `{"format", "version", "state": {name: Tensor}, "state_sha256", "meta": {...JSON}}`, which
-    `torch.load(weights_only=True)` reads in any torch >= 2.1. `meta` is normalised through JSON
-    so it reads back exactly as written (and a non-JSON value fails here, before any byte is written).
+    The file is `{"format", "version", "modules": {"block": {name: Tensor}, "head": {...}[, "embed": {...}]},
+    "frozen_sha256", "state_sha256", "meta": {...JSON}}`, which `torch.load(weights_only=True)` reads in
+    any torch >= 2.1. `meta` is normalised through JSON so it reads back exactly as written (and a
+    non-JSON value fails here, before any byte is written).
     """
-    tensors: dict[str, Tensor] = {}
-    for name, t in state.items():
-        if not isinstance(name, str) or not isinstance(t, Tensor):
-            raise TypeError(f"layer checkpoint state must map str -> Tensor, got {name!r}: {type(t).__name__}")
+    sections: dict[str, dict[str, Tensor]] = {}
+    for module, state in weights.sections().items():
+        for name, t in state.items():
+            if not isinstance(name, str) or not isinstance(t, Tensor):
+                raise TypeError(f"layer weights {module} must map str -> Tensor, got {name!r}: {type(t).__name__}")
         # clone: a view of a larger tensor would otherwise save the whole storage
-        tensors[name] = t.detach().to("cpu").contiguous().clone()
+        sections[module] = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
     try:
         meta_n = _json_normal(dict(meta))
     except (TypeError, ValueError) as e:
@@ -416,9 +436,10 @@ def save_layer_checkpoint(path: PathLike, state: Mapping[str, Tensor], meta: Map
     atomic_torch_save(
         {
             "format": LAYER_FORMAT,
-            "version": FORMAT_VERSION,
-            "state": tensors,
-            "state_sha256": state_digest(tensors),
+            "version": LAYER_FORMAT_VERSION,
+            "modules": sections,
+            "frozen_sha256": str(weights.frozen_sha256),
+            "state_sha256": _weights_digest(sections),
             "meta": meta_n,
         },
         path,
@@ -428,8 +449,8 @@ def save_layer_checkpoint(path: PathLike, state: Mapping[str, Tensor], meta: Map
 
 def load_layer_checkpoint(
     path: PathLike, expect: Mapping[str, Any] | None = None, verify_sha256: str | None = None
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a layer checkpoint on CPU, without running any code; return (state, meta).
+) -> tuple[LayerWeights, dict[str, Any]]:
+    """Read a layer checkpoint on CPU, without running any code; return (weights, meta).
 
     Every way it can be wrong (missing, truncated, corrupt, not ours, another config, changed since
     its hash was recorded) is an ArtifactError of one line naming the file.
@@ -451,31 +472,44 @@ def load_layer_checkpoint(
             f"{p} is not a readable checkpoint (truncated or corrupt: "
             f"{type(e).__name__}: {one_line(e, 120)}); delete it and rerun its stage"
         ) from None
-    if (
-        not isinstance(obj, dict)
-        or obj.get("format") != LAYER_FORMAT
-        or not isinstance(obj.get("state"), dict)
-        or not isinstance(obj.get("meta"), dict)
-    ):
+    if not isinstance(obj, dict) or obj.get("format") != LAYER_FORMAT or not isinstance(obj.get("meta"), dict):
         raise ArtifactError(
             f"{p} is not a StackWise layer checkpoint (expected a dict with format "
-            f"{LAYER_FORMAT!r}, 'state' and 'meta'); delete it and rerun its stage"
+            f"{LAYER_FORMAT!r}, 'modules' and 'meta'); delete it and rerun its stage"
         )
-    if obj.get("version") != FORMAT_VERSION:
+    if obj.get("version") != LAYER_FORMAT_VERSION:
         raise ArtifactError(
             f"{p} has format version {obj.get('version')!r} but this StackWise reads "
-            f"version {FORMAT_VERSION}; rerun its stage (overwrite=true)"
+            f"version {LAYER_FORMAT_VERSION}; rerun its stage (overwrite=true)"
         )
-    state = obj["state"]
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise ArtifactError(f"{p} has a non-tensor entry {bad[0]!r} in its state; delete it and rerun its stage")
-    if state_digest(state) != obj.get("state_sha256"):
+    sections = obj.get("modules")
+    problem = _layer_sections_problem(sections, obj.get("frozen_sha256"))
+    if problem:
+        raise ArtifactError(f"{p} {problem}; delete it and rerun its stage")
+    if _weights_digest(sections) != obj.get("state_sha256"):
         raise ArtifactError(
             f"{p} holds tensor data that does not match its checksum (corrupt bytes); delete it and rerun its stage"
         )
     check_expected(p, obj["meta"], expect)
-    return state, obj["meta"]
+    weights = LayerWeights(
+        block=sections["block"], frozen_sha256=obj["frozen_sha256"], head=sections["head"], embed=sections.get("embed")
+    )
+    return weights, obj["meta"]
+
+
+def _layer_sections_problem(sections: Any, frozen_sha256: Any) -> str | None:
+    """What is wrong with a layer checkpoint's "modules" (None when nothing)."""
+    if not isinstance(sections, dict) or not {"block", "head"} <= set(sections) <= {"block", "head", "embed"}:
+        return "has no 'block' and 'head' state dicts"
+    for module, state in sections.items():
+        if not isinstance(state, dict):
+            return f"has no state dict for {module}"
+        bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+        if bad:
+            return f"has a non-tensor entry {bad[0]!r} in its {module} state"
+    if not isinstance(frozen_sha256, str):
+        return "records no frozen_sha256 of its frozen tensors"
+    return None
 
 
 # -------------------------------------------------------------------------- safetensors models
@@ -523,8 +557,6 @@ def save_safetensors_model(
     describes itself; config.json is `{"format", "version", "config": <model config>, "meta"}`.
     A folder is complete once config.json exists. `name` picks another weights file in the same folder.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     tensors, aliases = _dedupe_shared(state_dict)
     meta_n, config_n = _json_normal(dict(meta)), _json_normal(dict(config))
@@ -539,7 +571,7 @@ def save_safetensors_model(
     atomic_write_json(
         {
             "format": MODEL_FORMAT,
-            "version": FORMAT_VERSION,
+            "version": MODEL_FORMAT_VERSION,
             "config": config_n,
             "meta": meta_n,
             "files": {weights.name: {"sha256": sha, "bytes": weights.stat().st_size}},
@@ -562,22 +594,9 @@ def load_safetensors_model(
     recorded in config.json is always checked, its sha256 with `verify` (folders written before
     config.json recorded them are read without these checks).
     """
-    from safetensors import safe_open
-
     out = Path(out_dir)
     cfg_path, weights = out / "config.json", out / f"{name}.safetensors"
-    if not cfg_path.is_file():
-        raise ArtifactError(
-            f"{cfg_path} does not exist: {out} is missing or incomplete; rerun the stage that writes it"
-        )
-    try:
-        cfg_obj = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(
-            f"{cfg_path} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it"
-        ) from None
-    if not isinstance(cfg_obj, dict) or cfg_obj.get("format") != MODEL_FORMAT or "config" not in cfg_obj:
-        raise ArtifactError(f"{cfg_path} is not a StackWise model config (expected format {MODEL_FORMAT!r})")
+    cfg_obj = _model_manifest(cfg_path)
     if not weights.is_file():
         raise ArtifactError(f"{weights} does not exist; rerun the stage that writes it")
     recorded = (cfg_obj.get("files") or {}).get(weights.name)
@@ -612,6 +631,41 @@ def load_safetensors_model(
         state[dup] = state[src]
     check_expected(weights, meta, expect)
     return state, cfg_obj["config"], meta
+
+
+def _model_manifest(cfg_path: Path) -> dict[str, Any]:
+    """A model folder's config.json: {"format", "version", "config", "meta", "files"}."""
+    if not cfg_path.is_file():
+        raise ArtifactError(
+            f"{cfg_path} does not exist: {cfg_path.parent} is missing or incomplete; rerun the stage that writes it"
+        )
+    try:
+        cfg_obj = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(
+            f"{cfg_path} is not valid JSON ({one_line(e, 120)}); rerun the stage that writes it"
+        ) from None
+    if not isinstance(cfg_obj, dict) or cfg_obj.get("format") != MODEL_FORMAT or "config" not in cfg_obj:
+        raise ArtifactError(f"{cfg_path} is not a StackWise model config (expected format {MODEL_FORMAT!r})")
+    return cfg_obj
+
+
+def load_model(
+    out_dir: PathLike, expect: Mapping[str, Any] | None = None, verify: bool = False
+) -> tuple[Transformer, dict[str, Any]]:
+    """The Transformer of a model folder (fused/, fused/finetuned/, e2e/) and its weights' metadata:
+    the one place a model folder becomes a model. Raises ArtifactError (one line, naming the folder)
+    when it is incomplete, corrupt, or its weights do not fit its own config."""
+    state, config, meta = load_safetensors_model(out_dir, expect=expect, verify=verify)
+    source = Path(out_dir) / "config.json"
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{source} holds no model config; rerun the stage that writes it")
+    model = Transformer(ModelConfig.from_dict(config, prefix=f"{source}: model"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ArtifactError(f"{out_dir}: the weights do not fit its config ({one_line(e, 160)})") from None
+    return model, meta
 
 
 # ----------------------------------------------------------------------------------- results

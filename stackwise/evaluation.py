@@ -57,9 +57,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stackwise import artifacts as art
+from stackwise.config import load_run
+from stackwise.data.tokenizers import ByteTokenizer
+from stackwise.data.tokens import load_token_splits
 from stackwise.errors import ArtifactError, StackWiseError
 from stackwise.model.config import ModelConfig
-from stackwise.model.transformer import Head, Transformer
+from stackwise.model.transformer import Transformer
+from stackwise.model.weights import LayerWeights, assemble, head_of
 from stackwise.objective.masking import FixedSchedule, UniformSchedule, mask_batch
 from stackwise.utils import generator
 
@@ -207,7 +211,7 @@ class Scorer(abc.ABC):
 
 class WholeModel(Scorer):
     """A whole Transformer (fused, fine-tuned, e2e, or any model built by hand); `depth` runs only
-    layers 1..depth (e.g. `assemble(cfg, states[:k])`, depth=k)."""
+    layers 1..depth (e.g. `assemble(cfg, layers[:k])`, depth=k)."""
 
     def __init__(self, name: str, model: Transformer, depth: int | None = None):
         self.names, self.model = [name], model.eval()
@@ -228,20 +232,14 @@ class PrefixStack(Scorer):
     layer k is layer k applied to the one after layer k-1 (as the activation cache is made), and
     prefix k reads it out with stage k's final norm and head.
 
-    `assemble(cfg, states[:k])` builds the same model k; the tests check the two agree.
+    `assemble(cfg, layers[:k])` builds the same model k; the tests check the two agree.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_states: list[tuple[dict, dict]]):
-        from stackwise.stages.full import assemble  # the one place that knows how layer_k.pt maps onto the model
-
-        self.cfg, self.depth = cfg, len(layer_states)
+    def __init__(self, cfg: ModelConfig, layers: Sequence[LayerWeights]):
+        self.cfg, self.depth = cfg, len(layers)
         self.names = [f"depth_{k}" for k in range(1, self.depth + 1)]
-        self.model = assemble(cfg, layer_states).eval()  # embedding of layer 1, blocks 1..K, head of layer K
-        self.heads = nn.ModuleList()
-        for state, _ in layer_states:
-            head = Head(cfg)
-            head.load_state_dict({n[len("head.") :]: t for n, t in state.items() if n.startswith("head.")})
-            self.heads.append(head.eval())
+        self.model = assemble(cfg, layers).eval()  # embedding of layer 1, blocks 1..K, head of layer K
+        self.heads = nn.ModuleList(head_of(cfg, weights).eval() for weights in layers)
 
     def to(self, device):
         self.model.to(device)
@@ -391,9 +389,14 @@ class ModelEntry:
 
 
 def _model_config(d: Any, source: Path, run_cfg: ModelConfig) -> ModelConfig:
+    """A layer checkpoint's recorded model config (the experiment's when it records none), checked by `_belongs`."""
     if not isinstance(d, dict):
         return run_cfg
-    cfg = ModelConfig.from_dict(d, prefix=f"{source}: model")
+    return _belongs(ModelConfig.from_dict(d, prefix=f"{source}: model"), source, run_cfg)
+
+
+def _belongs(cfg: ModelConfig, source: Path, run_cfg: ModelConfig) -> ModelConfig:
+    """A model of this experiment shares its data's vocabulary and special ids."""
     for key in ("vocab_size", "mask_id", "pad_id"):
         if getattr(cfg, key) != getattr(run_cfg, key):
             raise ArtifactError(
@@ -405,20 +408,20 @@ def _model_config(d: Any, source: Path, run_cfg: ModelConfig) -> ModelConfig:
 
 def layer_stack(
     paths: art.ExperimentPaths, run_cfg: ModelConfig, warnings: list[str]
-) -> tuple[ModelConfig | None, list[tuple[dict, dict]]]:
+) -> tuple[ModelConfig | None, list[tuple[LayerWeights, dict]]]:
     """The layer checkpoints 1..K that form one consistent stack (K may be 0)."""
     present = paths.existing_layers()
-    states: list[tuple[dict, dict]] = []
+    states: list[tuple[LayerWeights, dict]] = []
     cfg: ModelConfig | None = None
     for k in present:
         if k != len(states) + 1:
             warnings.append(f"{paths.layer_ckpt(k)} skipped: {paths.layer_ckpt(len(states) + 1)} is missing")
             break
         path = paths.layer_ckpt(k)
-        state, meta = art.load_layer_checkpoint(path)
+        weights, meta = art.load_layer_checkpoint(path)
         if meta.get("k") not in (None, k):
             raise ArtifactError(f"{path} says it is layer {meta.get('k')}, not {k}")
-        if k > 1 and meta.get("prev_sha256") and meta["prev_sha256"] != art.sha256_file(paths.layer_ckpt(k - 1)):
+        if states and meta.get("prev_sha256") and meta["prev_sha256"] != art.sha256_file(paths.layer_ckpt(k - 1)):
             warnings.append(
                 f"{path} skipped: it was trained on another {paths.layer_ckpt(k - 1).name} than the one "
                 "present (rerun its stage)"
@@ -429,7 +432,7 @@ def layer_stack(
             warnings.append(f"{path} skipped: its model config differs from layer 1's")
             break
         cfg = k_cfg
-        states.append((state, meta))
+        states.append((weights, meta))
     return cfg, states
 
 
@@ -447,7 +450,7 @@ def discover(
         entries = [
             ModelEntry(f"depth_{k}", "prefix", k, meta.get("val_loss")) for k, (_, meta) in enumerate(states, start=1)
         ]
-        groups.append((entries, lambda: PrefixStack(cfg, states)))
+        groups.append((entries, lambda: PrefixStack(cfg, [weights for weights, _ in states])))
     complete = paths.fused_config.name  # a model folder is complete once its config.json exists
     for name, folder in (("fused", paths.fused_dir), ("finetuned", paths.finetuned_dir), ("e2e", paths.e2e_dir)):
         if not folder.is_dir():
@@ -458,14 +461,9 @@ def discover(
         entry = ModelEntry(name, name, run_cfg.n_layers)
 
         def load(name=name, folder=folder, entry=entry) -> Scorer:
-            state, config, meta = art.load_safetensors_model(folder)
-            m_cfg = _model_config(config, folder, run_cfg)
-            entry.depth, entry.recorded_val_loss = m_cfg.n_layers, meta.get("val_loss")
-            model = Transformer(m_cfg)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise ArtifactError(f"{folder}: weights do not fit its config ({art.one_line(e, 160)})") from None
+            model, meta = art.load_model(folder)
+            _belongs(model.cfg, folder, run_cfg)
+            entry.depth, entry.recorded_val_loss = model.cfg.n_layers, meta.get("val_loss")
             return WholeModel(name, model)
 
         groups.append(([entry], load))
@@ -476,8 +474,6 @@ def bytes_per_token(tokens: np.ndarray, tokenizer: Any, pad_id: int | None) -> t
     """(bytes per non-pad token of the evaluated text, how it was measured); None for dummy data."""
     if tokenizer is None:
         return None, "dummy data has no bytes: bits/token"
-    from stackwise.data.tokenizers import ByteTokenizer
-
     if isinstance(tokenizer, ByteTokenizer):
         return 1.0, "byte tokenizer: 1 token = 1 byte"
     flat = np.asarray(tokens).reshape(-1)
@@ -497,14 +493,9 @@ def evaluate_experiment(
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise StackWiseError(f"experiment folder {exp_dir} does not exist")
-    from stackwise.config import load_run  # imported late: a bad path fails fast, before the data layer loads
-    from stackwise.data.tokens import load_token_splits
-
     run = load_run(exp_dir)
-    paths = art.ExperimentPaths(exp_dir)
     warnings: list[str] = []
-    groups = discover(paths, run.model, warnings)
-    entries = [e for group_entries, _ in groups for e in group_entries]
+    groups = discover(art.ExperimentPaths(exp_dir), run.model, warnings)
     for w in warnings:
         log(f"warning: {w}")
     if not groups:
@@ -512,87 +503,75 @@ def evaluate_experiment(
             f"{exp_dir} holds no model to evaluate (no layers/layer_1.pt, fused/ or e2e/); "
             "train one with stackwise-train first"
         )
-    splits = load_token_splits(run.data, run.seed, paths.tokens_dir)
-    val = np.asarray(splits.val)
-    if settings.max_sequences is not None:
-        val = val[: settings.max_sequences]
-    if len(val) == 0:
-        raise StackWiseError(f"{exp_dir}: the validation split is empty")
-    mask_id, pad_id = run.model.mask_id, run.model.pad_id
+    val, tokenizer = validation_tokens(run, exp_dir, settings.max_sequences)
+    entries = [e for group_entries, _ in groups for e in group_entries]
     seed = run.seed if settings.seed is None else settings.seed
     tokens = torch.from_numpy(val.astype(np.int64))
     log(
         f"eval: {len(val)} validation sequences x {val.shape[1]} tokens, {len(entries)} models, "
         f"rates {list(settings.rates)}, {settings.bound_samples} bound draws per sequence"
     )
+    mask_id, pad_id = run.model.mask_id, run.model.pad_id
     masks = draw_masks(
         tokens, seed=seed, rates=settings.rates, bound_samples=settings.bound_samples, mask_id=mask_id, pad_id=pad_id
     )
-    bpt, byte_note = bytes_per_token(val, splits.tokenizer, pad_id)
     results: dict[str, dict] = {}
-    for group_entries, load in groups:
-        scorer = load()
-        results.update(
-            score(
-                scorer,
-                tokens,
-                masks,
-                mask_id=mask_id,
-                pad_id=pad_id,
-                batch_size=settings.batch_size,
-                device=settings.device,
-            )
-        )
+    for group_entries, load in groups:  # one model group in memory at a time
+        kw = {"batch_size": settings.batch_size, "device": settings.device}
+        results.update(score(load(), tokens, masks, mask_id=mask_id, pad_id=pad_id, **kw))
         log(f"eval: {', '.join(e.name for e in group_entries)} done")
-        del scorer
+    bpt, byte_note = bytes_per_token(val, tokenizer, pad_id)
     # paired differences of the bound against the baseline: e2e when present, else the fused model
     ref = next((n for n in ("e2e", "fused", "finetuned") if n in results), entries[-1].name)
-    models = []
-    for e in entries:
-        res = results[e.name]
-        b = res["bound"]
-        b["bits_per_byte"] = b["bits_per_token"] / bpt if bpt else None
-        b["se_bits_per_byte"] = b["se_bits_per_token"] / bpt if bpt and b["se"] is not None else None
-        paired = {"vs": ref, **paired_difference(res, results[ref], masks.n_tokens)} if e.name != ref else None
-        models.append(
-            {
-                "name": e.name,
-                "kind": e.kind,
-                "depth": e.depth,
-                "recorded_val_loss": e.recorded_val_loss,
-                "rates": res["rates"],
-                "bound": b,
-                "paired": paired,
-            }
-        )
+    report = {"experiment": exp_dir.name, "exp_dir": str(exp_dir), "split": "val", "n_sequences": len(val)}
+    report.update(seq_len=int(val.shape[1]), n_tokens=int(masks.n_tokens.sum()), seed=seed)
+    report.update(rates=[float(r) for r in settings.rates], bound_samples=settings.bound_samples)
+    report.update(bytes_per_token=bpt, bytes_note=byte_note, unit="bits/byte" if bpt else "bits/token")
+    report.update(reference=ref, estimator=ESTIMATOR)
+    report["models"] = [model_report(e, results, ref, bpt, masks) for e in entries]
+    report["warnings"] = warnings
+    return report
+
+
+ESTIMATOR = (
+    "MDLM/LLaDA bound with l ~ U{1..n} masks (t = l/n), weight 1/t, per token = sum / non-pad "
+    "tokens; t stratified over the validation set per draw; se over sequences (ratio estimator); "
+    "paired: bound minus the reference's on the same masks, paired se"
+)
+
+
+def validation_tokens(run: Any, exp_dir: Path, max_sequences: int | None) -> tuple[np.ndarray, Any]:
+    """(the first `max_sequences` validation sequences (N, T), the experiment's tokenizer)."""
+    splits = load_token_splits(run.data, run.seed, art.ExperimentPaths(exp_dir).tokens_dir)
+    val = np.asarray(splits.val)
+    if max_sequences is not None:
+        val = val[:max_sequences]
+    if len(val) == 0:
+        raise StackWiseError(f"{exp_dir}: the validation split is empty")
+    return val, splits.tokenizer
+
+
+def model_report(entry: ModelEntry, results: dict[str, dict], ref: str, bpt: float | None, masks: EvalMasks) -> dict:
+    """One model's part of eval.json: its scores, its bound in bits/byte, the paired difference to `ref`."""
+    res = results[entry.name]
+    b = res["bound"]
+    b["bits_per_byte"] = b["bits_per_token"] / bpt if bpt else None
+    b["se_bits_per_byte"] = b["se_bits_per_token"] / bpt if bpt and b["se"] is not None else None
+    paired = {"vs": ref, **paired_difference(res, results[ref], masks.n_tokens)} if entry.name != ref else None
     return {
-        "experiment": run.name,
-        "exp_dir": str(exp_dir),
-        "split": "val",
-        "n_sequences": len(val),
-        "seq_len": int(val.shape[1]),
-        "n_tokens": int(masks.n_tokens.sum()),
-        "seed": seed,
-        "rates": [float(r) for r in settings.rates],
-        "bound_samples": settings.bound_samples,
-        "bytes_per_token": bpt,
-        "bytes_note": byte_note,
-        "unit": "bits/byte" if bpt else "bits/token",
-        "reference": ref,
-        "estimator": (
-            "MDLM/LLaDA bound with l ~ U{1..n} masks (t = l/n), weight 1/t, per token = sum / non-pad "
-            "tokens; t stratified over the validation set per draw; se over sequences (ratio estimator); "
-            "paired: bound minus the reference's on the same masks, paired se"
-        ),
-        "models": models,
-        "warnings": warnings,
+        "name": entry.name,
+        "kind": entry.kind,
+        "depth": entry.depth,
+        "recorded_val_loss": entry.recorded_val_loss,
+        "rates": res["rates"],
+        "bound": b,
+        "paired": paired,
     }
 
 
 def eval_json_path(exp_dir: str | Path) -> Path:
-    """Where eval.json goes by default (`ExperimentPaths.eval_json` when artifacts.py defines it)."""
-    paths = art.ExperimentPaths(exp_dir)
-    return Path(getattr(paths, "eval_json", paths.root / "eval.json"))
+    """Where eval.json goes by default."""
+    return art.ExperimentPaths(exp_dir).eval_json
 
 
 def format_table(report: dict) -> str:

@@ -24,7 +24,7 @@ With one generator per row, each row is a function of its own input and generato
 and `seed + i` alone gives it again, so each sample is labelled with the one seed that reproduces it.
 
 This module is pure torch (no Lightning). `load_experiment_model`, `build_ids` and `sample_text`
-read an experiment folder (lazy imports of the config and data layers).
+read an experiment folder.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stackwise import artifacts as art
+from stackwise.config import load_run
+from stackwise.data.tokens import data_tokenizer
 from stackwise.errors import StackWiseError
+from stackwise.utils import generator
 
 STRATEGIES = ("confidence", "random")
 MODEL_KINDS = ("fused", "finetuned", "e2e")
@@ -309,11 +313,6 @@ def load_experiment_model(
 
     Raises StackWiseError (one line) for a missing folder or model, or a corrupt artifact.
     """
-    from stackwise import artifacts as art
-    from stackwise.config import load_run
-    from stackwise.model.config import ModelConfig
-    from stackwise.model.transformer import Transformer
-
     exp_dir = Path(exp_dir)
     if which not in MODEL_KINDS:
         raise GenerationError(f"unknown model {which!r}; allowed: {', '.join(MODEL_KINDS)}")
@@ -329,15 +328,8 @@ def load_experiment_model(
         }[which]
         raise StackWiseError(f"{exp_dir} has no {which} model ({folder} is missing or incomplete); run {how} first")
     run = load_run(exp_dir)
-    state, config, meta = art.load_safetensors_model(folder)
-    cfg = ModelConfig.from_dict(config)
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise StackWiseError(
-            f"{folder}: the weights do not match the model config (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); rerun the stage that writes it"
-        )
+    model, meta = art.load_model(folder)
+    cfg = model.cfg
     model.to(device).eval()
     tokenizer = experiment_tokenizer(run)
     if tokenizer is not None and (tokenizer.mask_id, tokenizer.vocab_size) != (cfg.mask_id, cfg.vocab_size):
@@ -354,8 +346,6 @@ def experiment_tokenizer(run: Any) -> Any:
     Built from the data config alone (what `load_token_splits(...).tokenizer` returns), so sampling
     never reads or re-tokenizes the corpus.
     """
-    from stackwise.data.tokens import data_tokenizer
-
     return data_tokenizer(run.data)
 
 
@@ -366,8 +356,6 @@ def sample_seeds(seed: int, n: int) -> list[int]:
 
 def sample_generators(seed: int, n: int) -> list[torch.Generator]:
     """One CPU generator per sample, from that sample's own seed: sample i does not depend on n."""
-    from stackwise.utils import generator
-
     # the key ("generate", 0) keeps the first sample of every seed what it has always been
     return [generator(s, "generate", 0) for s in sample_seeds(seed, n)]
 

@@ -31,6 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.lines import Line2D
+
 from stackwise import artifacts as art
 from stackwise.errors import ArtifactError, StackWiseError
 
@@ -40,7 +46,7 @@ REPORT_MD = "report.md"
 DEPTH_PNG = "depth.png"
 WITHIN = 0.05  # "within 5% of e2e"
 
-_FINAL_STAGES = ("fused", "finetuned", "e2e")
+_FINAL_STAGES = ("fused", "finetuned", "e2e")  # the records of the whole models, by their `stage`
 _LABELS = {"fused": "fused", "finetuned": "fused + fine-tuned", "e2e": "end-to-end (e2e)"}
 _REQUIRED = ("stage", "val_loss", "val_acc", "tokens", "seconds")
 
@@ -134,15 +140,6 @@ def _sortable(x: float) -> float:
     return math.inf if math.isnan(x) else x
 
 
-def _layer_k(stage: str) -> int | None:
-    """embed -> 1, layer_k -> k; None for every other stage."""
-    if stage == "embed":
-        return 1
-    if stage.startswith("layer_") and stage[len("layer_") :].isdigit():
-        return int(stage[len("layer_") :])
-    return None
-
-
 def _number(rec: dict, key: str, where: str, kind: type) -> Any:
     value = rec[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -150,16 +147,12 @@ def _number(rec: dict, key: str, where: str, kind: type) -> Any:
     return kind(value)
 
 
-def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResults:
-    """Read `<exp_dir>/results.json` into a DepthResults; StackWiseError (one line) when there is none."""
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        raise StackWiseError(f"experiment folder {exp_dir} does not exist")
-    paths = art.ExperimentPaths(exp_dir)
+def _last_records(paths: art.ExperimentPaths) -> dict[str, dict]:
+    """{stage: its latest record}, in order of completion; StackWiseError when there is none."""
     records = art.read_results(paths)
     if not records:
         raise StackWiseError(
-            f"{exp_dir} has no results ({paths.results_json.name} is missing or empty): "
+            f"{paths.root} has no results ({paths.results_json.name} is missing or empty): "
             f"run stackwise-train for this experiment first"
         )
     last: dict[str, dict] = {}
@@ -171,15 +164,26 @@ def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResul
             )
         last.pop(str(rec["stage"]), None)  # keep the latest run of a stage, in order of completion
         last[str(rec["stage"])] = rec
+    return last
 
+
+def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResults:
+    """Read `<exp_dir>/results.json` into a DepthResults; StackWiseError (one line) when there is none."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise StackWiseError(f"experiment folder {exp_dir} does not exist")
+    paths = art.ExperimentPaths(exp_dir)
+    last = _last_records(paths)
     out = DepthResults(name=name or exp_dir.resolve().name, exp_dir=exp_dir)
     stage_rows: list[Row] = []
     for stage, rec in last.items():
         where = f"{paths.results_json} stage {stage}"
-        k_layer = _layer_k(stage)
-        if k_layer is None and stage not in _FINAL_STAGES:
+        layerwise = rec.get("kind") == "layer"  # the record says what it is (stackwise/pipeline/stage.py)
+        if not layerwise and stage not in _FINAL_STAGES:
             continue  # a stage this report does not know (future kinds): leave it out rather than fail
-        k = k_layer if k_layer is not None else (_number(rec, "k", where, int) if "k" in rec else 0)
+        k = _number(rec, "k", where, int) if "k" in rec else 0
+        if layerwise and k < 1:
+            raise ArtifactError(f"{where}: a layer-wise record needs k >= 1; the file is not a StackWise results.json")
         row = Row(
             stage,
             k,
@@ -188,7 +192,7 @@ def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResul
             _number(rec, "tokens", where, int),
             _number(rec, "seconds", where, float),
         )
-        if k_layer is not None:
+        if layerwise:
             stage_rows.append(row)
         else:
             setattr(out, stage, row)
@@ -396,17 +400,12 @@ def sweep_markdown(results: Sequence[DepthResults], png_name: str | None = DEPTH
 
 # --------------------------------------------------------------------------------------- plots
 def _new_figure(width: float = 7.0, height: float = 4.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)  # Agg, whatever backend pyplot would pick: a server has no display
     return fig
 
 
 def _png_bytes(fig) -> bytes:
-    from matplotlib.legend import Legend
-
     # every legend, the ones added with add_artist too, counts for the tight bounding box
     legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
     buf = io.BytesIO()
@@ -477,9 +476,6 @@ def depth_figure(res: DepthResults):
 
 
 def sweep_figure(results: Sequence[DepthResults]):
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-
     n = len(results)
     fig = _new_figure(8.0, 4.8 + 0.2 * max(0, n - 6))
     ax = fig.add_subplot(111)

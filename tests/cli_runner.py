@@ -9,6 +9,9 @@ real process: its exit status (`-9` after SIGKILL), its stderr and the files it 
 user's `stackwise-train` would give. StackWise's own modules are imported in the child, after its
 environment is set, exactly as in a fresh interpreter. `tests/test_cli.py` still runs the installed
 console script as a plain subprocess once, so the entry point itself stays covered.
+
+`kill_at=POINT` installs tests/kill_points.py's observer in the child before `main()`, through the
+pipeline's public observer hooks: the run SIGKILLs itself at that exact place (tests/test_resume.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 # imported once in the fork server; nothing of stackwise, whose import-time state must come fresh
@@ -44,7 +48,7 @@ def _ctx() -> multiprocessing.context.BaseContext:
     return _context
 
 
-def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, kill_at: str | None) -> None:
     """In the forked child: become `stackwise-train ARGS` run from `cwd` with `env`."""
     os.chdir(cwd)
     os.environ.clear()
@@ -56,16 +60,20 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str) -
     sys.argv = ["stackwise-train", *args]
     code = 0
     try:
+        # imported here, not at the top: StackWise's modules must load after the child's environment is set
         from stackwise.cli.train import main
 
+        if kill_at is not None:
+            from stackwise.pipeline import observe
+            from tests.kill_points import KillAt
+
+            observe(KillAt(kill_at))
         main()
     except SystemExit as e:  # what the console script's exit status would be
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
     except BaseException:  # an uncaught error: traceback on stderr, status 1, like the interpreter
-        import traceback
-
         traceback.print_exc()
         code = 1
     finally:
@@ -77,11 +85,11 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str) -
 class CliRun:
     """A started run; `.wait()` returns a `subprocess.CompletedProcess`."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict, timeout: float):
+    def __init__(self, args: list[str], cwd: Path, env: dict, timeout: float, kill_at: str | None = None):
         self.args, self.timeout = ["stackwise-train", *args], timeout
         self._dir = tempfile.TemporaryDirectory(prefix="sw_cli_")
         self._out, self._err = (str(Path(self._dir.name) / n) for n in ("stdout", "stderr"))
-        self.proc = _ctx().Process(target=_child, args=(list(args), str(cwd), env, self._out, self._err))
+        self.proc = _ctx().Process(target=_child, args=(list(args), str(cwd), env, self._out, self._err, kill_at))
         self.proc.start()
 
     def wait(self) -> subprocess.CompletedProcess:

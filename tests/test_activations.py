@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -255,8 +256,6 @@ def test_lightning_resume_mid_stage_continues_the_stream(f32_cache: Path, tmp_pa
 
 # -------------------------------------------------------------------------- failures detected
 def test_truncated_shard_detected(f32_cache: Path, tmp_path: Path) -> None:
-    import shutil
-
     acts = tmp_path / "copy"
     shutil.copytree(f32_cache, acts)
     shard = acts / "train" / "r0_s00002.hidden.npy"
@@ -267,8 +266,6 @@ def test_truncated_shard_detected(f32_cache: Path, tmp_path: Path) -> None:
 
 
 def test_flipped_byte_detected_only_with_verify(f32_cache: Path, tmp_path: Path) -> None:
-    import shutil
-
     acts = tmp_path / "copy"
     shutil.copytree(f32_cache, acts)
     shard = acts / "val" / "r0_s00001.targets.npy"
@@ -282,8 +279,6 @@ def test_flipped_byte_detected_only_with_verify(f32_cache: Path, tmp_path: Path)
 
 
 def test_missing_manifest_and_discard_incomplete(f32_cache: Path, tmp_path: Path) -> None:
-    import shutil
-
     acts = tmp_path / "copy"
     shutil.copytree(f32_cache, acts)
     (acts / "manifest.json").unlink()  # what an interrupted stage leaves

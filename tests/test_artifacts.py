@@ -21,6 +21,7 @@ from stackwise.artifacts import (
     atomic_write_json,
     atomic_write_stream,
     load_layer_checkpoint,
+    load_model,
     load_safetensors_model,
     read_results,
     record_result,
@@ -29,18 +30,21 @@ from stackwise.artifacts import (
     sha256_file,
 )
 from stackwise.errors import ArtifactError, ArtifactWriteError, ConfigError
+from stackwise.model.config import ModelConfig
+from stackwise.model.transformer import Transformer
+from stackwise.model.weights import LayerWeights
 
 
-def _state() -> dict[str, torch.Tensor]:
+def _state() -> LayerWeights:
     g = torch.Generator().manual_seed(0)
-    return {
-        "block.attn.wq": torch.randn(8, 8, generator=g),
-        "head.norm.weight": torch.ones(8),
-        "block.bf": torch.randn(4, generator=g).to(torch.bfloat16),
-    }
+    return LayerWeights(
+        block={"attn.wq": torch.randn(8, 8, generator=g), "bf": torch.randn(4, generator=g).to(torch.bfloat16)},
+        frozen_sha256="ab" * 32,
+        head={"norm.weight": torch.ones(8)},
+    )
 
 
-META = {"k": 2, "config_hash": "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d", "frozen_sha256": "ab" * 32, "dims": (8, 8)}
+META = {"k": 2, "config_hash": "1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d", "dims": (8, 8)}
 
 
 def _assert_one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
@@ -63,10 +67,11 @@ def test_paths_layout(tmp_path: Path) -> None:
     assert p.e2e_weights == root / "e2e" / "model.safetensors"
     assert p.stage_ckpt_dir("layer_3") == root / "ckpt" / "layer_3"
     assert p.stage_last_ckpt("layer_3") == root / "ckpt" / "layer_3" / "last.ckpt"
-    assert (p.tb_dir, p.tokens_dir, p.results_json, p.hydra_dir) == (
+    assert (p.tb_dir, p.tokens_dir, p.results_json, p.eval_json, p.hydra_dir) == (
         root / "tb",
         root / "tokens",
         root / "results.json",
+        root / "eval.json",
         root / "hydra",
     )
     assert not root.exists()  # constructing paths creates nothing
@@ -122,7 +127,7 @@ def _save_model(path: Path, n: int) -> None:
 WRITERS = [
     ("json", lambda p, n: atomic_write_json({"x": [1.0] * n}, p)),
     ("torch_save", lambda p, n: atomic_torch_save({"w": torch.ones(n)}, p)),
-    ("layer_checkpoint", lambda p, n: save_layer_checkpoint(p, {"w": torch.ones(n)}, {"k": 1})),
+    ("layer_checkpoint", lambda p, n: save_layer_checkpoint(p, LayerWeights({"w": torch.ones(n)}, "", {}), {"k": 1})),
     ("npy_shard", lambda p, n: atomic_write_stream(p, lambda fh: np.save(fh, np.ones(n), allow_pickle=False))),
     ("safetensors", _save_model),
 ]
@@ -235,13 +240,17 @@ def test_layer_checkpoint_roundtrip_weights_only(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(torch, "load", spy)
     got, meta = load_layer_checkpoint(path, expect={"k": 2, "config_hash": META["config_hash"]}, verify_sha256=sha)
     assert calls == [True]
-    assert got.keys() == state.keys()
-    for name in state:
-        assert got[name].dtype == state[name].dtype and torch.equal(got[name], state[name])
+    # one state dict per module, named as the module names them: nothing to strip
+    assert got.sections().keys() == {"block", "head"} and got.embed is None
+    for module, want in state.sections().items():
+        have = got.sections()[module]
+        assert have.keys() == want.keys()
+        assert all(have[n].dtype == want[n].dtype and torch.equal(have[n], want[n]) for n in want)
+    assert got.frozen_sha256 == state.frozen_sha256
     assert meta["dims"] == [8, 8] and meta["k"] == 2
     # a plain weights_only load (what a user does to inspect it) works too
     raw = real_load(path, weights_only=True)
-    assert raw["meta"]["config_hash"] == META["config_hash"]
+    assert raw["meta"]["config_hash"] == META["config_hash"] and set(raw["modules"]) == {"block", "head"}
 
 
 def test_layer_checkpoint_missing(tmp_path: Path) -> None:
@@ -264,7 +273,7 @@ def test_layer_checkpoint_corrupt(tmp_path: Path, damage: str) -> None:
         path.write_bytes(b"XXXX" + data[4:])
     else:  # one bit inside a tensor's bytes: the zip archive itself still reads
         raw = bytearray(data)
-        at = raw.find(_state()["block.attn.wq"].numpy().tobytes()[:16])
+        at = raw.find(_state().block["attn.wq"].numpy().tobytes()[:16])
         assert at > 0
         raw[at + 3] ^= 0x10
         path.write_bytes(bytes(raw))
@@ -277,7 +286,7 @@ def test_layer_checkpoint_corrupt(tmp_path: Path, damage: str) -> None:
 def test_layer_checkpoint_sha_detects_silent_change(tmp_path: Path) -> None:
     path = tmp_path / "layer_1.pt"
     sha = save_layer_checkpoint(path, _state(), META)
-    save_layer_checkpoint(path, {"other": torch.zeros(1)}, META)
+    save_layer_checkpoint(path, LayerWeights({"other": torch.zeros(1)}, "", {}), META)
     with pytest.raises(ArtifactError) as e:
         load_layer_checkpoint(path, verify_sha256=sha)
     assert "sha256" in _assert_one_line_naming(e, path)
@@ -339,6 +348,28 @@ def test_safetensors_roundtrip_with_tied_weights(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError) as e:
         load_safetensors_model(out)
     _assert_one_line_naming(e, out / "config.json")
+
+
+def test_load_model_is_the_one_way_a_model_folder_becomes_a_model(tmp_path: Path) -> None:
+    cfg = ModelConfig(vocab_size=20, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, mask_id=18, pad_id=19)
+    model = Transformer(cfg)
+    save_safetensors_model(tmp_path / "fused", model.state_dict(), cfg.to_dict(), {"val_loss": 1.5})
+    got, meta = load_model(tmp_path / "fused")
+    assert got.cfg == cfg and meta == {"val_loss": 1.5}
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in got.state_dict().items())
+    # weights that do not fit the recorded config: one line naming the folder
+    save_safetensors_model(tmp_path / "bad", model.state_dict(), {**cfg.to_dict(), "d_ff": 48}, {})
+    with pytest.raises(ArtifactError) as e:
+        load_model(tmp_path / "bad")
+    assert "do not fit" in _assert_one_line_naming(e, tmp_path / "bad")
+
+
+def test_old_flat_layer_checkpoint_names_its_version(tmp_path: Path) -> None:
+    path = tmp_path / "layer_1.pt"
+    torch.save({"format": "stackwise.layer", "version": 1, "state": {"block.w": torch.ones(1)}, "meta": {}}, path)
+    with pytest.raises(ArtifactError) as e:
+        load_layer_checkpoint(path)
+    assert "version 1" in _assert_one_line_naming(e, path)
 
 
 # ------------------------------------------------------------------------------------ results

@@ -1,4 +1,4 @@
-"""Invalid input (issue 6, DESIGN §5 invariant 5) through the real `stackwise-train` CLI.
+"""Invalid input through the real `stackwise-train` CLI: it stops before any training.
 
 Every case: non-zero exit, exactly one line `stackwise-train: error: ...` on stderr naming the bad
 value (Hydra's own message for an unknown override key or group option), no traceback, and no
@@ -191,9 +191,9 @@ SHARD = "acts/acts_layer1/train/r0_s00000.hidden.npy"
 
 def retrain_layer_1(exp: Path) -> None:
     """A valid layer_1.pt of the same settings, but not the one layer 2 was trained on."""
-    state, meta = art.load_layer_checkpoint(exp / "layers/layer_1.pt")
-    state["head.norm.weight"] = state["head.norm.weight"] + 1e-3
-    art.save_layer_checkpoint(exp / "layers/layer_1.pt", state, meta)
+    weights, meta = art.load_layer_checkpoint(exp / "layers/layer_1.pt")
+    weights.head["norm.weight"] = weights.head["norm.weight"] + 1e-3
+    art.save_layer_checkpoint(exp / "layers/layer_1.pt", weights, meta)
 
 
 ALL = ["stage=all"]

@@ -169,5 +169,5 @@ def test_pipeline_trainers_take_the_bar(make_run, enabled):
     from stackwise.pipeline import Pipeline
 
     pipe = Pipeline(make_run(f"trainer.enable_progress_bar={str(enabled).lower()}"))
-    bars = [c for c in pipe.plain_trainer().callbacks if isinstance(c, TQDMProgressBar)]
+    bars = [c for c in pipe.trainers.plain().callbacks if isinstance(c, TQDMProgressBar)]
     assert [type(b) for b in bars] == ([StepProgressBar] if enabled else [])

@@ -1,4 +1,4 @@
-"""stackwise.evaluation and the stackwise-eval CLI (issue 5)."""
+"""stackwise.evaluation and the stackwise-eval CLI."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from stackwise import artifacts as art
 from stackwise.cli.eval import main as eval_main
+from stackwise.config import RunConfig, load_run
+from stackwise.data.tokenizers import ByteTokenizer, train_bpe
+from stackwise.data.tokens import load_token_splits
 from stackwise.evaluation import (
     EvalSettings,
     WholeModel,
@@ -31,7 +34,9 @@ from stackwise.evaluation import (
 )
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Transformer
+from stackwise.model.weights import assemble
 from stackwise.objective.loss import masked_loss
+from stackwise.pipeline import Pipeline
 from tests.conftest import TINY, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +133,6 @@ def test_per_sequence_ce_is_masked_loss():
 
 
 def test_bytes_per_token(tmp_path):
-    from stackwise.data.tokenizers import ByteTokenizer, train_bpe
-
     ids = np.arange(20).reshape(2, 10)
     assert bytes_per_token(ids, None, pad_id=None)[0] is None  # dummy data: bits/token
     assert bytes_per_token(ids, ByteTokenizer(), pad_id=257)[0] == 1.0
@@ -147,9 +150,6 @@ def test_bytes_per_token(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny dummy-data experiment: stage=all (2 layers, fused) then stage=e2e, and its evaluation."""
-    from stackwise.config import RunConfig
-    from stackwise.pipeline import Pipeline
-
     root = tmp_path_factory.mktemp("eval")
     common = TINY + [f"output_root={root}", "name=exp", "logger=none", "callbacks=none"]
     for stage in ("all", "e2e"):
@@ -183,13 +183,9 @@ def test_depth_L_prefix_is_the_fused_model(trained):
         assert m["depth_2"]["rates"][r]["acc"] == m["fused"]["rates"][r]["acc"]
     assert m["depth_2"]["bound"]["nats_per_token"] == pytest.approx(m["fused"]["bound"]["nats_per_token"], rel=1e-6)
     # and prefix 1 is assemble(layer_1) run to depth 1, as stage 1 reported it
-    from stackwise.stages.full import assemble
-
     paths = art.ExperimentPaths(exp)
-    from stackwise.config import load_run
-
     run = load_run(exp)
-    first = assemble(run.model, [art.load_layer_checkpoint(paths.layer_ckpt(1))])
+    first = assemble(run.model, [art.load_layer_checkpoint(paths.layer_ckpt(1))[0]])
     val = torch.from_numpy(np.asarray(load_val(exp)).astype(np.int64))
     masks = draw_masks(
         val, seed=run.seed, rates=RATES, bound_samples=4, mask_id=run.model.mask_id, pad_id=run.model.pad_id
@@ -200,9 +196,6 @@ def test_depth_L_prefix_is_the_fused_model(trained):
 
 
 def load_val(exp):
-    from stackwise.config import load_run
-    from stackwise.data.tokens import load_token_splits
-
     run = load_run(exp)
     return load_token_splits(run.data, run.seed, art.ExperimentPaths(exp).tokens_dir).val
 
@@ -247,8 +240,6 @@ def load_model(folder) -> Transformer:
 
 def test_bound_decreases_after_training(trained):
     exp, report = trained
-    from stackwise.config import load_run
-
     run = load_run(exp)
     cfg, paths = run.model, art.ExperimentPaths(exp)
     val = torch.from_numpy(np.asarray(load_val(exp)).astype(np.int64))
@@ -317,8 +308,6 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, tmp_path / "empty")
     assert code == 2 and err.count("\n") == 1 and "not a StackWise experiment" in err
     # an experiment without any model
-    from stackwise.config import RunConfig
-
     run = RunConfig.from_hydra(compose_cfg(TINY + [f"output_root={tmp_path}", "name=bare", "logger=none"]))
     run.exp_dir.mkdir(parents=True)
     art.atomic_write_json(run.to_dict(), art.ExperimentPaths(run.exp_dir).run_config)

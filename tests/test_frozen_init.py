@@ -188,10 +188,14 @@ def test_ddp_never_broadcasts_the_frozen_buffers(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     from stackwise.config import OptimConfig
+    from stackwise.model.transformer import Block, Head
+    from stackwise.model.weights import LayerModules
     from stackwise.stages.layerwise import LayerwiseStage
 
     cfg = tiny_mla()
-    module = LayerwiseStage(cfg, 2, OptimConfig(), "mean", 5, embed_weight=torch.zeros(cfg.vocab_size, cfg.d_model))
+    layer = LayerModules(Block(cfg, 2), Head(cfg))
+    tied = torch.zeros(cfg.vocab_size, cfg.d_model)
+    module = LayerwiseStage(cfg, layer, OptimConfig(), "mean", 5, "layer_2", embed_weight=tied)
     frozen = {"block.attn.q_b.weight", "block.attn.kv_b.weight", "block.mlp.up", "embed_weight"}
     assert {n for n, _ in module.named_buffers()} == frozen
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -15,7 +15,8 @@ from stackwise.errors import ArtifactError
 from stackwise.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from stackwise.model.config import ModelConfig
 from stackwise.model.layers import RotaryEmbedding, SwiGLU
-from stackwise.model.transformer import Block, Embedding, Head, Transformer
+from stackwise.model.transformer import Block, Embedding, Head, Transformer, init_layer
+from stackwise.model.weights import LayerModules, LayerWeights, next_layer
 from stackwise.utils import tensor_sha256
 
 KINDS = ["mha", "gqa", "mla", ["gqa", "mla"]]
@@ -402,3 +403,32 @@ def test_previous_init_copies_what_matches_and_keeps_frozen_tensors(kinds):
         else:
             assert torch.equal(t, src[name]), name
     block.verify_frozen()
+
+
+def test_init_layer_policies_are_plain_model_code():
+    """`layerwise.init` is decided by init_layer / next_layer (no Lightning): random keeps the block's
+    own draw, identity zeroes its residual branches, previous copies layer k-1's trained block."""
+    cfg = tiny(n_layers=2)
+    below, below_head = Block(cfg, 1), Head(cfg)
+    with torch.no_grad():
+        for p in list(below.parameters()) + list(below_head.parameters()):
+            if p.requires_grad:
+                p.add_(0.5)
+    trained = LayerWeights.of(LayerModules(below, below_head))
+    fresh = Block(cfg, 2).state_dict()
+    h = torch.randn(2, 8, cfg.d_model)
+    for policy in ("random", "identity", "previous"):
+        block, head = next_layer(cfg, 2, policy, trained)[:2]
+        assert torch.equal(head.norm.weight, below_head.norm.weight)  # the final norm is carried forward
+        got = block.state_dict()
+        if policy == "random":
+            assert all(torch.equal(got[n], fresh[n]) for n in fresh)
+        elif policy == "identity":
+            assert torch.equal(block(h), h)
+        else:
+            assert all(torch.equal(got[n], below.state_dict()[n]) for n in block.trainable_state_dict())
+        block.verify_frozen()  # the frozen up-projection stays layer 2's own
+    with pytest.raises(ValueError, match="needs layer k-1"):
+        init_layer(Block(cfg, 2), "previous", None)
+    with pytest.raises(ValueError, match="unknown layer init"):
+        init_layer(Block(cfg, 2), "zeros")

@@ -16,7 +16,8 @@ from stackwise.config import OptimConfig
 from stackwise.errors import ConfigError
 from stackwise.model.config import ModelConfig
 from stackwise.model.stats import param_counts, train_step_flops
-from stackwise.model.transformer import Transformer
+from stackwise.model.transformer import Block, Head, Transformer
+from stackwise.model.weights import LayerModules, first_layer
 from stackwise.stages.base import StageModule
 from stackwise.stages.full import FullModelStage
 from stackwise.stages.layerwise import LayerwiseStage
@@ -37,7 +38,7 @@ def _max_rss_bytes() -> int:
 
 # ---------------------------------------------------------------------------- param_counts
 def test_seed_config_counts():
-    # The SRD's seed model: tied embeddings, gqa everywhere.
+    # The seed model (conf/model/seed.yaml): tied embeddings, gqa everywhere.
     cfg = ModelConfig(
         vocab_size=128000, d_model=4096, n_layers=8, n_heads=32, n_kv_heads=8, d_ff=14336, attention="gqa"
     )
@@ -196,12 +197,13 @@ def test_flops_equal_what_torch_counts_in_a_stage_step(attention, tie):
     matrix after stage 1), the head only at masked positions."""
     cfg = ModelConfig(**TINY, **ATTENTIONS[attention], tie_embeddings=tie)
     optim, batch = OptimConfig(), stage_batch(cfg)
-    embed = LayerwiseStage(cfg, 1, optim, "mean", 10)
+    embed = LayerwiseStage(cfg, first_layer(cfg), optim, "mean", 10, "embed")
     cases = {("embed", 1): embed, ("e2e", 1): FullModelStage(cfg, optim, "mean", 10, "e2e")}
     cases[("fusion", 1)] = FullModelStage(cfg, optim, "mean", 10, "fusion")
     for k in (2, 3):
         tied_matrix = embed.embed.weight.detach() if tie else None
-        cases[("layer", k)] = LayerwiseStage(cfg, k, optim, "mean", 10, embed_weight=tied_matrix)
+        layer = LayerModules(Block(cfg, k), Head(cfg))
+        cases[("layer", k)] = LayerwiseStage(cfg, layer, optim, "mean", 10, f"layer_{k}", embed_weight=tied_matrix)
     for (stage, k), module in cases.items():
         assert train_step_flops(cfg, stage, k, Bs, T, RATE) == counted_train_step_flops(module, batch), (stage, k)
 

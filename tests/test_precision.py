@@ -15,7 +15,8 @@ from stackwise.config import PRECISION_WEIGHTS, load_run
 from stackwise.errors import ConfigError, StackWiseError
 from stackwise.model.transformer import Block, Transformer
 from stackwise.objective.loss import masked_loss
-from stackwise.pipeline import Pipeline
+from stackwise.pipeline import Pipeline, Stage
+from stackwise.pipeline.graph import check_fused
 from tests.conftest import TINY, cli
 
 FAST = TINY + ["callbacks=none", "logger=none", "trainer.max_steps=6", "trainer.val_check_interval=3"]
@@ -123,7 +124,7 @@ def test_another_precision_never_takes_fp32_artifacts(tmp_path):
 def test_fusion_check_tolerance_follows_every_stages_precision(make_run):
     def passes(*overrides: str, rel: float) -> bool:
         try:
-            Pipeline(make_run(*overrides)).check_fused(1.0 + rel, 1.0)
+            check_fused(make_run(*overrides), 1.0 + rel, 1.0)
         except StackWiseError:
             return False
         return True
@@ -153,9 +154,9 @@ def test_stage_all_end_to_end(tmp_path, precision):
     run = load_run(exp)
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     for k in (1, 2):
-        state, meta = art.load_layer_checkpoint(exp / "layers" / f"layer_{k}.pt")
-        assert {t.dtype for t in state.values()} == {dtype}
-        assert meta["frozen_sha256"] == Block(run.model, k).frozen_up_checksum()  # fp32 draw, whatever ran
+        weights, _ = art.load_layer_checkpoint(exp / "layers" / f"layer_{k}.pt")
+        assert {t.dtype for sd in weights.sections().values() for t in sd.values()} == {dtype}
+        assert weights.frozen_sha256 == Block(run.model, k).frozen_up_checksum()  # fp32 draw, whatever ran
     if precision == "bf16-true":
         check_bf16_loss_is_summed_in_fp32(run, exp, records[2]["val_loss"])
 
@@ -169,7 +170,7 @@ def check_bf16_loss_is_summed_in_fp32(run, exp, recorded: float) -> None:
     model.to(torch.bfloat16).eval()
     ce, n = 0.0, 0
     with torch.no_grad():
-        for batch in Pipeline(run).token_data(0, 1).val_dataloader():
+        for batch in Pipeline(run).inputs.tokens(Stage.e2e(run.model.n_layers), 1).val_dataloader():
             h = model.run_layers(model.embed_tokens(batch["ids"]), 1, run.model.n_layers)
             o = masked_loss(h, batch["targets"], batch["mask"], batch["t"], model.logits, pad_id=run.model.pad_id)
             ce, n = ce + float(o.ce_sum), n + int(o.n_masked)

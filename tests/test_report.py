@@ -8,13 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import pytest
 
 from stackwise import artifacts as art
 from stackwise.cli.report import main as report_main
 from stackwise.errors import StackWiseError
 from stackwise.pipeline import Pipeline
-from stackwise.report import DEPTH_PNG, REPORT_MD, load_depth_results, write_report, write_sweep_report
+from stackwise.report import (
+    DEPTH_PNG,
+    REPORT_MD,
+    load_depth_results,
+    sweep_labels,
+    write_report,
+    write_sweep_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +39,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
         out.append(
             {
                 "stage": "embed" if k == 1 else f"layer_{k}",
+                "kind": "layer",
                 "k": k,
                 "val_loss": loss,
                 "val_acc": 0.1 + 0.01 * k,
@@ -42,6 +51,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
     out.append(
         {
             "stage": "fused",
+            "kind": "fusion",
             "k": L,
             "val_loss": losses[-1],
             "val_acc": 0.3,
@@ -53,6 +63,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
         out.append(
             {
                 "stage": "finetuned",
+                "kind": "finetune",
                 "k": L,
                 "val_loss": finetuned,
                 "val_acc": 0.31,
@@ -64,6 +75,7 @@ def records(losses, finetuned=4.20, e2e=4.00, e2e_tokens=None):
         out.append(
             {
                 "stage": "e2e",
+                "kind": "e2e",
                 "k": L,
                 "val_loss": e2e,
                 "val_acc": 0.35,
@@ -97,8 +109,6 @@ def verdict(md: str, what: str) -> str:
 
 
 def assert_png(path: Path) -> None:
-    import matplotlib.image as mpimg
-
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
@@ -153,6 +163,20 @@ def test_missing_stage_and_reruns(tmp_path):
     recs.append({**recs[1], "val_loss": 6.0})  # layer_2 rerun: the last record wins
     res = load_depth_results(make_exp(tmp_path, "rerun", recs))
     assert [r.val_loss for r in res.layers] == [5.5, 6.0, 4.5]
+
+
+def test_rows_come_from_each_record_s_kind_and_k_not_its_name(tmp_path):
+    recs = records([5.5, 4.9, 4.5], finetuned=None, e2e=None)
+    recs[1]["stage"] = "second layer"  # a layer record under any name is still layer k
+    recs.append({**recs[0], "stage": "probe", "kind": "probe"})  # a kind the report does not know: left out
+    res = load_depth_results(make_exp(tmp_path, "named", recs))
+    assert [(r.stage, r.k) for r in res.layers] == [("embed", 1), ("second layer", 2), ("layer_3", 3)]
+    assert res.every_layer_lowers() is True and [r.stage for r in res.rows()] == [
+        "embed",
+        "second layer",
+        "layer_3",
+        "fused",
+    ]
 
 
 def test_within_verdict_says_when_token_budgets_differ(tmp_path):
@@ -285,8 +309,6 @@ def test_real_tiny_run_and_e2e(make_run):
 
 
 def test_sweep_labels_drop_what_every_experiment_shares():
-    from stackwise.report import sweep_labels
-
     names = [
         "+stages.embed.trainer.max_steps=320,layerwise.init=previous,model.attention=[gqa,mla]",
         "+stages.embed.trainer.max_steps=320,layerwise.init=random,model.attention=[gqa,mla]",

@@ -1,23 +1,25 @@
-"""Crash and resume: a `stackwise-train stage=all` killed with SIGKILL
-at any point and started again with the same command ends with fused weights BIT-IDENTICAL to a run
-that never stopped (CPU, fp32).
+"""Crash and resume: a `stackwise-train stage=all` killed with SIGKILL at any point and started again
+with the same command ends with fused weights BIT-IDENTICAL to a run that never stopped (CPU, fp32).
 
-The kills land at exact places through the pipeline's test hook STACKWISE_TEST_KILL_AT (see
-stackwise/pipeline.py): mid-stage after a ModelCheckpoint save (so the rerun really resumes from
-ckpt/<stage>/last.ckpt and redoes the steps after it), mid-cache (shards without a manifest),
-after a layer checkpoint or the fused model is written, and mid fine-tune. One experiment folder
-is killed and rerun again and again; each rerun must pick up where the last one died.
+The kills land at exact places through an observer the test installs in the forked CLI process
+(tests/kill_points.py, through the pipeline's public hooks in stackwise/pipeline/events.py):
+mid-stage after a ModelCheckpoint save (so the rerun really resumes from ckpt/<stage>/last.ckpt and
+redoes the steps after it), mid-cache (shards without a manifest), after a layer checkpoint or the
+fused model is written, and mid fine-tune. One experiment folder is killed and rerun again and
+again; each rerun must pick up where the last one died.
 """
 
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import torch
 
 from stackwise import artifacts as art
 from stackwise.pipeline import Pipeline
-from tests.conftest import TINY, cli
+from tests.cli_runner import CliRun
+from tests.conftest import TINY, cli, cli_env
 
 # checkpoints every 4 steps (the pipeline saves one per val_check_interval); dropout on, so the
 # resumed stages must also continue the dropout stream where it was
@@ -73,7 +75,7 @@ def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_
     args = ["stage=all", "name=crash", *ARGS]
     ckpt_step = {}  # stage -> the optimizer step of the last.ckpt its killed run left
     for point in KILLS:
-        out = cli(*args, cwd=tmp_path, env_extra={"STACKWISE_TEST_KILL_AT": point})
+        out = CliRun(args, tmp_path, cli_env(), timeout=300, kill_at=point).wait()
         assert out.returncode == -signal.SIGKILL, (point, out.returncode, out.stderr[-3000:])
         stage = point.split(":")[1] if point.startswith("train:") else None
         if stage:
@@ -100,3 +102,9 @@ def test_killed_anywhere_and_rerun_gives_identical_fused_weights(tmp_path, make_
     # the layer checkpoints and caches are those of the uninterrupted run too
     for k in (1, 2):
         assert art.sha256_file(exp / "layers" / f"layer_{k}.pt") == art.sha256_file(ref.paths.layer_ckpt(k))
+
+
+def test_the_product_holds_no_test_hook():
+    """Kill points come from the tests (tests/kill_points.py), not from the package."""
+    package = Path(__file__).resolve().parents[1] / "stackwise"
+    assert not [p for p in package.rglob("*.py") if "STACKWISE_TEST" in p.read_text()]

@@ -26,8 +26,8 @@ def inspect_experiment(exp_dir: Path, verify: bool) -> tuple[list[str], list[str
     for k in paths.existing_layers():
         path = paths.layer_ckpt(k)
         try:
-            state, meta = art.load_layer_checkpoint(path)
-            n = sum(t.numel() for t in state.values())
+            weights, meta = art.load_layer_checkpoint(path)
+            n = weights.numel()
             lines.append(
                 f"  layer_{k}.pt  {n:,} params  val loss {meta.get('val_loss', float('nan')):.4f}  "
                 f"tokens {meta.get('tokens', 0):,}  config {meta.get('config_hash')}"

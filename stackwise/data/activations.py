@@ -16,7 +16,7 @@ Per cached row (one masked view of one sequence):
     index   ()      int64 example index in its split
     view    ()      int16 mask view (read back as int64)
 
-Why .npy shards: `np.load(mmap_mode="r")` maps them without reading (DESIGN §4: never load a split
+Why .npy shards: `np.load(mmap_mode="r")` maps them without reading (a split is never loaded
 whole), the format has no pickle, and every file is written under a temporary name, hashed while
 written and renamed, so a crash leaves only files that no manifest lists. Each rank names its
 own shards (`r{rank}_`), so DDP ranks never collide and no cross-rank gather (which would pickle)

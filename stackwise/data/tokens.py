@@ -33,13 +33,13 @@ from typing import IO, Any, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stackwise.artifacts import atomic_open, atomic_write_json
 from stackwise.data.tokenizers import TOKENIZER_KINDS, ByteTokenizer, Tokenizer, build_tokenizer
 from stackwise.errors import ConfigError, StackWiseError
 from stackwise.structured import Structured
-from stackwise.utils import derive_seed, generator
+from stackwise.utils import generator
 
 log = logging.getLogger("stackwise")
 
@@ -463,7 +463,7 @@ def _encode(source: _Source, tok: Tokenizer) -> Iterator[Any]:
         yield [i for ids in tok.encode_batch(batch) for i in ids]
 
 
-# ------------------------------------------------------------------------------ torch / Lightning
+# ----------------------------------------------------------------------------------------- torch
 class TokenDataset(Dataset):
     """Rows of a token array: {"ids": LongTensor (T,), "index": int}; a memmap is read row by row."""
 
@@ -475,44 +475,3 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"ids": torch.from_numpy(np.asarray(self.array[i], dtype=np.int64)), "index": int(i)}
-
-
-def _token_data_module() -> type:
-    import lightning as L
-
-    class TokenDataModule(L.LightningDataModule):
-        """Plain (unmasked) token batches; the stages mask them (see stackwise/data/stage_data.py)."""
-
-        def __init__(self, splits: TokenSplits, batch_size: int, seed: int = 0, num_workers: int = 0):
-            super().__init__()
-            self.splits, self.batch_size, self.seed, self.num_workers = splits, batch_size, seed, num_workers
-
-        def train_dataloader(self) -> DataLoader:
-            # its own seeded generator: the order depends on `seed` only, not on the global RNG
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "tokens", "shuffle"))
-            return DataLoader(
-                TokenDataset(self.splits.train),
-                batch_size=self.batch_size,
-                shuffle=True,
-                generator=g,
-                drop_last=True,
-                num_workers=self.num_workers,
-            )
-
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(
-                TokenDataset(self.splits.val), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-            )
-
-    TokenDataModule.__qualname__ = "TokenDataModule"  # pickles as stackwise.data.tokens.TokenDataModule
-    return TokenDataModule
-
-
-def __getattr__(name: str) -> Any:
-    # TokenDataModule subclasses Lightning's DataModule. Building the class on first use keeps this
-    # module (imported by config validation and stackwise-tokenizer) free of Lightning's import, which
-    # takes seconds: a config error or a tokenizer run should not wait for it.
-    if name == "TokenDataModule":
-        cls = globals()[name] = _token_data_module()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

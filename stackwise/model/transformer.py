@@ -177,6 +177,23 @@ class Block(nn.Module):
         self.load_state_dict(sd)
 
 
+LAYER_INITS = ("random", "identity", "previous")
+
+
+def init_layer(block: Block, policy: str, below: Block | None = None) -> None:
+    """How layer k >= 2 starts training (`layerwise.init`): `random` keeps its own (seed, k) draw,
+    `identity` zeroes both residual branches (the block starts as the identity map), `previous`
+    copies `below`'s (layer k-1's) trained weights (`Block.copy_trainable_from`)."""
+    if policy == "identity":
+        block.zero_residual_branches()
+    elif policy == "previous":
+        if below is None:
+            raise ValueError("init=previous needs layer k-1's trained block")
+        block.copy_trainable_from(below)
+    elif policy != "random":
+        raise ValueError(f"unknown layer init {policy!r}; allowed: {', '.join(LAYER_INITS)}")
+
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     lines = "".join(f"{name}={tensor_sha256(t)}\n" for name, t in tensors.items())
     return hashlib.sha256(lines.encode()).hexdigest()

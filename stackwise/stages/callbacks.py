@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, ThroughputMonitor
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from stackwise.artifacts import atomic_torch_save, write_errors
+
 
 def token_throughput_monitor(**kwargs) -> ThroughputMonitor:
     """Lightning's ThroughputMonitor counting sequences and tokens of our dict batches (tokens/s)."""
@@ -83,10 +85,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        # a full or read-only disk is an ArtifactWriteError naming the file, not an OSError traceback
-        from stackwise.artifacts import atomic_torch_save, write_errors
-
         if storage_options is not None or "://" in str(path):  # remote paths: Lightning's own way
+            # a full or read-only disk is an ArtifactWriteError naming the file, not an OSError traceback
             with write_errors(path):
                 return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)

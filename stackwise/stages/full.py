@@ -8,7 +8,6 @@ from stackwise.config import OptimConfig
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Transformer
 from stackwise.stages.base import StageModule, trainable
-from stackwise.stages.layerwise import _strip
 
 
 class FullModelStage(StageModule):
@@ -36,16 +35,3 @@ class FullModelStage(StageModule):
 
     def head_logits(self, h: Tensor) -> Tensor:
         return self.model.logits(h)
-
-
-def assemble(cfg: ModelConfig, layer_states: list[tuple[dict[str, Tensor], dict]]) -> Transformer:
-    """The fused model from layer_1.pt … layer_L.pt: embedding from stage 1, block k from stage k,
-    final norm and head from stage L (the last one to train them)."""
-    model = Transformer(cfg)
-    first_state, _ = layer_states[0]
-    model.embed.load_state_dict(_strip("embed", first_state))
-    for k, (state, meta) in enumerate(layer_states, start=1):
-        model.blocks[k - 1].load_trainable_state_dict(_strip("block", state), meta["frozen_sha256"])
-    last_state, _ = layer_states[-1]
-    model.head.load_state_dict(_strip("head", last_state))
-    return model

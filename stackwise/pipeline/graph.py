@@ -1,0 +1,253 @@
+"""The stage graph, top to bottom:
+
+    layer 1 (embed) -> layer k = 2..L -> fusion (check + optional fine-tune)        e2e (the baseline)
+
+For each stage: what it needs, whether it is already complete (then it is skipped), run it, save
+it, and for a layer stage cache its activations for the next one. Which stages a `stage=` setting
+runs: stage.py. What "complete" means: state.py. How a Trainer is built: trainers.py. Who writes
+files: ranks.write_once. What is printed: console.py. Hooks for observers: events.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import lightning as L
+from torch import Tensor
+
+from stackwise import artifacts as art
+from stackwise.config import FULL_PRECISION, RunConfig
+from stackwise.data import activations as acts
+from stackwise.errors import StackWiseError
+from stackwise.lock import experiment_lock
+from stackwise.model.weights import LayerWeights, assemble, first_layer, next_layer
+from stackwise.pipeline import console
+from stackwise.pipeline.events import StageObserver, installed
+from stackwise.pipeline.inputs import StageInputs
+from stackwise.pipeline.ranks import world_size, write_once
+from stackwise.pipeline.stage import Stage, plan
+from stackwise.pipeline.state import ExperimentState
+from stackwise.pipeline.trainers import Trainers
+from stackwise.stages.base import StageModule
+from stackwise.stages.full import FullModelStage
+from stackwise.stages.layerwise import LayerwiseStage
+
+log = logging.getLogger("stackwise")
+
+
+class Pipeline:
+    """`Pipeline(run).execute()` runs the stages `run.stage` asks for, skipping the complete ones."""
+
+    def __init__(self, run: RunConfig, observers: Sequence[StageObserver] = ()):
+        self.run, self.cfg = run, run.model
+        self.paths = art.ExperimentPaths(run.exp_dir)
+        self.hashes = run.hashes()
+        self.observers = [*installed(), *observers]
+        self.state = ExperimentState(run, self.paths, self.hashes)
+        self.trainers = Trainers(run, self.paths, self.observers)
+        self.inputs = StageInputs(run, self.paths)
+
+    def execute(self) -> None:
+        self.trainers.check_node()  # a trainer key Lightning does not take stops here, before any work
+        self.state.create()
+        with experiment_lock(self.paths):  # one run at a time per folder, from the first write to the last
+            self.state.adopt(self.run.to_dict())
+            run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
+            for stage in plan(self.run.stage, self.run.k, self.cfg.n_layers):
+                run_stage[stage.kind](stage)
+            if self.run.stage == "all":
+                write_once(lambda: console.finish_all(self.run, self.paths))
+
+    # ------------------------------------------------------------------ layer k
+    def layer_stage(self, stage: Stage) -> None:
+        """Train layer k (or reuse a finished layer_k.pt), then cache acts_layer{k}."""
+        found = self.state.layer(stage)
+        if found.complete:
+            log.info("stage %s: complete, skipped", stage.name)
+            self.state.drop_resume_point(stage)  # left when a run was killed right after finishing the stage
+            return
+        data, below, embed_weight = self.layer_inputs(stage)
+        if found.weights is not None:  # trained before, killed while caching: reuse the weights
+            log.info("stage %s: weights found, rebuilding its cache only", stage.name)
+            layer = found.weights.modules(self.cfg, stage.k)
+            self.state.drop_resume_point(stage)
+        else:
+            layer = first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
+        run = self.run
+        optim, steps = run.optim_for(stage.budget), run.max_steps(stage.budget)
+        module = LayerwiseStage(self.cfg, layer, optim, run.masking.weighting, steps, stage.name, embed_weight)
+        if found.weights is None:
+            self.train_layer(stage, module, data)
+        if self.state.needs_cache(stage):
+            self.cache(stage, module, data)
+
+    def layer_inputs(self, stage: Stage) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None]:
+        """What layer k trains on and starts from: token data (layer 1), or acts_layer{k-1} and layer
+        k-1's weights, plus stage 1's embedding matrix when the head is tied to it."""
+        if stage.first:
+            return self.inputs.tokens(stage, self.run.max_steps(stage.budget)), None, None
+        below = self.state.load_layer(stage.below, needed_by=stage)[0]
+        data = self.inputs.activations(stage, self.state.input_cache(stage.below, needed_by=stage))
+        embed_weight = None
+        if self.cfg.tie_embeddings:  # stage 1's weights hold it: read layer_1.pt unless it is `below`
+            first = below if below.embed is not None else self.state.load_layer(Stage.layer(1), needed_by=stage)[0]
+            embed_weight = first.embed["weight"]
+        return data, below, embed_weight
+
+    def train_layer(self, stage: Stage, module: LayerwiseStage, data: L.LightningDataModule) -> None:
+        """Fit layer k and save layers/layer_k.pt with what it was trained from and how well it does."""
+        if self.state.needs_cache(stage):  # hours of training must not end in a full disk
+            self.inputs.cache_loaders(stage, data)
+        t0 = time.time()
+        scores, resumed = self.train(stage, module, data)
+        seconds, steps = time.time() - t0, self.run.max_steps(stage.budget)
+        below = art.sha256_file(self.paths.layer_ckpt(stage.below.k)) if stage.below else None
+        # no wall time in the file: the same settings must give the same bytes
+        meta = {"stage": stage.name, "k": stage.k, "config_hash": self.hashes["layer"], "model": self.cfg.to_dict()}
+        meta.update(prev_sha256=below, **scores, steps=steps, tokens=self.tokens_seen(stage, steps))
+        weights = LayerWeights.of(module.trained_modules())
+        write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
+        self.saved(stage)
+        self.record(stage, meta, seconds, resumed)
+        self.state.drop_resume_point(stage)
+
+    def cache(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> None:
+        """acts_layer{k}: layer k's output on every cached (sequence, view), then its manifest, last."""
+        acts_dir = self.paths.acts_dir(stage.k)
+        acts.discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
+        loaders = self.inputs.cache_loaders(stage, data)  # before the first shard is written
+        writer = acts.CacheWriter(
+            acts_dir,
+            splits=["train", "val"],
+            shard_size=self.run.cache.shard_size,
+            dtype=self.run.cache.dtype,
+            vocab_size=self.cfg.vocab_size,
+        )
+        self.trainers.predict(stage, module, loaders, writer)
+        for observer in self.observers:
+            observer.cached(stage)
+        write_once(lambda: acts.write_manifest(acts_dir, writer.records(), self.state.cache_meta(stage)))
+
+    # ------------------------------------------------------------------ fusion
+    def fusion_stage(self, stage: Stage) -> None:
+        """Assemble layer_1..L, check the fused model reproduces the last stage's loss, save fused/;
+        then the optional joint fine-tune."""
+        run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
+        if self.state.fusion_complete():
+            log.info("stage fusion: complete, skipped")
+            self.state.drop_resume_point(finetune)
+            return
+        layers = self.state.layer_stack(needed_by=stage)
+        steps = max(1, run.fusion.finetune_steps)
+        data = self.inputs.tokens(stage, steps)
+        model = assemble(cfg, [weights for weights, _ in layers])
+        module = FullModelStage(cfg, run.optim_for(finetune.budget), run.masking.weighting, steps, finetune.name, model)
+        t0 = time.time()
+        scores = self.trainers.validate(module, data.val_dataloader())
+        if run.fusion.check:
+            check_fused(run, scores["val_loss"], layers[-1][1]["val_loss"])
+        tokens = sum(meta["tokens"] for _, meta in layers)
+        meta = {"config_hash": self.hashes["fusion"], **scores, "finetuned": False, "tokens": tokens}
+        meta["layers_sha256"] = self.state.layer_shas()
+        fused = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        self.save_model(stage, self.paths.fused_dir, fused, meta)
+        layer_seconds = sum(r["seconds"] for r in art.read_results(self.paths) if r.get("kind") == "layer")
+        self.record(stage, meta, layer_seconds + time.time() - t0)
+        if run.fusion.finetune_steps > 0:
+            finetuned, resumed = self.finetune(finetune, module, data, fused, meta)
+            self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
+            self.state.drop_resume_point(finetune)
+
+    def finetune(self, stage: Stage, module: FullModelStage, data, fused: dict, fused_meta: dict) -> tuple[dict, int]:
+        """Train the fused model jointly into fused/finetuned/; fused/ is rewritten last, marked
+        finetuned: from then on the whole fusion stage is complete. (its meta, the step it resumed from)"""
+        scores, resumed = self.train(stage, module, data)
+        tokens = fused_meta["tokens"] + self.tokens_seen(stage, self.run.fusion.finetune_steps)
+        meta = {**fused_meta, **scores, "finetuned": True, "tokens": tokens}
+        self.save_model(stage, self.paths.finetuned_dir, module.model.state_dict(), meta)
+        done = {**fused_meta, "finetuned": True}
+        write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused, self.cfg.to_dict(), done))
+        return meta, resumed
+
+    # ------------------------------------------------------------------ e2e
+    def e2e_stage(self, stage: Stage) -> None:
+        """The same model trained end to end on the layer-wise token budget: the baseline."""
+        run, cfg = self.run, self.cfg
+        if self.state.e2e_complete():
+            log.info("stage e2e: complete, skipped")
+            self.state.drop_resume_point(stage)
+            return
+        steps = run.max_steps(stage.budget)
+        data = self.inputs.tokens(stage, steps)
+        module = FullModelStage(cfg, run.optim_for(stage.budget), run.masking.weighting, steps, stage.name)
+        t0 = time.time()
+        scores, resumed = self.train(stage, module, data)
+        meta = {"config_hash": self.hashes["e2e"], **scores, "tokens": self.tokens_seen(stage, steps), "steps": steps}
+        self.save_model(stage, self.paths.e2e_dir, module.model.state_dict(), meta)
+        self.record(stage, meta, time.time() - t0, resumed)
+        self.state.drop_resume_point(stage)
+        write_once(lambda: console.print_table(art.read_results(self.paths)))
+
+    # ------------------------------------------------------------------ shared steps
+    def train(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> tuple[dict[str, float], int]:
+        """Fit `stage` (from the checkpoint a killed run left, if any), then score it: ({val_loss,
+        val_acc}, the optimizer step training started from: 0, or the resumed checkpoint's)."""
+        resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
+        return self.trainers.validate(module, data.val_dataloader()), resumed
+
+    def tokens_seen(self, stage: Stage, steps: int) -> int:
+        """Tokens one stage trained on: every rank's batches (DDP) at every optimizer step."""
+        return steps * self.run.tokens_per_step(stage.budget) * world_size()
+
+    def save_model(self, stage: Stage, folder, state: dict, meta: dict) -> None:
+        write_once(lambda: art.save_safetensors_model(folder, state, self.cfg.to_dict(), meta))
+        self.saved(stage)
+
+    def saved(self, stage: Stage) -> None:
+        for observer in self.observers:
+            observer.saved(stage)
+
+    def record(self, stage: Stage, meta: dict, seconds: float, resumed_from_step: int | None = None) -> None:
+        """One results.json record (and the TensorBoard depth summary) per finished stage; a trained
+        stage also says the step it started from, so a resumed stage is visible there."""
+        rec = {
+            "stage": stage.record,
+            "kind": stage.kind,
+            "k": stage.k,
+            "val_loss": meta["val_loss"],
+            "val_acc": meta["val_acc"],
+            "tokens": meta["tokens"],
+            "seconds": seconds,
+        }
+        if resumed_from_step is not None:
+            rec["resumed_from_step"] = resumed_from_step
+
+        def write() -> None:
+            art.record_result(self.paths, rec)
+            if self.run.logger:
+                console.log_depth(self.paths, stage, rec)
+
+        write_once(write)
+
+
+def check_fused(run: RunConfig, fused_loss: float, stage_loss: float) -> None:
+    """The fused model reproduces the last stage's validation loss.
+
+    The fused model is scored by the same `validate` (in the run's precision) that scored each
+    stage, so the check runs in the precision the stages ran in; an fp32 or fp64 run whose cache
+    keeps fp32 inputs reproduces the loss up to summation order. With half precision anywhere, a
+    few roundings may differ: a bf16/fp16 cache rounds layer inputs the fused model keeps, and
+    bf16/fp16 weights or autocast round activations, in kernels that may round otherwise for
+    another batch shape. 2e-2 is about five steps of bf16's relative spacing (2^-8).
+    """
+    precisions = [run.trainer.get("precision")] + [run.trainer_kwargs(s).get("precision") for s in ("embed", "layer")]
+    exact = run.cache.dtype == "float32" and all(p in FULL_PRECISION for p in precisions)
+    rtol = 1e-5 if exact else 2e-2
+    if abs(fused_loss - stage_loss) > rtol * abs(stage_loss):
+        raise StackWiseError(
+            f"fusion check failed: the fused model's validation loss {fused_loss:.6f} differs from the last "
+            f"stage's {stage_loss:.6f} by more than {rtol:g} relative; the layer checkpoints are inconsistent"
+        )
+    log.info("fusion check: fused val loss %.6f == last stage %.6f (rtol %g)", fused_loss, stage_loss, rtol)

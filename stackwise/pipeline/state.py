@@ -1,0 +1,260 @@
+"""What the experiment folder holds, judged against this run's settings.
+
+A stage is complete when its artifact loads, was made by this run's settings (config hash) and,
+for a layer that a later stage reads, its activation cache has a manifest naming that layer's
+sha256. Artifacts made by other settings stop the run (or are replaced with overwrite=true); a
+mid-stage checkpoint is resumed from only when it was tagged with these settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stackwise import artifacts as art
+from stackwise.config import RunConfig
+from stackwise.data import activations as acts
+from stackwise.errors import ArtifactError, StackWiseError
+from stackwise.model.weights import LayerWeights
+from stackwise.pipeline.stage import Stage
+
+log = logging.getLogger("stackwise")
+
+
+@dataclass
+class LayerFound:
+    """layer_k.pt as this run finds it: its weights when they are valid for these settings, and whether
+    the stage is complete (weights + the cache a later stage reads)."""
+
+    weights: LayerWeights | None = None
+    complete: bool = False
+
+
+class ExperimentState:
+    def __init__(self, run: RunConfig, paths: art.ExperimentPaths, hashes: dict[str, str]):
+        self.run, self.paths, self.hashes = run, paths, hashes
+
+    # ------------------------------------------------------------------ the folder as a whole
+    def create(self) -> None:
+        try:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StackWiseError(
+                f"output_root: cannot create the experiment folder {self.paths.root}: {e.strerror or e}"
+            ) from None
+
+    def adopt(self, run_config: dict) -> None:
+        """Stop at (or clear) foreign layer-wise artifacts; keep the resolved config beside them."""
+        self.check_foreign()
+        path = self.paths.run_config
+        try:  # untouched when it has not changed
+            same = path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(run_config))
+        except ValueError:
+            same = False
+        if not same:
+            art.atomic_write_json(run_config, path)
+
+    def check_foreign(self) -> None:
+        """Stop (or clear, with overwrite=true) when layer-wise artifacts were made by other settings."""
+        first = self.paths.layer_ckpt(1)
+        if not first.exists():
+            return
+        try:
+            _, meta = art.load_layer_checkpoint(first)
+        except ArtifactError:
+            return  # a corrupt file is reported by the stage that needs it
+        if meta.get("config_hash") == self.hashes["layer"]:
+            return
+        if not self.run.overwrite:
+            raise ArtifactError(
+                f"{first} was made by other settings (config {meta.get('config_hash')}, this run's is "
+                f"{self.hashes['layer']}); use overwrite=true to replace them or name=NAME for a new folder"
+            )
+        log.warning("overwrite=true: removing the layer-wise artifacts of %s", self.paths.root)
+        for d in (self.paths.acts_root, self.paths.fused_dir, self.paths.ckpt_root):
+            shutil.rmtree(d, ignore_errors=True)
+        self.paths.results_json.unlink(missing_ok=True)
+        # layer_1.pt goes last: while it is there, a run killed midway is known to hold foreign artifacts
+        for k in sorted(self.paths.existing_layers(), reverse=True):
+            self.paths.layer_ckpt(k).unlink(missing_ok=True)
+        shutil.rmtree(self.paths.layers_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ layer-wise stages
+    def layer_expect(self, stage: Stage) -> dict:
+        return {"config_hash": self.hashes["layer"], "k": stage.k}
+
+    def needs_cache(self, stage: Stage) -> bool:
+        """A later stage reads acts_layer{k} (or cache.last_layer asks for the last one too)."""
+        return stage.k < self.run.model.n_layers or self.run.cache.last_layer
+
+    def layer(self, stage: Stage) -> LayerFound:
+        """layer_k.pt: absent, valid (and its cache complete or not), or foreign/corrupt, which stops
+        the run (overwrite=true: removed, to be retrained)."""
+        path = self.paths.layer_ckpt(stage.k)
+        if not path.exists():
+            return LayerFound()
+        try:
+            weights, meta = art.load_layer_checkpoint(path, expect=self.layer_expect(stage))
+            problem = self.chain_problem(stage, meta)
+            if problem:
+                raise ArtifactError(f"{problem}; use overwrite=true to retrain it")
+        except ArtifactError as e:
+            if not self.run.overwrite:
+                raise
+            log.warning("overwrite=true: replacing %s (%s)", path, e)
+            path.unlink(missing_ok=True)
+            return LayerFound()
+        return LayerFound(weights, complete=not self.needs_cache(stage) or self.cache_complete(stage))
+
+    def cache_complete(self, stage: Stage) -> bool:
+        if not self.paths.acts_manifest(stage.k).exists():
+            return False  # never cached, or killed while caching: rebuilt
+        try:
+            self.open_cache(stage)
+        except acts.StaleCacheError:
+            return False  # made from another layer_k.pt: rebuilt
+        except ArtifactError as e:  # a damaged cache (shard missing, truncated, changed) is reported
+            if not self.run.overwrite:
+                raise ArtifactError(f"{e} (or overwrite=true to rebuild it)") from None
+            log.warning("overwrite=true: rebuilding the damaged cache %s", self.paths.acts_dir(stage.k))
+            return False
+        return True
+
+    def open_cache(self, stage: Stage) -> acts.ActivationCache:
+        """acts_layer{k}, checked against the layer checkpoint that produced it."""
+        return acts.ActivationCache.open(
+            self.paths.acts_dir(stage.k), verify=self.run.verify, expect=self.cache_meta(stage, check=True)
+        )
+
+    def cache_meta(self, stage: Stage, check: bool = False) -> dict:
+        """What acts_layer{k}'s manifest records (`check`: the part a reader checks)."""
+        meta = {
+            "k": stage.k,
+            "config_hash": self.hashes["layer"],
+            "producer_sha256": art.sha256_file(self.paths.layer_ckpt(stage.k)),
+            "d_model": self.run.model.d_model,
+            "seq_len": self.run.data.seq_len,
+        }
+        return meta if check else {**meta, "views": self.run.cache.views, "dtype": self.run.cache.dtype}
+
+    def chain_problem(self, stage: Stage, meta: dict) -> str | None:
+        """Layer k must have been trained on the activations of the layer_{k-1}.pt there now."""
+        below = self.paths.layer_ckpt(stage.below.k) if stage.below else None
+        if below is None or not below.exists() or meta.get("prev_sha256") == art.sha256_file(below):
+            return None
+        return (
+            f"{self.paths.layer_ckpt(stage.k)} was trained on the activations of another {below.name} than the "
+            f"one there now (sha256 {str(meta.get('prev_sha256'))[:12]})"
+        )
+
+    def load_layer(self, stage: Stage, needed_by: Stage) -> tuple[LayerWeights, dict]:
+        """layer_k.pt and its metadata as the input of `needed_by`; a missing one names the command that writes it."""
+        path = self.paths.layer_ckpt(stage.k)
+        if not path.exists():
+            raise ArtifactError(
+                f"{needed_by.command} needs {path}, which does not exist: run {stage.command} first"
+                + (" (or stage=all)" if needed_by.kind == "fusion" else "")
+            )
+        return art.load_layer_checkpoint(path, expect=self.layer_expect(stage))
+
+    def layer_stack(self, needed_by: Stage) -> list[tuple[LayerWeights, dict]]:
+        """layer_1.pt … layer_L.pt for fusion, each trained on the activations of the one below it."""
+        layers = []
+        for k in range(1, self.run.model.n_layers + 1):
+            stage = Stage.layer(k)
+            layers.append(self.load_layer(stage, needed_by))
+            problem = self.chain_problem(stage, layers[-1][1])
+            if problem:
+                raise ArtifactError(f"{problem}; rerun {stage.command} (overwrite=true) or stage=all")
+        return layers
+
+    def input_cache(self, stage: Stage, needed_by: Stage) -> acts.ActivationCache:
+        """acts_layer{k} as the input of `needed_by`: it must be complete."""
+        if not self.paths.acts_manifest(stage.k).exists():
+            raise ArtifactError(
+                f"{needed_by.command} needs the activation cache {self.paths.acts_dir(stage.k)} "
+                f"(no complete manifest.json): rerun {stage.command} to rebuild it"
+            )
+        return self.open_cache(stage)
+
+    # ------------------------------------------------------------------ fusion and e2e
+    def layer_shas(self) -> list | None:
+        """sha256 of layer_1.pt .. layer_L.pt (None while one is missing): what a fused model was made of."""
+        paths = [self.paths.layer_ckpt(k) for k in range(1, self.run.model.n_layers + 1)]
+        return [art.sha256_file(p) for p in paths] if all(p.is_file() for p in paths) else None
+
+    def fusion_complete(self) -> bool:
+        shas = self.layer_shas()
+        if shas is None:
+            return False
+        try:  # made by these settings from exactly these layer checkpoints
+            _, _, meta = art.load_safetensors_model(
+                self.paths.fused_dir,
+                verify=self.run.verify,
+                expect={"config_hash": self.hashes["fusion"], "layers_sha256": shas},
+            )
+        except ArtifactError:
+            return False
+        return self.run.fusion.finetune_steps == 0 or meta.get("finetuned", False)
+
+    def e2e_complete(self) -> bool:
+        try:
+            art.load_safetensors_model(
+                self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]}, verify=self.run.verify
+            )
+        except ArtifactError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ mid-stage checkpoints
+    def resume_point(self, stage: Stage) -> Path | None:
+        """ckpt/<stage>/last.ckpt when a killed run with these settings left a readable one, else None.
+
+        The folder's stackwise.json (stage and config hash) is written before Lightning saves anything
+        in it, so a checkpoint left by other settings is never resumed from: it stops the run (or is
+        dropped with overwrite=true), like every other artifact of another config.
+        """
+        ckpt_dir = self.paths.stage_ckpt_dir(stage.name)
+        tag = {"stage": stage.name, "config_hash": self.hashes[stage.hash_key]}
+        last, tag_path = ckpt_dir / "last.ckpt", ckpt_dir / "stackwise.json"
+        if last.exists():
+            problem = self._resume_problem(last, tag_path, tag)
+            if problem is None:
+                log.info("stage %s: resuming from %s", stage.name, last)
+                return last
+            if not self.run.overwrite:
+                raise ArtifactError(
+                    f"{last} {problem}; use overwrite=true to restart stage {stage.name} from "
+                    f"scratch, or name=NAME for a new folder"
+                )
+            log.warning("overwrite=true: dropping %s (%s)", last, problem)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        art.atomic_write_json(tag, tag_path)
+        return None
+
+    def _resume_problem(self, last: Path, tag_path: Path, tag: dict) -> str | None:
+        try:
+            have = json.loads(tag_path.read_text())
+        except (OSError, ValueError):
+            have = {}
+        if not isinstance(have, dict) or have.get("config_hash") is None:
+            return f"has no readable {tag_path.name} saying which settings made it"
+        if have != tag:
+            return (
+                f"was made by config {str(have.get('config_hash'))[:12]} (stage {have.get('stage')}) but this "
+                f"run's is {tag['config_hash'][:12]} (stage {tag['stage']})"
+            )
+        try:
+            with zipfile.ZipFile(last) as z:  # the archive's directory sits at its end: truncation shows
+                bad = z.testzip() if self.run.verify else None
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"is not a readable checkpoint (truncated or corrupt: {e})"
+        return None if bad is None else f"fails its CRC check at {bad!r} (corrupt)"
+
+    def drop_resume_point(self, stage: Stage) -> None:
+        """The optimizer state ends with the stage."""
+        shutil.rmtree(self.paths.stage_ckpt_dir(stage.name), ignore_errors=True)

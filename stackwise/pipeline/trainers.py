@@ -1,0 +1,176 @@
+"""The one place `lightning.Trainer`s are built.
+
+Every Trainer comes from the `trainer` node (conf/trainer/default.yaml, `_target_: lightning.Trainer`,
+merged with `stages.<name>.trainer` by RunConfig.trainer_kwargs) through Hydra's `instantiate`, with
+what the pipeline adds to it decided here and nowhere else:
+
+- fit: ModelCheckpoint every `val_check_interval` steps into ckpt/<stage>/ (the mid-stage resume
+  point), checkpoints written atomically (AtomicCheckpointIO, unless the node sets `plugins`), the
+  configured logger (one TensorBoard run per stage) and callbacks, the observers' callbacks;
+- validate / predict: the same placement (accelerator, devices, strategy, precision) and nothing
+  that trains, logs or checkpoints.
+Distributed strategies (DDP, FSDP) come in through the node's `strategy` and reach every Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, LambdaCallback, LearningRateMonitor, ModelCheckpoint
+
+from stackwise.artifacts import ExperimentPaths, one_line
+from stackwise.config import RunConfig
+from stackwise.errors import ConfigError
+from stackwise.model.stats import train_step_flops
+from stackwise.pipeline.events import StageObserver
+from stackwise.pipeline.stage import Stage
+from stackwise.stages.base import StageModule
+from stackwise.stages.callbacks import AtomicCheckpointIO, with_progress_bar
+from stackwise.utils import derive_seed
+
+TRAINER_TARGET = "lightning.Trainer"  # when the node names no _target_ (a run_config.json of an older run)
+# the arguments that say where and how a stage runs, which the evaluate / predict Trainers share
+PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")
+CHECKPOINT_EVERY = 50  # steps between mid-stage checkpoints when val_check_interval is not a step count
+BUDGETS = ("embed", "layer", "fusion", "e2e")
+
+
+def _hydra_key(key: str) -> bool:
+    return key.startswith("_") and key.endswith("_")  # _target_, _convert_, ...: instantiate's own
+
+
+def build(node: dict[str, Any], **extra: Any) -> L.Trainer:
+    """A Trainer from a `trainer` node and the objects the pipeline adds (callbacks, logger, plugins)."""
+    try:
+        return instantiate({"_target_": TRAINER_TARGET, **node}, **extra)
+    except InstantiationException as e:  # a value Lightning refuses: one line naming it, not a traceback
+        raise ConfigError("trainer", one_line(e.__cause__ or e)) from None
+
+
+class Trainers:
+    """The Trainers of one run: `fit` a stage, `validate` a module, `predict` (cache) with a writer."""
+
+    def __init__(self, run: RunConfig, paths: ExperimentPaths, observers: Sequence[StageObserver] = ()):
+        self.run, self.paths, self.observers = run, paths, list(observers)
+
+    def check_node(self) -> None:
+        """A `trainer` (or `stages.<name>.trainer`) key lightning.Trainer does not take stops here,
+        before any work, rather than when that stage's Trainer is built."""
+        known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
+        for budget in BUDGETS:
+            for key in self.run.trainer_kwargs(budget):
+                if key not in known and not _hydra_key(key):
+                    where = "trainer" if key in self.run.trainer else f"stages.{budget}.trainer"
+                    raise ConfigError(f"{where}.{key}", "not an argument of lightning.Trainer (see its documentation)")
+
+    # ------------------------------------------------------------------ training
+    def fit(self, stage: Stage, module: StageModule, data: L.LightningDataModule, resume: Path | None) -> int:
+        """Train `stage`, from the mid-stage checkpoint `resume` when a killed run left one; return
+        the optimizer step training started from (0, or the checkpoint's)."""
+        run, node = self.run, self.run.trainer_kwargs(stage.budget)
+        # per batch, what one forward + backward costs: read by ThroughputMonitor for FLOP/s and MFU
+        module.flops_per_batch = train_step_flops(
+            run.model, stage.budget, stage.k, run.data.batch_size, run.data.seq_len, run.masking.mean_rate()
+        )
+        logger = self._logger(stage)
+        start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
+        started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
+        callbacks = [self._checkpoint(stage, node), started, *self._configured_callbacks(logger is not None)]
+        callbacks = with_progress_bar(callbacks + self._observer_callbacks(stage), node.get("enable_progress_bar"))
+        trainer = build(
+            node,
+            logger=logger if logger is not None else False,
+            callbacks=callbacks,
+            default_root_dir=str(self.paths.root),
+            **({} if "plugins" in node else {"plugins": [AtomicCheckpointIO()]}),
+        )
+        L.seed_everything(derive_seed(run.seed, "dropout", stage.name) % (2**31), workers=True, verbose=False)
+        if logger is not None:
+            logger.log_hyperparams(hparams(run, stage))
+        with warnings.catch_warnings():
+            # our train loaders do resume mid-epoch (the sampler starts at global_step), whatever Lightning assumes
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+            trainer.fit(
+                module,
+                datamodule=data,
+                ckpt_path=str(resume) if resume else None,
+                **({"weights_only": True} if resume else {}),
+            )
+        return start.get("step", 0)
+
+    def _checkpoint(self, stage: Stage, node: dict) -> ModelCheckpoint:
+        every = node.get("val_check_interval")
+        every = every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else CHECKPOINT_EVERY
+        return ModelCheckpoint(
+            dirpath=self.paths.stage_ckpt_dir(stage.name), save_last=True, save_top_k=0, every_n_train_steps=every
+        )
+
+    def _logger(self, stage: Stage):
+        if not self.run.logger:
+            return None
+        return instantiate(self.run.logger, save_dir=str(self.paths.tb_dir), name="", version=stage.name)
+
+    def _configured_callbacks(self, have_logger: bool) -> list[Callback]:
+        out = []
+        for node in (self.run.callbacks or {}).values():
+            if not node:
+                continue
+            cb = instantiate(node)
+            if isinstance(cb, LearningRateMonitor) and not have_logger:
+                continue  # it refuses to run without a logger
+            out.append(cb)
+        return out
+
+    def _observer_callbacks(self, stage: Stage) -> list[Callback]:
+        return [cb for observer in self.observers for cb in observer.callbacks(stage)]
+
+    # ------------------------------------------------------------------ evaluating and caching
+    def plain(self, callbacks: Sequence[Callback] = (), inference_mode: bool = True) -> L.Trainer:
+        """A Trainer that only runs a module (validate, predict): the node's placement, no logger, no checkpoints."""
+        node = {k: v for k, v in self.run.trainer.items() if k in PLACEMENT or k == "_target_"}
+        return build(
+            node,
+            logger=False,
+            callbacks=with_progress_bar(list(callbacks), node.get("enable_progress_bar")),
+            limit_val_batches=1.0,
+            enable_model_summary=False,
+            default_root_dir=str(self.paths.root),
+            inference_mode=inference_mode,
+        )
+
+    def validate(self, module: StageModule, loader) -> dict[str, float]:
+        """{"val_loss", "val_acc"}: mean masked CE and accuracy over the whole validation set (every view)."""
+        # no_grad, not inference mode: inference-mode metric states would break a later fit of the
+        # same module (fusion evaluates the fused model, then fine-tunes it)
+        (metrics,) = self.plain(inference_mode=False).validate(module, dataloaders=loader, verbose=False)
+        return {"val_loss": float(metrics["val/loss"]), "val_acc": float(metrics["val/masked_acc"])}
+
+    def predict(self, stage: Stage, module: StageModule, loaders: list, writer: Callback) -> None:
+        """The caching pass of `stage`: every batch of `loaders` through `module`, into `writer`."""
+        module.eval()
+        trainer = self.plain(callbacks=[writer, *self._observer_callbacks(stage)])
+        trainer.predict(module, dataloaders=loaders, return_predictions=False)
+
+
+def hparams(run: RunConfig, stage: Stage) -> dict[str, Any]:
+    """What TensorBoard's HPARAMS tab shows for a stage's run (flat, scalar values)."""
+    out: dict[str, Any] = {
+        "stage": stage.name,
+        "experiment": run.exp_dir.name,
+        "seed": run.seed,
+        "lr": run.optim_for(stage.budget).lr,
+    }
+    for key, value in run.model.to_dict().items():
+        out[f"model/{key}"] = str(value) if isinstance(value, list) else value
+    for key, value in dataclasses.asdict(run.masking).items():
+        out[f"masking/{key}"] = str(value) if isinstance(value, (list, tuple)) or value is None else value
+    out["data/name"], out["data/seq_len"], out["data/batch_size"] = run.data.name, run.data.seq_len, run.data.batch_size
+    return out
