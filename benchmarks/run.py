@@ -50,6 +50,9 @@ from stackwise.config import OptimConfig  # noqa: E402
 from stackwise.model.config import ModelConfig  # noqa: E402
 from stackwise.model.stats import param_counts, train_step_flops  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import hf_layer_stage, peak_matmul  # noqa: E402
+
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, without structured sparsity).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -531,9 +534,11 @@ def fmt(v, spec: str) -> str:
 
 
 def print_tables(res: dict) -> None:
+    measured = res.get("measured_peak", {}).get("tflops")
     print(
         f"\nmachine: {res['machine'].get('gpu', 'CPU')}  torch {res['machine']['torch']}  "
-        f"peak {res['peak_tflops']} TFLOP/s ({res['peak_source']})"
+        f"peak {res['peak_tflops']} TFLOP/s ({res['peak_source']}); measured bf16 matmul "
+        f"{fmt(measured, '.0f')} TFLOP/s"
     )
     print(
         f"model: {res['model_name']}  d_model={res['model']['d_model']} n_layers={res['model']['n_layers']} "
@@ -548,12 +553,25 @@ def print_tables(res: dict) -> None:
         if r.get("oom"):
             print(f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}   out of memory")
             continue
+        if r["stage"] == "hf_layer":  # the peer: no FLOP count of its own (it computes what `layer` does)
+            print(
+                f"{r['attention']:<5}{'hf':<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
+                f"{r['tokens_per_s']:>12,.0f}   (Hugging Face layer stage, benchmarks/peers.py)"
+            )
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(
             f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
             f"{r['tokens_per_s']:>12,.0f}{1e3 * r['tflops']:>10,.0f}{mfu:>7}{fmt(r.get('peak_mem_gib'), '.2f'):>10}"
             f"{r['trainable_params'] / 1e6:>17.1f}M"
         )
+        extra = []
+        if r.get("mfu_measured_peak") is not None:
+            extra.append(f"MFU vs measured peak {100 * r['mfu_measured_peak']:.1f}%")
+        if r.get("vs_hf_peer") is not None:
+            extra.append(f"{r['vs_hf_peer']:.2f}x the Hugging Face peer")
+        if extra:
+            print(f"{'':<22}" + ", ".join(extra))
         if "cache_fwd_tokens_per_s" in r:
             print(
                 f"{'':<5}{'cachefw':<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['cache_fwd_ms']:>10.1f}"
@@ -606,6 +624,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's peak, for MFU")
     ap.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the Hugging Face layer stage (benchmarks/peers.py) beside each `layer` stage",
+    )
+    ap.add_argument(
         "--max-batch",
         default=None,
         metavar="ATTN",
@@ -634,6 +658,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as Lightning suggests on Ampere+; bf16 runs ignore it
     peak, peak_source = peak_tflops(device, args.peak_tflops)
+    measured_peak = peak_matmul(device)  # the reference MFU is also reported against, in this run
     base = model_config(args)
     res: dict[str, Any] = {
         "command": " ".join(
@@ -642,6 +667,7 @@ def main(argv=None) -> dict:
         "machine": machine(device),
         "peak_tflops": peak,
         "peak_source": peak_source,
+        "measured_peak": measured_peak,
         "precision": precision,
         "model_name": args.model,
         "model": base.to_dict(),
@@ -667,8 +693,16 @@ def main(argv=None) -> dict:
                 peak,
                 fwd_only_too=stage == "layer",
             )
+            if measured_peak["tflops"] and "tflops" in r:
+                r["mfu_measured_peak"] = r["tflops"] / measured_peak["tflops"]
             res["train"].append(r)
             print(json.dumps(r), flush=True)
+            if stage == "layer" and args.peer:  # the Hugging Face layer stage, same sizes, same batch
+                p = hf_layer_stage(cfg, args.batch_size, args.seq_len, device, steps, args.warmup, amp, make_batch)
+                if "tokens_per_s" in p and "tokens_per_s" in r:
+                    r["vs_hf_peer"] = r["tokens_per_s"] / p["tokens_per_s"]
+                res["train"].append(p)
+                print(json.dumps(p), flush=True)
     if args.max_batch and device.type == "cuda":
         cfg = with_attention(base, args.max_batch)
         for stage in ("layer", "e2e"):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from stackwise import artifacts as art
@@ -56,6 +57,8 @@ class Pipeline:
             self.state.adopt(self.run.to_dict())
             run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
             for stage in plan(self.run.stage, self.run.k, self.cfg.n_layers):
+                if torch.cuda.is_initialized():  # each record's peak_gpu_gib is its own stage's
+                    torch.cuda.reset_peak_memory_stats()
                 run_stage[stage.kind](stage)
             if self.run.stage == "all":
                 write_once(lambda: console.finish_all(self.run, self.paths))
@@ -125,10 +128,17 @@ class Pipeline:
             dtype=self.run.cache.dtype,
             vocab_size=self.cfg.vocab_size,
         )
+        t0 = time.time()
         self.trainers.predict(stage, module, loaders, writer)
         for observer in self.observers:
             observer.cached(stage)
-        write_once(lambda: acts.write_manifest(acts_dir, writer.records(), self.state.cache_meta(stage)))
+        records = writer.records()
+        write_once(lambda: acts.write_manifest(acts_dir, records, self.state.cache_meta(stage)))
+        seconds, nbytes = time.time() - t0, sum(f["bytes"] for r in records for f in r["files"].values())
+        log.info(
+            "stage %s: cached %.2f GB in %.1f s (%.2f GB/s)", stage.name, nbytes / 1e9, seconds, nbytes / 1e9 / seconds
+        )
+        self.record_cache(stage, seconds, nbytes)
 
     # ------------------------------------------------------------------ fusion
     def fusion_stage(self, stage: Stage) -> None:
@@ -209,6 +219,17 @@ class Pipeline:
         for observer in self.observers:
             observer.saved(stage)
 
+    def record_cache(self, stage: Stage, seconds: float, nbytes: int) -> None:
+        """Add the caching pass's wall time and bytes to the layer's results.json record (its
+        `seconds` are training and scoring only): what a layer stage costs in all is their sum."""
+
+        def write() -> None:
+            for rec in art.read_results(self.paths):
+                if rec.get("stage") == stage.record:
+                    art.record_result(self.paths, {**rec, "cache_seconds": seconds, "cache_bytes": nbytes})
+
+        write_once(write)
+
     def record(self, stage: Stage, meta: dict, seconds: float, resumed_from_step: int | None = None) -> None:
         """One results.json record (and the TensorBoard depth summary) per finished stage; a trained
         stage also says the step it started from, so a resumed stage is visible there."""
@@ -223,6 +244,8 @@ class Pipeline:
         }
         if resumed_from_step is not None:
             rec["resumed_from_step"] = resumed_from_step
+        if torch.cuda.is_initialized():
+            rec["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
         def write() -> None:
             art.record_result(self.paths, rec)

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""The data path, measured through `stackwise-train` itself, beside its references, in one run.
+
+    python benchmarks/datapath.py --out bench_out/datapath.json            # GPU: the seed sizes
+    python benchmarks/datapath.py --preset small --out /tmp/dp.json        # a CPU smoke run (~1 min)
+
+Parts (each a real `stackwise-train` process; its figures come from what the run itself wrote):
+  disk     the raw sequential write and cold read bandwidth of the output folder's disk
+           (`np.ndarray.tofile` + one fsync of --disk-gb, then a read after evicting the pages):
+           the reference the caching pass is compared with.
+  feed     `stage=embed`, then `stage=layer k=2` fed from acts_layer1: tokens/s of the layer stage as
+           its ThroughputMonitor logged it to TensorBoard (median of the windows after the first),
+           its training seconds and its caching pass (`cache_seconds`, `cache_bytes` in results.json);
+           beside it, the compute-only step of the same stage (`benchmarks/run.py`'s bench_train on a
+           batch already on the device) and the Hugging Face peer (benchmarks/peers.py).
+  all/e2e  `stage=all` (every stage, caching, fusion and fine-tune) and `stage=e2e` on the same token
+           budget: wall time of each command, final validation loss, peak GPU memory per stage.
+Every override a part passes is printed and stored, so a figure is one command line away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+PRESETS = {
+    # the seed sizes on one GPU: d_model 4096, 8 layers, vocab 128000, gqa, bf16-mixed
+    "seed": ["experiment=seed_gpu"],
+    # d_model 2048, 8 layers, vocab 32000, T 1024
+    "mid": ["experiment=mid_gpu"],
+    # the CPU default model, for a smoke run of this script
+    "small": ["hardware=cpu"],
+}
+
+
+def disk_reference(folder: Path, gb: float) -> dict[str, Any]:
+    """Raw sequential write (tofile + one fsync) and cold read of `gb` GB in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = np.random.default_rng(0).integers(0, 255, size=int(gb * 1e9), dtype=np.uint8)
+    path = folder / "disk_reference.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        buf.tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+    t_write = time.perf_counter() - t0
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the read comes from the disk, not the page cache
+    os.close(fd)
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 26):
+            pass
+    t_read = time.perf_counter() - t0
+    path.unlink()
+    return {
+        "bytes": buf.nbytes,
+        "write_gb_per_s": buf.nbytes / t_write / 1e9,
+        "read_gb_per_s": buf.nbytes / t_read / 1e9,
+    }
+
+
+def train(overrides: list[str], log: Path) -> float:
+    """Run `stackwise-train` with these overrides; its wall time in seconds (it must succeed)."""
+    cmd = [sys.executable, "-m", "stackwise.cli.train", *overrides]
+    print("$ stackwise-train " + " ".join(overrides), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        ).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        sys.exit(f"stackwise-train failed (exit {rc}); see {log}")
+    print(f"  {wall:.1f} s", flush=True)
+    return wall
+
+
+def results(exp_dir: Path) -> dict[str, dict[str, Any]]:
+    return {r["stage"]: r for r in json.loads((exp_dir / "results.json").read_text())}
+
+
+def logged_rate(exp_dir: Path, run: str, tag_part: str = "items_per_sec") -> dict[str, Any]:
+    """The tokens/s a stage's ThroughputMonitor wrote to TensorBoard: median over its windows but the
+    first (which holds the warm-up)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: list[float] = []
+    tags: set[str] = set()
+    for events in sorted((exp_dir / "tb").rglob("events.out.tfevents.*")):
+        if run not in events.parts:
+            continue
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag_part in tag:
+                tags.add(tag)
+                values += [e.value for e in acc.Scalars(tag)]
+    steady = values[1:] or values
+    return {"tokens_per_s": statistics.median(steady) if steady else None, "windows": len(values), "tags": sorted(tags)}
+
+
+def compute_only(preset: list[str], B: int, T: int, steps: int) -> dict[str, Any]:
+    """The same layer stage's step on a batch already on the device, and the Hugging Face peer."""
+    import run as bench  # benchmarks/run.py
+
+    argv = ["--device", "cuda", "--stages", "layer", "--attention", "gqa", "--batch-size", str(B)]
+    argv += ["--seq-len", str(T), "--steps", str(steps), "--cache-rows", "0", "--out", "/tmp/datapath_run.json"]
+    argv += ["--model", "seed"] + (_mid_args() if "experiment=mid_gpu" in preset else [])
+    return bench.main(argv)
+
+
+def _mid_args() -> list[str]:
+    return [
+        "--d-model",
+        "2048",
+        "--n-heads",
+        "16",
+        "--n-kv-heads",
+        "4",
+        "--d-ff",
+        "5632",
+        "--vocab-size",
+        "32000",
+        "--mla-rq",
+        "512",
+        "--mla-rkv",
+        "256",
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="seed")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--layer-steps", type=int, default=40, help="trainer.max_steps of the feed part's layer stage")
+    ap.add_argument("--parts", default="disk,feed,all", help="comma-separated: disk, feed, all (all + e2e)")
+    ap.add_argument("--layers", default="4", help="comma-separated n_layers for the all/e2e part")
+    ap.add_argument("--all-steps", type=int, default=20, help="trainer.max_steps per layer stage in the all part")
+    ap.add_argument("--finetune-steps", type=int, default=8)
+    ap.add_argument("--disk-gb", type=float, default=4.0)
+    ap.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra stackwise-train overrides for every run")
+    ap.add_argument("--out", default="outputs/benchmarks/datapath.json")
+    args = ap.parse_args(argv)
+
+    root = Path(args.output_root or tempfile.mkdtemp(prefix="stackwise_datapath_"))
+    log = Path(args.out).with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    base = [*PRESETS[args.preset], f"output_root={root}", f"data.batch_size={args.batch_size}"]
+    base += [f"data.seq_len={args.seq_len}", "trainer.enable_progress_bar=false", *args.set]
+    parts = set(args.parts.split(","))
+    res: dict[str, Any] = {"preset": args.preset, "base_overrides": base, "B": args.batch_size, "T": args.seq_len}
+
+    if "disk" in parts:
+        res["disk"] = disk_reference(root, args.disk_gb)
+        print("disk", json.dumps(res["disk"]), flush=True)
+
+    if "feed" in parts:
+        name = f"feed_{args.batch_size}x{args.seq_len}"
+        feed = [*base, f"name={name}", f"trainer.max_steps={args.layer_steps}", "layerwise.embed_budget=0.25"]
+        feed += ["trainer.val_check_interval=1000", "fusion.finetune_steps=0", "sample.enabled=false"]
+        train([*feed, "stage=embed"], log)
+        wall = train([*feed, "stage=layer", "k=2"], log)
+        rec = results(root / name)["layer_2"]
+        res["feed"] = {
+            "overrides": feed,
+            "command_wall_s": wall,
+            "logged": logged_rate(root / name, "layer_2"),
+            "train_seconds": rec["seconds"],
+            "cache_seconds": rec.get("cache_seconds"),
+            "cache_bytes": rec.get("cache_bytes"),
+        }
+        if rec.get("cache_seconds"):
+            res["feed"]["cache_gb_per_s"] = rec["cache_bytes"] / rec["cache_seconds"] / 1e9
+        if args.preset != "small":
+            res["feed"]["compute_only"] = compute_only(PRESETS[args.preset], args.batch_size, args.seq_len, 20)
+        print("feed", json.dumps({k: v for k, v in res["feed"].items() if k != "compute_only"}), flush=True)
+
+    if "all" in parts:
+        res["all_vs_e2e"] = []
+        for n_layers in [int(x) for x in args.layers.split(",")]:
+            name = f"all_{n_layers}L"
+            run = [*base, f"name={name}", f"model.n_layers={n_layers}", f"trainer.max_steps={args.all_steps}"]
+            run += [f"fusion.finetune_steps={args.finetune_steps}", "sample.enabled=false"]
+            wall_all = train([*run, "stage=all"], log)
+            wall_e2e = train([*run, "stage=e2e"], log)
+            recs = results(root / name)
+            res["all_vs_e2e"].append(
+                {
+                    "n_layers": n_layers,
+                    "overrides": run,
+                    "all_wall_s": wall_all,
+                    "e2e_wall_s": wall_e2e,
+                    "ratio": wall_all / wall_e2e,
+                    "records": recs,
+                }
+            )
+            print(f"all/e2e L={n_layers}: {wall_all:.1f} s / {wall_e2e:.1f} s = {wall_all / wall_e2e:.2f}", flush=True)
+
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

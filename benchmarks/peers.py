@@ -1,0 +1,179 @@
+"""The references every StackWise speed is measured beside, in the same process and lease.
+
+- `peak_matmul`: the bf16 matrix-product rate this GPU reaches right now (an 8192^3 product, best
+  of several timed runs): MFU is reported against it as well as against the data-sheet figure.
+- `hf_layer_stage`: the layer stage a researcher would write with Hugging Face `transformers`
+  instead of StackWise: one `LlamaDecoderLayer` (gqa / mha) or `DeepseekV3DecoderLayer` (mla,
+  dense MLP) with `attn_implementation="sdpa"`, made bidirectional, then the final RMSNorm and the
+  tied head (the frozen embedding matrix) applied to the masked positions, cross-entropy, AdamW.
+  It computes what a StackWise layer stage computes: the same sizes, the same frozen SwiGLU up
+  (and MLA up-projections when `mla_freeze_up`), the same masked positions; only the code differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackwise.model.config import ModelConfig
+
+
+def peak_matmul(device: torch.device, n: int = 8192, iters: int = 20, repeats: int = 5) -> dict[str, Any]:
+    """The measured dense bf16 matmul peak (TFLOP/s): best of `repeats` runs of `iters` products."""
+    if device.type != "cuda":
+        return {"tflops": None, "what": "not measured on CPU"}
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):  # clocks up, cuBLAS heuristics chosen
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            a @ b
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    return {"tflops": 2 * n**3 / best / 1e12, "what": f"bf16 {n}x{n} @ {n}x{n}, best of {repeats} x {iters}"}
+
+
+def llama_config(cfg: ModelConfig, seq_len: int):
+    import transformers  # the peer only: StackWise itself does not need transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=1,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads if cfg.kind(1) == "mha" else cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        max_position_embeddings=seq_len,
+        attn_implementation="sdpa",
+    )
+
+
+def deepseek_config(cfg: ModelConfig, seq_len: int):
+    import transformers
+
+    return transformers.DeepseekV3Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=1,
+        first_k_dense_replace=1,  # a dense MLP, no MoE: the layer StackWise trains
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        q_lora_rank=cfg.mla_rq,
+        kv_lora_rank=cfg.mla_rkv,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        rope_theta=cfg.rope_theta,
+        rope_interleave=False,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        max_position_embeddings=seq_len,
+        attn_implementation="sdpa",
+    )
+
+
+class HFLayerStage(nn.Module):
+    """One Hugging Face decoder layer + final norm + tied head on masked positions (the peer)."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int):
+        super().__init__()
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+        from transformers.models.llama import modeling_llama as llama
+
+        mla = cfg.kind(2) == "mla"
+        hf_cfg = deepseek_config(cfg, seq_len) if mla else llama_config(cfg, seq_len)
+        lib = ds if mla else llama
+        prefix = "DeepseekV3" if mla else "Llama"
+        self.layer = getattr(lib, f"{prefix}DecoderLayer")(hf_cfg, layer_idx=0)
+        self.layer.self_attn.is_causal = False  # a masked-diffusion denoiser reads both sides
+        self.norm = getattr(lib, f"{prefix}RMSNorm")(cfg.d_model, eps=cfg.norm_eps)
+        self.rotary = getattr(lib, f"{prefix}RotaryEmbedding")(hf_cfg)
+        # stage 1's embedding matrix, frozen in a later stage (the tied head)
+        self.register_buffer("embed", torch.empty(cfg.vocab_size, cfg.d_model))
+        self.layer.mlp.up_proj.weight.requires_grad_(False)  # StackWise's frozen random SwiGLU up
+        if mla and cfg.mla_freeze_up:
+            self.layer.self_attn.q_b_proj.weight.requires_grad_(False)
+            self.layer.self_attn.kv_b_proj.weight.requires_grad_(False)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D), targets (B, T), mask (B, T) bool -> mean CE over masked positions."""
+        B, T, _ = hidden.shape
+        position_ids = torch.arange(T, device=hidden.device)[None].expand(B, T)  # (B, T)
+        cos_sin = self.rotary(hidden, position_ids)
+        h = self.layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)
+        h = self.norm(h)[mask]  # (N, D)
+        logits = F.linear(h, self.embed.to(h.dtype)).float()  # (N, V)
+        return F.cross_entropy(logits, targets[mask])
+
+
+def hf_layer_stage(
+    cfg: ModelConfig, B: int, T: int, device: torch.device, steps: int, warmup: int, amp: bool, make_batch
+) -> dict[str, Any]:
+    """Time the peer's optimizer step (autocast bf16, grad-norm clip 1.0, AdamW) on a fixed batch."""
+    rec: dict[str, Any] = {"stage": "hf_layer", "attention": cfg.kind(2), "batch_size": B, "seq_len": T}
+    try:
+        with torch.device("meta"):
+            module = HFLayerStage(cfg, T)
+        module.to_empty(device=device)
+        with torch.no_grad():  # speed does not depend on values: N(0, 0.02) matrices, unit norms
+            for t in [*module.parameters(), *module.buffers()]:
+                if t.is_floating_point() and t.ndim >= 2:
+                    t.normal_(0.0, 0.02)
+                elif t.is_floating_point():
+                    t.fill_(1.0)
+            module.rotary.inv_freq.copy_(module.rotary.original_inv_freq.to(device))
+        batch = make_batch(cfg, "layer", B, T, device, torch.bfloat16 if amp else torch.float32)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)  # torch's default (foreach) AdamW
+        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+        def step() -> torch.Tensor:
+            with ctx():
+                loss = module.loss(batch["hidden"], batch["targets"], batch["mask"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        _sync(device)
+        dt = (time.perf_counter() - t0) / steps
+        rec.update(
+            step_ms=dt * 1e3,
+            tokens_per_s=B * T / dt,
+            loss=float(loss),
+            trainable_params=sum(p.numel() for p in params),
+            steps=steps,
+            warmup=warmup,
+        )
+    except torch.cuda.OutOfMemoryError as e:
+        rec.update(oom=True, error=str(e).splitlines()[0][:200])
+    return rec
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
