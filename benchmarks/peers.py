@@ -5,9 +5,13 @@
 - `hf_layer_stage`: the layer stage a researcher would write with Hugging Face `transformers`
   instead of StackWise: one `LlamaDecoderLayer` (gqa / mha) or `DeepseekV3DecoderLayer` (mla,
   dense MLP) with `attn_implementation="sdpa"`, made bidirectional, then the final RMSNorm and the
-  tied head (the frozen embedding matrix) applied to the masked positions, cross-entropy, AdamW.
-  It computes what a StackWise layer stage computes: the same sizes, the same frozen SwiGLU up
-  (and MLA up-projections when `mla_freeze_up`), the same masked positions; only the code differs.
+  tied head (the frozen embedding matrix), cross-entropy, AdamW. Two variants:
+    `hf`       the recipe a user reaches for: the layer as transformers builds it (every weight
+               trained), logits on every position and labels -100 off the mask, as
+               `LlamaForCausalLM`'s loss takes them (the peer the GPU data-path issue names);
+    `hf_same`  the same math as a StackWise layer stage: the SwiGLU up (and the MLA up-projections
+               when `mla_freeze_up`) frozen, the head applied to the masked positions only. Only
+               the code differs from StackWise's, so its ratio says what the code itself gains.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def deepseek_config(cfg: ModelConfig, seq_len: int):
 class HFLayerStage(nn.Module):
     """One Hugging Face decoder layer + final norm + tied head on masked positions (the peer)."""
 
-    def __init__(self, cfg: ModelConfig, seq_len: int):
+    def __init__(self, cfg: ModelConfig, seq_len: int, same_math: bool):
         super().__init__()
         from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
         from transformers.models.llama import modeling_llama as llama
@@ -107,6 +111,9 @@ class HFLayerStage(nn.Module):
         self.rotary = getattr(lib, f"{prefix}RotaryEmbedding")(hf_cfg)
         # stage 1's embedding matrix, frozen in a later stage (the tied head)
         self.register_buffer("embed", torch.empty(cfg.vocab_size, cfg.d_model))
+        self.same_math = same_math
+        if not same_math:
+            return
         self.layer.mlp.up_proj.weight.requires_grad_(False)  # StackWise's frozen random SwiGLU up
         if mla and cfg.mla_freeze_up:
             self.layer.self_attn.q_b_proj.weight.requires_grad_(False)
@@ -118,19 +125,32 @@ class HFLayerStage(nn.Module):
         position_ids = torch.arange(T, device=hidden.device)[None].expand(B, T)  # (B, T)
         cos_sin = self.rotary(hidden, position_ids)
         h = self.layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=cos_sin)
-        h = self.norm(h)[mask]  # (N, D)
-        logits = F.linear(h, self.embed.to(h.dtype)).float()  # (N, V)
-        return F.cross_entropy(logits, targets[mask])
+        h = self.norm(h)
+        if self.same_math:
+            logits = F.linear(h[mask], self.embed.to(h.dtype)).float()  # (N, V)
+            return F.cross_entropy(logits, targets[mask])
+        logits = F.linear(h, self.embed.to(h.dtype)).float()  # (B, T, V), as LlamaForCausalLM upcasts
+        labels = targets.masked_fill(~mask, -100)  # (B, T)
+        return F.cross_entropy(logits.view(B * T, -1), labels.view(-1), ignore_index=-100)
 
 
 def hf_layer_stage(
-    cfg: ModelConfig, B: int, T: int, device: torch.device, steps: int, warmup: int, amp: bool, make_batch
+    cfg: ModelConfig,
+    B: int,
+    T: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    amp: bool,
+    make_batch,
+    same_math: bool,
 ) -> dict[str, Any]:
     """Time the peer's optimizer step (autocast bf16, grad-norm clip 1.0, AdamW) on a fixed batch."""
-    rec: dict[str, Any] = {"stage": "hf_layer", "attention": cfg.kind(2), "batch_size": B, "seq_len": T}
+    name = "hf_same" if same_math else "hf"
+    rec: dict[str, Any] = {"stage": name, "attention": cfg.kind(2), "batch_size": B, "seq_len": T}
     try:
         with torch.device("meta"):
-            module = HFLayerStage(cfg, T)
+            module = HFLayerStage(cfg, T, same_math)
         module.to_empty(device=device)
         with torch.no_grad():  # speed does not depend on values: N(0, 0.02) matrices, unit norms
             for t in [*module.parameters(), *module.buffers()]:
@@ -171,6 +191,10 @@ def hf_layer_stage(
         )
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0][:200])
+    finally:
+        module = batch = opt = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rec
 
 

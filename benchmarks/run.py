@@ -553,10 +553,11 @@ def print_tables(res: dict) -> None:
         if r.get("oom"):
             print(f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}   out of memory")
             continue
-        if r["stage"] == "hf_layer":  # the peer: no FLOP count of its own (it computes what `layer` does)
+        if r["stage"] in ("hf", "hf_same"):  # the peers (benchmarks/peers.py)
+            what = "as a user writes it" if r["stage"] == "hf" else "the same math as `layer`"
             print(
-                f"{r['attention']:<5}{'hf':<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
-                f"{r['tokens_per_s']:>12,.0f}   (Hugging Face layer stage, benchmarks/peers.py)"
+                f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
+                f"{r['tokens_per_s']:>12,.0f}   (Hugging Face layer stage, {what})"
             )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
@@ -568,8 +569,9 @@ def print_tables(res: dict) -> None:
         extra = []
         if r.get("mfu_measured_peak") is not None:
             extra.append(f"MFU vs measured peak {100 * r['mfu_measured_peak']:.1f}%")
-        if r.get("vs_hf_peer") is not None:
-            extra.append(f"{r['vs_hf_peer']:.2f}x the Hugging Face peer")
+        for peer in ("hf", "hf_same"):
+            if r.get("vs_" + peer) is not None:
+                extra.append(f"{r['vs_' + peer]:.2f}x {peer}")
         if extra:
             print(f"{'':<22}" + ", ".join(extra))
         if "cache_fwd_tokens_per_s" in r:
@@ -697,10 +699,13 @@ def main(argv=None) -> dict:
                 r["mfu_measured_peak"] = r["tflops"] / measured_peak["tflops"]
             res["train"].append(r)
             print(json.dumps(r), flush=True)
-            if stage == "layer" and args.peer:  # the Hugging Face layer stage, same sizes, same batch
-                p = hf_layer_stage(cfg, args.batch_size, args.seq_len, device, steps, args.warmup, amp, make_batch)
+            for same_math in (False, True) if stage == "layer" and args.peer else ():
+                # the Hugging Face layer stage, same sizes, same batch (benchmarks/peers.py)
+                p = hf_layer_stage(
+                    cfg, args.batch_size, args.seq_len, device, steps, args.warmup, amp, make_batch, same_math
+                )
                 if "tokens_per_s" in p and "tokens_per_s" in r:
-                    r["vs_hf_peer"] = r["tokens_per_s"] / p["tokens_per_s"]
+                    r["vs_" + p["stage"]] = r["tokens_per_s"] / p["tokens_per_s"]
                 res["train"].append(p)
                 print(json.dumps(p), flush=True)
     if args.max_batch and device.type == "cuda":
