@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from stackwise import artifacts as art
 from stackwise.config import load_run
-from stackwise.data.tokens import data_tokenizer
+from stackwise.data.config import data_tokenizer
 from stackwise.errors import StackWiseError
 from stackwise.generation.inputs import build_ids, decode
 from stackwise.generation.unmasking import GenerationError, generate
