@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import resource
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from stackwise import artifacts as art
 from stackwise.artifacts import (
     ExperimentPaths,
+    atomic,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
@@ -184,7 +186,7 @@ class _FailingFile:
 def test_disk_error_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: list) -> None:
     real_open = open
     monkeypatch.setattr(
-        art, "open", lambda f, mode="r", **k: _FailingFile(real_open(f, mode, **k), code, 100), raising=False
+        atomic, "open", lambda f, mode="r", **k: _FailingFile(real_open(f, mode, **k), code, 100), raising=False
     )
     path = tmp_path / "acts" / "r0_s00003.hidden.npy"
     with pytest.raises(ArtifactWriteError) as e:
@@ -204,7 +206,7 @@ def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         def refuse(*a, dir=None, **k):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, ".f.json.x.tmp"))
 
-        monkeypatch.setattr(art.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
     try:
         with pytest.raises(ArtifactWriteError) as e:
             atomic_write_json({"a": 1}, folder / "f.json")

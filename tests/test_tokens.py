@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import stackwise.data.token_file as token_file
 import stackwise.data.tokens as tokens
 from stackwise.config import RunConfig
+from stackwise.data.config import DataConfig, vocab_info
+from stackwise.data.token_file import token_dtype
 from stackwise.data.tokenizers import ByteTokenizer, train_bpe
-from stackwise.data.tokens import (
-    DataConfig,
-    TokenDataset,
-    dummy_splits,
-    load_token_splits,
-    token_dtype,
-    vocab_info,
-)
+from stackwise.data.tokens import TokenDataset, dummy_splits, load_token_splits
 from stackwise.errors import ConfigError, StackWiseError
 from tests.conftest import cli, compose_cfg
 
@@ -163,7 +159,7 @@ def test_cache_is_reused_not_rebuilt(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the corpus was tokenized again")
 
-    monkeypatch.setattr(tokens, "_encode", boom)
+    monkeypatch.setattr(token_file, "_encode", boom)
     second = load_token_splits(text_cfg(corpus), seed=0, cache_dir=cache)
     assert not second.built and second.cache_file == first.cache_file
     assert first.cache_file.stat().st_mtime_ns == mtime

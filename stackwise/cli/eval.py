@@ -15,13 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from stackwise.artifacts import atomic_write_json
 from stackwise.cli.common import user_errors
+from stackwise.errors import StackWiseError
 from stackwise.evaluation import DEFAULT_RATES, EvalSettings, eval_json_path, evaluate_experiment, format_table
 
 PROG = "stackwise-eval"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=__doc__.splitlines()[0],
@@ -49,12 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=None, help="mask seed (default: the experiment's seed)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     with user_errors(PROG, debug=args.debug):
-        from stackwise.artifacts import atomic_write_json
-        from stackwise.errors import StackWiseError
-
         if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
             raise StackWiseError(f"--device must be cpu or cuda, got {args.device!r}")
         settings = EvalSettings(

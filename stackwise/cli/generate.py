@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from stackwise.cli.common import user_errors
 from stackwise.errors import StackWiseError
-from stackwise.generation import MODEL_KINDS, STRATEGIES, decode, load_experiment_model, sample_ids, sample_seeds
+from stackwise.generation import (
+    MODEL_KINDS,
+    STRATEGIES,
+    ExperimentModel,
+    decode,
+    load_experiment_model,
+    sample_ids,
+    sample_seeds,
+)
 
 PROG = "stackwise-generate"
 
@@ -44,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
         default="fused",
         help="which model of the experiment: fused (default), finetuned or e2e",
     )
+    _start_arguments(p)
+    _sampler_arguments(p)
+    p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--show-steps",
+        action="store_true",
+        help="print every step's partly unmasked sequence to stderr (masks shown as _)",
+    )
+    return p
+
+
+def _start_arguments(p: argparse.ArgumentParser) -> None:
+    """What the sample starts from: a prompt and a length, or a text with its masks marked."""
     start = p.add_mutually_exclusive_group()
     start.add_argument("--prompt", default="", help="text the sample starts with (kept as given)")
     start.add_argument(
@@ -58,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens in all, prompt included (default: the experiment's data.seq_len)",
     )
+
+
+def _sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """How the masks are filled: steps, strategy, sampling, blocks, samples and their seeds."""
     p.add_argument(
         "--steps", type=int, default=None, help="unmasking steps (model calls); default: one per masked token"
     )
@@ -82,56 +110,55 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the first sample; sample i is drawn with seed+i-1, the same on every run (default 0)",
     )
-    p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default cpu)")
-    p.add_argument(
-        "--show-steps",
-        action="store_true",
-        help="print every step's partly unmasked sequence to stderr (masks shown as _)",
-    )
-    return p
+
+
+def _check(args: argparse.Namespace) -> torch.device:
+    """The arguments argparse cannot check, each a one-line error; returns the device."""
+    if args.strategy not in STRATEGIES:
+        raise StackWiseError(f"--strategy: unknown strategy {args.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if args.steps is not None and args.steps < 1:
+        raise StackWiseError(f"--steps must be >= 1, got {args.steps}")
+    if args.infill is not None and args.length is not None:
+        raise StackWiseError("--length does not apply to --infill: the text and its marks set the length")
+    if args.length is not None and args.length < 1:
+        raise StackWiseError(f"--length must be >= 1, got {args.length}")
+    if args.top_k is not None and args.top_k < 1:
+        raise StackWiseError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.num_samples < 1:
+        raise StackWiseError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.seed < 0:
+        raise StackWiseError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise StackWiseError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StackWiseError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def _step_printer(em: ExperimentModel, num_samples: int) -> Callable[[int, torch.Tensor], None]:
+    """The --show-steps callback: each row after each step on stderr, masks as _."""
+
+    def show(step: int, x: torch.Tensor) -> None:
+        for i, row in enumerate(x.tolist()):
+            tag = f"[step {step} sample {i + 1}]" if num_samples > 1 else f"[step {step}]"
+            print(
+                tag,
+                decode(em.tokenizer, row, mask_text="_")
+                if em.tokenizer is not None
+                else " ".join("_" if t == em.cfg.mask_id else str(t) for t in row),
+                file=sys.stderr,
+            )
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     with user_errors(PROG):
-        if args.strategy not in STRATEGIES:
-            raise StackWiseError(f"--strategy: unknown strategy {args.strategy!r}; allowed: {', '.join(STRATEGIES)}")
-        if args.steps is not None and args.steps < 1:
-            raise StackWiseError(f"--steps must be >= 1, got {args.steps}")
-        if args.infill is not None and args.length is not None:
-            raise StackWiseError("--length does not apply to --infill: the text and its marks set the length")
-        if args.length is not None and args.length < 1:
-            raise StackWiseError(f"--length must be >= 1, got {args.length}")
-        if args.top_k is not None and args.top_k < 1:
-            raise StackWiseError(f"--top-k must be >= 1, got {args.top_k}")
-        if args.num_samples < 1:
-            raise StackWiseError(f"--num-samples must be >= 1, got {args.num_samples}")
-        if args.seed < 0:
-            raise StackWiseError(f"--seed must be >= 0, got {args.seed}")
-        try:
-            import torch
-
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError) as e:
-            raise StackWiseError(f"--device: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise StackWiseError("--device cuda: no CUDA GPU is available here; use --device cpu")
-
+        device = _check(args)
         em = load_experiment_model(args.experiment, args.model, device=device)
-        callback = None
-        if args.show_steps:
-
-            def callback(step, x):
-                for i, row in enumerate(x.tolist()):
-                    tag = f"[step {step} sample {i + 1}]" if args.num_samples > 1 else f"[step {step}]"
-                    print(
-                        tag,
-                        decode(em.tokenizer, row, mask_text="_")
-                        if em.tokenizer is not None
-                        else " ".join("_" if t == em.cfg.mask_id else str(t) for t in row),
-                        file=sys.stderr,
-                    )
-
         _, out = sample_ids(
             em,
             prompt=args.prompt,
@@ -144,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             temperature=args.temperature,
             top_k=args.top_k,
             block_length=args.block_length,
-            callback=callback,
+            callback=_step_printer(em, args.num_samples) if args.show_steps else None,
         )
     # each sample's own seed: `--seed S` alone prints that sample again
     for i, (row, seed) in enumerate(zip(out.tolist(), sample_seeds(args.seed, args.num_samples), strict=True)):

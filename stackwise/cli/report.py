@@ -19,22 +19,6 @@ from stackwise.errors import StackWiseError
 PROG = "stackwise-report"
 
 
-def resolve_experiments(folders: list[Path]) -> tuple[list[Path], bool]:
-    """(experiment folders, expanded): a single folder without results.json but with experiment
-    sub-folders (a sweep's output root) stands for those sub-folders."""
-    from stackwise import artifacts as art
-    from stackwise.report import find_experiments
-
-    for folder in folders:
-        if not folder.is_dir():
-            raise StackWiseError(f"experiment folder {folder} does not exist")
-    if len(folders) == 1 and not art.ExperimentPaths(folders[0]).results_json.is_file():
-        found = find_experiments(folders[0])
-        if found:
-            return found, True
-    return folders, False
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -54,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     with user_errors(PROG):
-        from stackwise.report import write_report, write_sweep_report  # matplotlib: after argument errors
+        # matplotlib and torch take seconds to import: only once the arguments parse, so --help is instant
+        from stackwise.report import resolve_experiments, write_report, write_sweep_report
 
         exps, expanded = resolve_experiments(args.experiments)
         if len(exps) == 1 and not expanded:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from stackwise.cli.common import user_errors
+from stackwise.data.corpus import corpus_files
+from stackwise.errors import StackWiseError
 
 PROG = "stackwise-tokenizer"
 MIN_VOCAB = 256 + 2  # the byte alphabet + [MASK] + [PAD]
@@ -54,7 +56,7 @@ def _override_line(corpus: list[Path], field: str, out: Path) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=__doc__.splitlines()[0],
@@ -90,29 +92,35 @@ def main(argv: list[str] | None = None) -> None:
         help="a pair is merged only if it occurs at least this often (default: 2)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _corpus_and_out(args: argparse.Namespace) -> tuple[list[Path], Path]:
+    """The corpus paths and the output file, checked before any work (each problem one line)."""
+    if args.vocab_size < MIN_VOCAB:
+        raise StackWiseError(f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + [MASK] + [PAD]), got {args.vocab_size}")
+    if args.min_frequency < 1:
+        raise StackWiseError(f"--min-frequency must be >= 1, got {args.min_frequency}")
+    if not args.field:
+        raise StackWiseError("--field must be a non-empty JSON key")
+    corpus = [p.expanduser() for p in args.corpus]
+    for p in corpus:
+        corpus_files(p)  # a missing path or a folder without .txt files fails before any work
+    out = args.out.expanduser()
+    if out.is_dir():
+        out = out / DEFAULT_OUT
+    if out.resolve() in {f.resolve() for p in corpus for f in corpus_files(p)}:
+        raise StackWiseError(f"--out {out} is one of the corpus files; choose another path")
+    return corpus, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     with user_errors(PROG, debug=args.debug):
+        corpus, out = _corpus_and_out(args)
+        # tokenizers.py imports torch (through stackwise.artifacts): seconds, so only once the arguments are good
         from stackwise.data.tokenizers import MASK_TOKEN, PAD_TOKEN, train_bpe
-        from stackwise.data.tokens import corpus_files
-        from stackwise.errors import StackWiseError
 
-        if args.vocab_size < MIN_VOCAB:
-            raise StackWiseError(
-                f"--vocab-size must be >= {MIN_VOCAB} (256 bytes + {MASK_TOKEN} + {PAD_TOKEN}), got {args.vocab_size}"
-            )
-        if args.min_frequency < 1:
-            raise StackWiseError(f"--min-frequency must be >= 1, got {args.min_frequency}")
-        if not args.field:
-            raise StackWiseError("--field must be a non-empty JSON key")
-        corpus = [p.expanduser() for p in args.corpus]
-        for p in corpus:
-            corpus_files(p)  # a missing path or a folder without .txt files fails before any work
-        out = args.out.expanduser()
-        if out.is_dir():
-            out = out / DEFAULT_OUT
-        if out.resolve() in {f.resolve() for p in corpus for f in corpus_files(p)}:
-            raise StackWiseError(f"--out {out} is one of the corpus files; choose another path")
         try:
             tok = train_bpe(corpus, args.vocab_size, out, field=args.field, min_frequency=args.min_frequency)
         except OSError as e:  # a corpus file that cannot be read, an output folder that cannot be written

@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
+from stackwise.artifacts import os_error_in
 from stackwise.cli.common import quiet_known_advice, user_errors
 from stackwise.config import CONFIG_MODULE, RunConfig, check_command_line, register_configs
 from stackwise.errors import ArtifactWriteError, StackWiseError
@@ -63,8 +64,6 @@ def disk_errors(folder: Path) -> Iterator[None]:
     except StackWiseError:
         raise
     except Exception as e:
-        from stackwise.artifacts import os_error_in
-
         err = os_error_in(e)
         if err is None or err.errno not in DISK_ERRNOS:
             raise

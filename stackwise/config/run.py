@@ -40,7 +40,7 @@ from stackwise.config.nodes import (
     check_trainer,
     precision_weights,
 )
-from stackwise.data.tokens import DataConfig, vocab_info
+from stackwise.data.config import DataConfig, vocab_info
 from stackwise.errors import ArtifactError, ConfigError
 from stackwise.model.config import ModelConfig
 from stackwise.model.portable_rng import VERSION as FROZEN_INIT

@@ -17,6 +17,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from stackwise.artifacts import atomic_path
+from stackwise.data.corpus import iter_corpus_text  # read and checked exactly as data=text reads it
 from stackwise.errors import ConfigError, StackWiseError
 
 MASK_TOKEN = "[MASK]"
@@ -80,14 +85,12 @@ class HFTokenizer(_Base):
     """A Hugging Face `tokenizers` tokenizer.json; [MASK] and [PAD] are added when it lacks them."""
 
     def __init__(self, path: PathLike):
-        from tokenizers import Tokenizer
-
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise StackWiseError(f"tokenizer file {self.path} does not exist (expected a Hugging Face tokenizer.json)")
         try:
             blob = self.path.read_bytes()
-            self.tok = Tokenizer.from_str(blob.decode("utf-8"))
+            self.tok = RustTokenizer.from_str(blob.decode("utf-8"))
         except Exception as e:  # a JSON or schema error from the Rust side
             msg = " ".join(str(e).split())[:200]
             raise StackWiseError(f"{self.path}: not a valid Hugging Face tokenizer.json ({msg})") from None
@@ -142,18 +145,12 @@ def train_bpe(
     [MASK] and [PAD] are its first two ids. The file is written under a temporary name and renamed,
     so an interrupted run never leaves a half-written tokenizer.json.
     """
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from stackwise.artifacts import atomic_path
-    from stackwise.data.tokens import iter_corpus_text  # the corpus reader (and its checks) lives with the data
-
     min_size = 256 + 2  # the byte alphabet and the two special tokens
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_size:
         raise StackWiseError(
             f"vocab size must be an integer >= {min_size} (256 bytes + [MASK] + [PAD]), got {vocab_size!r}"
         )
-    tok = HFTok(models.BPE())
+    tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -4,7 +4,7 @@ A layer-wise stage trains three modules: its `Block`, the final norm (+ untied o
 in a `Head`, and, in stage 1 only, the `Embedding`. `LayerWeights` holds their state dicts side by
 side, one section per module, exactly as each module's own `state_dict()` names them, so nothing is
 prefixed on the way out or stripped on the way in. `layers/layer_k.pt` stores one `LayerWeights`
-(artifacts.py writes and reads it).
+(stackwise/artifacts/checkpoints.py writes and reads it).
 
     LayerWeights.of(modules)          trained modules -> weights (CPU copies)
     weights.modules(cfg, k)           weights -> modules (frozen tensors regenerated and checked)

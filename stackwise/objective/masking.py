@@ -8,7 +8,7 @@ generator `stackwise.utils.generator(seed, "mask", index, view)`, which draws fi
 `u` that the schedule turns into `t`, then one score per position; the `n` valid positions with
 the lowest scores are masked. So the mask of an example does not depend on the batch it sits in,
 on the device, or on anything drawn before it, and a stage reading the activation cache sees the
-very masks stage 1 drew (DESIGN §4, invariant 4).
+very masks stage 1 drew (tests/test_masking.py, and tests/test_pipeline.py for the cache).
 
 Schedules (`masking.schedule`), each `rate(u (B,), k, progress) -> t (B,)`:
     uniform     t = min + (max - min) * u                        (MDLM / LLaDA)

@@ -1,0 +1,87 @@
+"""The experiment folder: every file name, every atomic write, every checkpoint read.
+
+Only this package knows where things live under `exp_dir = <output_root>/<experiment>/`:
+
+    layers/layer_{k}.pt                    stage k's LayerWeights + metadata (torch.save, weights_only-loadable)
+    acts/acts_layer{k}/{train,val}/...     activation shards; acts/acts_layer{k}/manifest.json (written last)
+    fused/model.safetensors, fused/config.json (+ fused/finetuned/{model.safetensors,config.json})
+    e2e/model.safetensors, e2e/config.json
+    ckpt/<stage>/                          Lightning ModelCheckpoint folder (mid-stage resume)
+    tb/                                    TensorBoard root (one run per stage)
+    tokens/                                token cache
+    results.json                           one summary record per stage
+    eval.json                              stackwise-eval's report
+    run.lock                               held (OS file lock) by the run writing here; see stackwise/lock.py
+    hydra/                                 Hydra's run logs
+
+Why atomic writes everywhere: a run killed mid-write must never leave a file that a later run
+would trust (atomic.py). Why no pickle: opening a checkpoint must never run code, so `torch.load`
+is always called with `weights_only=True` (checkpoints.py) and models ship as safetensors (models.py).
+
+    paths.py        ExperimentPaths: the file names above
+    atomic.py       atomic writes, OS write errors as ArtifactWriteError, hashing while writing
+    messages.py     one-line messages; an artifact's metadata checked against this run's
+    checkpoints.py  layer checkpoints (layers/layer_k.pt) and the tensor digest
+    models.py       safetensors model folders and `load_model`
+    results.py      results.json
+"""
+
+from stackwise.artifacts.atomic import (
+    HashingWriter,
+    atomic_open,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_stream,
+    os_error_in,
+    sha256_file,
+    write_errors,
+)
+from stackwise.artifacts.checkpoints import (
+    LAYER_FORMAT,
+    LAYER_FORMAT_VERSION,
+    load_layer_checkpoint,
+    save_layer_checkpoint,
+    state_digest,
+)
+from stackwise.artifacts.messages import check_expected, one_line
+from stackwise.artifacts.models import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    load_model,
+    load_safetensors_model,
+    save_safetensors_model,
+)
+from stackwise.artifacts.paths import ExperimentPaths, PathLike, manifest_path
+from stackwise.artifacts.results import read_results, record_result
+
+__all__ = [
+    "LAYER_FORMAT",
+    "LAYER_FORMAT_VERSION",
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
+    "ExperimentPaths",
+    "HashingWriter",
+    "PathLike",
+    "atomic_open",
+    "atomic_path",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_stream",
+    "check_expected",
+    "load_layer_checkpoint",
+    "load_model",
+    "load_safetensors_model",
+    "manifest_path",
+    "one_line",
+    "os_error_in",
+    "read_results",
+    "record_result",
+    "save_layer_checkpoint",
+    "save_safetensors_model",
+    "sha256_file",
+    "state_digest",
+    "write_errors",
+]

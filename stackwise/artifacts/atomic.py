@@ -1,0 +1,175 @@
+"""Atomic writes: a file is the old one or the new one, never half of one.
+
+Every file is written under a temporary name in the same folder, fsync'ed, then `os.replace`d over
+the final name. An OS error while writing (a full disk, a read-only file system) is an
+ArtifactWriteError naming the file: the temporary is removed and the old file, if any, stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from stackwise.artifacts.messages import one_line
+from stackwise.artifacts.paths import PathLike
+from stackwise.errors import ArtifactWriteError
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; not every platform can open a folder, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OS error behind `exc`: itself, the one it was raised from or while handling (torch.save
+    reports a failed write as a RuntimeError raised while handling the OSError), or the `(os error N)`
+    that Rust libraries (safetensors) put in their message. None when there is none."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+@contextlib.contextmanager
+def write_errors(path: PathLike) -> Iterator[None]:
+    """Turn an OS error while writing `path` (no space, quota, read-only, permission, file too large)
+    into an ArtifactWriteError naming `path`: a full disk is the user's to fix, not a traceback.
+
+    An OS error about another file (one the writer was reading, say) passes unchanged, as does
+    every other exception.
+    """
+    try:
+        yield
+    except ArtifactWriteError:
+        raise
+    except Exception as e:
+        err = os_error_in(e)
+        if err is None or not _is_about(err, Path(path)):
+            raise
+        raise ArtifactWriteError(path, err.errno, one_line(err.strerror or err)) from e
+
+
+def _is_about(err: OSError, path: Path) -> bool:
+    """Whether `err` names no file, or `path`, one of its folders, or a file beside it (its temporary)."""
+    if err.filename is None:
+        return True
+    named = Path(os.fsdecode(err.filename)).absolute()
+    target = path.absolute()
+    return named == target or named in target.parents or named.parent == target.parent
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    For writers that want a file name (safetensors' `save_file`). On any exception the temporary
+    file is removed and `path` is left exactly as it was; an OS error (a full disk...) is raised as
+    an ArtifactWriteError naming `path`.
+    """
+    final = Path(path)
+    tmp: Path | None = None
+    try:
+        with write_errors(final):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike) -> Iterator[IO[bytes]]:
+    """Yield a binary file object whose bytes replace `path` atomically when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> None:
+    """Replace `path` with `data` atomically."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_json(obj: Any, path: PathLike) -> None:
+    """Replace `path` with `obj` as indented JSON atomically (serialised first: a bad value writes nothing)."""
+    atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """`torch.save(obj, path)`, atomically."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes what passes through, so a shard is hashed while it
+    is written instead of being read back."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        self._h.update(mv)
+        self._f.write(mv)
+        self.nbytes += mv.nbytes
+        return mv.nbytes
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def atomic_write_stream(path: PathLike, write: Callable[[IO[bytes]], None]) -> tuple[str, int]:
+    """Atomically write `path` through `write(fileobj)`; return (sha256, size in bytes)."""
+    with atomic_open(path) as f:
+        hw = HashingWriter(f)
+        write(hw)  # type: ignore[arg-type]
+    return hw.hexdigest(), hw.nbytes
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (files can be many GiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
