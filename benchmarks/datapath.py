@@ -74,9 +74,11 @@ def disk_reference(folder: Path, gb: float) -> dict[str, Any]:
     }
 
 
-def train(overrides: list[str], log: Path) -> float:
-    """Run `stackwise-train` with these overrides; its wall time in seconds (it must succeed)."""
-    cmd = [sys.executable, "-m", "stackwise.cli.train", *overrides]
+def train(overrides: list[str], log: Path, profile: Path | None = None) -> float:
+    """Run `stackwise-train` with these overrides; its wall time in seconds (it must succeed).
+    `profile`: run it under cProfile and print where its time went (the 30 costliest calls)."""
+    prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    cmd = [sys.executable, *prof, "-m", "stackwise.cli.train", *overrides]
     print("$ stackwise-train " + " ".join(overrides), flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
@@ -89,6 +91,10 @@ def train(overrides: list[str], log: Path) -> float:
     if rc != 0:
         sys.exit(f"stackwise-train failed (exit {rc}); see {log}")
     print(f"  {wall:.1f} s", flush=True)
+    if profile:
+        import pstats
+
+        pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(r"stackwise|lightning|torch/serialization", 30)
     return wall
 
 
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--disk-gb", type=float, default=4.0)
     ap.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
     ap.add_argument("--set", nargs="*", default=[], help="extra stackwise-train overrides for every run")
+    ap.add_argument("--profile", action="store_true", help="run the feed part's layer stage under cProfile")
     ap.add_argument("--out", default="outputs/benchmarks/datapath.json")
     args = ap.parse_args(argv)
 
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         feed = [*base, f"name={name}", f"trainer.max_steps={args.layer_steps}", "layerwise.embed_budget=0.25"]
         feed += ["trainer.val_check_interval=1000", "fusion.finetune_steps=0", "sample.enabled=false"]
         train([*feed, "stage=embed"], log)
-        wall = train([*feed, "stage=layer", "k=2"], log)
+        wall = train([*feed, "stage=layer", "k=2"], log, Path(args.out).with_suffix(".prof") if args.profile else None)
         rec = results(root / name)["layer_2"]
         res["feed"] = {
             "overrides": feed,

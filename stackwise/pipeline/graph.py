@@ -10,9 +10,10 @@ files: ranks.write_once. What is printed: console.py. Hooks for observers: event
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning as L
 import torch
@@ -71,13 +72,17 @@ class Pipeline:
             log.info("stage %s: complete, skipped", stage.name)
             self.state.drop_resume_point(stage)  # left when a run was killed right after finishing the stage
             return
-        data, below, embed_weight = self.layer_inputs(stage)
+        with timed(stage, "inputs read"):
+            data, below, embed_weight = self.layer_inputs(stage)
         if found.weights is not None:  # trained before, killed while caching: reuse the weights
             log.info("stage %s: weights found, rebuilding its cache only", stage.name)
             layer = found.weights.modules(self.cfg, stage.k)
             self.state.drop_resume_point(stage)
         else:
-            layer = first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
+            with timed(stage, "layer initialised"):
+                layer = (
+                    first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
+                )
         run = self.run
         optim, steps = run.optim_for(stage.budget), run.max_steps(stage.budget)
         module = LayerwiseStage(self.cfg, layer, optim, run.masking.weighting, steps, stage.name, embed_weight)
@@ -104,14 +109,16 @@ class Pipeline:
         if self.state.needs_cache(stage):  # hours of training must not end in a full disk
             self.inputs.cache_loaders(stage, data)
         t0 = time.time()
-        scores, resumed = self.train(stage, module, data)
+        with timed(stage, "trained and scored"):
+            scores, resumed = self.train(stage, module, data)
         seconds, steps = time.time() - t0, self.run.max_steps(stage.budget)
-        below = art.sha256_file(self.paths.layer_ckpt(stage.below.k)) if stage.below else None
+        below = self.state.sha256(self.paths.layer_ckpt(stage.below.k)) if stage.below else None
         # no wall time in the file: the same settings must give the same bytes
         meta = {"stage": stage.name, "k": stage.k, "config_hash": self.hashes["layer"], "model": self.cfg.to_dict()}
         meta.update(prev_sha256=below, **scores, steps=steps, tokens=self.tokens_seen(stage, steps))
         weights = LayerWeights.of(module.trained_modules())
-        write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
+        with timed(stage, f"layer_{stage.k}.pt saved"):
+            write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
         self.saved(stage)
         self.record(stage, meta, seconds, resumed)
         self.state.drop_resume_point(stage)
@@ -163,7 +170,10 @@ class Pipeline:
         meta["layers_sha256"] = self.state.layer_shas()
         fused = {name: t.detach().clone() for name, t in model.state_dict().items()}
         self.save_model(stage, self.paths.fused_dir, fused, meta)
-        layer_seconds = sum(r["seconds"] for r in art.read_results(self.paths) if r.get("kind") == "layer")
+        # what the layer-wise model cost before fusion: every stage's training and caching pass
+        layer_seconds = sum(
+            r["seconds"] + r.get("cache_seconds", 0.0) for r in art.read_results(self.paths) if r.get("kind") == "layer"
+        )
         self.record(stage, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
             finetuned, resumed = self.finetune(finetune, module, data, fused, meta)
@@ -253,6 +263,14 @@ class Pipeline:
                 console.log_depth(self.paths, stage, rec)
 
         write_once(write)
+
+
+@contextlib.contextmanager
+def timed(stage: Stage, what: str) -> Iterator[None]:
+    """Log how long one step of a stage took (where a stage's wall time goes, beside its training)."""
+    t0 = time.perf_counter()
+    yield
+    log.info("stage %s: %s in %.1f s", stage.name, what, time.perf_counter() - t0)
 
 
 def check_fused(run: RunConfig, fused_loss: float, stage_loss: float) -> None:

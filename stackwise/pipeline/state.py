@@ -37,6 +37,17 @@ class LayerFound:
 class ExperimentState:
     def __init__(self, run: RunConfig, paths: art.ExperimentPaths, hashes: dict[str, str]):
         self.run, self.paths, self.hashes = run, paths, hashes
+        self._sha256: dict[tuple[Path, int, int, int], str] = {}
+
+    def sha256(self, path: Path) -> str:
+        """sha256 of an artifact, read once per run: a stage asks for the same multi-GB layer file's
+        several times (the chain check, the cache it reads, the manifest it writes). The pipeline only
+        ever replaces a file (a new inode), so an unchanged (path, inode, size, mtime) is the same bytes."""
+        st = path.stat()
+        key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._sha256:
+            self._sha256[key] = art.sha256_file(path)
+        return self._sha256[key]
 
     # ------------------------------------------------------------------ the folder as a whole
     def create(self) -> None:
@@ -135,7 +146,7 @@ class ExperimentState:
         meta = {
             "k": stage.k,
             "config_hash": self.hashes["layer"],
-            "producer_sha256": art.sha256_file(self.paths.layer_ckpt(stage.k)),
+            "producer_sha256": self.sha256(self.paths.layer_ckpt(stage.k)),
             "d_model": self.run.model.d_model,
             "seq_len": self.run.data.seq_len,
         }
@@ -144,7 +155,7 @@ class ExperimentState:
     def chain_problem(self, stage: Stage, meta: dict) -> str | None:
         """Layer k must have been trained on the activations of the layer_{k-1}.pt there now."""
         below = self.paths.layer_ckpt(stage.below.k) if stage.below else None
-        if below is None or not below.exists() or meta.get("prev_sha256") == art.sha256_file(below):
+        if below is None or not below.exists() or meta.get("prev_sha256") == self.sha256(below):
             return None
         return (
             f"{self.paths.layer_ckpt(stage.k)} was trained on the activations of another {below.name} than the "
@@ -185,7 +196,7 @@ class ExperimentState:
     def layer_shas(self) -> list | None:
         """sha256 of layer_1.pt .. layer_L.pt (None while one is missing): what a fused model was made of."""
         paths = [self.paths.layer_ckpt(k) for k in range(1, self.run.model.n_layers + 1)]
-        return [art.sha256_file(p) for p in paths] if all(p.is_file() for p in paths) else None
+        return [self.sha256(p) for p in paths] if all(p.is_file() for p in paths) else None
 
     def fusion_complete(self) -> bool:
         shas = self.layer_shas()

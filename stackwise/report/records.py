@@ -163,13 +163,15 @@ def load_depth_results(exp_dir: PathLike, name: str | None = None) -> DepthResul
             _number(rec, "seconds", where, float),
         )
         if layerwise:
-            stage_rows.append(row)
+            cache = _number(rec, "cache_seconds", where, float) if "cache_seconds" in rec else 0.0
+            stage_rows.append((row, cache))
         else:
             setattr(out, stage, row)
-    # layer-wise records hold one stage's own tokens and time: sum them, so row k is the model 1..k
-    tokens = seconds = 0
-    for row in sorted(stage_rows, key=lambda r: r.k):
-        tokens, seconds = tokens + row.tokens, seconds + row.seconds
+    # layer-wise records hold one stage's own tokens and time (its training; its caching pass apart):
+    # sum them, so row k is the model 1..k and what it cost: training 1..k and the caches 1..k-1 it read
+    tokens, seconds, cached = 0, 0.0, 0.0
+    for row, cache in sorted(stage_rows, key=lambda rc: rc[0].k):
+        tokens, seconds, cached = tokens + row.tokens, seconds + cached + row.seconds, cache
         out.layers.append(Row(row.stage, row.k, row.val_loss, row.val_acc, tokens, seconds))
     for attr in FINAL_STAGES:  # fused / fine-tuned / e2e records carry no k of their own: depth L
         row = getattr(out, attr)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU data-path figures of benchmarks/RESULTS.md ("The data path"), in one lease, from the
+# repository root:
+#     OUT=bench_out PART=1 bash benchmarks/gpu_datapath.sh   # step vs peers and peak; a stage fed from its cache
+#     OUT=bench_out PART=2 bash benchmarks/gpu_datapath.sh   # stage=all vs stage=e2e, 4 and 8 layers
+# Writes machine.txt, log.txt and one JSON per benchmark under $OUT. Needs torch with CUDA,
+# lightning, transformers, tensorboard, hydra-core and omegaconf importable.
+set -u
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+PART=${PART:-1}
+LOG="$OUT/log.txt"
+ROOT=${ROOT:-/tmp/sw_datapath}
+
+step() {  # step SECONDS_LIMIT COMMAND...: run, log, time
+  local limit=$1; shift
+  echo "=== \$ $*" | tee -a "$LOG"
+  local t0; t0=$(date +%s.%N)
+  timeout "$limit" "$@" 2>&1 | grep -v -e "Warning" -e "warn(" >>"$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== rc=$rc wall=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s" | tee -a "$LOG"
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import sys, torch, lightning, transformers; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'transformers', transformers.__version__)"; nproc; free -g | head -2; df -h /tmp | tail -1; } >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if [ "$PART" = 1 ]; then
+# the layer stage's step (compute only, batch on the device) beside the Hugging Face peers and the
+# measured matmul peak, at the seed sizes, 8 x 2048 and 4 x 512, gqa and mla
+step 150 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch-size 8 --stages layer \
+  --attention gqa,mla --steps 10 --cache-rows 0 --out "$OUT/step_8x2048.json"
+step 100 $PY benchmarks/run.py --device cuda --model seed --seq-len 512 --batch-size 4 --stages layer \
+  --attention gqa,mla --steps 20 --cache-rows 0 --out "$OUT/step_4x512.json"
+# stackwise-train stage=layer k=2 fed from its own cache, its caching pass, and the raw disk
+step 280 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts disk,feed \
+  --layer-steps 60 --output-root "$ROOT" --out "$OUT/feed_8x2048.json"
+rm -rf "$ROOT"
+step 200 $PY benchmarks/datapath.py --preset seed --batch-size 4 --seq-len 512 --parts feed \
+  --layer-steps 200 --output-root "$ROOT" --out "$OUT/feed_4x512.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 2 ]; then
+# stage=all (every stage, caching, fusion, an 8-step fine-tune) vs stage=e2e on the same tokens:
+# 40 steps for stage 1, 20 per layer stage, T 2048, B 8
+step 560 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 4,8 \
+  --all-steps 20 --finetune-steps 8 --output-root "$ROOT" --out "$OUT/all_vs_e2e.json"
+rm -rf "$ROOT"
+fi
