@@ -138,6 +138,16 @@ def test_single_report_lists_every_stage_with_its_numbers(tmp_path):
     assert within.startswith("yes") and "equal token budgets" in within  # exactly 5.0% counts as within
 
 
+def test_layer_rows_count_the_caching_passes_that_fed_them(tmp_path):
+    recs = records([5.5, 4.9, 4.5])
+    for k, rec in enumerate(recs[:3], 1):  # stage k trained 10 s, then cached its output in k s
+        rec["cache_seconds"] = float(k)
+    md_path, _ = write_report(make_exp(tmp_path, "exp", recs))
+    rows = table_rows(md_path.read_text())
+    # row k: training 1..k (10 s each) and the caches 1..k-1 it was fed from; layer 3's own cache is not
+    assert [rows[s][5] for s in ("embed", "layer_2", "layer_3")] == ["10.0 s", "21.0 s", "33.0 s"]
+
+
 def test_layer_verdict_decreasing_and_not(tmp_path):
     up = make_exp(tmp_path, "up", records([5.5, 4.9, 5.0, 4.6], finetuned=None))
     md = write_report(up)[0].read_text()
