@@ -67,6 +67,7 @@ NOT_IDENTITY: tuple[str, ...] = (
     "cache.last_layer",
     "cache.pin_memory",
     "cache.prefetch_factor",
+    "cache.device_prefetch",
     "fusion.check",
     "trainer._target_",  # the class every Trainer is built as (stackwise/pipeline/trainers.py), not a setting
     *(f"trainer.{key}" for key in _RUNTIME_TRAINER_KEYS),

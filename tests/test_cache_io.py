@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stackwise.data.cache import sink as sink_mod
-from stackwise.data.cache.datamodule import ActivationDataModule
+from stackwise.data.cache.datamodule import ActivationDataModule, DeviceLoader, one_ahead
 from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
 from stackwise.data.cache.sink import ShardSink
@@ -330,7 +330,8 @@ def test_hardware_gpu_asks_for_pinned_memory_and_workers(tmp_path: Path) -> None
     for hw, pinned, workers in (("cpu", False, 0), ("gpu", True, 4), ("ddp", True, 4), ("fsdp", True, 4)):
         run = RunConfig.from_hydra(compose_cfg([f"hardware={hw}", "cache.shuffle_block=8", f"output_root={tmp_path}"]))
         dm = StageInputs(run, art.ExperimentPaths(tmp_path)).activations(Stage.layer(2), ActivationCache.open(acts))
-        assert (dm.pin_memory, dm.num_workers, dm.shuffle_block, dm.prefetch_factor) == (pinned, workers, 8, 2), hw
+        got = (dm.pin_memory, dm.num_workers, dm.shuffle_block, dm.prefetch_factor, dm.to_device)
+        assert got == (pinned, workers, 8, 2, True), hw
         loader = dm.val_dataloader()
         assert (loader.pin_memory, loader.persistent_workers) == (pinned, workers > 0)
 
@@ -353,3 +354,42 @@ def test_writer_sizes_shards_from_the_loaders(tmp_path: Path) -> None:
 
     write_manifest(acts, writer.records(), META)
     assert ActivationCache.open(acts, verify=True).rows("train") == 23
+
+
+# ------------------------------------------------------------------------------- GPU prefetch
+def test_one_ahead_starts_the_next_batch_before_handing_out_one() -> None:
+    """The order DeviceLoader relies on: batch k+1's copy is issued before batch k is returned (and
+    its wait enqueued), so on a GPU it runs while the consumer computes on batch k."""
+    log: list[tuple[str, int]] = []
+
+    def start(b: int) -> int:
+        log.append(("start", b))
+        return b
+
+    def finish(b: int) -> int:
+        log.append(("finish", b))
+        return b
+
+    for b in one_ahead(range(3), start, finish):
+        log.append(("use", b))
+    assert log == [
+        ("start", 0), ("start", 1), ("finish", 0), ("use", 0),
+        ("start", 2), ("finish", 1), ("use", 1), ("finish", 2), ("use", 2),
+    ]  # fmt: skip
+    assert list(one_ahead([], start, finish)) == []
+
+
+def test_device_loader_is_a_plain_loader_off_cuda_and_survives_lightning_rebuilding_it(tmp_path: Path) -> None:
+    acts = tmp_path / "acts"
+    _build(acts, n_train=9, n_val=3)
+    dm = ActivationDataModule(ActivationCache.open(acts), batch_size=4, seed=0, to_device=True)
+    assert dm._device() is None  # no trainer, or not CUDA: Lightning moves the batches as usual
+    loader = DeviceLoader(ActivationDataset(dm.cache, "train"), batch_size=4, collate_fn=ready_batch)
+    loader.to_device = torch.device("cpu")
+    assert _same(_batches(loader), _batches(dm.predict_dataloader()[0]))
+    # Lightning rebuilds every predict loader (to record batch indices): the device must survive it
+    trainer = _trainer()
+    trainer.predict(Passthrough(), dataloaders=[loader], return_predictions=False)
+    rebuilt = trainer.predict_dataloaders
+    rebuilt = rebuilt[0] if isinstance(rebuilt, list) else rebuilt
+    assert rebuilt is not loader and isinstance(rebuilt, DeviceLoader) and rebuilt.to_device == torch.device("cpu")

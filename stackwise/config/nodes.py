@@ -105,6 +105,8 @@ class CacheConfig(Structured):
     shuffle_block: int = 1
     pin_memory: bool = False  # batches in page-locked memory: faster, asynchronous copies to the GPU
     prefetch_factor: int = 2  # batches each loader worker reads ahead (with data.num_workers > 0)
+    # on a GPU, stage k's batches are copied to it one batch ahead, on a side stream (overlapping compute)
+    device_prefetch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("views", "shard_size", "batch_size", "shuffle_block", "prefetch_factor"):

@@ -62,6 +62,7 @@ class StageInputs:
             pin_memory=run.cache.pin_memory,
             shuffle_block=run.cache.shuffle_block,
             prefetch_factor=run.cache.prefetch_factor,
+            to_device=run.cache.device_prefetch,
         )
 
     def cache_loaders(self, stage: Stage, data) -> list:

@@ -168,8 +168,7 @@ def estimate_cache_bytes(n_rows: int, seq_len: int, d_model: int, dtype: str, vo
     Without `vocab_size` targets are counted at 4 bytes, the larger of the two storages.
     """
     check_dtype(dtype)
-    storage = storage_dtypes(dtype, vocab_size or 1 << 17)
-    hidden = seq_len * d_model * np.dtype(storage["hidden"]).itemsize
+    hidden = seq_len * d_model * np.dtype(_HIDDEN_STORAGE[dtype]).itemsize
     scale = seq_len * 4 if dtype == FP8 else 0
     targets = seq_len * (np.dtype(targets_storage(vocab_size)).itemsize if vocab_size else 4)
     per_row = hidden + scale + targets + seq_len + 4 + 8 + 2  # + mask, t, index, view

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from stackwise.artifacts import PathLike, check_expected, manifest_path, one_line, sha256_file
 from stackwise.data.cache.layout import FP8, MANIFEST_FORMAT, MANIFEST_VERSION, SCALE, decode_fp8, read_dtype
@@ -233,17 +233,19 @@ class ActivationDataset(Dataset):
     def __getitems__(self, items: Sequence[int]) -> dict[str, Tensor]:
         rows = self.rows_of(items)
         b = len(rows)
-        # numpy views of the batch's tensors, in the storage dtypes where the two share their bits
+        fp8 = self.hidden_dtype == FP8
         batch = {
-            "hidden": torch.empty((b, *self.row_shapes["hidden"]), dtype=_torch_dtype(self.storage["hidden"])),
-            "targets": torch.empty((b, *self.row_shapes["targets"]), dtype=torch.int64),
-            "mask": torch.empty((b, *self.row_shapes["mask"]), dtype=torch.bool),
-            "t": torch.empty(b, dtype=torch.float32),
-            "index": torch.empty(b, dtype=torch.int64),
-            "view": torch.empty(b, dtype=torch.int64),
+            # fp8 bits go to a private buffer; the bf16 they decode to is what leaves the worker
+            "hidden": _empty((b, *self.row_shapes["hidden"]), _torch_dtype(self.storage["hidden"]), shared=not fp8),
+            "targets": _empty((b, *self.row_shapes["targets"]), torch.int64),
+            "mask": _empty((b, *self.row_shapes["mask"]), torch.bool),
+            "t": _empty((b,), torch.float32),
+            "index": _empty((b,), torch.int64),
+            "view": _empty((b,), torch.int64),
         }
-        if SCALE in self.fields:
+        if fp8:
             batch[SCALE] = torch.empty((b, *self.row_shapes[SCALE]), dtype=torch.float32)
+        # numpy views of the batch's tensors, in the storage dtypes where the two share their bits
         dest = {f: t.numpy() for f, t in batch.items()}
         if self.storage["hidden"] == np.uint16:
             dest["hidden"] = dest["hidden"].view(np.uint16)
@@ -253,12 +255,23 @@ class ActivationDataset(Dataset):
                 np.copyto(d[at : at + n], src[f][r : r + n], casting="safe")
         if self.storage["hidden"] == np.uint16:
             batch["hidden"] = batch["hidden"].view(torch.bfloat16)
-        if self.hidden_dtype == FP8:
-            batch["hidden"] = decode_fp8(batch["hidden"], batch.pop(SCALE), dtype=getattr(torch, read_dtype(FP8)))
+        if fp8:
+            out = _empty(batch["hidden"].shape, getattr(torch, read_dtype(FP8)))
+            batch["hidden"] = decode_fp8(batch["hidden"], batch.pop(SCALE), out=out)
         return batch
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {f: t[0] for f, t in self.__getitems__([i]).items()}
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype, shared: bool = True) -> Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory (as torch's default_collate
+    does), so sending the batch to the main process does not copy it once more."""
+    if not shared or get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    numel = int(np.prod(shape, dtype=np.int64))
+    return proto.new(proto._typed_storage()._new_shared(numel, device=proto.device)).resize_(tuple(shape))
 
 
 def _torch_dtype(storage: np.dtype) -> torch.dtype:
