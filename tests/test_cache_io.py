@@ -393,3 +393,17 @@ def test_device_loader_is_a_plain_loader_off_cuda_and_survives_lightning_rebuild
     rebuilt = trainer.predict_dataloaders
     rebuilt = rebuilt[0] if isinstance(rebuilt, list) else rebuilt
     assert rebuilt is not loader and isinstance(rebuilt, DeviceLoader) and rebuilt.to_device == torch.device("cpu")
+
+
+def test_an_fp8_cache_runs_the_pipeline_end_to_end(make_run) -> None:
+    from stackwise.pipeline import Pipeline
+    from stackwise.pipeline.stage import Stage
+
+    pipe = Pipeline(make_run("stage=all", "cache.dtype=float8_e4m3", "cache.shuffle_block=16"))
+    pipe.execute()
+    cache = pipe.state.open_cache(Stage.layer(1))
+    assert cache.hidden_dtype == FP8 and cache.manifest["fields"]["hidden"]["storage"] == "uint8"
+    row = ActivationDataset(cache, "val")[0]
+    assert row["hidden"].dtype == torch.bfloat16 and row["hidden"].shape == (32, cache.d_model)
+    records = {r["stage"]: r for r in json.loads(pipe.paths.results_json.read_text())}
+    assert set(records) == {"embed", "layer_2", "fused"}  # the fusion check passed (2e-2 with a non-fp32 cache)
