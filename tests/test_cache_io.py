@@ -407,3 +407,31 @@ def test_an_fp8_cache_runs_the_pipeline_end_to_end(make_run) -> None:
     assert row["hidden"].dtype == torch.bfloat16 and row["hidden"].shape == (32, cache.d_model)
     records = {r["stage"]: r for r in json.loads(pipe.paths.results_json.read_text())}
     assert set(records) == {"embed", "layer_2", "fused"}  # the fusion check passed (2e-2 with a non-fp32 cache)
+
+
+class HalfPrecision(Passthrough):
+    """What a bf16-true stage hands the writer: every float of the batch in bf16, ids in int32."""
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        out = super().predict_step(batch, batch_idx, dataloader_idx)
+        return {
+            **out,
+            "hidden": out["hidden"].bfloat16(),
+            "t": out["t"].bfloat16(),
+            "targets": out["targets"].int(),
+            "index": out["index"].int(),
+        }
+
+
+def test_writer_takes_bf16_and_int32_fields(tmp_path: Path) -> None:
+    acts = tmp_path / "acts"
+    writer = CacheWriter(acts, shard_size=5, vocab_size=V, dtype="bfloat16")
+    loader = DataLoader(RowSource(7, "train"), batch_size=4)
+    _trainer(writer).predict(HalfPrecision(), dataloaders=[loader], return_predictions=False)
+    from stackwise.data.cache.layout import write_manifest
+
+    write_manifest(acts, writer.records(), META, splits=("train", "val"))
+    batch = ActivationDataset(ActivationCache.open(acts), "train").__getitems__(list(range(7)))
+    rows = [RowSource(7, "train")[i] for i in range(7)]
+    assert torch.equal(batch["t"], torch.stack([r["t"] for r in rows]).bfloat16().float())
+    assert torch.equal(batch["index"], torch.stack([r["index"] for r in rows]))

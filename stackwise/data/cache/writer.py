@@ -168,10 +168,12 @@ class CacheWriter(BasePredictionWriter):
                 f"{tuple(pred['targets'].shape)}/{tuple(pred['mask'].shape)}"
             )
         out = encode_hidden(hidden, self.hidden_dtype)  # (B, T, D)[, scale (B, T)]
-        out["targets"] = pred["targets"].detach()  # (B, T)
-        out["mask"] = pred["mask"].detach()  # (B, T)
-        for f in ("t", "index", "view"):
-            out[f] = pred[f].detach().reshape(b)  # (B,)
+        # the dtypes numpy converts from (a bf16-true run hands t over in bf16: exact in fp32)
+        out["targets"] = pred["targets"].detach().to(torch.int64)  # (B, T)
+        out["mask"] = pred["mask"].detach().to(torch.bool)  # (B, T)
+        out["t"] = pred["t"].detach().reshape(b).to(torch.float32)  # (B,)
+        for f in ("index", "view"):
+            out[f] = pred[f].detach().reshape(b).to(torch.int64)  # (B,)
         return out
 
     def _to_storage(self, host: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
