@@ -279,8 +279,8 @@ class ShardSink:
         order (split by split, shard by shard). Raises a thread's error, after removing every file."""
         self.raise_if_failed()
         for shard in list(self._open.values()):  # short of their size: shrink them to their rows
-            self._io_q.put(_Job(None, None, None, [], [shard], shrink=True))
             self._slots.acquire()
+            self._io_q.put(_Job(None, None, None, [], [shard], shrink=True))
         self._open.clear()
         self._stop()
         self.raise_if_failed()
