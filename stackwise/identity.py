@@ -65,6 +65,9 @@ NOT_IDENTITY: tuple[str, ...] = (
     "cache.batch_size",
     "cache.shard_size",
     "cache.last_layer",
+    "cache.pin_memory",
+    "cache.prefetch_factor",
+    "cache.device_prefetch",
     "fusion.check",
     "trainer._target_",  # the class every Trainer is built as (stackwise/pipeline/trainers.py), not a setting
     *(f"trainer.{key}" for key in _RUNTIME_TRAINER_KEYS),

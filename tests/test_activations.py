@@ -14,17 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from stackwise.data import activations as acts_mod
-from stackwise.data.activations import (
-    ActivationCache,
-    ActivationDataModule,
-    ActivationDataset,
-    CacheWriter,
-    check_free_space,
-    discard_incomplete,
-    estimate_cache_bytes,
-    write_manifest,
-)
+from stackwise.data.cache import layout, reader
+from stackwise.data.cache.datamodule import ActivationDataModule
+from stackwise.data.cache.layout import check_free_space, discard_incomplete, estimate_cache_bytes, write_manifest
+from stackwise.data.cache.reader import ActivationCache, ActivationDataset
+from stackwise.data.cache.writer import CacheWriter
 from stackwise.data.sampling import StepSampler
 from stackwise.errors import ArtifactError, StackWiseError
 
@@ -126,7 +120,7 @@ def test_predict_writes_shards_and_rows_read_back_bit_identical(
 
     loads: list[str | None] = []
     real_load = np.load
-    monkeypatch.setattr(acts_mod.np, "load", lambda *a, **kw: loads.append(kw.get("mmap_mode")) or real_load(*a, **kw))
+    monkeypatch.setattr(reader.np, "load", lambda *a, **kw: loads.append(kw.get("mmap_mode")) or real_load(*a, **kw))
     cache = ActivationCache.open(
         acts, expect={"config_hash": META["config_hash"], "d_model": D, "seq_len": T}, verify=True
     )
@@ -322,7 +316,7 @@ def test_estimate_and_check_free_space(tmp_path: Path, monkeypatch: pytest.Monke
         estimate_cache_bytes(1, T, D, "int8")
 
     monkeypatch.setattr(
-        acts_mod.shutil, "disk_usage", lambda p: SimpleNamespace(total=8 << 30, used=7 << 30, free=1 << 30)
+        layout.shutil, "disk_usage", lambda p: SimpleNamespace(total=8 << 30, used=7 << 30, free=1 << 30)
     )
     target = tmp_path / "not" / "yet" / "acts_layer1"
     check_free_space(target, 1 << 29)

@@ -22,7 +22,8 @@ import pytest
 
 from stackwise import artifacts as art
 from stackwise.cli.train import disk_errors
-from stackwise.data import activations as acts
+from stackwise.data.cache import layout, sink
+from stackwise.data.cache.reader import ActivationCache
 from stackwise.errors import ArtifactWriteError, StackWiseError
 from stackwise.pipeline import Pipeline
 from stackwise.stages.base import NonFiniteLossError
@@ -265,7 +266,7 @@ def test_non_finite_loss_stops_the_stage_and_keeps_nothing(make_run):
 
 def _no_space(monkeypatch, free: int = 1000) -> None:
     real = shutil.disk_usage
-    monkeypatch.setattr(acts.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
 
 
 def test_cache_that_does_not_fit_stops_before_training(make_run, monkeypatch):
@@ -293,20 +294,15 @@ def test_disk_full_while_caching_stops_cleanly_and_a_rerun_completes(make_run, m
     check): one line naming the file and what to do, nothing half-written kept, and the same command
     completes once there is room, without retraining the finished stage."""
     overrides = ["stage=all", "cache.shard_size=16", *BASE[len(TINY) :]]
-    real, files = acts.atomic_write_stream, []
+    real, files = sink.create_file, []
 
-    def filling(path, write):
+    def filling(path, header, nbytes):
         files.append(path)
         if len(files) < 14:  # two whole shards (6 files each), the third one's hidden states
-            return real(path, write)
+            return real(path, header, nbytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no room to preallocate its targets
 
-        def partly(fh):
-            fh.write(b"\x93NUMPY" + bytes(100))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        return real(path, partly)
-
-    monkeypatch.setattr(acts, "atomic_write_stream", filling)
+    monkeypatch.setattr(sink, "create_file", filling)
     pipe = Pipeline(make_run(*overrides))
     with pytest.raises(ArtifactWriteError) as e:
         pipe.execute()
@@ -321,7 +317,7 @@ def test_disk_full_while_caching_stops_cleanly_and_a_rerun_completes(make_run, m
     monkeypatch.undo()  # space freed
     Pipeline(make_run(*overrides)).execute()
     assert pipe.paths.layer_ckpt(1).read_bytes() == layer_1  # not retrained: only its cache was rebuilt
-    assert acts.ActivationCache.open(pipe.paths.acts_dir(1), verify=True).rows("train") > 32
+    assert ActivationCache.open(pipe.paths.acts_dir(1), verify=True).rows("train") > 32
     assert [r["stage"] for r in art.read_results(pipe.paths)] == ["embed", "layer_2", "fused"]
 
 

@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from stackwise import artifacts as art
-from stackwise.data import activations as acts
+from stackwise.data.cache.reader import ActivationDataset
+from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import ArtifactError, ConfigError
 from stackwise.model.transformer import Block, Transformer
 from stackwise.model.weights import LayerWeights
@@ -189,7 +190,7 @@ def test_every_cached_row_equals_the_fused_prefix(done):
         ids = torch.stack([it["ids"] for it in items])
         pad = targets == pipe.cfg.pad_id
         for k in (1, 2):
-            ds = acts.ActivationDataset(pipe.state.open_cache(Stage.layer(k)), split)
+            ds = ActivationDataset(pipe.state.open_cache(Stage.layer(k)), split)
             assert len(ds) == len(items) > 0
             rows = [ds[i] for i in range(len(ds))]
             for field in ("index", "view", "mask", "t"):
@@ -242,8 +243,8 @@ def test_same_config_same_bytes_and_second_run_does_nothing(done, make_run, monk
         assert sa.keys() == sb.keys()
         for m in sa:
             assert sa[m].keys() == sb[m].keys() and all(torch.equal(sa[m][n], sb[m][n]) for n in sa[m])
-        ca = acts.ActivationDataset(first.state.open_cache(Stage.layer(k)), "train")
-        cb = acts.ActivationDataset(again.state.open_cache(Stage.layer(k)), "train")
+        ca = ActivationDataset(first.state.open_cache(Stage.layer(k)), "train")
+        cb = ActivationDataset(again.state.open_cache(Stage.layer(k)), "train")
         assert len(ca) == len(cb)
         for i in (0, len(ca) // 2, len(ca) - 1):
             assert all(torch.equal(ca[i][f], cb[i][f]) for f in ("hidden", "mask", "t", "targets"))
@@ -366,7 +367,7 @@ def test_every_trainer_is_built_from_the_trainer_node(make_run):
     for plain in (validate, predict):
         assert plain["logger"] is False and "max_steps" not in plain and plain["accelerator"] == "cpu"
     assert validate["inference_mode"] is False
-    assert any(isinstance(cb, acts.CacheWriter) for cb in predict["callbacks"])
+    assert any(isinstance(cb, CacheWriter) for cb in predict["callbacks"])
     # the node's target is not a setting of the experiment
     assert run.hashes() == make_run("stage=embed").hashes()
 

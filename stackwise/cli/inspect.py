@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stackwise import artifacts as art
 from stackwise.cli.common import user_errors
-from stackwise.data import activations as acts
+from stackwise.data.cache.reader import ActivationCache
 from stackwise.errors import ArtifactError, StackWiseError
 
 
@@ -37,7 +37,7 @@ def inspect_experiment(exp_dir: Path, verify: bool) -> tuple[list[str], list[str
         acts_dir = paths.acts_dir(k)
         if acts_dir.exists():
             try:
-                cache = acts.ActivationCache.open(acts_dir, verify=verify)
+                cache = ActivationCache.open(acts_dir, verify=verify)
                 lines.append(
                     f"  acts_layer{k}  train {cache.rows('train'):,} rows, val {cache.rows('val'):,} rows, "
                     f"{cache.hidden_dtype}, views {cache.views}" + ("  sha256 ok" if verify else "")

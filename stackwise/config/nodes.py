@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from stackwise.data.cache.layout import CACHE_DTYPES, FP8
 from stackwise.errors import ConfigError
 from stackwise.structured import Structured, check, is_int, is_number
 
 STAGE_KEYS = ("embed", "layer", "fusion", "e2e")  # the stages that train, each with its own budget
 LAYER_INITS = ("random", "identity", "previous")
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -83,27 +85,42 @@ class LayerwiseConfig(Structured):
 
 @dataclass
 class CacheConfig(Structured):
-    """The activation cache written after each layer-wise stage."""
+    """The activation cache written after each layer-wise stage, and how stage k reads it
+    (stackwise/data/cache/). Loader workers are `data.num_workers`, shared with the token loaders."""
 
     PATH = "cache"
 
     views: int = 2  # mask views cached per sequence (per_layer schedule: one per layer)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (the hardware group sets it with the precision)
+    # float32 | bfloat16 | float16 | float8_e4m3 (e4m3 with a float32 scale per token vector, read
+    # back as bfloat16: half the bytes of bfloat16); the hardware group sets it with the precision
+    dtype: str = "float32"
     shard_size: int = 1024  # rows per shard
     batch_size: int = 64  # batch size of the caching pass
     # training sequences cached: auto = what the next stage reads (each row once), an integer (a
     # seeded subset), or null (all); `Any` because OmegaConf has no int-or-string type
     train_sequences: Any = "auto"
     last_layer: bool = False  # also cache acts_layer{L} (no later stage needs it)
+    # stage k's training order shuffles blocks of this many consecutive cached rows (each block read
+    # in one go); 1 = every row on its own, the plain shuffle. Another value is another order.
+    shuffle_block: int = 1
+    pin_memory: bool = False  # batches in page-locked memory: faster, asynchronous copies to the GPU
+    prefetch_factor: int = 2  # batches each loader worker reads ahead (with data.num_workers > 0)
+    # on a GPU, stage k's batches are copied to it one batch ahead, on a side stream (overlapping compute)
+    device_prefetch: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("views", "shard_size", "batch_size"):
+        for name in ("views", "shard_size", "batch_size", "shuffle_block", "prefetch_factor"):
             v = getattr(self, name)
             check(is_int(v) and v > 0, self.key(name), f"must be a positive integer, got {v!r}")
         check(
             self.dtype in CACHE_DTYPES,
             self.key("dtype"),
             f"unknown dtype {self.dtype!r}; allowed: {', '.join(CACHE_DTYPES)}",
+        )
+        check(
+            self.dtype != FP8 or hasattr(torch, "float8_e4m3fn"),
+            self.key("dtype"),
+            f"{FP8} needs torch.float8_e4m3fn (torch >= 2.1); this torch is {torch.__version__}",
         )
         n = self.train_sequences
         check(

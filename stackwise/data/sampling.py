@@ -4,6 +4,10 @@ Lightning restarts a dataloader from the top of the epoch when it resumes from a
 checkpoint. To make a resumed stage bit-identical to one that never stopped, the training
 stream is an endless chain of seeded permutations ("epochs") and the sampler starts at
 `start_step * batch_size`: the DataModule passes `trainer.global_step` when it builds the loader.
+
+Block shuffle (`block` > 1): each epoch permutes blocks of `block` consecutive rows and keeps the
+rows of a block in order, so a batch of a row-ordered store (the activation cache) is read as a
+few contiguous runs instead of one seek per row. `block=1` is the plain shuffle, row for row.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class StepSampler(Sampler[int]):
     """Indices of an endless seeded shuffle of `range(n)`, from example `start_step * batch_size`.
 
     `total_steps` bounds the stream so an epoch-based loop still ends; Lightning's `max_steps`
-    is what stops training in practice.
+    is what stops training in practice. `block`: shuffle blocks of that many consecutive indices.
     """
 
     def __init__(
@@ -33,10 +37,13 @@ class StepSampler(Sampler[int]):
         start_step: int = 0,
         total_steps: int = 1 << 30,
         with_position: bool = False,
+        block: int = 1,
     ):
         if n <= 0:
             raise ValueError("StepSampler needs a non-empty dataset")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        if block < 1:
+            raise ValueError(f"StepSampler's block must be >= 1, got {block}")
+        self.n, self.batch_size, self.seed, self.block = n, batch_size, seed, int(block)
         # with_position: yield (stream position, index) so a dataset can key on-the-fly masks by
         # the pass over the data (position // n) and know the training progress.
         self.with_position = with_position
@@ -50,13 +57,21 @@ class StepSampler(Sampler[int]):
         pos = self.start
         epoch, offset = divmod(pos, self.n)
         while pos < self.stop:
-            perm = torch.randperm(self.n, generator=generator(self.seed, "order", epoch))
-            for i in perm[offset:].tolist():
+            for i in self.epoch(epoch)[offset:]:
                 if pos >= self.stop:
                     return
                 yield (pos, i) if self.with_position else i
                 pos += 1
             epoch, offset = epoch + 1, 0
+
+    def epoch(self, epoch: int) -> list[int]:
+        """The order of pass `epoch` over the data: a permutation of range(n)."""
+        gen = generator(self.seed, "order", epoch)
+        if self.block == 1:
+            return torch.randperm(self.n, generator=gen).tolist()
+        blocks = torch.randperm(-(-self.n // self.block), generator=gen)
+        rows = (blocks[:, None] * self.block + torch.arange(self.block)).reshape(-1)
+        return rows[rows < self.n].tolist()  # the last block may be short
 
 
 class RankStepSampler(DistributedSampler):
@@ -78,11 +93,12 @@ class RankStepSampler(DistributedSampler):
         rank: int = 0,
         world_size: int = 1,
         with_position: bool = False,
+        block: int = 1,
     ):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True)
         self.batch_size, self.world, self.total_steps = batch_size, world_size, total_steps
         n = getattr(dataset, "n_examples", None) or len(dataset)  # type: ignore[arg-type]
-        self.inner = StepSampler(n, batch_size * world_size, seed, start_step, total_steps, with_position)
+        self.inner = StepSampler(n, batch_size * world_size, seed, start_step, total_steps, with_position, block)
 
     def __len__(self) -> int:
         # The length of the WHOLE stream, steps before `start_step` included. On a mid-epoch resume

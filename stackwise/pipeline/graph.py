@@ -21,7 +21,8 @@ from torch import Tensor
 
 from stackwise import artifacts as art
 from stackwise.config import FULL_PRECISION, RunConfig
-from stackwise.data import activations as acts
+from stackwise.data.cache.layout import discard_cache, write_manifest
+from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
 from stackwise.model.weights import LayerWeights, assemble, first_layer, next_layer
@@ -126,9 +127,9 @@ class Pipeline:
     def cache(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> None:
         """acts_layer{k}: layer k's output on every cached (sequence, view), then its manifest, last."""
         acts_dir = self.paths.acts_dir(stage.k)
-        acts.discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
+        discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
         loaders = self.inputs.cache_loaders(stage, data)  # before the first shard is written
-        writer = acts.CacheWriter(
+        writer = CacheWriter(
             acts_dir,
             splits=["train", "val"],
             shard_size=self.run.cache.shard_size,
@@ -140,7 +141,7 @@ class Pipeline:
         for observer in self.observers:
             observer.cached(stage)
         records = writer.records()
-        write_once(lambda: acts.write_manifest(acts_dir, records, self.state.cache_meta(stage)))
+        write_once(lambda: write_manifest(acts_dir, records, self.state.cache_meta(stage)))
         seconds, nbytes = time.time() - t0, sum(f["bytes"] for r in records for f in r["files"].values())
         log.info(
             "stage %s: cached %.2f GB in %.1f s (%.2f GB/s)", stage.name, nbytes / 1e9, seconds, nbytes / 1e9 / seconds

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from stackwise import artifacts as art
 from stackwise.config import RunConfig
-from stackwise.data import activations as acts
+from stackwise.data.cache.datamodule import ActivationDataModule
+from stackwise.data.cache.layout import check_free_space, estimate_cache_bytes
+from stackwise.data.cache.reader import ActivationCache
 from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import TokenSplits, load_token_splits
 from stackwise.objective.masking import build_schedule
@@ -47,16 +49,20 @@ class StageInputs:
             n_layers=cfg.n_layers,
         )
 
-    def activations(self, stage: Stage, cache: acts.ActivationCache) -> acts.ActivationDataModule:
+    def activations(self, stage: Stage, cache: ActivationCache) -> ActivationDataModule:
         """Layer k's batches: the rows of acts_layer{k-1}, in a stream seeded by the stage."""
         run = self.run
-        return acts.ActivationDataModule(
+        return ActivationDataModule(
             cache,
             batch_size=run.data.batch_size,
             seed=derive_seed(run.seed, stage.name),
             num_workers=run.data.num_workers,
             train_views=[stage.below.k] if run.masking.schedule == "per_layer" else None,  # its rate's own view
             max_steps=run.max_steps(stage.budget),
+            pin_memory=run.cache.pin_memory,
+            shuffle_block=run.cache.shuffle_block,
+            prefetch_factor=run.cache.prefetch_factor,
+            to_device=run.cache.device_prefetch,
         )
 
     def cache_loaders(self, stage: Stage, data) -> list:
@@ -64,8 +70,8 @@ class StageInputs:
         (checked before training too: hours of training must not end in a full disk)."""
         run, cfg, loaders = self.run, self.run.model, data.predict_dataloader()
         rows = sum(len(dl.dataset) for dl in loaders)
-        acts.check_free_space(
+        check_free_space(
             self.paths.acts_dir(stage.k),
-            acts.estimate_cache_bytes(rows, run.data.seq_len, cfg.d_model, run.cache.dtype, cfg.vocab_size),
+            estimate_cache_bytes(rows, run.data.seq_len, cfg.d_model, run.cache.dtype, cfg.vocab_size),
         )
         return loaders

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stackwise import artifacts as art
 from stackwise.config import RunConfig
-from stackwise.data import activations as acts
+from stackwise.data.cache.reader import ActivationCache, StaleCacheError
 from stackwise.errors import ArtifactError, StackWiseError
 from stackwise.model.weights import LayerWeights
 from stackwise.pipeline.stage import Stage
@@ -126,7 +126,7 @@ class ExperimentState:
             return False  # never cached, or killed while caching: rebuilt
         try:
             self.open_cache(stage)
-        except acts.StaleCacheError:
+        except StaleCacheError:
             return False  # made from another layer_k.pt: rebuilt
         except ArtifactError as e:  # a damaged cache (shard missing, truncated, changed) is reported
             if not self.run.overwrite:
@@ -135,9 +135,9 @@ class ExperimentState:
             return False
         return True
 
-    def open_cache(self, stage: Stage) -> acts.ActivationCache:
+    def open_cache(self, stage: Stage) -> ActivationCache:
         """acts_layer{k}, checked against the layer checkpoint that produced it."""
-        return acts.ActivationCache.open(
+        return ActivationCache.open(
             self.paths.acts_dir(stage.k), verify=self.run.verify, expect=self.cache_meta(stage, check=True)
         )
 
@@ -183,7 +183,7 @@ class ExperimentState:
                 raise ArtifactError(f"{problem}; rerun {stage.command} (overwrite=true) or stage=all")
         return layers
 
-    def input_cache(self, stage: Stage, needed_by: Stage) -> acts.ActivationCache:
+    def input_cache(self, stage: Stage, needed_by: Stage) -> ActivationCache:
         """acts_layer{k} as the input of `needed_by`: it must be complete."""
         if not self.paths.acts_manifest(stage.k).exists():
             raise ArtifactError(

@@ -1,0 +1,189 @@
+"""`ActivationDataModule`: the batches of an activation cache for stage k+1 and for the caching pass of layer k+1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from stackwise.artifacts import PathLike
+from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
+from stackwise.data.sampling import RankStepSampler, trainer_state
+from stackwise.errors import StackWiseError
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Batches of a cache for stage k+1: a resumable shuffled train stream, in-order val and predict.
+
+    `max_steps` is the stage's optimizer-step budget (None: the trainer's max_steps). The train
+    loader starts at the batch after the trainer's `global_step` (times gradient accumulation),
+    so a stage resumed from a mid-stage checkpoint continues the same stream. `shuffle_block`
+    > 1 shuffles blocks of that many consecutive rows (stackwise/data/sampling.py): fewer, longer
+    reads per batch, another order. `predict_dataloader()` is [train in order, val in order],
+    every view: the caching pass of layer k+1 (pair it with `CacheWriter(splits=("train", "val"))`).
+    Every loader reads whole batches (`ActivationDataset.__getitems__`); `num_workers` > 0 keeps
+    its worker processes between epochs; `pin_memory` puts batches in page-locked memory for a
+    faster, asynchronous copy to the GPU; `prefetch_factor` batches per worker are read ahead.
+    `to_device`: on a CUDA trainer, the train and predict loaders hand out batches already on the
+    GPU, copied one batch ahead on a side stream (`DeviceLoader`), so the copy overlaps compute.
+    """
+
+    def __init__(
+        self,
+        cache: ActivationCache | PathLike,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        train_views: Sequence[int] | None = None,
+        max_steps: int | None = None,
+        predict_batch_size: int | None = None,
+        pin_memory: bool = False,
+        shuffle_block: int = 1,
+        prefetch_factor: int | None = None,
+        to_device: bool = False,
+    ):
+        super().__init__()
+        self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
+        self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), int(num_workers)
+        self.train_views = None if train_views is None else list(train_views)
+        self.max_steps = max_steps
+        self.predict_batch_size = int(predict_batch_size or batch_size)
+        self.pin_memory, self.to_device = bool(pin_memory), bool(to_device)
+        self.shuffle_block, self.prefetch_factor = int(shuffle_block), prefetch_factor
+        self._train: ActivationDataset | None = None
+        self._train_all: ActivationDataset | None = None
+        self._val: ActivationDataset | None = None
+
+    @property
+    def train_set(self) -> ActivationDataset:
+        if self._train is None:
+            self._train = ActivationDataset(self.cache, "train", self.train_views)
+            if len(self._train) == 0:
+                views = "" if self.train_views is None else f" with views {self.train_views}"
+                raise StackWiseError(
+                    f"{self.cache.dir} has no training rows{views}; check cache.views and the stage's views"
+                )
+        return self._train
+
+    @property
+    def val_set(self) -> ActivationDataset:
+        if self._val is None:
+            self._val = ActivationDataset(self.cache, "val")
+        return self._val
+
+    def _device(self) -> torch.device | None:
+        """The CUDA device batches go to ahead of time (None: Lightning moves them, as usual)."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None and self.to_device else None
+        return device if device is not None and device.type == "cuda" else None
+
+    def _loader(self, ds: Dataset, batch_size: int, to_device: torch.device | None = None, **kw: Any) -> DataLoader:
+        workers = self.num_workers > 0
+        return DeviceLoader(
+            ds,
+            to_device=to_device,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers,
+            collate_fn=ready_batch,
+            **({"prefetch_factor": self.prefetch_factor} if workers and self.prefetch_factor else {}),
+            **kw,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        step, accum, rank, world, trainer_max = trainer_state(self)
+        max_steps = self.max_steps if self.max_steps is not None else trainer_max
+        total = (max_steps * accum) if max_steps is not None else 1 << 30
+        # StepSampler counts batches: with gradient accumulation an optimizer step is `accum` of them
+        sampler = RankStepSampler(
+            self.train_set,
+            self.batch_size,
+            self.seed,
+            start_step=step * accum,
+            total_steps=total,
+            rank=rank,
+            world_size=world,
+            block=self.shuffle_block,
+        )
+        return self._loader(self.train_set, self.batch_size, self._device(), sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        if self._train_all is None:
+            self._train_all = (
+                self._train
+                if self.train_views is None and self._train is not None
+                else ActivationDataset(self.cache, "train")
+            )
+        device = self._device()
+        return [
+            self._loader(self._train_all, self.predict_batch_size, device, shuffle=False),
+            self._loader(self.val_set, self.predict_batch_size, device, shuffle=False),
+        ]
+
+
+class DeviceLoader(DataLoader):
+    """A DataLoader whose batches arrive on `to_device` (CUDA; None or another device: the plain
+    DataLoader), each copied while the batch before it is in use. A keyword of `__init__` (not
+    only an attribute) so that Lightning, which rebuilds predict loaders, keeps it."""
+
+    def __init__(self, *args: Any, to_device: torch.device | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.to_device = to_device
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        if self.to_device is None or self.to_device.type != "cuda":
+            return batches
+        copier = _CudaCopier(self.to_device)
+        return one_ahead(batches, copier.start, copier.finish)
+
+
+_B = TypeVar("_B")
+_S = TypeVar("_S")
+_R = TypeVar("_R")
+
+
+def one_ahead(batches: Iterable[_B], start: Callable[[_B], _S], finish: Callable[[_S], _R]) -> Iterator[_R]:
+    """finish(start(b)) for every batch b, in order, with the next batch started before a batch is
+    finished and returned: its copy runs while the consumer computes on the one returned."""
+    it = iter(batches)
+    pending = _NONE = object()
+    for batch in it:
+        started = start(batch)
+        if pending is not _NONE:
+            yield finish(pending)
+        pending = started
+    if pending is not _NONE:
+        yield finish(pending)
+
+
+class _CudaCopier:
+    """start: copy a batch's tensors to the GPU on a side stream; finish: make the consumer's stream
+    wait for that copy (on the GPU, the host does not wait) and tell the allocator who uses them."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+    def start(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        with torch.cuda.stream(self.stream):
+            moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return moved, done
+
+    def finish(self, started: tuple[dict[str, Any], Any]) -> dict[str, Any]:
+        moved, done = started
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(done)
+        for v in moved.values():
+            if isinstance(v, Tensor):
+                v.record_stream(consumer)
+        return moved

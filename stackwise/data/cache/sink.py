@@ -1,0 +1,417 @@
+"""Shard files written at disk speed: the caller hands over batches, threads write and hash them.
+
+`ShardSink.put(split, arrays)` runs on the caller's thread and only decides where each row goes: a
+shard's files are created there, preallocated to their final size with their .npy header in place
+(so a full disk stops the caller at once, naming the file), and the batch goes on a bounded queue.
+Three threads do the rest, each in order:
+
+    io      waits until the batch is on the host (a CUDA event), converts it to the storage dtypes,
+            writes each field's rows at their offset in the shard's files (pwrite, in place);
+    hash    sha256 of each file, fed the same bytes while io writes them (hashlib releases the GIL);
+    close   once a shard is written and hashed: one fsync per file, then its record.
+
+No file is renamed: a cache folder is trusted only through its manifest, written after every
+shard is complete and fsync'ed (the per-split folders are fsync'ed once at the end, so the names
+are durable before it). An error in a thread (a full disk, a bad batch) is kept and raised in the
+caller at its next `put` or at `finish`; every file this sink created is removed first, so nothing
+half-written stays. The threads keep draining their queues after an error, so the caller never
+blocks on a dead consumer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stackwise.artifacts import sha256_file, write_errors
+from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_stem
+
+# batches between the caller and the disk: one being written, one being hashed, one queued
+MAX_IN_FLIGHT = 3
+_STOP = object()
+
+
+# ----------------------------------------------------------------------------------- file I/O
+def _libc_fallocate() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def preallocate(fd: int, nbytes: int) -> None:
+    """Reserve `nbytes` for the file (its size becomes `nbytes`): a full disk fails here, before any data.
+
+    fallocate(2) itself, not posix_fallocate: glibc emulates the latter by writing every block where
+    the file system lacks it, which would write the shard twice. There a sparse ftruncate does.
+    """
+    if _FALLOCATE is not None and nbytes > 0:
+        if _FALLOCATE(fd, 0, 0, nbytes) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+    os.ftruncate(fd, nbytes)
+
+
+def write_at(fd: int, data: Any, offset: int) -> None:
+    """All of `data` (bytes-like) at `offset` of the file."""
+    mv = memoryview(data).cast("B")
+    while mv.nbytes:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def create_file(path: Path, header: bytes, nbytes: int) -> int:
+    """Create `path` (replacing any file there) at its final size `nbytes` with `header` at its
+    start; return its descriptor. The one place a shard file is created."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        preallocate(fd, nbytes)
+        write_at(fd, header, 0)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return fd
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the names of the files created in `folder` durable (where a folder can be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- shards
+@dataclass
+class _File:
+    path: Path  # final name (what errors name)
+    rel: str  # relative to the cache folder (what the manifest records)
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    header: bytes
+    fd: int = -1
+    hasher: Any = None  # sha256, fed by the hash thread only
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def size(self, rows: int) -> int:
+        return len(self.header) + rows * self.row_bytes
+
+
+@dataclass
+class _Shard:
+    split: str
+    number: int
+    stem: str
+    planned: int  # rows its files were sized for
+    files: dict[str, _File]
+    assigned: int = 0  # rows handed to it so far (caller's thread)
+    reread: bool = False  # shrunk after it was hashed for `planned` rows: hash the file instead
+    hashed: threading.Event = field(default_factory=threading.Event)
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    arrays: Mapping[str, Any] | None  # host tensors (maybe still being copied into) per field
+    ready: Any  # None, or an object whose .synchronize() returns once `arrays` hold the batch
+    release: Callable[[], None] | None  # gives the caller's buffers back
+    segments: list[tuple[_Shard, int, int, int]]  # (shard, first row in shard, first row in batch, rows)
+    completes: list[_Shard]  # shards whose last rows this job carries
+    shrink: bool = False  # a shard that ends short of `planned` (its rows are all written)
+    stored: dict[str, np.ndarray] | None = None
+    _left: int = 2  # io and hash
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def done(self, sink: ShardSink) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.arrays = self.stored = None
+            if self.release is not None:
+                self.release()
+            sink._slots.release()
+
+
+class ShardSink:
+    """Rows of each split into shards of `shard_size` rows, one .npy file per field.
+
+    `storage`: numpy dtype on disk per field, in the order each shard's files are created.
+    `rows`: the rows each split will receive (as far as known): a split's last shard is sized for
+    what is left; a shard that ends short of its size (an unknown or wrong count) is shrunk and
+    hashed from its file at `finish`. `convert(arrays) -> {field: np.ndarray}` runs on the io
+    thread, after the batch is on the host: host tensors to the storage dtypes (and any check).
+    """
+
+    def __init__(
+        self,
+        acts_dir: Path,
+        *,
+        storage: Mapping[str, str],
+        shard_size: int,
+        rank: int,
+        convert: Callable[[Mapping[str, Any]], dict[str, np.ndarray]],
+        rows: Mapping[str, int | None] | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ):
+        self.dir, self.rank, self.shard_size = Path(acts_dir), int(rank), int(shard_size)
+        self.storage = {f: np.dtype(dt) for f, dt in storage.items()}
+        self.convert = convert
+        self.remaining: dict[str, int | None] = dict(rows or {})
+        self.row_shapes: dict[str, tuple[int, ...]] | None = None
+        self._open: dict[str, _Shard] = {}
+        self._count: dict[str, int] = {}
+        self._created: list[_File] = []  # every file made, for the cleanup after an error
+        self._records: list[tuple[str, int, dict[str, Any]]] = []
+        self._split_order: list[str] = []
+        self._error: BaseException | None = None
+        self._failed = threading.Event()
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._io_q: queue.Queue = queue.Queue(maxsize=max_in_flight)
+        self._hash_q: queue.Queue = queue.Queue()
+        self._close_q: queue.Queue = queue.Queue()
+        self._threads = [
+            threading.Thread(target=loop, name=f"stackwise-cache{loop.__name__}", daemon=True)
+            for loop in (self._io, self._hash, self._close)
+        ]
+        for t in self._threads:
+            t.start()
+        self._finished = False
+
+    # ------------------------------------------------------------------ the caller's side
+    def put(
+        self,
+        split: str,
+        arrays: Mapping[str, Any],
+        ready: Any = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue one batch (`arrays`: a (B, ...) host tensor or array per field of `storage`). Blocks
+        while MAX_IN_FLIGHT batches are in the threads' hands; raises a thread's error."""
+        self.raise_if_failed()
+        shapes = {f: tuple(arrays[f].shape) for f in self.storage}
+        n = shapes["hidden"][0] if "hidden" in shapes else next(iter(shapes.values()))[0]
+        rows = {f: s[1:] for f, s in shapes.items()}
+        bad = [f for f, s in shapes.items() if s[0] != n]
+        if bad:
+            raise ValueError(f"every field of a batch must have {n} rows; {bad} do not ({shapes})")
+        if self.row_shapes is None:
+            self.row_shapes = rows
+        elif rows != self.row_shapes:
+            raise ValueError(f"a batch's row shapes {rows} differ from the first batch's {self.row_shapes}")
+        if split not in self._split_order:
+            self._split_order.append(split)
+        segments, completes, at = [], [], 0
+        try:
+            while at < n:
+                shard = self._open.get(split) or self._new_shard(split)
+                take = min(n - at, shard.planned - shard.assigned)
+                segments.append((shard, shard.assigned, at, take))
+                shard.assigned += take
+                at += take
+                if shard.assigned == shard.planned:
+                    completes.append(shard)
+                    del self._open[split]
+        except BaseException:
+            self.abort()  # a full disk while creating a shard: nothing of this cache stays
+            raise
+        while not self._slots.acquire(timeout=0.1):
+            self.raise_if_failed()
+        self._io_q.put(_Job(arrays, ready, release, segments, completes))
+
+    def _new_shard(self, split: str) -> _Shard:
+        left = self.remaining.get(split)
+        planned = self.shard_size if left is None or left <= 0 else min(self.shard_size, left)
+        if left is not None:
+            self.remaining[split] = left - planned
+        number = self._count.get(split, 0)
+        self._count[split] = number + 1
+        stem = shard_stem(split, self.rank, number)
+        assert self.row_shapes is not None
+        files = {}
+        with write_errors(self.dir / split):
+            (self.dir / split).mkdir(parents=True, exist_ok=True)
+        for f, dt in self.storage.items():
+            rel = f"{stem}.{f}.npy"
+            shape = self.row_shapes[f]
+            files[f] = _File(self.dir / rel, rel, dt, shape, npy_header(dt, (planned, *shape)))
+        shard = _Shard(split, number, stem, planned, files)
+        for fh in files.values():
+            with write_errors(fh.path):
+                fh.fd = create_file(fh.path, fh.header, fh.size(planned))
+            self._created.append(fh)
+            fh.hasher = hashlib.sha256(fh.header)
+        self._open[split] = shard
+        return shard
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Wait for every shard to be written, hashed and fsync'ed; return their records in row
+        order (split by split, shard by shard). Raises a thread's error, after removing every file."""
+        self.raise_if_failed()
+        for shard in list(self._open.values()):  # short of their size: shrink them to their rows
+            self._slots.acquire()
+            self._io_q.put(_Job(None, None, None, [], [shard], shrink=True))
+        self._open.clear()
+        self._stop()
+        self.raise_if_failed()
+        for split in self._split_order:
+            fsync_dir(self.dir / split)
+        order = {s: i for i, s in enumerate(self._split_order)}
+        return [rec for _, _, rec in sorted(self._records, key=lambda r: (order[r[0]], r[1]))]
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            err = self._error
+            self.abort()
+            raise err
+
+    def abort(self) -> None:
+        """Stop the threads and remove every file this sink created (a cache that cannot complete)."""
+        self._failed.set()
+        self._stop()
+        for fh in self._created:
+            if fh.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fh.fd)
+                fh.fd = -1
+            with contextlib.suppress(OSError):
+                fh.path.unlink(missing_ok=True)
+        self._created.clear()
+
+    def _stop(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._io_q.put(_STOP)
+        for t in self._threads:
+            t.join()
+
+    # ------------------------------------------------------------------ the threads
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+        self._failed.set()
+
+    def _io(self) -> None:
+        while True:
+            job = self._io_q.get()
+            if job is _STOP:
+                self._hash_q.put(_STOP)
+                return
+            try:
+                if not self._failed.is_set():
+                    if job.shrink:
+                        self._shrink(job.completes[0])
+                    else:
+                        self._write(job)
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                self._hash_q.put(job)
+                for shard in job.completes:
+                    self._close_q.put(shard)
+                job.done(self)
+
+    def _write(self, job: _Job) -> None:
+        if job.ready is not None:
+            job.ready.synchronize()
+        job.stored = stored = self.convert(job.arrays)
+        for f, dt in self.storage.items():
+            if stored[f].dtype != dt or not stored[f].flags.c_contiguous:
+                raise ValueError(f"convert gave field {f} as {stored[f].dtype}, expected C-contiguous {dt}")
+        for shard, at, first, n in job.segments:
+            for f, fh in shard.files.items():
+                with write_errors(fh.path):
+                    write_at(fh.fd, stored[f][first : first + n], len(fh.header) + at * fh.row_bytes)
+
+    def _shrink(self, shard: _Shard) -> None:
+        """Rewrite the headers for the rows the shard holds (same length: the data stays where it is)."""
+        rows = shard.assigned
+        for fh in shard.files.values():
+            with write_errors(fh.path):
+                write_at(fh.fd, padded_npy_header(fh.dtype, (rows, *fh.row_shape), len(fh.header)), 0)
+                os.ftruncate(fh.fd, fh.size(rows))
+        shard.planned, shard.reread = rows, True
+
+    def _hash(self) -> None:
+        while True:
+            job = self._hash_q.get()
+            if job is _STOP:
+                self._close_q.put(_STOP)
+                return
+            try:
+                if not self._failed.is_set() and job.stored is not None:
+                    for shard, _, first, n in job.segments:
+                        for f, fh in shard.files.items():
+                            fh.hasher.update(memoryview(job.stored[f][first : first + n]).cast("B"))
+                for shard in job.completes:
+                    if not self._failed.is_set():
+                        for f, fh in shard.files.items():
+                            shard.sha256[f] = sha256_file(fh.path) if shard.reread else fh.hasher.hexdigest()
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                for shard in job.completes:
+                    shard.hashed.set()
+                job.done(self)
+
+    def _close(self) -> None:
+        while True:
+            shard = self._close_q.get()
+            if shard is _STOP:
+                return
+            try:
+                for fh in shard.files.values():
+                    if not self._failed.is_set():
+                        with write_errors(fh.path):
+                            os.fsync(fh.fd)
+                    os.close(fh.fd)
+                    fh.fd = -1
+                shard.hashed.wait()
+                if not self._failed.is_set():
+                    self._records.append((shard.split, shard.number, self._record(shard)))
+            except BaseException as e:
+                self._fail(e)
+
+    def _record(self, shard: _Shard) -> dict[str, Any]:
+        files = {
+            f: {
+                "path": fh.rel,
+                "sha256": shard.sha256[f],
+                "bytes": fh.size(shard.planned),
+                "shape": [shard.planned, *fh.row_shape],
+                "dtype": str(fh.dtype),
+            }
+            for f, fh in shard.files.items()
+        }
+        return {"split": shard.split, "stem": shard.stem, "rank": self.rank, "rows": shard.planned, "files": files}
