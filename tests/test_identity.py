@@ -122,7 +122,12 @@ def test_every_key_changes_both_the_folder_and_a_hash_or_neither(base):
     # what the list says, on a few keys
     for key in ("trainer.precision", "cache.dtype", "trainer.max_steps", "data.batch_size", "fusion.lr"):
         assert key in in_identity
-    for key in ("trainer.val_check_interval", "stages.layer.trainer.val_check_interval", "data.num_workers", "step.compile"):
+    for key in (
+        "trainer.val_check_interval",
+        "stages.layer.trainer.val_check_interval",
+        "data.num_workers",
+        "step.compile",
+    ):
         assert key in outside
 
 
