@@ -32,8 +32,10 @@ from torch import Tensor
 
 from stackwise.objective.masking import WEIGHTINGS
 
-# `auto` chunks (StepConfig.loss_chunk): at most this many fp32 logits per chunk (512 MiB)
-AUTO_CHUNK_LOGITS = 2**27
+# `auto` chunks (StepConfig.loss_chunk): at most this many fp32 logits per chunk (1 GiB). Fewer,
+# larger chunks cost less where the head's weight trains (stage 1, e2e): each chunk adds its share
+# of the weight's gradient into an fp32 sum, one pass over the (V, D) matrix per chunk.
+AUTO_CHUNK_LOGITS = 2**28
 
 
 class LossOut(NamedTuple):
