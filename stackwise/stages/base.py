@@ -162,10 +162,19 @@ class StageModule(L.LightningModule, abc.ABC):
         if self._bad_step is None:
             return
         step = int(self._bad_step)
+        # every rank checks at the same steps; all of them stop together, or the others would wait
+        # for this one in their next collective
+        trainer = self._trainer
+        anywhere = trainer.strategy.reduce_boolean_decision(step >= 0, all=False) if trainer is not None else step >= 0
         if step >= 0:
             raise NonFiniteLossError(
                 f"stage {self.stage_name}: non-finite training loss ({float(self._bad_loss)}) at step "
                 f"{step}; nothing of this stage is saved or cached (lower optim.lr?)"
+            )
+        if anywhere:
+            raise NonFiniteLossError(
+                f"stage {self.stage_name}: non-finite training loss on another rank by step {self.global_step}; "
+                "nothing of this stage is saved or cached (lower optim.lr?)"
             )
 
     def on_train_start(self) -> None:
