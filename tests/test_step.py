@@ -176,6 +176,17 @@ def test_fused_adamw_only_on_cuda_without_a_gradient_scaler():
     assert not module._fused_adamw(on_cuda)
 
 
+def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path, monkeypatch):
+    """Lightning's bf16-mixed plugin refuses to clip for a fused optimizer (it could be unscaling a
+    16-mixed scaler's gradients); with no scaler the stage clips as Lightning would."""
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, v, **kw: (clipped.append(v), real(p, v, **kw))[1])
+    module = stage1(fused_adamw=True)  # CPU: torch >= 2.4 has a fused AdamW there too
+    fit(module, tmp_path, 3, precision="bf16-mixed", gradient_clip_val=0.5)
+    assert module.trainer.optimizers[0].defaults["fused"] and clipped == [0.5] * 3
+
+
 def test_step_options_are_checked(make_run):
     with pytest.raises(ConfigError, match=r"step\.compile: must be true, false or auto"):
         make_run("step.compile=sometimes")

@@ -27,7 +27,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
@@ -267,6 +270,19 @@ class StageModule(L.LightningModule, abc.ABC):
         trainer = self._trainer
         scaler = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
         return bool(params) and all(p.is_cuda for p in params) and not scaler
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and _optimizer_handles_unscaling(optimizer):
+            # Lightning's mixed-precision plugin refuses to clip for an optimizer that can unscale
+            # gradients itself (a fused AdamW): under 16-mixed's scaler the gradients it would clip are
+            # still scaled. bf16-mixed has no scaler, so they are the true ones: clip them as it would.
+            algorithm = GradClipAlgorithmType((gradient_clip_algorithm or "norm").lower())
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
         if self._compile():
