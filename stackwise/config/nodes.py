@@ -135,7 +135,7 @@ class StepConfig(Structured):
     fused_adamw: Any = "auto"
     # rows of masked positions per chunk of the head + cross-entropy, so the (N, vocab) logits are
     # never held whole (stackwise/objective/loss.py); 0 = one chunk; auto = as many rows as keep
-    # one chunk's fp32 logits within 2**28 values (1 GiB): a 128k vocabulary gives 2093-row
+    # one chunk's fp32 logits within 2**28 values (1 GiB): a 128k vocabulary gives 2092-row
     # chunks, a byte vocabulary never chunks
     loss_chunk: Any = "auto"
     # mid-stage checkpoints written by a background thread (training goes on meanwhile; the file
