@@ -103,6 +103,10 @@ class Trainers:
         with warnings.catch_warnings():
             # our train loaders do resume mid-epoch (the sampler starts at global_step), whatever Lightning assumes
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+            # the stage's on_before_batch_transfer (StageModule.prepare_batch) is meant for every data module
+            warnings.filterwarnings(
+                "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`"
+            )
             trainer.fit(
                 module,
                 datamodule=data,
