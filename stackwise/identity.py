@@ -69,6 +69,7 @@ NOT_IDENTITY: tuple[str, ...] = (
     "cache.prefetch_factor",
     "cache.device_prefetch",
     "fusion.check",
+    "step",  # how fast a training step runs (compile, fused kernels, loss chunks, checkpoint writes)
     "trainer._target_",  # the class every Trainer is built as (stackwise/pipeline/trainers.py), not a setting
     *(f"trainer.{key}" for key in _RUNTIME_TRAINER_KEYS),
     *(f"stages.*.trainer.{key}" for key in _RUNTIME_TRAINER_KEYS),

@@ -36,6 +36,10 @@ VALID_OTHER = {
     "cache.train_sequences": 100,
     "trainer.max_epochs": 5,
     "trainer.precision": "64-true",
+    "step.compile": True,
+    "step.fused_adamw": True,
+    "step.loss_chunk": 512,
+    "step.async_checkpoints": True,
 }
 # keys without another valid value
 NO_OTHER = {
@@ -118,7 +122,12 @@ def test_every_key_changes_both_the_folder_and_a_hash_or_neither(base):
     # what the list says, on a few keys
     for key in ("trainer.precision", "cache.dtype", "trainer.max_steps", "data.batch_size", "fusion.lr"):
         assert key in in_identity
-    for key in ("trainer.val_check_interval", "stages.layer.trainer.val_check_interval", "data.num_workers"):
+    for key in (
+        "trainer.val_check_interval",
+        "stages.layer.trainer.val_check_interval",
+        "data.num_workers",
+        "step.compile",
+    ):
         assert key in outside
 
 

@@ -15,6 +15,7 @@ from stackwise.config.nodes import (
     SampleConfig,
     StageOverrides,
     StagesConfig,
+    StepConfig,
     precision_weights,
 )
 from stackwise.config.run import STAGES, RunConfig, check_output_dir, load_run
@@ -35,6 +36,7 @@ __all__ = [
     "SampleConfig",
     "StageOverrides",
     "StagesConfig",
+    "StepConfig",
     "check_command_line",
     "check_output_dir",
     "load_run",

@@ -130,6 +130,50 @@ class CacheConfig(Structured):
         )
 
 
+def _switch(node: Structured, name: str, what: str) -> None:
+    v = getattr(node, name)
+    check(isinstance(v, bool) or v == "auto", node.key(name), f"must be true, false or auto ({what}), got {v!r}")
+
+
+@dataclass
+class StepConfig(Structured):
+    """How the training step runs on its device: speed and memory only, never what is learned
+    (not part of the experiment's identity, stackwise/identity.py). `auto` picks what pays where
+    the stage runs: on CUDA the fast paths, on CPU today's exact arithmetic (the CPU default run
+    keeps its weights bit for bit)."""
+
+    PATH = "step"
+
+    # torch.compile each transformer block (its forward; checkpoints keep their tensor names);
+    # auto = on when the stage trains on CUDA (not under FSDP)
+    compile: Any = "auto"
+    # AdamW's fused CUDA kernel (torch.optim.AdamW(fused=True)); auto = when every trained tensor is
+    # on CUDA and no fp16 gradient scaler is in use
+    fused_adamw: Any = "auto"
+    # rows of masked positions per chunk of the head + cross-entropy, so the (N, vocab) logits are
+    # never held whole (stackwise/objective/loss.py); 0 = one chunk; auto = as many rows as keep
+    # one chunk's fp32 logits within 2**28 values (1 GiB): a 128k vocabulary gives 2092-row
+    # chunks, a byte vocabulary never chunks
+    loss_chunk: Any = "auto"
+    # mid-stage checkpoints written by a background thread (training goes on meanwhile; the file
+    # still appears atomically, complete or not at all); auto = when training on a GPU
+    async_checkpoints: Any = "auto"
+
+    def __post_init__(self) -> None:
+        for name, what in (
+            ("compile", "auto = on CUDA"),
+            ("fused_adamw", "auto = on CUDA"),
+            ("async_checkpoints", "auto = on a GPU"),
+        ):
+            _switch(self, name, what)
+        n = self.loss_chunk
+        check(
+            n == "auto" or (is_int(n) and n >= 0),
+            self.key("loss_chunk"),
+            f"must be an integer >= 0 (rows per chunk, 0 = unchunked) or auto, got {n!r}",
+        )
+
+
 @dataclass
 class FusionConfig(Structured):
     """Assemble layer_1..L, check that the fused model reproduces the last stage, optionally fine-tune."""

@@ -37,6 +37,7 @@ from stackwise.config.nodes import (
     OptimConfig,
     SampleConfig,
     StagesConfig,
+    StepConfig,
     check_trainer,
     precision_weights,
 )
@@ -74,6 +75,7 @@ class RunConfig(Structured):
     fusion: FusionConfig = field(default_factory=FusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    step: StepConfig = field(default_factory=StepConfig)  # how a training step runs: speed only
     # lightning.Trainer arguments, one to one (stackwise/conf/trainer/, hardware/); every stage
     trainer: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None  # a Lightning logger for hydra.utils.instantiate; null = none

@@ -222,6 +222,15 @@ class Head(nn.Module):
             raise ValueError("tied head: pass the embedding matrix as embed_weight")
         return F.linear(h, embed_weight)
 
+    def as_linear(self, embed_weight: torch.Tensor | None = None) -> tuple[nn.Module, torch.Tensor]:
+        """(norm, W (V, D)) with forward(h, embed_weight) == F.linear(norm(h), W): the head as its
+        final linear map, for a loss that applies it to a few rows at a time."""
+        if self.proj is not None:
+            return self.norm, self.proj.weight
+        if embed_weight is None:
+            raise ValueError("tied head: pass the embedding matrix as embed_weight")
+        return self.norm, embed_weight
+
 
 class Transformer(nn.Module):
     """Embedding -> layers 1..L -> head; any contiguous slice can run on its own."""
@@ -251,6 +260,10 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + head on h (..., D) -> (..., V)."""
         return self.head(h, self.embed.weight if self.head.proj is None else None)
+
+    def head_as_linear(self) -> tuple[nn.Module, torch.Tensor]:
+        """`logits` as (final norm, W (V, D)): logits(h) == F.linear(norm(h), W)."""
+        return self.head.as_linear(self.embed.weight if self.head.proj is None else None)
 
     def forward(self, ids: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V)."""

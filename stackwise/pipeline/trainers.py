@@ -5,8 +5,10 @@ merged with `stages.<name>.trainer` by RunConfig.trainer_kwargs) through Hydra's
 what the pipeline adds to it decided here and nowhere else:
 
 - fit: ModelCheckpoint every `val_check_interval` steps into ckpt/<stage>/ (the mid-stage resume
-  point), checkpoints written atomically (AtomicCheckpointIO, unless the node sets `plugins`), the
-  configured logger (one TensorBoard run per stage) and callbacks, the observers' callbacks;
+  point), checkpoints written atomically (AtomicCheckpointIO, unless the node sets `plugins`) and,
+  on a GPU (`step.async_checkpoints`), in the background while training goes on, the configured
+  logger (one TensorBoard run per stage) and callbacks, the observers' callbacks; the module gets
+  the run's `step` node (compile, fused AdamW, loss chunks: stackwise/stages/base.py);
 - validate / predict: the same placement (accelerator, devices, strategy, precision) and nothing
   that trains, logs or checkpoints.
 Distributed strategies (DDP, FSDP) come in through the node's `strategy` and reach every Trainer.
@@ -22,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, LambdaCallback, LearningRateMonitor, ModelCheckpoint
 
 from stackwise.artifacts import ExperimentPaths, one_line
@@ -33,7 +37,7 @@ from stackwise.model.stats import train_step_flops
 from stackwise.pipeline.events import StageObserver
 from stackwise.pipeline.stage import Stage
 from stackwise.stages.base import StageModule
-from stackwise.stages.callbacks import AtomicCheckpointIO, with_progress_bar
+from stackwise.stages.callbacks import AtomicCheckpointIO, async_checkpoint_io, with_progress_bar
 from stackwise.utils import derive_seed
 
 TRAINER_TARGET = "lightning.Trainer"  # when the node names no _target_ (a run_config.json of an older run)
@@ -80,6 +84,7 @@ class Trainers:
         module.flops_per_batch = train_step_flops(
             run.model, stage.budget, stage.k, run.data.batch_size, run.data.seq_len, run.masking.mean_rate()
         )
+        module.step_config = run.step
         logger = self._logger(stage)
         start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
@@ -90,7 +95,7 @@ class Trainers:
             logger=logger if logger is not None else False,
             callbacks=callbacks,
             default_root_dir=str(self.paths.root),
-            **({} if "plugins" in node else {"plugins": [AtomicCheckpointIO()]}),
+            **({} if "plugins" in node else {"plugins": [self._checkpoint_io(node)]}),
         )
         L.seed_everything(derive_seed(run.seed, "dropout", stage.name) % (2**31), workers=True, verbose=False)
         if logger is not None:
@@ -98,6 +103,10 @@ class Trainers:
         with warnings.catch_warnings():
             # our train loaders do resume mid-epoch (the sampler starts at global_step), whatever Lightning assumes
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+            # the stage's on_before_batch_transfer (StageModule.prepare_batch) is meant for every data module
+            warnings.filterwarnings(
+                "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`"
+            )
             trainer.fit(
                 module,
                 datamodule=data,
@@ -112,6 +121,16 @@ class Trainers:
         return ModelCheckpoint(
             dirpath=self.paths.stage_ckpt_dir(stage.name), save_last=True, save_top_k=0, every_n_train_steps=every
         )
+
+    def _checkpoint_io(self, node: dict) -> CheckpointIO:
+        """Atomic checkpoint files; written in the background where a synchronous write of a large
+        stage's GBs would stall the GPU (on CPU the write is small, and a killed run's checkpoint
+        is exactly the one of its last save step, as tests/test_resume.py expects)."""
+        background = self.run.step.async_checkpoints
+        if background == "auto":
+            accelerator = str(node.get("accelerator", "auto"))
+            background = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return async_checkpoint_io() if background else AtomicCheckpointIO()
 
     def _logger(self, stage: Stage):
         if not self.run.logger:

@@ -1,29 +1,43 @@
 """The training loop every stage shares.
 
-A stage says three things: which tensors it trains (`trainable_parameters`), how a batch becomes
-the hidden states that feed the head (`hidden_states`), and how the head is applied
-(`head_logits`). Everything else — AdamW over exactly those tensors, warmup + cosine, the masked
-cross-entropy, validation metrics, the non-finite guard, the caching pass — lives here once.
+A stage says four things: which tensors it trains (`trainable_parameters`), how a batch becomes
+the hidden states that feed the head (`hidden_states`), which blocks it runs (`blocks`, what
+`step.compile` compiles) and what its head is (`linear_head`). Everything else — AdamW over
+exactly those tensors, warmup + cosine, the masked cross-entropy, validation metrics, the
+non-finite guard, the caching pass — lives here once.
 
 Batches are dicts (see stackwise/data/stage_data.py and stackwise/data/activations.py):
   ids or hidden  (B, T) long masked input ids  |  (B, T, D) hidden states of the previous layer
   targets (B, T) long, mask (B, T) bool, t (B,) float, index (B,) long, view (B,) long
+and, added on the host before the batch moves to the device (`prepare_batch`):
+  has_pad  bool, whether any target is padding;  mask_index (N,) long, the masked positions in (B*T)
+
+A training step never waits for the device (on CUDA, the host runs ahead and keeps the GPU fed):
+the padding flag and the masked rows' positions are known on the host, the gather of those rows
+has a shape the host knows, the non-finite guard keeps its flag on the device and reads it every
+`trainer.log_every_n_steps` steps, before every checkpoint and at the end of training, and the
+progress bar and throughput monitor (stages/callbacks.py) read the device at that cadence too.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from stackwise.config import OptimConfig
-from stackwise.errors import StackWiseError
+from stackwise.config import OptimConfig, StepConfig
+from stackwise.errors import ConfigError, StackWiseError
 from stackwise.model.config import ModelConfig
-from stackwise.objective.loss import LossOut, masked_loss
+from stackwise.objective.loss import LinearHead, LossOut, chunk_rows_for, masked_loss, masked_positions
 from stackwise.utils import derive_seed
 
 
@@ -37,8 +51,14 @@ class StageModule(L.LightningModule, abc.ABC):
     def __init__(self, cfg: ModelConfig, optim: OptimConfig, weighting: str, max_steps: int):
         super().__init__()
         self.cfg, self.optim, self.weighting, self.max_steps_total = cfg, optim, weighting, max_steps
+        # how the step runs (compile, fused AdamW, loss chunks): the pipeline gives it the run's `step` node
+        self.step_config = StepConfig()
         # summed over the validation set (and over ranks under DDP), then divided once
         self.val_ce, self.val_masked, self.val_correct = SumMetric(), SumMetric(), SumMetric()
+        # the first step whose training loss was not finite (-1: none) and that loss, kept on the device
+        self._bad_step: Tensor | None = None
+        self._bad_loss: Tensor | None = None
+        self._checked_at = -1
 
     # ------------------------------------------------------------------ what a stage defines
     @abc.abstractmethod
@@ -50,8 +70,16 @@ class StageModule(L.LightningModule, abc.ABC):
         """(B, T, D) hidden states after the stage's last layer."""
 
     @abc.abstractmethod
+    def linear_head(self) -> LinearHead:
+        """The head as (final norm, W (V, D)): logits of (N, D) hidden states = F.linear(norm(h), W)."""
+
+    @abc.abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks the stage runs (what `step.compile` compiles)."""
+
     def head_logits(self, h: Tensor) -> Tensor:
         """(N, D) hidden states at supervised positions -> (N, V) logits."""
+        return self.linear_head().logits(h)
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
@@ -62,22 +90,45 @@ class StageModule(L.LightningModule, abc.ABC):
         # 1 GB a step for the frozen up-projection of one 70B-sized layer.
         return [name for name, _ in self.named_buffers()]
 
+    # ------------------------------------------------------------------ the batch, on the host
+    def prepare_batch(self, batch: dict) -> dict:
+        """The batch with `has_pad` and `mask_index` (see the module docstring), computed where the
+        batch is, on the host: on the device each would make the host wait for the GPU. A batch that
+        already has them (from its loader) keeps them; one already on an accelerator is left as is."""
+        if not isinstance(batch, dict) or "targets" not in batch or batch["targets"].device.type != "cpu":
+            return batch
+        out = dict(batch)
+        if "has_pad" not in out:
+            out["has_pad"] = bool((batch["targets"] == self.cfg.pad_id).any())
+        if "mask_index" not in out:
+            index = masked_positions(batch["mask"])  # (N,)
+            out["mask_index"] = index.pin_memory() if batch["mask"].is_pinned() else index
+        return out
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.prepare_batch(batch)
+
     # ------------------------------------------------------------------ shared loop
     def pad_mask(self, batch: dict) -> Tensor | None:
         pad = batch["targets"] == self.cfg.pad_id  # (B, T)
+        has_pad = batch.get("has_pad")
+        if has_pad is None:  # a batch that did not pass prepare_batch: ask the device
+            has_pad = bool(pad.any())
         # None lets attention use its fused kernels when a batch has no padding at all
-        return pad if bool(pad.any()) else None
+        return pad if has_pad else None
 
-    def compute_loss(self, batch: dict) -> LossOut:
+    def compute_loss(self, batch: dict, weighting: str | None = None) -> LossOut:
         h = self.hidden_states(batch)  # (B, T, D)
         return masked_loss(
             h,
             batch["targets"],
             batch["mask"],
             batch["t"],
-            self.head_logits,
-            weighting=self.weighting,
+            self.linear_head(),
+            weighting=weighting or self.weighting,
             pad_id=self.cfg.pad_id,
+            index=batch.get("mask_index"),
+            chunk_rows=chunk_rows_for(self.step_config.loss_chunk, self.cfg.vocab_size),
         )
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -92,16 +143,61 @@ class StageModule(L.LightningModule, abc.ABC):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.compute_loss(batch)
-        if not torch.isfinite(out.loss):
-            raise NonFiniteLossError(
-                f"stage {self.stage_name}: non-finite training loss ({out.loss.item()}) at step "
-                f"{self.global_step}; nothing of this stage is saved or cached (lower optim.lr?)"
-            )
+        self._watch_finite(out.loss)
         bsz = batch["targets"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bsz)
         self.log("train/masked_acc", out.n_correct / out.n_masked.clamp_min(1), batch_size=bsz)
         return out.loss
 
+    # ------------------------------------------------------------------ the non-finite guard
+    def _watch_finite(self, loss: Tensor) -> None:
+        """Remember the first non-finite loss and its step, on the device (no sync)."""
+        loss = loss.detach().float()
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step = self._bad_step.masked_fill(first, self.global_step)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a training loss since the stage started was NaN or inf (one sync)."""
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step)
+        # every rank checks at the same steps; all of them stop together, or the others would wait
+        # for this one in their next collective
+        trainer = self._trainer
+        anywhere = trainer.strategy.reduce_boolean_decision(step >= 0, all=False) if trainer is not None else step >= 0
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"stage {self.stage_name}: non-finite training loss ({float(self._bad_loss)}) at step "
+                f"{step}; nothing of this stage is saved or cached (lower optim.lr?)"
+            )
+        if anywhere:
+            raise NonFiniteLossError(
+                f"stage {self.stage_name}: non-finite training loss on another rank by step {self.global_step}; "
+                "nothing of this stage is saved or cached (lower optim.lr?)"
+            )
+
+    def on_train_start(self) -> None:
+        self._bad_step = self._bad_loss = None
+        self._checked_at = -1
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # at the logging cadence: the stage stops a few steps after a non-finite loss, not at it
+        step = self.global_step
+        if step != self._checked_at and step % max(1, int(self.trainer.log_every_n_steps)) == 0:
+            self._checked_at = step
+            self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # no checkpoint holds the weights a non-finite loss left
+
+    def on_train_end(self) -> None:
+        self.check_finite()  # nor does a finished stage
+
+    # ------------------------------------------------------------------ validation and caching
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.compute_loss_mean(batch)
         self.val_ce.update(out.ce_sum)
@@ -110,10 +206,7 @@ class StageModule(L.LightningModule, abc.ABC):
 
     def compute_loss_mean(self, batch: dict) -> LossOut:
         """Validation always reports the mean masked CE, comparable across weightings."""
-        h = self.hidden_states(batch)
-        return masked_loss(
-            h, batch["targets"], batch["mask"], batch["t"], self.head_logits, weighting="mean", pad_id=self.cfg.pad_id
-        )
+        return self.compute_loss(batch, weighting="mean")
 
     def on_validation_epoch_start(self) -> None:
         # A bf16-true / 16-true precision plugin casts the whole module to half precision, metric
@@ -141,21 +234,81 @@ class StageModule(L.LightningModule, abc.ABC):
             "view": batch["view"],
         }
 
+    # ------------------------------------------------------------------ optimizer and compilation
     def configure_optimizers(self):
         params = self.trainable_parameters()
         # decay matrices, not norms (Llama / nanoGPT practice)
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
-            eps=self.optim.eps,
-        )
+        kernel = {"fused": True} if self._fused_adamw(params) else {}
+        try:
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=self.optim.lr,
+                betas=tuple(self.optim.betas),
+                eps=self.optim.eps,
+                **kernel,
+            )
+        except RuntimeError as e:  # step.fused_adamw=true where this torch has no fused kernel
+            if not kernel:
+                raise
+            msg = str(e).splitlines()[0]
+            raise ConfigError(
+                "step.fused_adamw", f"true, but torch {torch.__version__} refuses it here ({msg})"
+            ) from None
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_cosine(self.optim.warmup_steps, self.max_steps_total, self.optim.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_adamw(self, params: list[nn.Parameter]) -> bool:
+        setting = self.step_config.fused_adamw
+        if setting != "auto":
+            return bool(setting)
+        # 16-mixed's gradient scaler and a fused AdamW together refuse gradient clipping in Lightning;
+        # on CPU the default (foreach) kernel stays, so a CPU run's numbers do not change
+        trainer = self._trainer
+        scaler = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+        return bool(params) and all(p.is_cuda for p in params) and not scaler
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and _optimizer_handles_unscaling(optimizer):
+            # Lightning's mixed-precision plugin refuses to clip for an optimizer that can unscale
+            # gradients itself (a fused AdamW): under 16-mixed's scaler the gradients it would clip are
+            # still scaled. bf16-mixed has no scaler, so they are the true ones: clip them as it would.
+            algorithm = GradClipAlgorithmType((gradient_clip_algorithm or "norm").lower())
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_fit_start(self) -> None:
+        if self._compile():
+            self.compile_blocks()
+
+    def _compile(self) -> bool:
+        setting = self.step_config.compile
+        if setting != "auto":
+            return bool(setting)
+        # FSDP (1) shards flat parameters under the blocks: compiling them needs settings it may not have
+        return (
+            self.device.type == "cuda"
+            and hasattr(nn.Module, "compile")
+            and not isinstance(self.trainer.strategy, FSDPStrategy)
+        )
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block's forward, in place (nn.Module.compile): the modules, and so
+        every state dict and checkpoint, keep their names; compilation happens at the first call."""
+        if not hasattr(nn.Module, "compile"):
+            raise ConfigError(
+                "step.compile", f"true needs torch >= 2.2 (nn.Module.compile), this is {torch.__version__}"
+            )
+        for block in self.blocks():
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile()
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -3,23 +3,96 @@ checkpoint IO."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from stackwise.artifacts import atomic_torch_save, write_errors
 
 
 def token_throughput_monitor(**kwargs) -> ThroughputMonitor:
-    """Lightning's ThroughputMonitor counting sequences and tokens of our dict batches (tokens/s)."""
-    return ThroughputMonitor(
+    """Lightning's ThroughputMonitor counting sequences and tokens of our dict batches (tokens/s),
+    timing training over the logging interval (see WindowedThroughputMonitor)."""
+    return WindowedThroughputMonitor(
         batch_size_fn=lambda b: b["targets"].shape[0], length_fn=lambda b: b["targets"].numel(), **kwargs
     )
+
+
+class WindowedThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, reading the clock only where it logs.
+
+    Lightning's synchronizes with the GPU after every batch so that the clock reads when the batch's
+    kernels have run; that stalls the host each step, and the GPU idles until the host queues the
+    next step. Here a training batch is only counted (on the host); the GPU is synchronized and
+    the clock read once per logging interval (`trainer.log_every_n_steps` optimizer steps) and
+    before validation, and FLOPs are counted for every batch of the interval. The rates are then
+    over whole intervals: `window_size` clock readings give an average over window_size - 1
+    intervals (2: the last interval). Validation batches are timed as Lightning does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unclocked: dict[RunningStage, int] = {}  # batches counted since the last clock reading
+
+    @torch.inference_mode()
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        if self.length_fn is not None:
+            self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        self._unclocked[stage] = self._unclocked.get(stage, 0) + 1
+        if stage == RunningStage.TRAINING and not _logs_now(trainer):
+            return
+        self._clock(trainer, pl_module, stage)
+
+    def _clock(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
+        """One clock reading: the batches since the last one are done on the device by now."""
+        batches = self._unclocked.get(stage, 0)
+        if not batches:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        if self._module_has_flops is None:
+            self._module_has_flops = hasattr(pl_module, "flops_per_batch")
+        flops = pl_module.flops_per_batch * batches if self._module_has_flops else None
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=None if self.length_fn is None else self._lengths[stage],
+            flops=flops,
+        )
+        self._unclocked[stage] = 0
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        super()._start(trainer)
+        if trainer.state.fn == TrainerFn.FITTING or trainer.state.stage not in self._unclocked:
+            self._unclocked[trainer.state.stage] = 0
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the training batches since the last reading end where validation begins (Lightning then
+        # moves the training clock past the validation time)
+        if not trainer.sanity_checking and RunningStage.TRAINING in self._throughputs:
+            self._clock(trainer, pl_module, RunningStage.TRAINING)
+        super().on_validation_start(trainer, pl_module)
+
+
+def _logs_now(trainer: pl.Trainer) -> bool:
+    """Whether ThroughputMonitor logs after this training batch: an optimizer step at the logging cadence."""
+    return not trainer.fit_loop._should_accumulate() and trainer._logger_connector.should_update_logs
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -57,10 +130,16 @@ class StepProgressBar(TQDMProgressBar):
         pass  # one bar for the whole stage: an epoch is where the data loader wraps, not a unit of the budget
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        n = trainer.global_step
-        if self._should_update(n, self.train_progress_bar.total) and not self.train_progress_bar.disable:
-            self.train_progress_bar.n = n
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the line
+        n, bar = trainer.global_step, self.train_progress_bar
+        if not self._should_update(n, bar.total) or bar.disable:
+            return
+        bar.n = n
+        # the logged values (loss, ...) are copied from the device when read: a GPU sync, so the
+        # postfix is refreshed only at the logging cadence and at the end, the step count every step
+        if n % max(1, trainer.log_every_n_steps) == 0 or n == bar.total:
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the line
+        else:
+            bar.refresh()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -85,8 +164,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote paths: Lightning's own way
-            # a full or read-only disk is an ArtifactWriteError naming the file, not an OSError traceback
-            with write_errors(path):
-                return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        with _copy_stream(checkpoint):
+            if storage_options is not None or "://" in str(path):  # remote paths: Lightning's own way
+                # a full or read-only disk is an ArtifactWriteError naming the file, not an OSError traceback
+                with write_errors(path):
+                    return super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_torch_save(checkpoint, path)
+
+
+def async_checkpoint_io() -> AsyncCheckpointIO:
+    """AtomicCheckpointIO in Lightning's background writer: the checkpoint's tensors are cloned on
+    the training thread (a device copy), then written (and renamed into place) while training goes
+    on; the Trainer's teardown waits for the last write. A killed run leaves at most a temporary file."""
+    return AsyncCheckpointIO(AtomicCheckpointIO())
+
+
+@contextlib.contextmanager
+def _copy_stream(checkpoint: Any):
+    """torch.save copies CUDA tensors to the host on the thread's current stream. From the background
+    writer that would be the training's own stream, whose kernels would queue behind the copy; a
+    stream of its own (after the work queued so far, which includes the snapshot) lets them overlap."""
+    devices: list[torch.device] = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        apply_to_collection(checkpoint, torch.Tensor, lambda t: devices.append(t.device) if t.is_cuda else None)
+    if not devices:
+        yield
+        return
+    with torch.cuda.device(devices[0]):  # a thread's current device is its own: not the training's
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.default_stream())
+        with torch.cuda.stream(stream):
+            yield

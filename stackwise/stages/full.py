@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from stackwise.config import OptimConfig
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Transformer
+from stackwise.objective.loss import LinearHead
 from stackwise.stages.base import StageModule, trainable
 
 
@@ -33,5 +34,8 @@ class FullModelStage(StageModule):
         h = self.model.embed_tokens(batch["ids"])  # (B, T, D)
         return self.model.run_layers(h, 1, self.cfg.n_layers, pad_mask=self.pad_mask(batch))
 
-    def head_logits(self, h: Tensor) -> Tensor:
-        return self.model.logits(h)
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
+    def linear_head(self) -> LinearHead:
+        return LinearHead(*self.model.head_as_linear())

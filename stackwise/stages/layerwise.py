@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from stackwise.config import OptimConfig
 from stackwise.model.config import ModelConfig
 from stackwise.model.weights import LayerModules
+from stackwise.objective.loss import LinearHead
 from stackwise.stages.base import StageModule, trainable
 
 
@@ -63,7 +64,11 @@ class LayerwiseStage(StageModule):
     def block_dtype(self) -> torch.dtype:
         return next(self.block.parameters()).dtype
 
-    def head_logits(self, h: Tensor) -> Tensor:
-        if not self.cfg.tie_embeddings:
-            return self.head(h)
-        return self.head(h, self.embed.weight if self.embed is not None else self.embed_weight)
+    def blocks(self) -> list[nn.Module]:
+        return [self.block]
+
+    def linear_head(self) -> LinearHead:
+        embed = None
+        if self.cfg.tie_embeddings:
+            embed = self.embed.weight if self.embed is not None else self.embed_weight
+        return LinearHead(*self.head.as_linear(embed))
