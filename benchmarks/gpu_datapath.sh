@@ -27,12 +27,14 @@ step() {  # step SECONDS_LIMIT COMMAND...: run, log, time
 cat "$OUT/machine.txt"
 
 if [ "$PART" = 1 ]; then
+# the CUDA-only tests: a training step that never waits for the GPU (sync debug mode "error")
+step 120 $PY -m pytest -q -p no:warnings tests/test_step.py -k cuda
 # the layer stage's step (compute only, batch on the device) beside the Hugging Face peers and the
 # measured matmul peak, at the seed sizes, 8 x 2048 and 4 x 512, gqa and mla
 step 150 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch-size 8 --stages layer \
-  --attention gqa,mla --steps 10 --cache-rows 0 --out "$OUT/step_8x2048.json"
+  --attention gqa,mla --compile both --steps 10 --cache-rows 0 --out "$OUT/step_8x2048.json"
 step 100 $PY benchmarks/run.py --device cuda --model seed --seq-len 512 --batch-size 4 --stages layer \
-  --attention gqa,mla --steps 20 --cache-rows 0 --out "$OUT/step_4x512.json"
+  --attention gqa --compile both --steps 20 --cache-rows 0 --out "$OUT/step_4x512.json"
 # stackwise-train stage=layer k=2 fed from its own cache, its caching pass, and the raw disk
 step 280 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts disk,feed \
   --layer-steps 60 --output-root "$ROOT" --out "$OUT/feed_8x2048.json"

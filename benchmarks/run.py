@@ -155,9 +155,17 @@ def make_module(stage: str, cfg: ModelConfig, device: torch.device, max_steps: i
 
 
 def make_batch(
-    cfg: ModelConfig, stage: str, B: int, T: int, device: torch.device, hidden_dtype: torch.dtype, seed: int = 0
+    cfg: ModelConfig,
+    stage: str,
+    B: int,
+    T: int,
+    device: torch.device,
+    hidden_dtype: torch.dtype,
+    seed: int = 0,
+    prepare=None,
 ) -> dict:
-    """A batch as the data modules give it: t ~ U[0.15, 0.9] per sequence, that fraction masked."""
+    """A batch as the data modules give it: t ~ U[0.15, 0.9] per sequence, that fraction masked;
+    `prepare` (a stage's prepare_batch) runs on the host batch, as Lightning runs it before the copy."""
     g = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, min(cfg.mask_id, cfg.pad_id), (B, T), generator=g)  # (B, T), no pad
     t = 0.15 + 0.75 * torch.rand(B, generator=g)  # (B,)
@@ -174,7 +182,9 @@ def make_batch(
         batch["hidden"] = torch.randn(B, T, cfg.d_model, generator=g).to(hidden_dtype)  # (B, T, D) as cached
     else:
         batch["ids"] = torch.where(mask, torch.full_like(targets, cfg.mask_id), targets)  # (B, T)
-    return {k: v.to(device) for k, v in batch.items()}
+    if prepare is not None:
+        batch = prepare(batch)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def bench_train(
@@ -188,9 +198,11 @@ def bench_train(
     amp: bool,
     peak: float | None,
     fwd_only_too: bool = False,
+    compile_blocks: bool = False,
 ) -> dict:
     """Time `steps` optimizer steps after `warmup` of one stage; peak memory over all of them."""
     rec: dict[str, Any] = {"stage": stage, "attention": cfg.kind(1), "batch_size": B, "seq_len": T}
+    rec["compile"] = compile_blocks
     free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -198,7 +210,9 @@ def bench_train(
     try:
         module = make_module(stage, cfg, device, max_steps=warmup + steps)
         hidden_dtype = torch.bfloat16 if amp else torch.float32  # cache.dtype of hardware=gpu / cpu
-        batch = make_batch(cfg, stage, B, T, device, hidden_dtype)
+        batch = make_batch(cfg, stage, B, T, device, hidden_dtype, prepare=module.prepare_batch)
+        if compile_blocks:
+            module.compile_blocks()
         mask_rate = float(batch["mask"].float().mean())
         params = module.trainable_parameters()
         opt_cfg = module.configure_optimizers()
@@ -211,8 +225,7 @@ def bench_train(
         def step() -> torch.Tensor:
             with ctx():
                 out = module.compute_loss(batch)
-            if not torch.isfinite(out.loss):  # StageModule.training_step's guard (a host sync, as in training)
-                raise RuntimeError(f"non-finite loss {out.loss.item()}")
+            module._watch_finite(out.loss)  # StageModule.training_step's guard: on the device, read at the end
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -228,6 +241,7 @@ def bench_train(
             loss = step()
         sync(device)
         dt = (time.perf_counter() - t0) / steps
+        module.check_finite()
         flops = train_step_flops(cfg, stage, 2 if stage == "layer" else 1, B, T, mask_rate)
         rec.update(
             step_ms=dt * 1e3,
@@ -565,8 +579,9 @@ def print_tables(res: dict) -> None:
             )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        name = r["stage"] + ("+c" if r.get("compile") else "")  # +c: blocks torch.compiled
         print(
-            f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
+            f"{r['attention']:<5}{name:<7}{r['batch_size']:>4}{r['seq_len']:>6}{r['step_ms']:>10.1f}"
             f"{r['tokens_per_s']:>12,.0f}{1e3 * r['tflops']:>10,.0f}{mfu:>7}{fmt(r.get('peak_mem_gib'), '.2f'):>10}"
             f"{r['trainable_params'] / 1e6:>17.1f}M"
         )
@@ -630,6 +645,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's peak, for MFU")
     ap.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "on", "both"),
+        help="torch.compile each block (the step.compile a CUDA run gets by default); both: time each",
+    )
+    ap.add_argument(
         "--peer",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -686,7 +707,8 @@ def main(argv=None) -> dict:
         res.setdefault("params", {})[kind] = {
             k: v for k, v in param_counts(cfg).items() if k in ("total", "trainable", "frozen")
         }
-        for stage in args.stages.split(","):
+        compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+        for stage, compiled in [(s, c) for s in args.stages.split(",") for c in compiles]:
             r = bench_train(
                 stage,
                 cfg,
@@ -697,13 +719,14 @@ def main(argv=None) -> dict:
                 args.warmup,
                 amp,
                 peak,
-                fwd_only_too=stage == "layer",
+                fwd_only_too=stage == "layer" and not compiled,
+                compile_blocks=compiled,
             )
             if measured_peak["tflops"] and "tflops" in r:
                 r["mfu_measured_peak"] = r["tflops"] / measured_peak["tflops"]
             res["train"].append(r)
             print(json.dumps(r), flush=True)
-            for same_math in (False, True) if stage == "layer" and args.peer else ():
+            for same_math in (False, True) if stage == "layer" and args.peer and compiled == compiles[-1] else ():
                 # the Hugging Face layer stage, same sizes, same batch (benchmarks/peers.py)
                 p = hf_layer_stage(
                     cfg, args.batch_size, args.seq_len, device, steps, args.warmup, amp, make_batch, same_math

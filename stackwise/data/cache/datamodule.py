@@ -83,9 +83,13 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, batch_size: int, to_device: torch.device | None = None, **kw: Any) -> DataLoader:
         workers = self.num_workers > 0
+        # A batch the loader itself puts on the GPU reaches the stage's on_before_batch_transfer
+        # there: the stage's host-side preparation (pad flag, masked index) must run before the copy.
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
         return DeviceLoader(
             ds,
             to_device=to_device,
+            prepare=getattr(module, "prepare_batch", None) if to_device is not None else None,
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -134,16 +138,23 @@ class DeviceLoader(DataLoader):
     DataLoader), each copied while the batch before it is in use. A keyword of `__init__` (not
     only an attribute) so that Lightning, which rebuilds predict loaders, keeps it."""
 
-    def __init__(self, *args: Any, to_device: torch.device | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        to_device: torch.device | None = None,
+        prepare: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
-        self.to_device = to_device
+        self.to_device, self.prepare = to_device, prepare
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
         if self.to_device is None or self.to_device.type != "cuda":
             return batches
         copier = _CudaCopier(self.to_device)
-        return one_ahead(batches, copier.start, copier.finish)
+        prepare = self.prepare or (lambda b: b)  # on the host batch, before its copy starts
+        return one_ahead(batches, lambda b: copier.start(prepare(b)), copier.finish)
 
 
 _B = TypeVar("_B")
