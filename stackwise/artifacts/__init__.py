@@ -42,6 +42,7 @@ from stackwise.artifacts.checkpoints import (
     LAYER_FORMAT,
     LAYER_FORMAT_VERSION,
     load_layer_checkpoint,
+    read_layer_meta,
     save_layer_checkpoint,
     state_digest,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "manifest_path",
     "one_line",
     "os_error_in",
+    "read_layer_meta",
     "read_results",
     "record_result",
     "save_layer_checkpoint",

@@ -79,6 +79,20 @@ def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[s
     return sha256_file(path)
 
 
+def read_layer_meta(path: PathLike) -> dict[str, Any]:
+    """The metadata of a layer checkpoint without reading its tensors (memory-mapped, nothing run):
+    what a run needs to tell whether the folder's layer files were made by its settings. A file
+    that is not a readable layer checkpoint is an ArtifactError; its tensors are not checked here."""
+    p = Path(path)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ArtifactError(f"{p} is not a readable checkpoint ({type(e).__name__}: {one_line(e, 120)})") from None
+    if not isinstance(obj, dict) or obj.get("format") != LAYER_FORMAT or not isinstance(obj.get("meta"), dict):
+        raise ArtifactError(f"{p} is not a StackWise layer checkpoint")
+    return obj["meta"]
+
+
 def load_layer_checkpoint(
     path: PathLike, expect: Mapping[str, Any] | None = None, verify_sha256: str | None = None
 ) -> tuple[LayerWeights, dict[str, Any]]:

@@ -75,7 +75,7 @@ class ExperimentState:
         if not first.exists():
             return
         try:
-            _, meta = art.load_layer_checkpoint(first)
+            meta = art.read_layer_meta(first)  # its settings only: the tensors are read by the stage that needs them
         except ArtifactError:
             return  # a corrupt file is reported by the stage that needs it
         if meta.get("config_hash") == self.hashes["layer"]:
