@@ -36,7 +36,7 @@ step 150 $PY -m stackwise.cli.train hardware=gpu data=shakespeare name=gpu_smoke
 step 80 $PY -m stackwise.cli.train hardware=gpu data=shakespeare name=gpu_smoke output_root=/tmp/sw_out \
   trainer.enable_progress_bar=false stage=e2e
 
-# the SRD's seed sizes (d_model 4096, 8 layers, vocab 128000), T = 2048; largest batch per stage (gqa)
+# the seed sizes (d_model 4096, 8 layers, vocab 128000), T = 2048; largest batch per stage (gqa)
 step 190 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch-size 4 --steps 10 \
   --max-batch gqa --cache-rows 256 --shard-size 64 --workers 0,4 --cache-dir /tmp/sw_cache --out "$OUT/seed.json"
 

@@ -6,7 +6,7 @@ the hidden states that feed the head (`hidden_states`), which blocks it runs (`b
 exactly those tensors, warmup + cosine, the masked cross-entropy, validation metrics, the
 non-finite guard, the caching pass — lives here once.
 
-Batches are dicts (see stackwise/data/stage_data.py and stackwise/data/activations.py):
+Batches are dicts (see stackwise/data/stage_data.py and stackwise/data/cache/reader.py):
   ids or hidden  (B, T) long masked input ids  |  (B, T, D) hidden states of the previous layer
   targets (B, T) long, mask (B, T) bool, t (B,) float, index (B,) long, view (B,) long
 and, added on the host before the batch moves to the device (`prepare_batch`):
