@@ -239,6 +239,38 @@ def write_manifest(
         raise ValueError(f"write_manifest needs meta keys {missing}")
     if not records:
         raise ValueError(f"write_manifest: no shards were written to {acts} (empty predict dataloaders?)")
+    names, row_shapes, storage, by_split, total = _shard_table(records, splits)
+    hidden_dtype = hidden_dtype_of(storage["hidden"])
+    if names != list(fields(hidden_dtype)):
+        raise ValueError(f"write_manifest: a {hidden_dtype} cache has fields {fields(hidden_dtype)}, got {names}")
+    logical = logical_dtypes(hidden_dtype)
+    seq_len, d_model = row_shapes["hidden"]
+    for key, got in (("seq_len", seq_len), ("d_model", d_model), ("dtype", hidden_dtype)):
+        if key in meta and meta[key] != got:
+            raise ValueError(f"write_manifest: meta says {key}={meta[key]!r} but the shards hold {key}={got!r}")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "k": meta["k"],
+        "config_hash": meta["config_hash"],
+        "producer_sha256": meta["producer_sha256"],
+        "views": meta["views"],
+        "seq_len": seq_len,
+        "d_model": d_model,
+        "hidden_dtype": hidden_dtype,
+        "fields": {f: {"dtype": logical[f], "storage": storage[f], "row_shape": row_shapes[f]} for f in names},
+        "splits": {s: {"rows": sum(sh["rows"] for sh in shs), "shards": shs} for s, shs in by_split.items()},
+        "total_bytes": total,
+        "meta": json.loads(json.dumps(dict(meta))),
+    }
+    path = manifest_path(acts)
+    atomic_write_json(manifest, path)
+    return path
+
+
+def _shard_table(records: Sequence[Mapping[str, Any]], splits: Sequence[str]) -> tuple:
+    """(field names, row shape and storage dtype per field, shard entries per split, total bytes)
+    from the writers' shard records, every shard checked against the first."""
     names = list(records[0]["files"])
     row_shapes: dict[str, list[int]] = {}
     storage: dict[str, str] = {}
@@ -266,32 +298,7 @@ def write_manifest(
                 "files": {f: {k: rec["files"][f][k] for k in ("path", "sha256", "bytes")} for f in names},
             }
         )
-    hidden_dtype = hidden_dtype_of(storage["hidden"])
-    if names != list(fields(hidden_dtype)):
-        raise ValueError(f"write_manifest: a {hidden_dtype} cache has fields {fields(hidden_dtype)}, got {names}")
-    logical = logical_dtypes(hidden_dtype)
-    seq_len, d_model = row_shapes["hidden"]
-    for key, got in (("seq_len", seq_len), ("d_model", d_model), ("dtype", hidden_dtype)):
-        if key in meta and meta[key] != got:
-            raise ValueError(f"write_manifest: meta says {key}={meta[key]!r} but the shards hold {key}={got!r}")
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "k": meta["k"],
-        "config_hash": meta["config_hash"],
-        "producer_sha256": meta["producer_sha256"],
-        "views": meta["views"],
-        "seq_len": seq_len,
-        "d_model": d_model,
-        "hidden_dtype": hidden_dtype,
-        "fields": {f: {"dtype": logical[f], "storage": storage[f], "row_shape": row_shapes[f]} for f in names},
-        "splits": {s: {"rows": sum(sh["rows"] for sh in shs), "shards": shs} for s, shs in by_split.items()},
-        "total_bytes": total,
-        "meta": json.loads(json.dumps(dict(meta))),
-    }
-    path = manifest_path(acts)
-    atomic_write_json(manifest, path)
-    return path
+    return names, row_shapes, storage, by_split, total
 
 
 def discard_incomplete(acts_dir: PathLike) -> bool:

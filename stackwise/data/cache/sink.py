@@ -16,13 +16,14 @@ are durable before it). An error in a thread (a full disk, a bad batch) is kept 
 caller at its next `put` or at `finish`; every file this sink created is removed first, so nothing
 half-written stays. The threads keep draining their queues after an error, so the caller never
 blocks on a dead consumer.
+
+One module over 300 lines on purpose: the sink and its three threads share one queue discipline
+and one error path, and are read together (the file I/O beneath them is fileio.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import os
 import queue
@@ -35,77 +36,12 @@ from typing import Any
 import numpy as np
 
 from stackwise.artifacts import sha256_file, write_errors
+from stackwise.data.cache.fileio import create_file, fsync_dir, write_at
 from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_stem
 
 # batches between the caller and the disk: one being written, one being hashed, one queued
 MAX_IN_FLIGHT = 3
 _STOP = object()
-
-
-# ----------------------------------------------------------------------------------- file I/O
-def _libc_fallocate() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (AttributeError, OSError):  # not Linux
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _libc_fallocate()
-
-
-def preallocate(fd: int, nbytes: int) -> None:
-    """Reserve `nbytes` for the file (its size becomes `nbytes`): a full disk fails here, before any data.
-
-    fallocate(2) itself, not posix_fallocate: glibc emulates the latter by writing every block where
-    the file system lacks it, which would write the shard twice. There a sparse ftruncate does.
-    """
-    if _FALLOCATE is not None and nbytes > 0:
-        if _FALLOCATE(fd, 0, 0, nbytes) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err))
-    os.ftruncate(fd, nbytes)
-
-
-def write_at(fd: int, data: Any, offset: int) -> None:
-    """All of `data` (bytes-like) at `offset` of the file."""
-    mv = memoryview(data).cast("B")
-    while mv.nbytes:
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
-
-
-def create_file(path: Path, header: bytes, nbytes: int) -> int:
-    """Create `path` (replacing any file there) at its final size `nbytes` with `header` at its
-    start; return its descriptor. The one place a shard file is created."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        preallocate(fd, nbytes)
-        write_at(fd, header, 0)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
-    return fd
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the names of the files created in `folder` durable (where a folder can be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- shards
