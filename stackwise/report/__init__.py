@@ -11,7 +11,8 @@ Lightning.
 Conventions, so that every number in a row means the same thing:
 - A stage that was rerun appears once per run in results.json: the last record wins.
 - The layer-wise row k describes the model "embeddings + layers 1..k + head" that stage k leaves
-  behind. Its `tokens` and `time` are summed over stages 1..k: the same convention the pipeline
+  behind. Its `tokens` and `time` are summed over stages 1..k (time: their training and scoring,
+  and the caching passes 1..k-1 that fed them): the same convention the pipeline
   uses for the fused and fine-tuned records (cumulative), so the column compares directly with the
   end-to-end baseline's own budget.
 - gap to e2e = (loss - e2e loss) / e2e loss, in %: negative means better than the baseline.

@@ -99,7 +99,8 @@ def depth_markdown(res: DepthResults, png_name: str | None = DEPTH_PNG) -> str:
     lines += [
         "",
         "Layer-wise row k = embeddings + layers 1..k + head after stage k; its tokens and time are summed over "
-        "stages 1..k (as for fused / fine-tuned). e2e: its own budget. "
+        "stages 1..k (time: their training and the caching passes that fed them; as for fused / fine-tuned). "
+        "e2e: its own budget. "
         + ("gap to e2e = (loss − e2e) / e2e. " if have_e2e else "")
         + "Losses: mean masked cross-entropy on the same validation masks for every model.",
         "",
