@@ -393,8 +393,11 @@ def test_previous_init_copies_what_matches_and_keeps_frozen_tensors(kinds):
             if p.requires_grad:
                 p.add_(1.0)
     fresh = {n: t.clone() for n, t in block.state_dict().items()}
+    from_state = Block(cfg, 2)  # the same start from layer 1's file section, its block never built
+    init_layer(from_state, "previous", LayerWeights.of(LayerModules(below, Head(cfg))).block)
     block.copy_trainable_from(below)
     src, got = below.state_dict(), block.state_dict()
+    assert all(torch.equal(t, from_state.state_dict()[n]) for n, t in got.items())
     for name, t in got.items():
         if name in block.frozen_names or (
             name.startswith("attn.") and kinds[0] != kinds[1]

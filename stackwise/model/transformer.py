@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,12 @@ class Block(nn.Module):
         stay this layer's own: they are a function of (seed, k) by design. When the two layers'
         attention kinds differ (a hybrid model), only the kind-independent part is copied (the two
         norms and the MLP's trainable weights); the attention keeps its (seed, k) initialisation."""
-        state = other.trainable_state_dict()
-        if other.cfg.kind(other.k) != self.cfg.kind(self.k):
+        self.copy_trainable_state(other.trainable_state_dict(), other.k)
+
+    def copy_trainable_state(self, state: Mapping[str, torch.Tensor], k: int) -> None:
+        """`copy_trainable_from` given layer k's `trainable_state_dict()` (a layer file's block
+        section), without building layer k's block: no frozen draw of a layer that is not trained."""
+        if self.cfg.kind(k) != self.cfg.kind(self.k):
             state = {n: v for n, v in state.items() if not n.startswith("attn.")}
         self.load_state_dict(state, strict=False)
 
@@ -180,16 +185,19 @@ class Block(nn.Module):
 LAYER_INITS = ("random", "identity", "previous")
 
 
-def init_layer(block: Block, policy: str, below: Block | None = None) -> None:
+def init_layer(block: Block, policy: str, below: Block | Mapping[str, torch.Tensor] | None = None) -> None:
     """How layer k >= 2 starts training (`layerwise.init`): `random` keeps its own (seed, k) draw,
     `identity` zeroes both residual branches (the block starts as the identity map), `previous`
-    copies `below`'s (layer k-1's) trained weights (`Block.copy_trainable_from`)."""
+    copies `below`'s (layer k-1's block, or its `trainable_state_dict()`) trained weights."""
     if policy == "identity":
         block.zero_residual_branches()
     elif policy == "previous":
         if below is None:
             raise ValueError("init=previous needs layer k-1's trained block")
-        block.copy_trainable_from(below)
+        if isinstance(below, Block):
+            block.copy_trainable_from(below)
+        else:
+            block.copy_trainable_state(below, block.k - 1)
     elif policy != "random":
         raise ValueError(f"unknown layer init {policy!r}; allowed: {', '.join(LAYER_INITS)}")
 

@@ -93,11 +93,9 @@ def next_layer(cfg: ModelConfig, k: int, policy: str, below: LayerWeights) -> La
     the new block started by `policy` (`init_layer`: random, identity or previous)."""
     block, head = Block(cfg, k), Head(cfg)
     head.load_state_dict(below.head)
-    below_block = None
-    if policy == "previous":  # the only policy that reads layer k-1's block: build it only then
-        below_block = Block(cfg, k - 1)
-        below.load_block(below_block)
-    init_layer(block, policy, below_block)
+    # `previous` copies layer k-1's trained tensors straight from its file's section: building its
+    # block would redraw (and re-check) its frozen tensors, seconds at large sizes, for nothing
+    init_layer(block, policy, below.block if policy == "previous" else None)
     return LayerModules(block, head)
 
 
