@@ -24,7 +24,7 @@ from stackwise.data.cache.reader import ActivationCache, ActivationDataset, read
 from stackwise.data.cache.sink import ShardSink
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.data.sampling import RankStepSampler, StepSampler
-from stackwise.errors import ArtifactWriteError
+from stackwise.errors import ArtifactWriteError, StackWiseError
 from stackwise.utils import generator
 from tests.test_activations import META, Passthrough, RowSource, V, _build, _trainer
 
@@ -435,3 +435,27 @@ def test_writer_takes_bf16_and_int32_fields(tmp_path: Path) -> None:
     rows = [RowSource(7, "train")[i] for i in range(7)]
     assert torch.equal(batch["t"], torch.stack([r["t"] for r in rows]).bfloat16().float())
     assert torch.equal(batch["index"], torch.stack([r["index"] for r in rows]))
+
+
+def test_a_memory_store_keeps_the_caches_out_of_the_experiment_folder(make_run, tmp_path: Path) -> None:
+    """cache.store=memory: the same run (the same fused weights) with acts_layer{k}/ in a folder of
+    cache.memory_dir (here a plain folder standing in for /dev/shm), none under the experiment."""
+    from safetensors.torch import load_file
+
+    from stackwise.pipeline import Pipeline
+
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    disk = Pipeline(make_run("stage=all", "fusion.finetune_steps=0", name="disk"))
+    disk.execute()
+    memory = Pipeline(
+        make_run("stage=all", "fusion.finetune_steps=0", "cache.store=memory", f"cache.memory_dir={ram}", name="mem")
+    )
+    memory.execute()
+    assert memory.paths.acts_root.parent == ram / "stackwise" and memory.paths.acts_root.name.startswith("mem-")
+    assert (memory.paths.acts_root / "acts_layer1" / "manifest.json").is_file()
+    assert not (memory.paths.root / "acts").exists()
+    fused = [load_file(p.paths.fused_dir / "model.safetensors") for p in (disk, memory)]
+    assert fused[0].keys() == fused[1].keys() and all(torch.equal(fused[0][n], fused[1][n]) for n in fused[0])
+    with pytest.raises(StackWiseError, match=r"cache.memory_dir: .* is not a folder"):
+        Pipeline(make_run("cache.store=memory", f"cache.memory_dir={tmp_path / 'absent'}", name="bad"))

@@ -34,6 +34,7 @@ VALID_OTHER = {
     "layerwise.init": "random",
     "cache.dtype": "bfloat16",
     "cache.train_sequences": 100,
+    "cache.store": "memory",
     "trainer.max_epochs": 5,
     "trainer.precision": "64-true",
     "step.compile": True,
@@ -127,6 +128,7 @@ def test_every_key_changes_both_the_folder_and_a_hash_or_neither(base):
         "stages.layer.trainer.val_check_interval",
         "data.num_workers",
         "step.compile",
+        "cache.store",
     ):
         assert key in outside
 

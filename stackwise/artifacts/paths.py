@@ -14,8 +14,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 class ExperimentPaths:
     """Every path of one experiment, derived from its folder; nothing is created on construction."""
 
-    def __init__(self, exp_dir: PathLike):
+    def __init__(self, exp_dir: PathLike, acts_root: PathLike | None = None):
         self.root = Path(exp_dir)
+        # where the activation caches live: acts/ here, or a RAM-backed folder (cache.store=memory)
+        self._acts_root = None if acts_root is None else Path(acts_root)
 
     @classmethod
     def from_root(cls, output_root: PathLike, experiment: str) -> ExperimentPaths:
@@ -50,7 +52,7 @@ class ExperimentPaths:
     # -- activation caches
     @property
     def acts_root(self) -> Path:
-        return self.root / "acts"
+        return self._acts_root if self._acts_root is not None else self.root / "acts"
 
     def acts_dir(self, k: int) -> Path:
         """`acts/acts_layer{k}/`: the hidden states after layer k, per cached example."""

@@ -83,6 +83,9 @@ class LayerwiseConfig(Structured):
         )
 
 
+CACHE_STORES = ("disk", "memory")
+
+
 @dataclass
 class CacheConfig(Structured):
     """The activation cache written after each layer-wise stage, and how stage k reads it
@@ -107,6 +110,11 @@ class CacheConfig(Structured):
     prefetch_factor: int = 2  # batches each loader worker reads ahead (with data.num_workers > 0)
     # on a GPU, stage k's batches are copied to it one batch ahead, on a side stream (overlapping compute)
     device_prefetch: bool = True
+    # where the caches live: disk (outputs/<name>/acts/) or memory: a folder in a RAM-backed file
+    # system (tmpfs), <memory_dir>/stackwise/<name>-<hash of the experiment folder>/; same files,
+    # no disk bandwidth, gone at reboot (a resumed run rebuilds them from the layer files)
+    store: str = "disk"
+    memory_dir: str = "/dev/shm"
 
     def __post_init__(self) -> None:
         for name in ("views", "shard_size", "batch_size", "shuffle_block", "prefetch_factor"):
@@ -121,6 +129,11 @@ class CacheConfig(Structured):
             self.dtype != FP8 or hasattr(torch, "float8_e4m3fn"),
             self.key("dtype"),
             f"{FP8} needs torch.float8_e4m3fn (torch >= 2.1); this torch is {torch.__version__}",
+        )
+        check(
+            self.store in CACHE_STORES,
+            self.key("store"),
+            f"unknown store {self.store!r}; allowed: {', '.join(CACHE_STORES)}",
         )
         n = self.train_sequences
         check(

@@ -31,7 +31,7 @@ from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs
 from stackwise.pipeline.ranks import world_size, write_once
 from stackwise.pipeline.stage import Stage, plan
-from stackwise.pipeline.state import ExperimentState
+from stackwise.pipeline.state import ExperimentState, cache_root
 from stackwise.pipeline.trainers import Trainers
 from stackwise.stages.base import StageModule
 from stackwise.stages.full import FullModelStage
@@ -45,7 +45,7 @@ class Pipeline:
 
     def __init__(self, run: RunConfig, observers: Sequence[StageObserver] = ()):
         self.run, self.cfg = run, run.model
-        self.paths = art.ExperimentPaths(run.exp_dir)
+        self.paths = art.ExperimentPaths(run.exp_dir, acts_root=cache_root(run))
         self.hashes = run.hashes()
         self.observers = [*installed(), *observers]
         self.state = ExperimentState(run, self.paths, self.hashes)
@@ -64,6 +64,13 @@ class Pipeline:
                 run_stage[stage.kind](stage)
             if self.run.stage == "all":
                 write_once(lambda: console.finish_all(self.run, self.paths))
+            if self.run.cache.store == "memory" and self.paths.acts_root.is_dir():
+                nbytes = sum(f.stat().st_size for f in self.paths.acts_root.rglob("*") if f.is_file())
+                log.info(
+                    "cache.store=memory: the caches hold %.2f GB of RAM in %s until it is deleted (or a reboot)",
+                    nbytes / 1e9,
+                    self.paths.acts_root,
+                )
 
     # ------------------------------------------------------------------ layer k
     def layer_stage(self, stage: Stage) -> None:

@@ -8,6 +8,7 @@ mid-stage checkpoint is resumed from only when it was tagged with these settings
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 from stackwise import artifacts as art
 from stackwise.config import RunConfig
 from stackwise.data.cache.reader import ActivationCache, StaleCacheError
-from stackwise.errors import ArtifactError, StackWiseError
+from stackwise.errors import ArtifactError, ConfigError, StackWiseError
 from stackwise.model.weights import LayerWeights
 from stackwise.pipeline.stage import Stage
 
@@ -32,6 +33,19 @@ class LayerFound:
 
     weights: LayerWeights | None = None
     complete: bool = False
+
+
+def cache_root(run: RunConfig) -> Path | None:
+    """Where this run's acts_layer{k}/ folders live: None = the experiment's own acts/
+    (cache.store=disk); with cache.store=memory a folder of the RAM-backed cache.memory_dir named by
+    the experiment folder's name and a hash of its absolute path (two experiments never share it)."""
+    if run.cache.store != "memory":
+        return None
+    base = Path(run.cache.memory_dir)
+    if not base.is_dir():
+        raise ConfigError("cache.memory_dir", f"{base} is not a folder (cache.store=memory keeps the caches there)")
+    exp = Path(run.exp_dir).resolve()
+    return base / "stackwise" / f"{exp.name}-{hashlib.sha256(str(exp).encode()).hexdigest()[:12]}"
 
 
 class ExperimentState:
