@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
     ap.add_argument("--set", nargs="*", default=[], help="extra stackwise-train overrides for every run")
     ap.add_argument("--profile", action="store_true", help="run the feed part's layer stage under cProfile")
+    ap.add_argument(
+        "--compute-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the same stage's compute-only step beside the feed part (benchmarks/run.py)",
+    )
     ap.add_argument("--out", default="outputs/benchmarks/datapath.json")
     args = ap.parse_args(argv)
 
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         if rec.get("cache_seconds"):
             res["feed"]["cache_gb_per_s"] = rec["cache_bytes"] / rec["cache_seconds"] / 1e9
-        if args.preset != "small":
+        if args.preset != "small" and args.compute_only:
             res["feed"]["compute_only"] = compute_only(PRESETS[args.preset], args.batch_size, args.seq_len, 20)
         print("feed", json.dumps({k: v for k, v in res["feed"].items() if k != "compute_only"}), flush=True)
 
