@@ -197,7 +197,7 @@ def test_train_loader_shuffles_across_shards_covers_all_and_resumes(f32_cache: P
     # two ranks split every global batch: together they see the one-process stream of batch 2*bs
     halves = []
     for rank in (0, 1):
-        d = ActivationDataModule(cache, batch_size=bs, seed=3, max_steps=steps)
+        d = ActivationDataModule(cache, batch_size=2 * bs, seed=3, max_steps=steps)  # the global batch
         d.trainer = SimpleNamespace(
             global_step=0, accumulate_grad_batches=1, global_rank=rank, world_size=2, max_steps=steps
         )

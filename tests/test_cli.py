@@ -107,7 +107,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert ranks == {0, 1}, ranks
     records = json.loads((exp / "results.json").read_text())
     assert [r["stage"] for r in records] == ["embed", "layer_2", "fused", "finetuned"]  # rank 0 alone writes
-    assert records[0]["tokens"] == 12 * 16 * 32 * 2  # steps x batch x seq_len x 2 ranks
+    assert records[0]["tokens"] == 12 * 16 * 32  # steps x global batch x seq_len: the 2 ranks share the batch
     assert len(re.findall(r"^stage\s+val loss", out.stdout, flags=re.M)) == 1  # the table, printed once
     assert "fusion check: fused val loss" in out.stdout + out.stderr
 

@@ -174,7 +174,7 @@ def test_cache_auto_holds_what_the_next_stage_reads():
     run = RunConfig.from_hydra(compose_cfg([]))  # 160 steps x 32 sequences, 2 views each
     assert run.cache.train_sequences == "auto" and run.cache_train_sequences() == 160 * 32 // 2
     run = RunConfig.from_hydra(compose_cfg(["cache.views=1", "trainer.accumulate_grad_batches=2"]))
-    assert run.cache_train_sequences() == 160 * 32 * 2
+    assert run.cache_train_sequences() == 160 * 32  # data.batch_size is the global batch, accumulation included
     run = RunConfig.from_hydra(compose_cfg(["masking=per_layer", "cache.views=4"]))  # a stage reads one view
     assert run.cache_train_sequences() == 160 * 32
     assert RunConfig.from_hydra(compose_cfg(["cache.train_sequences=null"])).cache_train_sequences() is None

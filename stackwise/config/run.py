@@ -112,6 +112,25 @@ class RunConfig(Structured):
             )
         for key in STAGE_KEYS:
             self._check_fp16_eps(key)
+            self._check_batch_split(key)
+
+    def _check_batch_split(self, stage_key: str) -> None:
+        """data.batch_size is the global batch: it must split evenly over the ranks and accumulated
+        micro-batches. Checked here when the world size is known from the config (devices as a count
+        or a list); `devices: auto` is resolved by Lightning and checked when the loaders are built."""
+        kw = self.trainer_kwargs(stage_key)
+        devices, nodes = kw.get("devices", 1), kw.get("num_nodes", 1)
+        devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+        if not (is_int(devices) and devices > 0 and is_int(nodes) and nodes > 0):
+            return
+        accum = int(kw.get("accumulate_grad_batches", 1))
+        split = devices * nodes * accum
+        if self.data.batch_size % split:
+            raise ConfigError(
+                "data.batch_size",
+                f"the global batch {self.data.batch_size} must be a multiple of devices {devices} x num_nodes {nodes}"
+                f" x accumulate_grad_batches {accum} = {split} (stage {stage_key})",
+            )
 
     def _check_fp16_eps(self, stage_key: str) -> None:
         eps = self.optim_for(stage_key).eps  # optim_for validates the stage's optimizer settings too
@@ -188,17 +207,13 @@ class RunConfig(Structured):
         n = self.cache.train_sequences
         if n != "auto":
             return n
-        rows = (
-            self.max_steps("layer")
-            * self.data.batch_size
-            * int(self.trainer_kwargs("layer").get("accumulate_grad_batches", 1))
-        )
+        rows = self.max_steps("layer") * self.data.batch_size  # the global batch: every rank's rows
         views_read = 1 if self.masking.schedule == "per_layer" else self.cache.views  # per_layer: one view a stage
         return -(-rows // views_read)
 
     def tokens_per_step(self, stage_key: str) -> int:
-        accumulate = int(self.trainer_kwargs(stage_key).get("accumulate_grad_batches", 1))
-        return self.data.batch_size * self.data.seq_len * accumulate
+        """data.batch_size is the global batch of an optimizer step (all ranks, all accumulated micro-batches)."""
+        return self.data.batch_size * self.data.seq_len
 
     # ------------------------------------------------------------------ hashes
     def hashes(self) -> dict[str, str]:

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from stackwise.errors import StackWiseError
 from stackwise.utils import generator
 
 
@@ -130,3 +132,43 @@ def trainer_state(module: Any) -> tuple[int, int, int, int, int | None]:
         int(getattr(tr, "world_size", 1)),
         max_steps if max_steps is not None and max_steps > 0 else None,
     )
+
+
+def per_device_batch(global_batch: int, world_size: int, accumulate: int) -> int:
+    """The batch one rank loads per forward: `data.batch_size` is the global batch of an optimizer
+    step, so 1 and N ranks (and any gradient accumulation) train on the same rows per step."""
+    split = world_size * accumulate
+    if global_batch % split:
+        raise StackWiseError(
+            f"data.batch_size={global_batch} (the global batch) must be a multiple of world size {world_size}"
+            f" x trainer.accumulate_grad_batches {accumulate} = {split}"
+        )
+    return global_batch // split
+
+
+class RankSliceSampler(DistributedSampler):
+    """This rank's contiguous slice of `range(len(dataset))`: the slices of all ranks are disjoint
+    and cover every row once, with no padding (DistributedSampler repeats rows to even out the
+    ranks, which would count them twice in a summed validation metric).
+
+    Rank and world size are read from torch.distributed when iterated, so a loader built before
+    the process group exists (or outside the trainer) still splits correctly. Subclassing
+    DistributedSampler keeps Lightning from replacing it with its own padded one.
+    """
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+        self.n = len(dataset)  # type: ignore[arg-type]
+
+    def _bounds(self) -> tuple[int, int]:
+        rank, world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        )
+        return self.n * rank // world, self.n * (rank + 1) // world
+
+    def __len__(self) -> int:
+        lo, hi = self._bounds()
+        return hi - lo
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(*self._bounds()))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stackwise.data.sampling import RankStepSampler, trainer_state
+from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, trainer_state
 from stackwise.objective.masking import mask_batch
 from stackwise.utils import generator
 
@@ -128,24 +128,25 @@ class TokenStageData(L.LightningDataModule):
         )
         self._common = common
 
-    def _loader(self, ds: Dataset, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, sampler=None, drop_last: bool | None = None) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
-            drop_last=sampler is not None,
+            drop_last=sampler is not None if drop_last is None else drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         step, accum, rank, world, _ = trainer_state(self)
+        batch = per_device_batch(self.batch_size, world, accum)  # self.batch_size: the global batch
         total = self.max_steps * accum  # batches: with gradient accumulation a step is `accum` of them
-        ds = MaskedTokenDataset(self.train_tokens, total_positions=total * self.batch_size * world, **self._common)
+        ds = MaskedTokenDataset(self.train_tokens, total_positions=self.max_steps * self.batch_size, **self._common)
         sampler = RankStepSampler(
             ds,
-            self.batch_size,
+            batch,
             self.seed,
             start_step=step * accum,
             total_steps=total,
@@ -153,10 +154,13 @@ class TokenStageData(L.LightningDataModule):
             world_size=world,
             with_position=True,
         )
-        return self._loader(ds, self.batch_size, sampler)
+        return self._loader(ds, batch, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(MaskedTokenDataset(self.val_tokens, views=self.views, **self._common), self.batch_size)
+        _, accum, _, world, _ = trainer_state(self)
+        ds = MaskedTokenDataset(self.val_tokens, views=self.views, **self._common)
+        # each rank its own rows, none twice: the summed metrics then count every row once
+        return self._loader(ds, -(-self.batch_size // (world * accum)), RankSliceSampler(ds), drop_last=False)
 
     def predict_dataloader(self) -> list[DataLoader]:
         """[train, val] in order, every cached view: the input of the activation cache."""

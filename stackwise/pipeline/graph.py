@@ -29,7 +29,7 @@ from stackwise.model.weights import LayerWeights, assemble, first_layer, next_la
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs
-from stackwise.pipeline.ranks import world_size, write_once
+from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage, plan
 from stackwise.pipeline.state import ExperimentState, cache_root
 from stackwise.pipeline.trainers import Trainers
@@ -226,8 +226,8 @@ class Pipeline:
         return self.trainers.validate(module, data.val_dataloader()), resumed
 
     def tokens_seen(self, stage: Stage, steps: int) -> int:
-        """Tokens one stage trained on: every rank's batches (DDP) at every optimizer step."""
-        return steps * self.run.tokens_per_step(stage.budget) * world_size()
+        """Tokens one stage trained on: the global batch (every rank's share) at every optimizer step."""
+        return steps * self.run.tokens_per_step(stage.budget)
 
     def save_model(self, stage: Stage, folder, state: dict, meta: dict) -> None:
         write_once(lambda: art.save_safetensors_model(folder, state, self.cfg.to_dict(), meta))

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stackwise.artifacts import PathLike
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
-from stackwise.data.sampling import RankStepSampler, trainer_state
+from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, trainer_state
 from stackwise.errors import StackWiseError
 
 
@@ -104,9 +104,10 @@ class ActivationDataModule(L.LightningDataModule):
         max_steps = self.max_steps if self.max_steps is not None else trainer_max
         total = (max_steps * accum) if max_steps is not None else 1 << 30
         # StepSampler counts batches: with gradient accumulation an optimizer step is `accum` of them
+        batch = per_device_batch(self.batch_size, world, accum)  # self.batch_size: the global batch
         sampler = RankStepSampler(
             self.train_set,
-            self.batch_size,
+            batch,
             self.seed,
             start_step=step * accum,
             total_steps=total,
@@ -114,10 +115,14 @@ class ActivationDataModule(L.LightningDataModule):
             world_size=world,
             block=self.shuffle_block,
         )
-        return self._loader(self.train_set, self.batch_size, self._device(), sampler=sampler, drop_last=True)
+        return self._loader(self.train_set, batch, self._device(), sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.batch_size, shuffle=False)
+        _, accum, _, world, _ = trainer_state(self)
+        # each rank its own rows, none twice: the summed metrics then count every row once
+        return self._loader(
+            self.val_set, -(-self.batch_size // (world * accum)), sampler=RankSliceSampler(self.val_set)
+        )
 
     def predict_dataloader(self) -> list[DataLoader]:
         if self._train_all is None:
