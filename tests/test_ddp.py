@@ -133,3 +133,13 @@ def test_ddp_validation_counts_each_row_once(tmp_path):
     )
     (metrics,) = trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
     torch.testing.assert_close(float(metrics["val/loss"]), records["fused"]["val_loss"], rtol=1e-5, atol=0)
+
+    # the caches the two ranks wrote hold every row once, in order (no padded repeats, not interleaved)
+    from stackwise.data.cache.reader import ActivationCache, ActivationDataset
+
+    cache = ActivationCache.open(exp / "acts" / "acts_layer1")
+    for split in ("train", "val"):
+        ds = ActivationDataset(cache, split)
+        index = ds.__getitems__(list(range(len(ds))))["index"].tolist()
+        assert index == sorted(set(index)), (split, index)
+    assert cache.rows("val") == 33

@@ -166,7 +166,9 @@ class TokenStageData(L.LightningDataModule):
         """[train, val] in order, every cached view: the input of the activation cache."""
         train = MaskedTokenDataset(self.train_tokens, views=self.views, rows=self.cache_rows, **self._common)
         val = MaskedTokenDataset(self.val_tokens, views=self.views, **self._common)
-        return [self._loader(train, self.cache_batch_size), self._loader(val, self.cache_batch_size)]
+        # under DDP each rank caches its own contiguous slice, none twice: the ranks' shards, in rank
+        # order, are the rows in order (Lightning's sampler would pad with repeats and interleave)
+        return [self._loader(ds, self.cache_batch_size, RankSliceSampler(ds), drop_last=False) for ds in (train, val)]
 
 
 def cache_rows(n_train: int, limit: int | None, seed: int) -> np.ndarray:

@@ -133,8 +133,9 @@ class ActivationDataModule(L.LightningDataModule):
             )
         device = self._device()
         return [
-            self._loader(self._train_all, self.predict_batch_size, device, shuffle=False),
-            self._loader(self.val_set, self.predict_batch_size, device, shuffle=False),
+            # each rank its own contiguous slice, none twice: the ranks' shards in rank order are the rows in order
+            self._loader(self._train_all, self.predict_batch_size, device, sampler=RankSliceSampler(self._train_all)),
+            self._loader(self.val_set, self.predict_batch_size, device, sampler=RankSliceSampler(self.val_set)),
         ]
 
 
