@@ -156,6 +156,17 @@ def test_every_job_of_a_sweep_is_checked_before_any_runs(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_sweep_of_multi_process_jobs_stops_with_one_line(tmp_path):
+    """Lightning starts DDP/FSDP ranks by rerunning the command line, `-m` included: refused up front."""
+    check_command_line(["hardware=ddp", "seed=0", f"output_root={tmp_path}"], multirun=False)  # no sweep: fine
+    for hardware in ("ddp", "fsdp"):
+        with pytest.raises(ConfigError, match=r"trainer.strategy: .* cannot run inside a -m sweep"):
+            check_command_line([f"hardware={hardware}", "seed=0,1", f"output_root={tmp_path}"], multirun=True)
+    with pytest.raises(ConfigError, match="trainer.strategy"):  # a per-stage strategy counts too
+        check_command_line(["+stages.e2e.trainer.strategy=ddp", "seed=0,1", f"output_root={tmp_path}"], multirun=True)
+    check_command_line(["seed=0,1", f"output_root={tmp_path}"], multirun=True)
+
+
 def test_default_budget_split_and_e2e_budget():
     run = RunConfig.from_hydra(compose_cfg([]))
     # the README's winning levers: stage 1 twice a layer stage, ~9% fine-tune, layer k from layer k-1

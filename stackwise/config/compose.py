@@ -50,17 +50,17 @@ def check_command_line(
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             jobs = sweep_jobs(overrides) if multirun else [list(overrides)]
             first = jobs[0]
-            params = _check_job(first, config_name, validate).sweeper.get("params")
+            params = _check_job(first, config_name, validate, multirun).sweeper.get("params")
             if multirun and params:  # the sweeper takes them first; the command line's win
                 jobs = sweep_jobs([f"{key}={value}" for key, value in params.items()] + list(overrides))
             for job in jobs:
                 if job != first:
-                    _check_job(job, config_name, validate)
+                    _check_job(job, config_name, validate, multirun)
     except (HydraException, OmegaConfBaseException) as e:
         raise user_error(e) from None
 
 
-def _check_job(overrides: list[str], config_name: str, validate: bool) -> DictConfig:
+def _check_job(overrides: list[str], config_name: str, validate: bool, multirun: bool = False) -> DictConfig:
     """Compose and validate one job; its `hydra` node."""
     cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     hydra_node = cfg.hydra
@@ -70,7 +70,27 @@ def _check_job(overrides: list[str], config_name: str, validate: bool) -> DictCo
         del cfg["hydra"]  # as the job will see it
     run = RunConfig.from_hydra(cfg, list(hydra_node.overrides.task))
     check_output_dir(Path(run.output_root).expanduser(), "output_root")
+    if multirun:
+        check_sweepable(run)
     return hydra_node
+
+
+# strategies Lightning launches by running the script again in every rank
+_RELAUNCHED = ("ddp", "fsdp", "deepspeed")
+
+
+def check_sweepable(run: RunConfig) -> None:
+    """A `-m` sweep cannot run multi-process jobs: Lightning starts ranks > 0 by running the same
+    command line again, `-m` and all, so every rank would run the whole sweep. One line instead."""
+    for budget in ("embed", "layer", "fusion", "e2e"):
+        strategy = str(run.trainer_kwargs(budget).get("strategy", "auto"))
+        if strategy.startswith(_RELAUNCHED):
+            raise ConfigError(
+                "trainer.strategy",
+                f"{strategy} cannot run inside a -m sweep (Lightning would rerun the whole sweep in every "
+                f"rank); run one command per combination, e.g. `for s in 0 1 2; do stackwise-train "
+                f"hardware=ddp seed=$s; done`",
+            )
 
 
 def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
