@@ -134,7 +134,8 @@ class Pipeline:
     def cache(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> None:
         """acts_layer{k}: layer k's output on every cached (sequence, view), then its manifest, last."""
         acts_dir = self.paths.acts_dir(stage.k)
-        discard_cache(acts_dir)  # we only get here when it is missing, partial or stale
+        # we only get here when it is missing, partial or stale; one rank deletes it, before any writes
+        write_once(lambda: discard_cache(acts_dir))
         loaders = self.inputs.cache_loaders(stage, data)  # before the first shard is written
         writer = CacheWriter(
             acts_dir,

@@ -21,6 +21,7 @@ from stackwise.config import RunConfig
 from stackwise.data.cache.reader import ActivationCache, StaleCacheError
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
 from stackwise.model.weights import LayerWeights
+from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage
 
 log = logging.getLogger("stackwise")
@@ -257,8 +258,8 @@ class ExperimentState:
                     f"scratch, or name=NAME for a new folder"
                 )
             log.warning("overwrite=true: dropping %s (%s)", last, problem)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        art.atomic_write_json(tag, tag_path)
+            write_once(lambda: shutil.rmtree(ckpt_dir, ignore_errors=True))
+        write_once(lambda: art.atomic_write_json(tag, tag_path))  # one rank writes, the others wait
         return None
 
     def _resume_problem(self, last: Path, tag_path: Path, tag: dict) -> str | None:
@@ -281,5 +282,5 @@ class ExperimentState:
         return None if bad is None else f"fails its CRC check at {bad!r} (corrupt)"
 
     def drop_resume_point(self, stage: Stage) -> None:
-        """The optimizer state ends with the stage."""
-        shutil.rmtree(self.paths.stage_ckpt_dir(stage.name), ignore_errors=True)
+        """The optimizer state ends with the stage (one rank deletes it, the others wait)."""
+        write_once(lambda: shutil.rmtree(self.paths.stage_ckpt_dir(stage.name), ignore_errors=True))
