@@ -24,8 +24,9 @@ from stackwise.artifacts.paths import PathLike
 from stackwise.errors import ArtifactWriteError
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable; not every platform can open a folder, which is fine."""
+def fsync_dir(folder: Path) -> None:
+    """Make the names of the files created or renamed in `folder` durable; not every platform can
+    open a folder, which is fine."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -106,7 +107,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """File I/O beneath the shard writer (stackwise/data/cache/sink.py): files created at their final
 size with space reserved up front, so a full disk fails when a shard starts, naming its file, not
-halfway through it; rows written in place at their offset; folder names made durable."""
+halfway through it; rows written in place at their offset."""
 
 from __future__ import annotations
 
@@ -62,17 +62,3 @@ def create_file(path: Path, header: bytes, nbytes: int) -> int:
             path.unlink()
         raise
     return fd
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the names of the files created in `folder` durable (where a folder can be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

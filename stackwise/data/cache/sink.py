@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from stackwise.artifacts import sha256_file, write_errors
-from stackwise.data.cache.fileio import create_file, fsync_dir, write_at
+from stackwise.artifacts.atomic import fsync_dir
+from stackwise.data.cache.fileio import create_file, write_at
 from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_stem
 
 # batches between the caller and the disk: one being written, one being hashed, one queued
