@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+from run import _evict  # noqa: E402  (benchmarks/run.py: drop a file's pages from the page cache)
+
 PRESETS = {
     # the seed sizes on one GPU: d_model 4096, 8 layers, vocab 128000, gqa, bf16-mixed
     "seed": ["experiment=seed_gpu"],
@@ -58,9 +60,7 @@ def disk_reference(folder: Path, gb: float) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     t_write = time.perf_counter() - t0
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the read comes from the disk, not the page cache
-    os.close(fd)
+    _evict([path])  # the read comes from the disk, not the page cache
     t0 = time.perf_counter()
     with open(path, "rb") as f:
         while f.read(1 << 26):
@@ -126,7 +126,8 @@ def compute_only(preset: list[str], B: int, T: int, steps: int) -> dict[str, Any
     """The same layer stage's step on a batch already on the device, and the Hugging Face peer."""
     import run as bench  # benchmarks/run.py
 
-    argv = ["--device", "cuda", "--stages", "layer", "--attention", "gqa", "--batch-size", str(B)]
+    # --compile both: the stage itself runs compiled (step.compile=auto on CUDA); eager beside it
+    argv = ["--device", "cuda", "--stages", "layer", "--attention", "gqa", "--compile", "both", "--batch-size", str(B)]
     argv += ["--seq-len", str(T), "--steps", str(steps), "--cache-rows", "0", "--out", "/tmp/datapath_run.json"]
     argv += ["--model", "seed"] + (_mid_args() if "experiment=mid_gpu" in preset else [])
     return bench.main(argv)
@@ -204,7 +205,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if rec.get("cache_seconds"):
             res["feed"]["cache_gb_per_s"] = rec["cache_bytes"] / rec["cache_seconds"] / 1e9
         if args.preset != "small" and args.compute_only:
-            res["feed"]["compute_only"] = compute_only(PRESETS[args.preset], args.batch_size, args.seq_len, 20)
+            ref = compute_only(PRESETS[args.preset], args.batch_size, args.seq_len, 20)
+            res["feed"]["compute_only"] = ref
+            compiled = [r for r in ref["train"] if r["stage"] == "layer" and r.get("compile") and "tokens_per_s" in r]
+            fed = res["feed"]["logged"]["tokens_per_s"]
+            if compiled and fed:  # the target: the stage fed from its cache vs its compute-only step
+                res["feed"]["fed_vs_compute_only"] = fed / compiled[0]["tokens_per_s"]
         print("feed", json.dumps({k: v for k, v in res["feed"].items() if k != "compute_only"}), flush=True)
 
     if "all" in parts:

@@ -173,14 +173,7 @@ def hf_layer_stage(
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        _sync(device)
-        dt = (time.perf_counter() - t0) / steps
+        dt, loss = time_steps(step, warmup, steps, device)
         rec.update(
             step_ms=dt * 1e3,
             tokens_per_s=B * T / dt,
@@ -191,11 +184,26 @@ def hf_layer_stage(
         )
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0][:200])
+    except ImportError as e:  # transformers is a dev extra (make install), not a dependency of StackWise
+        rec.update(error=f"not measured: {e}")
     finally:
         module = batch = opt = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec
+
+
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, Any]:
+    """Seconds per call of `step()` over `steps` calls after `warmup` untimed ones (the device
+    synchronised at both ends); and the last call's result."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps, out
 
 
 def _sync(device: torch.device) -> None:

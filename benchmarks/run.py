@@ -51,7 +51,7 @@ from stackwise.model.config import ModelConfig  # noqa: E402
 from stackwise.model.stats import param_counts, train_step_flops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import hf_layer_stage, peak_matmul  # noqa: E402
+from peers import hf_layer_stage, peak_matmul, time_steps  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, without structured sparsity).
 PEAK_BF16_TFLOPS = (
@@ -233,14 +233,7 @@ def bench_train(
             opt.zero_grad(set_to_none=True)
             return out.loss.detach()
 
-        for _ in range(warmup):
-            step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        sync(device)
-        dt = (time.perf_counter() - t0) / steps
+        dt, loss = time_steps(step, warmup, steps, device)
         module.check_finite()
         flops = train_step_flops(cfg, stage, 2 if stage == "layer" else 1, B, T, mask_rate)
         rec.update(
@@ -260,17 +253,12 @@ def bench_train(
             rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if fwd_only_too:  # the caching pass: the layer's forward alone, no grad
             module.eval()
-            with torch.inference_mode():
-                for _ in range(warmup):
-                    with ctx():
-                        module.hidden_states(batch)
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    with ctx():
-                        module.hidden_states(batch)
-                sync(device)
-            fdt = (time.perf_counter() - t0) / steps
+
+            def forward() -> None:
+                with torch.inference_mode(), ctx():
+                    module.hidden_states(batch)
+
+            fdt, _ = time_steps(forward, warmup, steps, device)
             rec["cache_fwd_ms"] = fdt * 1e3
             rec["cache_fwd_tokens_per_s"] = B * T / fdt
     except torch.cuda.OutOfMemoryError as e:
@@ -570,6 +558,9 @@ def print_tables(res: dict) -> None:
     for r in res["train"]:
         if r.get("oom"):
             print(f"{r['attention']:<5}{r['stage']:<7}{r['batch_size']:>4}{r['seq_len']:>6}   out of memory")
+            continue
+        if r["stage"] in ("hf", "hf_same") and "error" in r:
+            print(f"{r['attention']:<5}{r['stage']:<7}   {r['error']}")
             continue
         if r["stage"] in ("hf", "hf_same"):  # the peers (benchmarks/peers.py)
             what = "as a user writes it" if r["stage"] == "hf" else "the same math as `layer`"
