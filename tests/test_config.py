@@ -300,3 +300,20 @@ def test_plain_pip_install_finds_config(tmp_path):
     )
     assert script.returncode == 0, script.stderr[-2000:]
     assert "stage: all" in script.stdout and "attention: mla" in script.stdout
+
+
+def test_slurm_launcher_config_composes():
+    """`hydra/launcher=slurm` is Hydra's submitit SLURM launcher with the shipped defaults, and a
+    ddp sweep through it is not refused (SLURM starts every rank; Lightning relaunches nothing)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_module
+
+    from stackwise.config.compose import CONFIG_MODULE, register_configs
+
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=slurm", "hydra.launcher.nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    check_command_line(["hydra/launcher=slurm", "hardware=ddp", "seed=0,1"], multirun=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -71,25 +72,40 @@ def _check_job(overrides: list[str], config_name: str, validate: bool, multirun:
     run = RunConfig.from_hydra(cfg, list(hydra_node.overrides.task))
     check_output_dir(Path(run.output_root).expanduser(), "output_root")
     if multirun:
-        check_sweepable(run)
+        check_sweepable(run, str(hydra_node.launcher.get("_target_", BASIC_LAUNCHER)))
     return hydra_node
 
 
 # strategies Lightning launches by running the script again in every rank
 _RELAUNCHED = ("ddp", "fsdp", "deepspeed")
+# the launcher that runs a sweep's jobs one after another in this process (Hydra's default)
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
-def check_sweepable(run: RunConfig) -> None:
-    """A `-m` sweep cannot run multi-process jobs: Lightning starts ranks > 0 by running the same
-    command line again, `-m` and all, so every rank would run the whole sweep. One line instead."""
+def _relaunched(strategy: Any) -> str | None:
+    """The strategy's name when Lightning starts its ranks by rerunning the command line, else None."""
+    if isinstance(strategy, Mapping):  # an instantiated one: hardware=fsdp's (stackwise/stages/sharding.py)
+        target = str(strategy.get("_target_", ""))
+        return "fsdp" if target.endswith("sharding.strategy") else None
+    name = str(strategy)
+    return name if name.startswith(_RELAUNCHED) else None
+
+
+def check_sweepable(run: RunConfig, launcher: str = BASIC_LAUNCHER) -> None:
+    """A `-m` sweep run by Hydra's basic launcher cannot run multi-process jobs: Lightning starts
+    ranks > 0 by running the same command line again, `-m` and all, so every rank would run the
+    whole sweep. One line instead. A cluster launcher (hydra/launcher=slurm) starts every rank of a
+    job itself, and Lightning then launches nothing: that sweep runs."""
+    if launcher != BASIC_LAUNCHER:
+        return
     for budget in ("embed", "layer", "fusion", "e2e"):
-        strategy = str(run.trainer_kwargs(budget).get("strategy", "auto"))
-        if strategy.startswith(_RELAUNCHED):
+        strategy = _relaunched(run.trainer_kwargs(budget).get("strategy", "auto"))
+        if strategy:
             raise ConfigError(
                 "trainer.strategy",
                 f"{strategy} cannot run inside a -m sweep (Lightning would rerun the whole sweep in every "
                 f"rank); run one command per combination, e.g. `for s in 0 1 2; do stackwise-train "
-                f"hardware=ddp seed=$s; done`",
+                f"hardware=ddp seed=$s; done`, or sweep on a cluster with hydra/launcher=slurm",
             )
 
 

@@ -134,6 +134,16 @@ def trainer_state(module: Any) -> tuple[int, int, int, int, int | None]:
     )
 
 
+def sharded_fit(module: Any) -> bool:
+    """Whether a DataModule's trainer is fitting a sharded stage (hardware=fsdp): its validation
+    loaders must give every rank as many batches (`RankSliceSampler(equal=True)`)."""
+    from stackwise.stages.sharding import is_sharded_strategy
+
+    tr = getattr(module, "trainer", None)
+    # running: after the fit the trainer keeps fn "fit", and the stage's final score needs every row
+    return tr is not None and tr.state.fn == "fit" and tr.state.status == "running" and is_sharded_strategy(tr.strategy)
+
+
 def per_device_batch(global_batch: int, world_size: int, accumulate: int) -> int:
     """The batch one rank loads per forward: `data.batch_size` is the global batch of an optimizer
     step, so 1 and N ranks (and any gradient accumulation) train on the same rows per step."""
@@ -156,14 +166,19 @@ class RankSliceSampler(DistributedSampler):
     DistributedSampler keeps Lightning from replacing it with its own padded one.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, equal: bool = False):
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
         self.n = len(dataset)  # type: ignore[arg-type]
+        # equal: every rank n // world rows, the last n % world left out. A sharded fit's forward is
+        # a collective (each block's weights are gathered), so every rank must run as many batches
+        self.equal = equal
 
     def _bounds(self) -> tuple[int, int]:
         rank, world = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         )
+        if self.equal:
+            return self.n // world * rank, self.n // world * (rank + 1)
         return self.n * rank // world, self.n * (rank + 1) // world
 
     def __len__(self) -> int:

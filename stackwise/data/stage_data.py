@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, trainer_state
+from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, sharded_fit, trainer_state
 from stackwise.objective.masking import mask_batch
 from stackwise.utils import generator
 
@@ -160,7 +160,9 @@ class TokenStageData(L.LightningDataModule):
         _, accum, _, world, _ = trainer_state(self)
         ds = MaskedTokenDataset(self.val_tokens, views=self.views, **self._common)
         # each rank its own rows, none twice: the summed metrics then count every row once
-        return self._loader(ds, -(-self.batch_size // (world * accum)), RankSliceSampler(ds), drop_last=False)
+        return self._loader(
+            ds, -(-self.batch_size // (world * accum)), RankSliceSampler(ds, equal=sharded_fit(self)), drop_last=False
+        )
 
     def predict_dataloader(self) -> list[DataLoader]:
         """[train, val] in order, every cached view: the input of the activation cache."""

@@ -36,6 +36,7 @@ from stackwise.errors import ConfigError
 from stackwise.model.stats import train_step_flops
 from stackwise.pipeline.events import StageObserver
 from stackwise.pipeline.stage import Stage
+from stackwise.stages import sharding
 from stackwise.stages.base import StageModule
 from stackwise.stages.callbacks import AtomicCheckpointIO, async_checkpoint_io, with_progress_bar
 from stackwise.utils import derive_seed
@@ -85,6 +86,9 @@ class Trainers:
             run.model, stage.budget, stage.k, run.data.batch_size, run.data.seq_len, run.masking.mean_rate()
         )
         module.step_config = run.step
+        # hardware=fsdp shards a copy, and the trained weights come back whole into `module` (stages/sharding.py)
+        sharded = sharding.is_sharded_node(node.get("strategy"))
+        fitted = sharding.fit_copy(module) if sharded else module
         logger = self._logger(stage)
         start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
@@ -108,11 +112,13 @@ class Trainers:
                 "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`"
             )
             trainer.fit(
-                module,
+                fitted,
                 datamodule=data,
                 ckpt_path=str(resume) if resume else None,
                 **({"weights_only": True} if resume else {}),
             )
+        if sharded:
+            sharding.load_trained(module, fitted)
         return start.get("step", 0)
 
     def _checkpoint(self, stage: Stage, node: dict) -> ModelCheckpoint:
@@ -155,6 +161,8 @@ class Trainers:
     def plain(self, callbacks: Sequence[Callback] = (), inference_mode: bool = True) -> L.Trainer:
         """A Trainer that only runs a module (validate, predict): the node's placement, no logger, no checkpoints."""
         node = {k: v for k, v in self.run.trainer.items() if k in PLACEMENT or k == "_target_"}
+        if "strategy" in node:  # a sharded fit's weights come back whole: scored and cached as under DDP
+            node["strategy"] = sharding.plain_strategy(node["strategy"])
         return build(
             node,
             logger=False,

@@ -38,6 +38,7 @@ from stackwise.config import OptimConfig, StepConfig
 from stackwise.errors import ConfigError, StackWiseError
 from stackwise.model.config import ModelConfig
 from stackwise.objective.loss import LinearHead, LossOut, chunk_rows_for, masked_loss, masked_positions
+from stackwise.stages import sharding
 from stackwise.utils import derive_seed
 
 
@@ -76,6 +77,11 @@ class StageModule(L.LightningModule, abc.ABC):
     @abc.abstractmethod
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks the stage runs (what `step.compile` compiles)."""
+
+    @abc.abstractmethod
+    def rebuild(self) -> StageModule:
+        """The same stage around fresh, unsharded modules (stackwise/stages/sharding.py `gather`
+        loads the full weights into it after a sharded fit)."""
 
     def head_logits(self, h: Tensor) -> Tensor:
         """(N, D) hidden states at supervised positions -> (N, V) logits."""
@@ -147,7 +153,20 @@ class StageModule(L.LightningModule, abc.ABC):
         bsz = batch["targets"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bsz)
         self.log("train/masked_acc", out.n_correct / out.n_masked.clamp_min(1), batch_size=bsz)
-        return out.loss
+        return self._global_mean(out)
+
+    def _global_mean(self, out: LossOut) -> Tensor:
+        """The loss whose gradient, averaged over the ranks by DDP / FSDP, is the gradient of the mean
+        over every masked position of the global batch, as on one process. Each rank's own mean would
+        give a mean of the ranks' means, which differs whenever their batches mask different counts.
+        One all-reduce of a scalar, queued on the device like the gradients' (no host wait)."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1 or self.weighting != "mean":  # elbo divides by the token count, the same on every rank
+            return out.loss
+        n_local = out.n_masked.detach().float().clamp_min(1)
+        n_global = trainer.strategy.reduce(n_local.clone(), reduce_op="sum")
+        return out.loss * (n_local * world / n_global)
 
     # ------------------------------------------------------------------ the non-finite guard
     def _watch_finite(self, loss: Tensor) -> None:
@@ -284,6 +303,13 @@ class StageModule(L.LightningModule, abc.ABC):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def configure_model(self) -> None:
+        # Lightning calls this hook on every fit / validate / predict; only a sharded fit
+        # (hardware=fsdp) acts on it, once: the module is sharded in place
+        trainer = self._trainer
+        if trainer is not None and sharding.is_sharded_strategy(trainer.strategy) and not sharding.is_sharded(self):
+            sharding.shard_stage(self, self.device_mesh["data_parallel"])
+
     def on_fit_start(self) -> None:
         if self._compile():
             self.compile_blocks()
@@ -292,11 +318,13 @@ class StageModule(L.LightningModule, abc.ABC):
         setting = self.step_config.compile
         if setting != "auto":
             return bool(setting)
-        # FSDP (1) shards flat parameters under the blocks: compiling them needs settings it may not have
+        # a sharded block (FSDP1's flat parameters, FSDP2's hooks) compiles only with settings not measured here
+        strategy = self.trainer.strategy
         return (
             self.device.type == "cuda"
             and hasattr(nn.Module, "compile")
-            and not isinstance(self.trainer.strategy, FSDPStrategy)
+            and not isinstance(strategy, FSDPStrategy)
+            and not sharding.is_sharded_strategy(strategy)
         )
 
     def compile_blocks(self) -> None:

@@ -30,6 +30,9 @@ class FullModelStage(StageModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return trainable(self.model)
 
+    def rebuild(self) -> FullModelStage:
+        return FullModelStage(self.cfg, self.optim, self.weighting, self.max_steps_total, self.stage_name)
+
     def hidden_states(self, batch: dict) -> Tensor:
         h = self.model.embed_tokens(batch["ids"])  # (B, T, D)
         return self.model.run_layers(h, 1, self.cfg.n_layers, pad_mask=self.pad_mask(batch))

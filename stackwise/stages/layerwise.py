@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from stackwise.config import OptimConfig
 from stackwise.model.config import ModelConfig
+from stackwise.model.transformer import Block, Embedding, Head
 from stackwise.model.weights import LayerModules
 from stackwise.objective.loss import LinearHead
 from stackwise.stages.base import StageModule, trainable
@@ -52,6 +53,20 @@ class LayerwiseStage(StageModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return trainable(*(m for m in self.trained_modules() if m is not None))
+
+    def rebuild(self) -> LayerwiseStage:
+        cfg = self.cfg
+        layer = LayerModules(Block(cfg, self.k), Head(cfg), Embedding(cfg) if self.embed is not None else None)
+        embed_weight = getattr(self, "embed_weight", None)
+        return LayerwiseStage(
+            cfg,
+            layer,
+            self.optim,
+            self.weighting,
+            self.max_steps_total,
+            self.stage_name,
+            None if embed_weight is None else embed_weight.cpu(),
+        )
 
     def hidden_states(self, batch: dict) -> Tensor:
         pad = self.pad_mask(batch)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stackwise.artifacts import PathLike
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
-from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, trainer_state
+from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, sharded_fit, trainer_state
 from stackwise.errors import StackWiseError
 
 
@@ -121,7 +121,9 @@ class ActivationDataModule(L.LightningDataModule):
         _, accum, _, world, _ = trainer_state(self)
         # each rank its own rows, none twice: the summed metrics then count every row once
         return self._loader(
-            self.val_set, -(-self.batch_size // (world * accum)), sampler=RankSliceSampler(self.val_set)
+            self.val_set,
+            -(-self.batch_size // (world * accum)),
+            sampler=RankSliceSampler(self.val_set, equal=sharded_fit(self)),
         )
 
     def predict_dataloader(self) -> list[DataLoader]:
