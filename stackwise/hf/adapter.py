@@ -217,6 +217,11 @@ class StateDictAdapter:
                 mlp_bias=False,
             )
             return transformers.LlamaConfig(**{**config, **overrides})
+        if "rope_interleave" not in transformers.DeepseekV3Config().to_dict():  # an unknown key would be ignored
+            raise StackWiseError(
+                f"transformers {transformers.__version__} has no DeepseekV3Config.rope_interleave, so its MLA would "
+                f"rotate interleaved pairs, not StackWise's rotate-half layout: upgrade transformers"
+            )
         config = dict(
             common,
             num_key_value_heads=cfg.n_heads,
