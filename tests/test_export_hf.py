@@ -14,6 +14,7 @@ import torch
 
 from stackwise import artifacts as art
 from stackwise.cli.export import main as export_main
+from stackwise.data.tokenizers import train_bpe
 from stackwise.hf import bidirectional_mask
 from stackwise.hf.export import export_model
 from stackwise.model.transformer import Transformer
@@ -113,6 +114,26 @@ def test_only_safetensors_and_json_are_written_and_the_tokenizer_round_trips(mak
     assert tok(text, add_special_tokens=False).input_ids == list(text.encode())
     assert (tok.mask_token_id, tok.pad_token_id) == (run.model.mask_id, run.model.pad_id)
     assert tok.decode(list(text.encode())) == text
+
+
+def test_a_bpe_tokenizer_is_exported_with_the_ids_stackwise_trained_on(make_run, tmp_path):
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n" * 20
+    (tmp_path / "c.txt").write_text(text)
+    ours = train_bpe([tmp_path / "c.txt"], 300, tmp_path / "tok.json")
+    run, _ = make_experiment(
+        make_run,
+        "data=text",
+        f"data.path={tmp_path / 'c.txt'}",
+        "data.tokenizer.kind=hf",
+        f"data.tokenizer.path={tmp_path / 'tok.json'}",
+        "model.vocab_size=null",
+    )
+    done = export_model(run.exp_dir, tmp_path / "hf")
+    assert done.tokenizer == "hf"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    line = "whether 'tis nobler in the mind"
+    assert tok(line, add_special_tokens=False).input_ids == ours.encode(line)
+    assert (tok.mask_token_id, tok.pad_token_id, len(tok)) == (ours.mask_id, ours.pad_id, ours.vocab_size)
 
 
 def test_sharded_export_loads_through_its_index(make_run, tmp_path):

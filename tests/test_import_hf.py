@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ import torch
 from stackwise import artifacts as art
 from stackwise.cli.import_hf import main as import_main
 from stackwise.config import load_run
+from stackwise.data.tokenizers import train_bpe
 from stackwise.hf import bidirectional_mask
+from stackwise.hf.importer import import_overrides, read_llama_folder
 from stackwise.model.transformer import Block, Embedding, Head
 from stackwise.model.weights import LayerModules, LayerWeights, assemble
 from tests.conftest import cli
@@ -68,7 +71,7 @@ def run_import(capsys, *args):
     import_main([str(a) for a in args])
     out = capsys.readouterr().out
     exp = next(line.split(" into ")[1].split(";")[0] for line in out.splitlines() if line.startswith("imported "))
-    return load_run(__import__("pathlib").Path(exp))
+    return load_run(Path(exp))
 
 
 def layer_files(run, ks):
@@ -134,6 +137,26 @@ def test_embeddings_only_start_stage_one_and_new_ids_start_at_the_mean_row(tmp_p
     assert not torch.allclose(first.embed["weight"], Embedding(run.model).weight, atol=1e-3)
     assert "mlp.up" not in first.block  # layer 1 was trained by StackWise: its up is the (seed, 1) draw
     assert art.ExperimentPaths(run.exp_dir).acts_manifest(1).is_file()
+
+
+def test_the_folders_tokenizer_is_the_datas_unless_one_is_given(tmp_path):
+    """A folder with tokenizer.json: data.tokenizer points at it (ids [MASK] and [PAD] included); the
+    Llama's 320 rows are kept although the tokenizer has 300 ids; the sizes are the folder's."""
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n" * 20
+    (tmp_path / "c.txt").write_text(text)
+    save_llama(tmp_path / "llama", vocab_size=320, n_layers=2)
+    tok = train_bpe([tmp_path / "c.txt"], 300, tmp_path / "llama" / "tokenizer.json")
+    hf = read_llama_folder(tmp_path / "llama")
+    run, args = import_overrides(hf, 1, [f"output_root={tmp_path}/out", "data=text", f"data.path={tmp_path / 'c.txt'}"])
+    assert (run.data.tokenizer.kind, run.data.tokenizer.path) == (
+        "hf",
+        str((tmp_path / "llama/tokenizer.json").resolve()),
+    )
+    assert (run.model.vocab_size, run.model.mask_id, run.model.pad_id) == (320, tok.mask_id, tok.pad_id)
+    assert (run.model.d_model, run.model.n_layers, run.model.norm_eps) == (32, 2, 1e-5)
+    assert run.name.startswith("import-llama-k1,") and f"name='{run.name}'" in args
+    byte, _ = import_overrides(hf, 1, [f"output_root={tmp_path}/out", "data=shakespeare", "data.tokenizer.kind=byte"])
+    assert byte.data.tokenizer.kind == "byte" and byte.model.vocab_size == 320
 
 
 def test_a_stored_up_projection_survives_a_layer_file_and_is_never_trained():
