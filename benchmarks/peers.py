@@ -47,47 +47,14 @@ def peak_matmul(device: torch.device, n: int = 8192, iters: int = 20, repeats: i
     return {"tflops": 2 * n**3 / best / 1e12, "what": f"bf16 {n}x{n} @ {n}x{n}, best of {repeats} x {iters}"}
 
 
-def llama_config(cfg: ModelConfig, seq_len: int):
-    import transformers  # the peer only: StackWise itself does not need transformers
+def hf_config(cfg: ModelConfig, seq_len: int):
+    """The peer's one decoder layer (layer 2's kind, tied head) as the package's adapter configures it."""
+    from stackwise.hf import StateDictAdapter  # the peer only: StackWise itself does not need transformers
 
-    return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
+    return StateDictAdapter(cfg).hf_config(
+        cfg.kind(2),
         num_hidden_layers=1,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads if cfg.kind(1) == "mha" else cfg.n_kv_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
         tie_word_embeddings=True,
-        attention_bias=False,
-        mlp_bias=False,
-        max_position_embeddings=seq_len,
-        attn_implementation="sdpa",
-    )
-
-
-def deepseek_config(cfg: ModelConfig, seq_len: int):
-    import transformers
-
-    return transformers.DeepseekV3Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=1,
-        first_k_dense_replace=1,  # a dense MLP, no MoE: the layer StackWise trains
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        q_lora_rank=cfg.mla_rq,
-        kv_lora_rank=cfg.mla_rkv,
-        qk_rope_head_dim=cfg.qk_rope_head_dim,
-        qk_nope_head_dim=cfg.qk_nope_head_dim,
-        v_head_dim=cfg.v_head_dim,
-        rope_theta=cfg.rope_theta,
-        rope_interleave=False,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=True,
-        attention_bias=False,
         max_position_embeddings=seq_len,
         attn_implementation="sdpa",
     )
@@ -102,7 +69,7 @@ class HFLayerStage(nn.Module):
         from transformers.models.llama import modeling_llama as llama
 
         mla = cfg.kind(2) == "mla"
-        hf_cfg = deepseek_config(cfg, seq_len) if mla else llama_config(cfg, seq_len)
+        hf_cfg = hf_config(cfg, seq_len)
         lib = ds if mla else llama
         prefix = "DeepseekV3" if mla else "Llama"
         self.layer = getattr(lib, f"{prefix}DecoderLayer")(hf_cfg, layer_idx=0)

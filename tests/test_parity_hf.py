@@ -4,18 +4,21 @@ Whole models (Llama for mha and gqa, DeepSeek-V3 for mla) are compared in the th
 attends: causal, bidirectional (our default: a 4-D all-visible mask makes HF's model non-causal) and
 bidirectional with padding (a 4-D mask hiding the pad keys; only non-pad positions are compared).
 A hybrid gqa + mla stack is compared layer by layer against HF decoder layers of the matching kind,
-and each attention module on its own. DeepSeek-V3 runs with `rope_interleave=False`, the rotate-half
-RoPE we use. `transformers` is a dev dependency (pyproject.toml): without it these tests fail.
+and each attention module on its own. The HF configs and tensor names come from the package's adapter
+(stackwise/hf/adapter.py): DeepSeek-V3 runs with `rope_interleave=False`, the rotate-half RoPE we use,
+and our default norm_eps 1e-5 is kept: the adapter folds it into the MLA latent down-projections, as
+DeepSeek-V3's latent norms have a fixed 1e-6. `transformers` is a dev dependency (pyproject.toml):
+without it these tests fail.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
 from transformers.models.llama import modeling_llama as llama
 
+from stackwise.hf import StateDictAdapter, full_state_dict
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Block, Transformer
 
@@ -38,7 +41,6 @@ def tiny(**kw) -> ModelConfig:
         qk_nope_head_dim=12,
         v_head_dim=10,
         rope_theta=500000.0,
-        norm_eps=1e-6,
         mask_id=94,
         pad_id=95,
         seed=3,
@@ -87,89 +89,26 @@ def mode_inputs(cfg: ModelConfig, mode: str):
     return ids, pad, key_padding_additive_mask(pad), keep
 
 
-def llama_config(cfg: ModelConfig):
-    return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads if cfg.kind(1) == "mha" else cfg.n_kv_heads,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        max_position_embeddings=T,
-        attn_implementation="eager",
-    )
+def llama_config(cfg: ModelConfig, kind: str | None = None):
+    return StateDictAdapter(cfg).hf_config(kind, max_position_embeddings=T, attn_implementation="eager")
 
 
 def deepseek_config(cfg: ModelConfig):
-    return transformers.DeepseekV3Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        first_k_dense_replace=cfg.n_layers,  # dense MLPs only, no MoE
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        q_lora_rank=cfg.mla_rq,
-        kv_lora_rank=cfg.mla_rkv,
-        qk_rope_head_dim=cfg.qk_rope_head_dim,
-        qk_nope_head_dim=cfg.qk_nope_head_dim,
-        v_head_dim=cfg.v_head_dim,
-        rope_theta=cfg.rope_theta,
-        rope_interleave=False,  # rotate-half, as Llama and we do
-        rms_norm_eps=cfg.norm_eps,  # HF's latent norms use their default 1e-6: hence norm_eps=1e-6 in tiny()
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        max_position_embeddings=T,
-        attn_implementation="eager",
-    )
-
-
-ATTN_NAMES = {
-    # Llama
-    "q_proj.weight": "q_proj.weight",
-    "k_proj.weight": "k_proj.weight",
-    "v_proj.weight": "v_proj.weight",
-    "o_proj.weight": "o_proj.weight",
-    # DeepSeek-V3 MLA
-    "q_a.weight": "q_a_proj.weight",
-    "q_a_norm.weight": "q_a_layernorm.weight",
-    "q_b.weight": "q_b_proj.weight",
-    "kv_a.weight": "kv_a_proj_with_mqa.weight",
-    "kv_a_norm.weight": "kv_a_layernorm.weight",
-    "kv_b.weight": "kv_b_proj.weight",
-}
-BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight",
-    "mlp.up": "mlp.up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-    **{f"attn.{n}": f"self_attn.{hf}" for n, hf in ATTN_NAMES.items()},
-}
+    return StateDictAdapter(cfg).hf_config("mla", max_position_embeddings=T, attn_implementation="eager")
 
 
 def block_to_hf(prefix: str, block: Block) -> dict[str, torch.Tensor]:
-    """Our block's tensors under Hugging Face's names (Llama and DeepSeek-V3 decoder layers alike).
-
-    Frozen tensors are taken whether the block holds them as parameters or as (non-persistent)
-    buffers; `load_exactly` then checks that every HF weight got one of ours."""
-    ours = {**dict(block.named_buffers()), **block.state_dict(keep_vars=True)}
-    return {prefix + BLOCK_NAMES[n]: t.detach() for n, t in ours.items() if n in BLOCK_NAMES}
+    """Our block's tensors under Hugging Face's names (Llama and DeepSeek-V3 decoder layers alike),
+    through the package's adapter. Frozen tensors are included (they are buffers); `load_exactly`
+    then checks that every HF weight got one of ours."""
+    ours = {**block.frozen_tensors(), **block.state_dict()}
+    return {prefix + n: t for n, t in StateDictAdapter(block.cfg).layer_to_hf(block.k, ours).items()}
 
 
 def model_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
-    sd = {
-        "model.embed_tokens.weight": model.embed.weight.detach(),
-        "model.norm.weight": model.head.norm.weight.detach(),
-    }
-    for i, block in enumerate(model.blocks):
-        sd.update(block_to_hf(f"model.layers.{i}.", block))
-    sd["lm_head.weight"] = model.embed.weight.detach() if model.head.proj is None else model.head.proj.weight.detach()
+    sd = StateDictAdapter(model.cfg).to_hf(full_state_dict(model))
+    if model.cfg.tie_embeddings:  # HF's tied lm_head is a parameter too; save_pretrained leaves it out
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     return sd
 
 
@@ -214,7 +153,7 @@ def test_hybrid_gqa_mla_stack_layer_by_layer(mode):
     (gqa) and DeepSeek-V3 (mla) decoder layers give on the same input; then the logits."""
     cfg = tiny(attention=["gqa", "mla", "gqa"], n_layers=3, causal=mode == "causal", tie_embeddings=False)
     ours = Transformer(cfg).eval()
-    ll_cfg, ds_cfg = llama_config(cfg), deepseek_config(cfg)
+    ll_cfg, ds_cfg = llama_config(cfg, "gqa"), deepseek_config(cfg)
     ids, pad, hf_mask, keep = mode_inputs(cfg, mode)
     hf_mask = causal_additive_mask() if mode == "causal" else hf_mask
     positions = torch.arange(T)[None]

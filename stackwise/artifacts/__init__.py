@@ -10,6 +10,7 @@ Only this package knows where things live under `exp_dir = <output_root>/<experi
     tb/                                    TensorBoard root (one run per stage)
     tokens/                                token cache
     results.json                           one summary record per stage
+    import.json                            what stackwise-import started the experiment from (if it did)
     eval.json                              stackwise-eval's report
     run.lock                               held (OS file lock) by the run writing here; see stackwise/lock.py
     hydra/                                 Hydra's run logs

@@ -129,6 +129,11 @@ class ExperimentPaths:
         return self.root / "results.json"
 
     @property
+    def import_json(self) -> Path:
+        """`import.json`: what stackwise-import started the experiment from (absent otherwise)."""
+        return self.root / "import.json"
+
+    @property
     def eval_json(self) -> Path:
         """stackwise-eval's report (the default of its --json)."""
         return self.root / "eval.json"

@@ -118,7 +118,8 @@ class SwiGLU(nn.Module):
         load_frozen(self)
 
     def frozen_values(self) -> dict[str, torch.Tensor]:
-        return {"up": frozen_normal(self.up.shape, self.std, self.seed, "up", self.k)}
+        # `frozen` loses "up" when the block stores it instead (Block.keep_frozen: an imported layer)
+        return {n: frozen_normal(self.up.shape, self.std, self.seed, "up", self.k) for n in self.frozen}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., D)."""

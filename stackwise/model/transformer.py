@@ -14,6 +14,12 @@ optimizer or `requires_grad_(True)` reaches them. A layer checkpoint stores
 checksum)` regenerates the frozen tensors from the seed and refuses to load if the checksum
 differs (another seed, or another generator). The checksum is always taken over the canonical
 fp32 draw, whatever dtype the block runs in.
+
+One exception: a layer imported from a pretrained model (`stackwise-import`) has a trained
+up-projection that no seed regenerates. `Block.keep_frozen` holds such a tensor as a stored
+weight: a persistent buffer, still frozen (no optimizer sees it) but in the state dict, so every
+layer file and model folder carries it. Loading a state dict that holds a frozen tensor's name does
+the same, so a stored tensor survives every save and load without a flag of its own.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg, k)
         self.drop = nn.Dropout(cfg.dropout)
         self.frozen_names = tuple(f"attn.{n}" for n in self.attn.frozen) + tuple(f"mlp.{n}" for n in self.mlp.frozen)
+        self.stored: tuple[str, ...] = ()  # frozen tensors held as stored weights (keep_frozen), not regenerated
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -105,7 +112,9 @@ class Block(nn.Module):
 
     def copy_trainable_state(self, state: Mapping[str, torch.Tensor], k: int) -> None:
         """`copy_trainable_from` given layer k's `trainable_state_dict()` (a layer file's block
-        section), without building layer k's block: no frozen draw of a layer that is not trained."""
+        section), without building layer k's block: no frozen draw of a layer that is not trained.
+        A frozen tensor that layer k stores (an imported layer's up-projection) is not copied."""
+        state = {n: v for n, v in state.items() if n not in self.frozen_names}
         if self.cfg.kind(k) != self.cfg.kind(self.k):
             state = {n: v for n, v in state.items() if not n.startswith("attn.")}
         self.load_state_dict(state, strict=False)
@@ -115,8 +124,36 @@ class Block(nn.Module):
         """The live frozen tensors by name, in the block's dtype and on its device."""
         return {name: self.get_buffer(name) for name in self.frozen_names}
 
+    def keep_frozen(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Hold these frozen tensors (by name, e.g. `mlp.up`) as stored weights instead of their
+        `(seed, k)` draw: persistent buffers, in the block's dtype and on its device. They stay frozen
+        (buffers: no optimizer or `requires_grad_` reaches them), are in `state_dict()` and so in every
+        checkpoint, and are no longer regenerated nor part of `frozen_up_checksum()`."""
+        for name, value in values.items():
+            if name not in self.frozen_names:
+                raise KeyError(f"layer {self.k}: {name} is not a frozen tensor of this block ({self.frozen_names})")
+            owner_name, attr = name.rsplit(".", 1)  # mlp.up -> (mlp, up); attn.q_b.weight -> (attn.q_b, weight)
+            owner, live = self.get_submodule(owner_name), self.get_buffer(name)
+            owner.register_buffer(
+                attr, value.detach().to(device=live.device, dtype=live.dtype).clone(), persistent=True
+            )
+            part_name = name.split(".", 1)[0]  # attn | mlp: the module that regenerates it
+            part = getattr(self, part_name)
+            part.frozen = tuple(n for n in part.frozen if f"{part_name}.{n}" != name)
+            if name not in self.stored:
+                self.stored = (*self.stored, name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state dict that holds a frozen tensor stores it (an imported layer): keep it, so that
+        # `load_state_dict` of a model folder or layer file restores it instead of refusing the key.
+        found = {n: state_dict[prefix + n] for n in self.frozen_names if prefix + n in state_dict}
+        if found:
+            self.keep_frozen(found)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def frozen_values(self) -> dict[str, torch.Tensor]:
-        """The canonical frozen tensors by name: fp32 on CPU, regenerated from `(seed, k)`."""
+        """The canonical frozen tensors by name: fp32 on CPU, regenerated from `(seed, k)` (stored ones
+        aside: `keep_frozen`)."""
         values = {f"attn.{n}": v for n, v in self.attn.frozen_values().items()}
         values.update({f"mlp.{n}": v for n, v in self.mlp.frozen_values().items()})
         return values
@@ -140,7 +177,11 @@ class Block(nn.Module):
 
     def _check_live(self, values: dict[str, torch.Tensor]) -> None:
         for name, live in self.frozen_tensors().items():
-            if not live.is_meta and not torch.equal(live, values[name].to(device=live.device, dtype=live.dtype)):
+            if (
+                name in values
+                and not live.is_meta
+                and not torch.equal(live, values[name].to(device=live.device, dtype=live.dtype))
+            ):
                 raise ArtifactError(
                     f"layer {self.k}: frozen tensor {name} differs from its regeneration from seed {self.cfg.seed}"
                 )
@@ -153,22 +194,24 @@ class Block(nn.Module):
         """Load a `trainable_state_dict()`, regenerate the frozen tensors and check them against `checksum`.
 
         Raises `ArtifactError` naming the layer on missing/unexpected keys, a shape mismatch, or a
-        checksum mismatch; nothing is changed unless everything matches.
+        checksum mismatch; nothing is changed unless everything matches. A frozen tensor that `sd`
+        holds is a stored one (`keep_frozen`: an imported layer), loaded rather than regenerated.
         """
-        expected = set(self.trainable_state_dict())
+        stored = {n for n in self.frozen_names if n in sd}
+        expected = set(self.trainable_state_dict()) | stored
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if missing or unexpected:
             raise ArtifactError(
                 f"layer {self.k}: checkpoint keys do not match the model: missing {missing}, unexpected {unexpected}"
             )
-        own = self.state_dict()
+        own = {**self.frozen_tensors(), **self.state_dict()}
         for name, t in sd.items():
             if tuple(t.shape) != tuple(own[name].shape):
                 raise ArtifactError(
                     f"layer {self.k}: {name} has shape {tuple(t.shape)} in the checkpoint, "
                     f"the model needs {tuple(own[name].shape)}"
                 )
-        values = self.frozen_values()
+        values = {n: v for n, v in self.frozen_values().items() if n not in stored}
         got = _checksum(values)
         if got != checksum:
             raise ArtifactError(
@@ -177,9 +220,9 @@ class Block(nn.Module):
             )
         with torch.no_grad():
             for name, live in self.frozen_tensors().items():
-                if not live.is_meta:
+                if name in values and not live.is_meta:
                     live.copy_(values[name])
-        self.load_state_dict(sd)
+        self.load_state_dict(sd)  # stores the frozen tensors that sd holds (_load_from_state_dict)
 
 
 LAYER_INITS = ("random", "identity", "previous")

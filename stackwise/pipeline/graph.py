@@ -25,7 +25,7 @@ from stackwise.data.cache.layout import discard_cache, write_manifest
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
-from stackwise.model.weights import LayerWeights, assemble, first_layer, next_layer
+from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, next_layer
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs
@@ -88,9 +88,7 @@ class Pipeline:
             self.state.drop_resume_point(stage)
         else:
             with timed(stage, "layer initialised"):
-                layer = (
-                    first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
-                )
+                layer = self.start_layer(stage, below)
         run = self.run
         optim, steps = run.optim_for(stage.budget), run.max_steps(stage.budget)
         module = LayerwiseStage(self.cfg, layer, optim, run.masking.weighting, steps, stage.name, embed_weight)
@@ -98,6 +96,11 @@ class Pipeline:
             self.train_layer(stage, module, data)
         if self.state.needs_cache(stage):
             self.cache(stage, module, data)
+
+    def start_layer(self, stage: Stage, below: LayerWeights | None) -> LayerModules:
+        """The modules a layer stage starts training from: stage 1 from its (seed, ...) init, stage k
+        from layer k-1 (`layerwise.init`). stackwise-import starts stage 1 elsewhere (stackwise/hf/importer.py)."""
+        return first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
 
     def layer_inputs(self, stage: Stage) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None]:
         """What layer k trains on and starts from: token data (layer 1), or acts_layer{k-1} and layer
