@@ -30,6 +30,9 @@ class OptimConfig(Structured):
     eps: float = 1e-8
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    # an exponential moving average of the trained weights (MDLM keeps one, at 0.9999), updated after
+    # every optimizer step; the stage then scores, saves and caches the averaged weights. 0 = off
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
@@ -43,6 +46,11 @@ class OptimConfig(Structured):
             f"must be a number >= 0, got {self.weight_decay!r}",
         )
         check(is_number(self.eps) and self.eps > 0, self.key("eps"), f"must be a number > 0, got {self.eps!r}")
+        check(
+            is_number(self.ema_decay) and 0 <= self.ema_decay < 1,
+            self.key("ema_decay"),
+            f"must be a number in [0, 1) (0 = no averaging), got {self.ema_decay!r}",
+        )
         check(
             is_int(self.warmup_steps) and self.warmup_steps >= 0,
             self.key("warmup_steps"),

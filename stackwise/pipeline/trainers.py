@@ -75,6 +75,8 @@ class Trainers:
                 if key not in known and not _hydra_key(key):
                     where = "trainer" if key in self.run.trainer else f"stages.{budget}.trainer"
                     raise ConfigError(f"{where}.{key}", "not an argument of lightning.Trainer (see its documentation)")
+            sharded = sharding.is_sharded_node(self.run.trainer_kwargs(budget).get("strategy"))
+            ema_callbacks(self.run.optim_for(budget).ema_decay, sharded)  # refused here, not stages later
 
     # ------------------------------------------------------------------ training
     def fit(self, stage: Stage, module: StageModule, data: L.LightningDataModule, resume: Path | None) -> int:
@@ -93,6 +95,7 @@ class Trainers:
         start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
         callbacks = [self._checkpoint(stage, node), started, *self._configured_callbacks(logger is not None)]
+        callbacks += ema_callbacks(module.optim.ema_decay, sharded)
         callbacks = with_progress_bar(callbacks + self._observer_callbacks(stage), node.get("enable_progress_bar"))
         trainer = build(
             node,
@@ -185,6 +188,23 @@ class Trainers:
         module.eval()
         trainer = self.plain(callbacks=[writer, *self._observer_callbacks(stage)])
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
+
+
+def ema_callbacks(decay: float, sharded: bool) -> list[Callback]:
+    """Lightning's EMA of the weights when `optim.ema_decay` > 0: updated after every optimizer step,
+    swapped in for validation and, when the fit ends, for good, so the stage scores, saves and caches
+    the averaged weights; its state rides in the mid-stage checkpoints."""
+    if not decay:
+        return []
+    try:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+    except ImportError:  # lightning < 2.6
+        raise ConfigError("optim.ema_decay", f"{decay} needs lightning >= 2.6 (EMAWeightAveraging)") from None
+    if sharded:  # it keeps a whole copy of the module, which a sharded fit does not have
+        raise ConfigError("optim.ema_decay", f"{decay} does not run under hardware=fsdp; use 0 there")
+    # parameters only: every buffer of a stage is a constant (the frozen tensors, checked bit for bit
+    # against their regeneration), and decay * x + (1 - decay) * x is not always x in floating point
+    return [EMAWeightAveraging(decay=decay, use_buffers=False)]
 
 
 def hparams(run: RunConfig, stage: Stage) -> dict[str, Any]:
