@@ -55,24 +55,47 @@ def probe_class():
     from stackwise.pipeline import StageObserver
 
     class Probe(Callback):
+        """Peaks per phase of a training step: forward (batch start to the loss), backward, step
+        (clipping, AdamW), between (checkpoint, validation: from the batch end to the next batch)."""
+
         def __init__(self, record: dict):
             self.record = record
+
+        def _phase(self, name: str) -> None:
+            peaks = self.record.setdefault("phase_peak_gib", {})
+            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / GIB)
+            torch.cuda.reset_peak_memory_stats()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if "train_start_gib" not in self.record:  # weights and inputs are on the device by now
                 self.record["train_start_gib"] = torch.cuda.memory_allocated() / GIB
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                self._phase("between")
+
+        def on_before_backward(self, trainer, module, loss):
+            self._phase("forward")
+            self.record["after_forward_gib"] = torch.cuda.memory_allocated() / GIB
+
+        def on_after_backward(self, trainer, module):
+            self._phase("backward")
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self._phase("step")
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.record.setdefault("losses", []).append(float(loss))
 
         def on_train_end(self, trainer, module):
-            self.record["train_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+            self._phase("between")
+            self.record["train_peak_gib"] = max(self.record["phase_peak_gib"].values())
 
         def on_predict_start(self, trainer, module):
             self.record["cache_start_gib"] = torch.cuda.memory_allocated() / GIB
             torch.cuda.reset_peak_memory_stats()
+
+        def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            rows = int(batch["targets"].shape[0])
+            self.record["cache_batch_rows"] = max(self.record.get("cache_batch_rows", 0), rows)
 
         def on_predict_end(self, trainer, module):
             self.record["cache_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -87,13 +110,16 @@ def probe_class():
     return Observer
 
 
-def run_stages(overrides: list[str], stages: list[str]) -> dict[str, dict]:
+def run_stages(overrides: list[str], stages: list[str], done=lambda records: None) -> dict[str, dict]:
+    """Each `stage=` setting in turn, in this process; `done(records)` after each (a long run that is
+    stopped keeps what it measured)."""
     from stackwise.pipeline import Pipeline
 
     observer = probe_class()()
     for setting in stages:
         extra = ["stage=layer", "k=2"] if setting == "layer" else [f"stage={setting}"]
         Pipeline(compose(overrides + extra), observers=[observer]).execute()
+        done(observer.records)
     return observer.records
 
 
@@ -150,6 +176,9 @@ def compare(plan, records: dict[str, dict]) -> list[dict[str, Any]]:
         row["ratio"] = row["planned_gib"] / row["measured_gib"]
         if s.caching is not None and "cache_peak_gib" in rec:
             row.update(planned_cache_gib=s.caching / GIB, measured_cache_gib=rec["cache_peak_gib"])
+        row["phases_gib"] = rec.get("phase_peak_gib")
+        fixed = (s.memory["weights"] + s.memory["optimizer"] + s.memory["inputs"] + s.memory["checkpoint"]) / GIB
+        row["planned_moments_gib"] = {k: fixed + v / GIB for k, v in s.moments.items()}
         losses = rec.get("losses", [])
         if losses:
             row.update(steps=len(losses), loss_first=losses[0], loss_last=losses[-1], loss_max=max(losses))
@@ -182,13 +211,21 @@ def main(argv: list[str] | None = None) -> None:
                     f"block {b['kind']} compiled={b['compiled']}: planned {b['planned_gib']:.3f} GiB, "
                     f"measured {b['measured_gib']:.3f} GiB"
                 )
-        report["records"] = run_stages(overrides, args.stages.split(","))
-        report["compare"] = compare(plan, report["records"])
+
+        def done(records: dict) -> None:
+            report.update(records=records, compare=compare(plan, records))
+            save(report, args.out)
+
+        run_stages(overrides, args.stages.split(","), done)
         for row in report["compare"]:
             print(json.dumps(row))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    save(report, args.out)
+
+
+def save(report: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

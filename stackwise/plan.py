@@ -77,12 +77,16 @@ from stackwise.data.cache.layout import estimate_cache_bytes
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Block, Transformer
 from stackwise.objective.loss import chunk_rows_for
+from stackwise.structured import is_int
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # bytes of a cached hidden vector element on the GPU (fp8 is decoded to bf16 on the host)
 CACHE_GPU_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3": 2}
-MEMORY_KEYS = ("weights", "autocast", "gradients", "optimizer", "activations", "logits", "inputs")
+MEMORY_KEYS = ("weights", "autocast", "gradients", "optimizer", "activations", "logits", "inputs", "checkpoint")
+# steps between mid-stage checkpoints when trainer.val_check_interval is not a step count (as
+# stackwise/pipeline/trainers.py, which imports Lightning, sets them)
+CHECKPOINT_EVERY = 50
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class StagePlan:
     peak: int = 0
     peak_at: str = ""  # forward end | backward start | step
     caching: int | None = None  # the caching pass after a layer stage (no gradients, cache.batch_size)
+    moments: dict[str, int] = field(default_factory=dict)  # what a step holds beyond weights, optimizer, inputs
 
 
 @dataclass
@@ -181,22 +186,36 @@ def block_activation_bytes(block: Block, tokens: int, num: Numerics, compiled: b
 
 
 def _loss_bytes(V: int, D: int, tokens: int, masked: int, num: Numerics, head_trains: bool, chunk: int):
-    """(forward peak, kept for backward, made at the start of backward) of the masked head + loss."""
+    """(forward peak, kept for backward, made at the start of backward, a forward without gradients)
+    of the masked head and its loss (module docstring: logits)."""
     r, a, M = num.r, num.a, masked
     features = (4 if num.autocast else r) * M * D  # the final norm's output (fp32 under autocast)
     rows = r * M * D + features  # gathered rows and the composite norm's normalised copy, saved by the norm
     hidden = r * tokens * D  # the last block's output, held until the loss returns
-    w_cast = V * D * a if num.autocast else 0
+    # autocast casts the head weight for the first chunk's matmul and keeps that copy while it lasts
+    # when the weight trains; the chunks then use their own cast
+    casts = ((2 if head_trains and 0 < chunk < M else 1) * V * D * a) if num.autocast else 0
+    no_grad = hidden + rows + casts + min(chunk or M, M) * V * (a + 8)
     if 0 < chunk < M:
         sums = features + (4 * V * D if head_trains else 0)  # input gradient, head gradient sum (fp32)
-        step = chunk * V * (a + 8) + (V * D * a if head_trains else 0)
-        forward = hidden + rows + features + w_cast + sums + step
-        return forward, rows + sums, features + (4 * V * D if head_trains else 0)
+        # a chunk's logits, their fp32 copy and log-softmax beside the previous chunk's log-softmax and
+        # gradient, or its gradient matmul's (V, D) output
+        step = max(chunk * V * (12 + 2 * a), chunk * V * (4 + a) + (V * D * a if head_trains else 0))
+        forward = hidden + rows + features + casts + sums + step
+        return forward, rows + sums, features + (4 * V * D if head_trains else 0), no_grad
     logits = M * V * 4  # log-softmax, saved
-    forward = hidden + rows + features + w_cast + M * D * a + M * V * (a + 4) + logits
-    kept = rows + w_cast + M * D * a + logits
+    forward = hidden + rows + features + casts + M * D * a + M * V * (a + 4) + logits
+    kept = rows + casts + M * D * a + logits
     head_grad = V * D * (num.w + (a if num.autocast else 0))  # of the cast weight, then of the weight
-    return forward, kept, M * V * (4 + a) + (head_grad if head_trains else 0)
+    return forward, kept, M * V * (4 + a) + (head_grad if head_trains else 0), no_grad
+
+
+def _widest_no_grad(cfg: ModelConfig, F: int, tokens: int, num: Numerics, compiled: bool) -> int:
+    """A block's forward without gradients at its widest, the MLP: block input and its sum with the
+    attention, the normalised input and its cast, gate and up outputs and their product (compiled:
+    the product is written over the gate's output, and the fp32 normalised input never exists)."""
+    D, r, a = cfg.d_model, num.r, num.a
+    return tokens * (2 * a * F + D * (2 * r + a) if compiled else 3 * a * F + D * (2 * r + 4 + a))
 
 
 def _max_rate(run: RunConfig) -> float:
@@ -220,6 +239,8 @@ class _Setting:
     compiled: bool
     fused_adamw: bool
     on_gpu: bool
+    validates: bool  # validation runs inside the stage (val_check_interval <= its steps)
+    snapshot: bool  # a mid-stage checkpoint is written in the background (a device copy first)
 
 
 def _setting(run: RunConfig, budget: str) -> _Setting:
@@ -237,14 +258,21 @@ def _setting(run: RunConfig, budget: str) -> _Setting:
     fused = step.fused_adamw is True or (step.fused_adamw == "auto" and on_gpu and not scaler)
     masked = math.ceil(tokens * _max_rate(run))
     precision = str(kw.get("precision") or "32-true")
-    return _Setting(Numerics.of(kw.get("precision")), precision, tokens, masked, compiled, fused, on_gpu)
+    steps, every = run.max_steps(budget), kw.get("val_check_interval")
+    validates = isinstance(every, float) or (is_int(every) and every <= steps)
+    ckpt_every = every if is_int(every) and every > 0 else CHECKPOINT_EVERY
+    background = step.async_checkpoints is True or (step.async_checkpoints == "auto" and on_gpu)
+    snapshot = background and ckpt_every <= steps
+    num = Numerics.of(kw.get("precision"))
+    return _Setting(num, precision, tokens, masked, compiled, fused, on_gpu, validates, snapshot)
 
 
 def _stage(
     run: RunConfig, key: str, name: str, held: Iterable[nn.Module], blocks: list[Block], extra: dict
 ) -> StagePlan:
-    """extra: head_trains, embed_trains, held_bytes (tensors held beside the modules), input_bytes."""
-    budget = {"finetune": "fusion", "layer": "layer"}.get(key, key)
+    """extra: head_trains, embed_trains, held_bytes / held_params (a tensor held beside the modules),
+    input_bytes (a function of the setting)."""
+    budget = {"finetune": "fusion"}.get(key, key)
     cfg, s = run.model, _setting(run, budget)
     num = s.num
     trainable = frozen = matmul = 0
@@ -252,30 +280,39 @@ def _stage(
         t, f, m = _held(module)
         trainable, frozen, matmul = trainable + t, frozen + f, matmul + m
     chunk = chunk_rows_for(run.step.loss_chunk, cfg.vocab_size)
-    V, D = cfg.vocab_size, cfg.d_model
-    fwd, kept, head_grads = _loss_bytes(V, D, s.tokens, s.masked, num, extra["head_trains"], chunk)
+    V, D, F = cfg.vocab_size, cfg.d_model, max(b.mlp.gate.out_features for b in blocks)
+    fwd, kept, head_grads, no_grad = _loss_bytes(V, D, s.tokens, s.masked, num, extra["head_trains"], chunk)
     acts = sum(block_activation_bytes(b, s.tokens, num, s.compiled) for b in blocks)
+    grads = trainable * num.w
+    autocast = matmul * num.a if num.autocast else 0
     mem = {
         "weights": (trainable + frozen) * num.w + extra.get("held_bytes", 0),
-        "autocast": matmul * num.a if num.autocast else 0,
-        "gradients": trainable * num.w,
+        "autocast": autocast,
+        "gradients": grads,
         "optimizer": 2 * trainable * num.w,
         "activations": acts,
         "logits": fwd,
         "inputs": extra["input_bytes"](s),
+        # an asynchronous mid-stage checkpoint first copies the state and AdamW's on the device
+        "checkpoint": 3 * trainable * num.w if s.snapshot else 0,
     }
     tied_embed = V * D * num.w if cfg.tie_embeddings and extra.get("embed_trains") else 0
     foreach = 0 if s.fused_adamw or not s.on_gpu else trainable * num.w
     moments = {
-        "forward end": mem["autocast"] + acts + fwd,
-        "backward start": mem["autocast"] + acts + kept + head_grads,
-        "step": mem["gradients"] + tied_embed + foreach,
+        # Lightning zeroes the gradients after the forward: the last step's are still there
+        "forward end": grads + autocast + acts + fwd,
+        "backward start": autocast + acts + kept + head_grads,
+        "step": grads + tied_embed + foreach,
     }
+    if s.validates:  # mid-stage validation, the last step's gradients still held
+        moments["validation"] = grads + autocast + _widest_no_grad(cfg, F, s.tokens, num, s.compiled) + no_grad
     at = max(moments, key=moments.get)
-    peak = mem["weights"] + mem["optimizer"] + mem["inputs"] + moments[at]
+    peak = mem["weights"] + mem["optimizer"] + mem["inputs"] + mem["checkpoint"] + moments[at]
     caching = None
-    if key in ("embed", "layer"):
-        caching = mem["weights"] + mem["gradients"] + mem["optimizer"] + _caching_pass(run, s, blocks)
+    if key in ("embed", "layer"):  # training's gradients and optimizer are gone by then
+        n = max(1, run.cache.batch_size) * run.data.seq_len
+        out = n * D * (num.r + CACHE_GPU_BYTES[run.cache.dtype])  # the output and its cast to the cache dtype
+        caching = mem["weights"] + _widest_no_grad(cfg, F, n, num, s.compiled) + out + autocast
     return StagePlan(
         key,
         name,
@@ -289,20 +326,8 @@ def _stage(
         peak,
         at,
         caching,
+        moments,
     )
-
-
-def _caching_pass(run: RunConfig, s: _Setting, blocks: list[Block]) -> int:
-    """What the caching pass adds to what training left (the weights, the gradients of the last step,
-    the optimizer): a forward without gradients over cache.batch_size sequences per device, at its
-    widest (the MLP: block input and its sum, the normalised input and its cast, the gate, up and
-    product tensors), its input and the output cast to the cache dtype."""
-    cfg, num = run.model, s.num
-    n = max(1, run.cache.batch_size) * run.data.seq_len
-    D, F = cfg.d_model, max(b.mlp.gate.out_features for b in blocks)
-    c = CACHE_GPU_BYTES[run.cache.dtype]
-    widest = D * (2 * num.r + 4 + num.a) + 3 * num.a * F
-    return n * (widest + D * (c + num.r) + D * c)
 
 
 def _token_inputs(s: _Setting) -> int:
