@@ -177,7 +177,7 @@ def compare(plan, records: dict[str, dict]) -> list[dict[str, Any]]:
         if s.caching is not None and "cache_peak_gib" in rec:
             row.update(planned_cache_gib=s.caching / GIB, measured_cache_gib=rec["cache_peak_gib"])
         row["phases_gib"] = rec.get("phase_peak_gib")
-        fixed = (s.memory["weights"] + s.memory["optimizer"] + s.memory["inputs"] + s.memory["checkpoint"]) / GIB
+        fixed = (s.memory["weights"] + s.memory["optimizer"] + s.memory["inputs"]) / GIB
         row["planned_moments_gib"] = {k: fixed + v / GIB for k, v in s.moments.items()}
         losses = rec.get("losses", [])
         if losses:

@@ -239,8 +239,9 @@ class _Setting:
     compiled: bool
     fused_adamw: bool
     on_gpu: bool
-    validates: bool  # validation runs inside the stage (val_check_interval <= its steps)
-    snapshot: bool  # a mid-stage checkpoint is written in the background (a device copy first)
+    validates: bool  # validation runs between training steps (val_check_interval < the stage's steps)
+    snapshot: bool  # a checkpoint is written in the background during the stage (a device copy first)
+    overlaps: bool  # ... before its last step: the copy lives on while the next steps run
 
 
 def _setting(run: RunConfig, budget: str) -> _Setting:
@@ -259,12 +260,12 @@ def _setting(run: RunConfig, budget: str) -> _Setting:
     masked = math.ceil(tokens * _max_rate(run))
     precision = str(kw.get("precision") or "32-true")
     steps, every = run.max_steps(budget), kw.get("val_check_interval")
-    validates = isinstance(every, float) or (is_int(every) and every <= steps)
+    validates = isinstance(every, float) or (is_int(every) and every < steps)
     ckpt_every = every if is_int(every) and every > 0 else CHECKPOINT_EVERY
     background = step.async_checkpoints is True or (step.async_checkpoints == "auto" and on_gpu)
-    snapshot = background and ckpt_every <= steps
     num = Numerics.of(kw.get("precision"))
-    return _Setting(num, precision, tokens, masked, compiled, fused, on_gpu, validates, snapshot)
+    snapshot, overlaps = background and ckpt_every <= steps, background and ckpt_every < steps
+    return _Setting(num, precision, tokens, masked, compiled, fused, on_gpu, validates, snapshot, overlaps)
 
 
 def _stage(
@@ -298,21 +299,23 @@ def _stage(
     }
     tied_embed = V * D * num.w if cfg.tie_embeddings and extra.get("embed_trains") else 0
     foreach = 0 if s.fused_adamw or not s.on_gpu else trainable * num.w
+    copy = mem["checkpoint"] if s.overlaps else 0
     moments = {
         # Lightning zeroes the gradients after the forward: the last step's are still there
-        "forward end": grads + autocast + acts + fwd,
-        "backward start": autocast + acts + kept + head_grads,
-        "step": grads + tied_embed + foreach,
+        "forward end": grads + autocast + acts + fwd + copy,
+        "backward start": autocast + acts + kept + head_grads + copy,
+        "step": grads + tied_embed + foreach + copy,
     }
-    if s.validates:  # mid-stage validation, the last step's gradients still held
-        moments["validation"] = grads + autocast + _widest_no_grad(cfg, F, s.tokens, num, s.compiled) + no_grad
+    if s.snapshot:
+        moments["checkpoint"] = grads + mem["checkpoint"]
+    if s.validates:  # between two steps: the last step's gradients are still held
+        moments["validation"] = grads + autocast + _widest_no_grad(cfg, F, s.tokens, num, s.compiled) + no_grad + copy
     at = max(moments, key=moments.get)
-    peak = mem["weights"] + mem["optimizer"] + mem["inputs"] + mem["checkpoint"] + moments[at]
+    peak = mem["weights"] + mem["optimizer"] + mem["inputs"] + moments[at]
     caching = None
     if key in ("embed", "layer"):  # training's gradients and optimizer are gone by then
         n = max(1, run.cache.batch_size) * run.data.seq_len
-        out = n * D * (num.r + CACHE_GPU_BYTES[run.cache.dtype])  # the output and its cast to the cache dtype
-        caching = mem["weights"] + _widest_no_grad(cfg, F, n, num, s.compiled) + out + autocast
+        caching = mem["weights"] + _widest_no_grad(cfg, F, n, num, s.compiled)
     return StagePlan(
         key,
         name,
