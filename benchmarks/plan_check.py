@@ -36,16 +36,9 @@ MEASURED = {"embed": "embed", "layer": "layer_2", "finetune": "finetune", "e2e":
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from stackwise.config import compose_run
 
-    from stackwise.config import CONFIG_MODULE, RunConfig, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return RunConfig.from_hydra(hydra_compose(config_name="config", overrides=overrides))
+    return compose_run(overrides)
 
 
 def probe_class():

@@ -44,22 +44,35 @@ weights' dtype, and the residual adds keep it):
   logits        the masked head and its loss, for M = N x the schedule's highest rate masked rows
                 (a batch can be that masked): the last block's output r N D, the gathered rows
                 r M D and the final norm's r M D + 4 M D; chunked (`step.loss_chunk`): the head
-                weight cast to a (V D a, *-mixed), the input gradient 4 M D and, where the head
-                trains, its fp32 gradient sum 4 V D, kept from the forward to the backward, plus
-                one chunk's logits n V (a + 4 + 4) (bf16, fp32, log-softmax); unchunked the same
-                with n = M and log-softmax saved (4 M V), and no gradient sums
-The peak of a step is weights + optimizer + the largest of three moments:
-  forward end   autocast + activations + logits (the loss's forward, its chunk included)
+                weight cast to a (V D a, *-mixed; twice where it trains: autocast keeps its own
+                cast), the input gradient 4 M D and, where the head trains, its fp32 gradient sum
+                4 V D, kept from the forward to the backward, plus n V (12 + 2 a) for a chunk of n
+                rows (its logits, their fp32 copy and log-softmax beside the previous chunk's
+                log-softmax and gradient); unchunked n = M, log-softmax saved (4 M V), no sums
+  checkpoint    an asynchronous mid-stage checkpoint (`step.async_checkpoints`, on a GPU) first
+                copies the state and AdamW's on the device: 3 x trainable x w, until written
+The peak of a step is weights + optimizer + inputs + the largest of these moments:
+  forward end   gradients (Lightning zeroes the last step's after the forward, not before it)
+                + autocast + activations + logits (the loss's forward, its chunk included)
   backward start autocast + activations + what the loss keeps + the head's gradients (4 M D, and
                 4 V D where the head trains) as they are made
-  step          gradients (+ the embedding's dense gradient of a tied stage 1 added in place,
-                + foreach temporaries)
-Between the last two, each block's activations are freed as its gradients appear, so the
-largest of the two ends bounds the backward. Not counted: the CUDA context and the caching
-allocator's reserve (torch.cuda.max_memory_allocated is what this predicts), torch.compile's
-workspace, a padding mask (which sends SDPA to a kernel that takes the T x T mask), FSDP sharding
-(divide weights, gradients and optimizer by the GPUs), validation and the caching pass (no
-gradients: smaller).
+  step          gradients (+ a tied stage 1's dense embedding gradient added in place, + foreach)
+  checkpoint    gradients + the checkpoint's copy, when the stage writes one
+  validation    gradients + a forward without gradients (autocast, a block at its widest, the
+                loss), when validation runs between two training steps
+When a checkpoint is taken before the stage's last step its copy lives on while the next steps
+run, and every moment holds it (one copy: each further checkpoint taken before the last is written
+adds another, as the writer takes one at a time). Between backward start and step each block's
+activations are freed as its gradients appear, so the two ends bound the backward.
+The caching pass after a layer stage holds the weights (training's gradients and optimizer are
+gone) and one block's forward without gradients at its widest, the MLP: N (2 a F + (2 r + a) D)
+compiled (gate and up outputs, the product written over one of them, block input, its sum,
+the normalised input's cast), N (3 a F + (2 r + 4 + a) D) eager; N = cache.batch_size sequences
+for stage 1, a training batch for a later stage (its loader reads the input cache in those).
+Measured on one H200 (benchmarks/results/2026-12-01-h200-plan/): every planned peak within 13 %
+of torch.cuda.max_memory_allocated, most within 1 %. Not counted: the CUDA context and the caching
+allocator's reserve, torch.compile's workspace, a padding mask (which sends SDPA to a kernel that
+takes the T x T mask), FSDP sharding (divide weights, gradients and optimizer by the GPUs).
 """
 
 from __future__ import annotations
@@ -429,19 +442,26 @@ def describe(cfg: ModelConfig) -> str:
 
 
 # ------------------------------------------------------------------------------ the table
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / GIB:,.2f}"
+def _amount(n: int | None, unit: int) -> str:
+    return "-" if n is None else f"{n / unit:,.2f}"
 
 
 def format_plan(plan: Plan) -> str:
-    """The plan as the table `stackwise-inspect --plan` prints (GiB = 2^30 bytes)."""
+    """The plan as the table `stackwise-inspect --plan` prints (GiB = 2^30 bytes; MiB for a model
+    whose every peak is under 1 GiB)."""
+    unit, name = (GIB, "GiB") if max(s.peak for s in plan.stages) >= GIB else (2**20, "MiB")
+
+    def size(n: int | None) -> str:
+        return _amount(n, unit)
+
     head = ["stage", "params", *MEMORY_KEYS, "peak", "caching", "peak at"]
     rows = [head]
     for s in plan.stages:
-        cells = [_gib(s.memory[k]) for k in MEMORY_KEYS]
-        rows.append([s.name, f"{s.params / 1e9:.2f}B", *cells, _gib(s.peak), _gib(s.caching), s.peak_at])
+        cells = [size(s.memory[k]) for k in MEMORY_KEYS]
+        count = f"{s.params / 1e9:.2f}B" if s.params >= 1e8 else f"{s.params / 1e6:.2f}M"
+        rows.append([s.name, count, *cells, size(s.peak), size(s.caching), s.peak_at])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [f"model: {plan.model}", f"device ({plan.device}) memory per training step, GiB:"]
+    lines = [f"model: {plan.model}", f"device ({plan.device}) memory of a training step, {name}:"]
     for r in rows:
         cells = [
             c.ljust(wd) if i in (0, len(r) - 1) else c.rjust(wd)
@@ -451,16 +471,15 @@ def format_plan(plan: Plan) -> str:
     s = plan.stages[0]
     lines.append(
         f"  ({s.tokens:,} tokens a step on one device, {s.masked:,} masked at the highest rate; "
-        f"{s.precision}{', compiled blocks' if s.compiled else ''})"
+        f"{s.precision}{', compiled blocks' if s.compiled else ''}; caching: the pass after the stage)"
     )
-    lines.append("files, GiB: " + ", ".join(f"{k} {_gib(v)}" for k, v in plan.layer_files.items()))
-    cache = f"activation cache: {_gib(plan.cache_per_mtoken)} GiB per million tokens"
+    lines.append(f"files, {name}: " + ", ".join(f"{k} {size(v)}" for k, v in plan.layer_files.items()))
+    cache = f"activation cache: {_amount(plan.cache_per_mtoken, GIB)} GiB per million tokens"
     if plan.cache_train_rows is not None:
-        rows_gib = _gib(plan.cache_train_bytes)
-        cache += f"; one acts_layer{{k}} train split: {plan.cache_train_rows:,} rows, {rows_gib} GiB"
+        rows_size = _amount(plan.cache_train_bytes, GIB)
+        cache += f"; one acts_layer{{k}} train split: {plan.cache_train_rows:,} rows, {rows_size} GiB"
     lines.append(cache + " (+ the validation rows)")
-    total = sum(plan.fusion_host.values())
-    parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan.fusion_host.items())
-    lines.append(f"fusion host RAM, GiB: {_gib(total)} ({parts})")
+    parts = ", ".join(f"{k} {size(v)}" for k, v in plan.fusion_host.items())
+    lines.append(f"fusion host RAM, {name}: {size(sum(plan.fusion_host.values()))} ({parts})")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
