@@ -72,6 +72,7 @@ def model_config(args) -> ModelConfig:
     """The model sizes of stackwise/conf/model/<preset>.yaml, with command-line overrides."""
     # what the preset changes from ModelConfig's defaults (small.yaml changes nothing)
     raw = yaml.safe_load((ROOT / "stackwise" / "conf" / "model" / f"{args.model}.yaml").read_text()) or {}
+    raw = raw.get("model", raw)  # a preset that also sets optim (a global package) nests its sizes
     d = {k: v for k, v in raw.items() if v is not None and not (isinstance(v, str) and v.startswith("${"))}
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "mla_rq", "mla_rkv"):
         if getattr(args, key) is not None:

@@ -1,7 +1,10 @@
-"""`stackwise-inspect`: what an experiment folder holds, and whether every file is intact.
+"""`stackwise-inspect`: what an experiment folder holds, and whether every file is intact; or, with
+`--plan`, what a run would hold on its GPU before it runs.
 
     stackwise-inspect outputs/default            # stages, checkpoints, caches, models, results
     stackwise-inspect outputs/default --verify   # + sha256 of every checkpoint and cache shard
+    stackwise-inspect --plan model=llama3_70b data.seq_len=4096 data.batch_size=2 hardware=gpu
+    stackwise-inspect --plan --json model=seed   # the same plan as JSON
 
 Exit status 0 when everything present reads back, 1 when some artifact is damaged (each problem
 is one line naming the file), 2 for bad arguments.
@@ -10,6 +13,7 @@ is one line naming the file), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -69,15 +73,44 @@ def inspect_experiment(exp_dir: Path, verify: bool) -> tuple[list[str], list[str
     return lines, problems
 
 
-def main(argv: list[str] | None = None) -> None:
+def plan_report(overrides: list[str], as_json: bool) -> str:
+    """The memory plan (stackwise/plan.py) of `stackwise-train OVERRIDES`, as a table or JSON."""
+    from stackwise.config import compose_run
+    from stackwise.plan import format_plan, plan_run
+
+    plan = plan_run(compose_run(overrides))
+    return json.dumps(plan.to_dict(), indent=1) if as_json else format_plan(plan)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackwise-inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", type=Path, help="an experiment folder, e.g. outputs/default")
+    parser.add_argument(
+        "target", nargs="*", help="an experiment folder, e.g. outputs/default; with --plan, stackwise-train overrides"
+    )
     parser.add_argument("--verify", action="store_true", help="check the sha256 of every file against its manifest")
+    parser.add_argument(
+        "--plan", action="store_true", help="print the GPU memory, files and host RAM a run of these overrides needs"
+    )
+    parser.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.plan:
+        if args.verify:
+            parser.error("--verify reads an experiment folder; --plan reads overrides")
+        with user_errors("stackwise-inspect"):
+            print(plan_report(args.target, args.json))
+        return
+    if args.json or len(args.target) != 1:
+        parser.error("give one experiment folder (--json goes with --plan)")
+    experiment = Path(args.target[0])
     with user_errors("stackwise-inspect"):
-        if not args.experiment.is_dir():
-            raise StackWiseError(f"experiment folder {args.experiment} does not exist")
-        lines, problems = inspect_experiment(args.experiment, args.verify)
+        if not experiment.is_dir():
+            raise StackWiseError(f"experiment folder {experiment} does not exist")
+        lines, problems = inspect_experiment(experiment, args.verify)
     print("\n".join(lines))
     for p in problems:
         print(f"stackwise-inspect: damaged: {p}", file=sys.stderr)

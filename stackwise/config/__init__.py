@@ -1,7 +1,7 @@
 """The typed run config: Hydra's schema (`RunConfig` and its nodes), its validation, and the
 glue that registers it with Hydra. See stackwise/config/run.py."""
 
-from stackwise.config.compose import CONFIG_MODULE, check_command_line, register_configs
+from stackwise.config.compose import CONFIG_MODULE, check_command_line, compose_run, register_configs
 from stackwise.config.nodes import (
     CACHE_DTYPES,
     FULL_PRECISION,
@@ -39,6 +39,7 @@ __all__ = [
     "StepConfig",
     "check_command_line",
     "check_output_dir",
+    "compose_run",
     "load_run",
     "precision_weights",
     "register_configs",

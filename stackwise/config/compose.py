@@ -61,6 +61,18 @@ def check_command_line(
         raise user_error(e) from None
 
 
+def compose_run(overrides: Sequence[str], config_name: str = "config") -> RunConfig:
+    """The validated RunConfig that `stackwise-train OVERRIDES` would run, without running it (for
+    tools that read a config: `stackwise-inspect --plan`). Raises ConfigError, one line."""
+    try:
+        register_configs()
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise user_error(e) from None
+    return RunConfig.from_hydra(cfg, list(overrides))
+
+
 def _check_job(overrides: list[str], config_name: str, validate: bool, multirun: bool = False) -> DictConfig:
     """Compose and validate one job; its `hydra` node."""
     cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)

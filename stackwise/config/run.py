@@ -41,7 +41,7 @@ from stackwise.config.nodes import (
     check_trainer,
     precision_weights,
 )
-from stackwise.data.config import DataConfig, vocab_info
+from stackwise.data.config import DataConfig, vocab_spec
 from stackwise.errors import ArtifactError, ConfigError
 from stackwise.model.config import ModelConfig
 from stackwise.model.portable_rng import VERSION as FROZEN_INIT
@@ -270,19 +270,20 @@ def _vocab(model: DictConfig, data: DataConfig) -> dict[str, int]:
     """vocab_size, mask_id and pad_id: the data tokenizer's where the model node leaves them null.
 
     A padded vocabulary (rows no token uses, e.g. 128000 for a 258-id byte tokenizer, or a multiple of
-    64 for speed) is fine; fewer rows than token ids, or other special ids, are not.
+    64 for speed) is fine; fewer rows than the tokenizer's ids, or other special ids, are not.
     """
+    spec = vocab_spec(data)
     out = {}
-    for key, value in zip(("vocab_size", "mask_id", "pad_id"), vocab_info(data), strict=True):
+    for key, value in zip(("vocab_size", "mask_id", "pad_id"), spec[:3], strict=True):
         given = model[key]
         if given is None:
             out[key] = value
         elif key == "vocab_size":
             check(
-                given >= value,
+                given >= spec.n_ids,
                 "model.vocab_size",
-                f"is {given} but the data's tokenizer has {value} ids; set it >= {value} "
-                "or leave it null to take the tokenizer's",
+                f"is {given} but the data's tokenizer has {spec.n_ids} ids ([MASK] and [PAD] included); set it "
+                f">= {spec.n_ids} or leave it null to take the tokenizer's ({value})",
             )
         elif given != value:
             raise ConfigError(

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stackwise.data.tokenizers import TOKENIZER_KINDS, Tokenizer, build_tokenizer
 from stackwise.errors import ConfigError
@@ -96,9 +97,22 @@ def data_tokenizer(cfg: DataConfig) -> Tokenizer | None:
     return None if cfg.name == "dummy" else build_tokenizer(dataclasses.asdict(cfg.tokenizer))
 
 
+class VocabSpec(NamedTuple):
+    vocab_size: int  # the model's vocabulary by default (a tokenizer's padded size)
+    mask_id: int
+    pad_id: int
+    n_ids: int  # the ids the data really uses: the least vocab_size a model may have
+
+
+def vocab_spec(cfg: DataConfig) -> VocabSpec:
+    """The data's vocabulary, without reading the corpus."""
+    if cfg.name == "dummy":
+        n = cfg.dummy_vocab + 2
+        return VocabSpec(n, cfg.dummy_vocab, cfg.dummy_vocab + 1, n)
+    tok = data_tokenizer(cfg)
+    return VocabSpec(tok.vocab_size, tok.mask_id, tok.pad_id, tok.n_ids)
+
+
 def vocab_info(cfg: DataConfig) -> tuple[int, int, int]:
     """(vocab_size, mask_id, pad_id) of the data, without reading the corpus."""
-    if cfg.name == "dummy":
-        return cfg.dummy_vocab + 2, cfg.dummy_vocab, cfg.dummy_vocab + 1
-    tok = data_tokenizer(cfg)
-    return tok.vocab_size, tok.mask_id, tok.pad_id
+    return tuple(vocab_spec(cfg)[:3])

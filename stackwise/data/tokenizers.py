@@ -1,8 +1,20 @@
 """Tokenizers: bytes, or a Hugging Face `tokenizers` tokenizer.json; both carry [MASK] and [PAD].
 
-Every tokenizer has `vocab_size`, `mask_id`, `pad_id`, `encode(str) -> list[int]`,
-`decode(ids, mask_text=None) -> str` and `identity` (a string that changes whenever the ids of a
-text would, used to key the token cache).
+Every tokenizer has `vocab_size` (the rows of a model's embedding it implies: every id below it may
+be decoded), `n_ids` (the ids it really uses: the least vocab_size a model may have), `mask_id`,
+`pad_id`, `encode(str) -> list[int]`, `decode(ids, mask_text=None) -> str` and `identity` (a string
+that changes whenever the ids of a text would, used to key the token cache).
+
+Where [MASK] and [PAD] come from in a tokenizer.json, first that applies:
+  1. tokens named `[MASK]` / `[PAD]` (a `stackwise-tokenizer` file has them as ids 0 and 1);
+  2. unused reserved special tokens, Llama-3's `<|reserved_special_token_N|>`, lowest N first (one
+     named by the file's padding or post-processor is in use and skipped): Meta's Llama-3
+     tokenizer.json keeps its 128256 ids and [MASK] = 128002, [PAD] = 128003, so
+     `model=llama3_70b` (vocab_size 128256) fits;
+  3. appended after the last id, and then `vocab_size` is padded up to a multiple of 128
+     (VOCAB_MULTIPLE): two extra ids would otherwise leave the embedding and head at an odd size
+     (a 32000-id vocabulary becomes 32128, not 32002), which matmul kernels run slower on.
+The byte tokenizer keeps its 258 ids (the CPU default model's vocabulary).
 
 decode drops the special ids by default (like Hugging Face's `skip_special_tokens=True`); pass
 `mask_text="_"` (or "[MASK]") to see where a partly denoised sample still has masks.
@@ -12,7 +24,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -27,12 +41,15 @@ from stackwise.errors import ConfigError, StackWiseError
 MASK_TOKEN = "[MASK]"
 PAD_TOKEN = "[PAD]"
 TOKENIZER_KINDS = ("byte", "hf")
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>")  # Llama-3's unused special tokens
+VOCAB_MULTIPLE = 128  # a vocabulary that had [MASK]/[PAD] appended is padded to a multiple of this
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class _Base(abc.ABC):
     vocab_size: int
+    n_ids: int
     mask_id: int
     pad_id: int
     identity: str
@@ -65,7 +82,7 @@ class _Base(abc.ABC):
 class ByteTokenizer(_Base):
     """UTF-8 bytes are ids 0..255; [MASK] = 256, [PAD] = 257. Lossless for any text, no file needed."""
 
-    vocab_size = 258
+    vocab_size = n_ids = 258
     mask_id = 256
     pad_id = 257
     identity = "byte"
@@ -82,7 +99,7 @@ class ByteTokenizer(_Base):
 
 
 class HFTokenizer(_Base):
-    """A Hugging Face `tokenizers` tokenizer.json; [MASK] and [PAD] are added when it lacks them."""
+    """A Hugging Face `tokenizers` tokenizer.json; [MASK] and [PAD] as the module docstring says."""
 
     def __init__(self, path: PathLike):
         self.path = Path(path).expanduser()
@@ -90,16 +107,32 @@ class HFTokenizer(_Base):
             raise StackWiseError(f"tokenizer file {self.path} does not exist (expected a Hugging Face tokenizer.json)")
         try:
             blob = self.path.read_bytes()
-            self.tok = RustTokenizer.from_str(blob.decode("utf-8"))
+            text = blob.decode("utf-8")
+            self.tok = RustTokenizer.from_str(text)
         except Exception as e:  # a JSON or schema error from the Rust side
             msg = " ".join(str(e).split())[:200]
             raise StackWiseError(f"{self.path}: not a valid Hugging Face tokenizer.json ({msg})") from None
-        # adding tokens already present is a no-op, so a file made by train_bpe keeps its ids
-        self.tok.add_special_tokens([MASK_TOKEN, PAD_TOKEN])
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.mask_id = self.tok.token_to_id(MASK_TOKEN)
-        self.pad_id = self.tok.token_to_id(PAD_TOKEN)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        reserved = _unused_reserved(vocab, json.loads(text))
+        ids: dict[str, int] = {}
+        taken = []  # the reserved tokens that became [MASK] / [PAD]
+        for name in (MASK_TOKEN, PAD_TOKEN):
+            if name in vocab:
+                ids[name] = vocab[name]
+            elif reserved:
+                taken.append(reserved.pop(0))
+                ids[name] = vocab[taken[-1]]
+        appended = [name for name in (MASK_TOKEN, PAD_TOKEN) if name not in ids]
+        if appended:
+            self.tok.add_special_tokens(appended)
+            ids.update((name, self.tok.token_to_id(name)) for name in appended)
+        self.mask_id, self.pad_id = ids[MASK_TOKEN], ids[PAD_TOKEN]
+        # the largest id + 1, not the count: a file may leave ids unused (added tokens above a gap)
+        self.n_ids = max(max(vocab.values(), default=-1), self.mask_id, self.pad_id) + 1
+        self.vocab_size = -(-self.n_ids // VOCAB_MULTIPLE) * VOCAB_MULTIPLE if appended else self.n_ids
         self.identity = "hf:" + hashlib.sha256(blob).hexdigest()
+        if taken:  # a literal "[MASK]" in a text is plain text here, not a special token: other ids
+            self.identity += ":reserved:" + ",".join(taken)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -113,6 +146,14 @@ class HFTokenizer(_Base):
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _unused_reserved(vocab: Mapping[str, int], spec: Mapping[str, Any]) -> list[str]:
+    """The reserved special tokens of a tokenizer.json that nothing in it uses, lowest N first.
+    One the file itself inserts or pads with (its post-processor, its padding) is in use."""
+    used = json.dumps([spec.get("post_processor"), spec.get("padding")])
+    found = [(int(m.group(1)), name) for name in vocab if (m := RESERVED_TOKEN.fullmatch(name))]
+    return [name for _, name in sorted(found) if json.dumps(name) not in used]
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
