@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -25,10 +25,11 @@ from stackwise.data.cache.layout import discard_cache, write_manifest
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
-from stackwise.model.weights import LayerWeights, assemble, first_layer, next_layer
+from stackwise.model.weights import LayerWeights, assemble, first_layer, fused_tensors, next_layer
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs
+from stackwise.pipeline.memory import fusion_room
 from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage, plan
 from stackwise.pipeline.state import ExperimentState, cache_root
@@ -124,8 +125,15 @@ class Pipeline:
         # no wall time in the file: the same settings must give the same bytes
         meta = {"stage": stage.name, "k": stage.k, "config_hash": self.hashes["layer"], "model": self.cfg.to_dict()}
         meta.update(prev_sha256=below, **scores, steps=steps, tokens=self.tokens_seen(stage, steps))
-        weights = LayerWeights.of(module.trained_modules())
-        with timed(stage, f"layer_{stage.k}.pt saved"):
+        precision = self.run.trainer_kwargs(stage.budget).get("precision")
+        dtype = getattr(torch, self.run.layerwise.saved_dtype(precision))
+        trained = module.trained_modules()
+        weights = LayerWeights.of(trained, dtype)
+        if any(p.dtype != dtype for m in trained if m is not None for p in m.state_dict().values()):
+            # the module goes on to cache acts_layer{k} with what the file holds, as a rerun that
+            # finds the file (killed while caching) would: the same cache either way
+            weights.load_into(trained)
+        with timed(stage, f"layer_{stage.k}.pt saved ({precision or 'default'} precision, {dtype})"):
             write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
         self.saved(stage)
         self.record(stage, meta, seconds, resumed)
@@ -158,46 +166,60 @@ class Pipeline:
 
     # ------------------------------------------------------------------ fusion
     def fusion_stage(self, stage: Stage) -> None:
-        """Assemble layer_1..L, check the fused model reproduces the last stage's loss, save fused/;
-        then the optional joint fine-tune."""
+        """Check that the fused model reproduces the last stage's loss (where it fits its device),
+        write fused/ streamed from layer_1..L, then the optional joint fine-tune."""
         run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
         if self.state.fusion_complete():
             log.info("stage fusion: complete, skipped")
             self.state.drop_resume_point(finetune)
             return
-        layers = self.state.layer_stack(needed_by=stage)
+        metas = self.state.layer_stack(needed_by=stage)
+        room = fusion_room(run)
+        room.refuse_finetune(run.fusion.finetune_steps)  # before fusion writes anything
         steps = max(1, run.fusion.finetune_steps)
         data = self.inputs.tokens(stage, steps)
-        model = assemble(cfg, [weights for weights, _ in layers])
-        module = FullModelStage(cfg, run.optim_for(finetune.budget), run.masking.weighting, steps, finetune.name, model)
         t0 = time.time()
-        scores = self.trainers.validate(module, data.val_dataloader())
-        if run.fusion.check:
-            check_fused(run, scores["val_loss"], layers[-1][1]["val_loss"])
-        tokens = sum(meta["tokens"] for _, meta in layers)
+        module = None
+        if room.fits_check():
+            with timed(stage, f"fused model assembled on {room.device}"):
+                model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device)
+            optim = run.optim_for(finetune.budget)
+            module = FullModelStage(cfg, optim, run.masking.weighting, steps, finetune.name, model)
+            scores = self.trainers.validate(module, data.val_dataloader())
+            if run.fusion.check:
+                check_fused(run, scores["val_loss"], metas[-1]["val_loss"])
+        else:  # the fused model is the last stage's model by construction: its scores stand for it
+            skipped = f"skipped: {room.why_not_check()}"
+            log.warning("fusion check %s; fused/ records the last stage's validation scores", skipped)
+            scores = {"val_loss": metas[-1]["val_loss"], "val_acc": metas[-1]["val_acc"]}
+        tokens = sum(meta["tokens"] for meta in metas)
         meta = {"config_hash": self.hashes["fusion"], **scores, "finetuned": False, "tokens": tokens}
+        if module is None:
+            meta["fusion_check"] = skipped
         meta["layers_sha256"] = self.state.layer_shas()
-        fused = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        self.save_model(stage, self.paths.fused_dir, fused, meta)
+        with timed(stage, "fused/ written"):  # from the layer files, one layer at a time, in their dtype
+            self.save_model(stage, self.paths.fused_dir, fused_tensors(cfg, self.state.layers(needed_by=stage)), meta)
         # what the layer-wise model cost before fusion: every stage's training and caching pass
         layer_seconds = sum(
             r["seconds"] + r.get("cache_seconds", 0.0) for r in art.read_results(self.paths) if r.get("kind") == "layer"
         )
         self.record(stage, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
-            finetuned, resumed = self.finetune(finetune, module, data, fused, meta)
+            assert module is not None, "refuse_finetune lets a fine-tune through only where the model fits"
+            finetuned, resumed = self.finetune(finetune, module, data, meta)
             self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
             self.state.drop_resume_point(finetune)
 
-    def finetune(self, stage: Stage, module: FullModelStage, data, fused: dict, fused_meta: dict) -> tuple[dict, int]:
-        """Train the fused model jointly into fused/finetuned/; fused/ is rewritten last, marked
-        finetuned: from then on the whole fusion stage is complete. (its meta, the step it resumed from)"""
+    def finetune(self, stage: Stage, module: FullModelStage, data, fused_meta: dict) -> tuple[dict, int]:
+        """Train the fused model jointly into fused/finetuned/; fused/ is marked finetuned last (its
+        weights untouched): from then on the whole fusion stage is complete. (its meta, the step it
+        resumed from)"""
         scores, resumed = self.train(stage, module, data)
         tokens = fused_meta["tokens"] + self.tokens_seen(stage, self.run.fusion.finetune_steps)
         meta = {**fused_meta, **scores, "finetuned": True, "tokens": tokens}
         self.save_model(stage, self.paths.finetuned_dir, module.model.state_dict(), meta)
         done = {**fused_meta, "finetuned": True}
-        write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused, self.cfg.to_dict(), done))
+        write_once(lambda: art.rewrite_model_meta(self.paths.fused_dir, done))
         return meta, resumed
 
     # ------------------------------------------------------------------ e2e
@@ -230,7 +252,8 @@ class Pipeline:
         """Tokens one stage trained on: the global batch (every rank's share) at every optimizer step."""
         return steps * self.run.tokens_per_step(stage.budget)
 
-    def save_model(self, stage: Stage, folder, state: dict, meta: dict) -> None:
+    def save_model(self, stage: Stage, folder, state: dict | Iterable[tuple[str, Tensor]], meta: dict) -> None:
+        """A model folder from a state dict or a stream of (name, tensor) (consumed by the writing rank only)."""
         write_once(lambda: art.save_safetensors_model(folder, state, self.cfg.to_dict(), meta))
         self.saved(stage)
 
