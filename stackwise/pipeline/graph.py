@@ -110,7 +110,7 @@ class Pipeline:
         embed_weight = None
         if self.cfg.tie_embeddings:  # stage 1's weights hold it: read layer_1.pt unless it is `below`
             first = below if below.embed is not None else self.state.load_layer(Stage.layer(1), needed_by=stage)[0]
-            embed_weight = first.embed["weight"]
+            embed_weight = first.embed["weight"].float()  # built in fp32 as every module (the file may hold bf16)
         return data, below, embed_weight
 
     def train_layer(self, stage: Stage, module: LayerwiseStage, data: L.LightningDataModule) -> None:
@@ -119,25 +119,31 @@ class Pipeline:
             self.inputs.cache_loaders(stage, data)
         t0 = time.time()
         with timed(stage, "trained and scored"):
-            scores, resumed = self.train(stage, module, data)
+            resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
+            weights, dtype = self.saved_weights(stage, module)
+            scores = self.trainers.validate(module, data.val_dataloader())
         seconds, steps = time.time() - t0, self.run.max_steps(stage.budget)
         below = self.state.sha256(self.paths.layer_ckpt(stage.below.k)) if stage.below else None
         # no wall time in the file: the same settings must give the same bytes
         meta = {"stage": stage.name, "k": stage.k, "config_hash": self.hashes["layer"], "model": self.cfg.to_dict()}
         meta.update(prev_sha256=below, **scores, steps=steps, tokens=self.tokens_seen(stage, steps))
-        precision = self.run.trainer_kwargs(stage.budget).get("precision")
-        dtype = getattr(torch, self.run.layerwise.saved_dtype(precision))
-        trained = module.trained_modules()
-        weights = LayerWeights.of(trained, dtype)
-        if any(p.dtype != dtype for m in trained if m is not None for p in m.state_dict().values()):
-            # the module goes on to cache acts_layer{k} with what the file holds, as a rerun that
-            # finds the file (killed while caching) would: the same cache either way
-            weights.load_into(trained)
-        with timed(stage, f"layer_{stage.k}.pt saved ({precision or 'default'} precision, {dtype})"):
+        with timed(stage, f"layer_{stage.k}.pt saved ({dtype})"):
             write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
         self.saved(stage)
         self.record(stage, meta, seconds, resumed)
         self.state.drop_resume_point(stage)
+
+    def saved_weights(self, stage: Stage, module: LayerwiseStage) -> tuple[LayerWeights, torch.dtype]:
+        """What layers/layer_k.pt will hold (`layerwise.save_dtype`), and the trained modules set to
+        exactly that: the stage is scored, and acts_layer{k} cached, with the weights every later
+        reader gets from the file (a rerun that finds the file, the next stage, the fused model)."""
+        precision = self.run.trainer_kwargs(stage.budget).get("precision")
+        dtype = getattr(torch, self.run.layerwise.saved_dtype(precision))
+        trained = module.trained_modules()
+        weights = LayerWeights.of(trained, dtype)
+        if any(t.dtype != dtype for m in trained if m is not None for t in m.state_dict().values()):
+            weights.load_into(trained)
+        return weights, dtype
 
     def cache(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> None:
         """acts_layer{k}: layer k's output on every cached (sequence, view), then its manifest, last."""

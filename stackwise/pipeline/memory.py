@@ -82,10 +82,8 @@ class FusionRoom:
         return self.free is None or self.check_bytes <= self.free
 
     def why_not_check(self) -> str:
-        return (
-            f"the fused model's fp32 weights ({self.check_bytes / GIB:.1f} GiB) do not fit in the "
-            f"{_free(self.free)} GiB free on {self.bound}"
-        )
+        weights, free = _size(self.check_bytes), _size(self.free)
+        return f"the fused model's fp32 weights ({weights}) do not fit in the {free} free on {self.bound}"
 
     def refuse_finetune(self, steps: int) -> None:
         """Stop (one line) when the joint fine-tune of `steps` steps cannot fit (see the module doc)."""
@@ -97,15 +95,17 @@ class FusionRoom:
             return
         raise ConfigError(
             "fusion.finetune_steps",
-            f"{steps}: the joint fine-tune needs at least {self.finetune_bytes / GIB:.1f} GiB on {self.bound} "
+            f"{steps}: the joint fine-tune needs at least {_size(self.finetune_bytes)} on {self.bound} "
             f"(fp32 weights, gradients and AdamW state of {self.trainable / 1e9:.2f}B trained parameters) but "
-            f"{_free(self.free)} GiB is free; fine-tune it sharded across GPUs (hardware=fsdp) or set "
+            f"{_size(self.free)} is free; fine-tune it sharded across GPUs (hardware=fsdp) or set "
             f"fusion.finetune_steps=0",
         )
 
 
-def _free(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f}"
+def _size(n: int | None) -> str:
+    if n is None:
+        return "? GiB"
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def fusion_room(run: RunConfig) -> FusionRoom:
