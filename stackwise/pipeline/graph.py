@@ -185,7 +185,7 @@ class Pipeline:
         steps = max(1, run.fusion.finetune_steps)
         data = self.inputs.tokens(stage, steps)
         t0 = time.time()
-        module = None
+        module, skipped = None, None
         if room.fits_check():
             with timed(stage, f"fused model assembled on {room.device}"):
                 model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device)
@@ -200,7 +200,7 @@ class Pipeline:
             scores = {"val_loss": metas[-1]["val_loss"], "val_acc": metas[-1]["val_acc"]}
         tokens = sum(meta["tokens"] for meta in metas)
         meta = {"config_hash": self.hashes["fusion"], **scores, "finetuned": False, "tokens": tokens}
-        if module is None:
+        if skipped is not None:
             meta["fusion_check"] = skipped
         meta["layers_sha256"] = self.state.layer_shas()
         with timed(stage, "fused/ written"):  # from the layer files, one layer at a time, in their dtype
