@@ -386,3 +386,42 @@ def test_fusion_where_the_model_does_not_fit(make_run, monkeypatch, caplog):
         Pipeline(make_run("stage=fusion", "fusion.finetune_steps=2")).execute()
     assert "\n" not in str(e.value) and "hardware=fsdp" in str(e.value) and "fusion.finetune_steps" in str(e.value)
     assert (pipe.paths.fused_dir / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "node, gpus, stage_on, model_on, sharded",
+    [
+        ({"accelerator": "cpu"}, 1, "cpu", "cpu", False),
+        ({"accelerator": "gpu", "devices": 1}, 2, "cuda:0", "cuda:0", False),
+        ({"accelerator": "gpu", "devices": [1]}, 2, "cuda:1", "cuda:1", False),
+        ({"accelerator": "auto", "devices": "auto"}, 1, "cuda:0", "cuda:0", False),
+        ({"accelerator": "gpu", "devices": 2, "strategy": "ddp"}, 2, "cpu", "cpu", False),
+        ({"accelerator": "gpu", "devices": "auto", "strategy": "fsdp"}, 4, "cpu", "cpu", True),
+    ],
+)
+def test_where_modules_are_built(monkeypatch, node, gpus, stage_on, model_on, sharded):
+    """One-GPU runs build straight on their GPU; several devices, or a sharding strategy, on the host.
+    A fine-tune that does not fit is refused unless the strategy shards it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(pipeline_memory, "free_bytes", lambda device: 10**12 if device.type == "cpu" else 10**6)
+    cfg = tiny()
+
+    class Run:
+        trainer, model = node, cfg
+
+        def trainer_kwargs(self, budget):
+            return node
+
+    run = Run()
+    assert str(pipeline_memory.stage_device(run, "layer")) == stage_on
+    room = pipeline_memory.fusion_room(run)
+    assert str(room.device) == model_on and room.sharded == sharded
+    room.free = room.check_bytes + 1  # the weights fit, the fine-tune does not
+    if sharded:
+        room.refuse_finetune(5)
+    else:
+        with pytest.raises(ConfigError, match="hardware=fsdp"):
+            room.refuse_finetune(5)
+    room.refuse_finetune(0)

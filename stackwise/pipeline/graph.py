@@ -29,7 +29,7 @@ from stackwise.model.weights import LayerWeights, assemble, first_layer, fused_t
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs
-from stackwise.pipeline.memory import fusion_room
+from stackwise.pipeline.memory import fusion_room, stage_device
 from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage, plan
 from stackwise.pipeline.state import ExperimentState, cache_root
@@ -85,12 +85,15 @@ class Pipeline:
             data, below, embed_weight = self.layer_inputs(stage)
         if found.weights is not None:  # trained before, killed while caching: reuse the weights
             log.info("stage %s: weights found, rebuilding its cache only", stage.name)
-            layer = found.weights.modules(self.cfg, stage.k)
+            layer = found.weights.modules(self.cfg, stage.k, device=stage_device(self.run, stage.budget))
             self.state.drop_resume_point(stage)
         else:
             with timed(stage, "layer initialised"):
+                device = stage_device(self.run, stage.budget)
                 layer = (
-                    first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
+                    first_layer(self.cfg, device)
+                    if stage.first
+                    else next_layer(self.cfg, stage.k, self.run.layer_init, below, device)
                 )
         run = self.run
         optim, steps = run.optim_for(stage.budget), run.max_steps(stage.budget)

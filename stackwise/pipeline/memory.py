@@ -1,4 +1,4 @@
-"""Where the fused model goes, and whether it fits there.
+"""Where the fused model goes, and whether it fits there (and where a layer stage's modules are built).
 
 Writing `fused/` never needs the model: it streams from the layer files (stackwise/model/weights.py
 `fused_tensors`). Two things do: the fusion check (the fused model scored on the validation set)
@@ -28,9 +28,8 @@ GIB = 2**30
 SHARDED = ("fsdp", "deepspeed")  # strategies that shard the weights and optimizer state across devices
 
 
-def _placement(run: RunConfig) -> tuple[str, bool, int | None]:
-    """(strategy, on CUDA, the one CUDA device index or None) of the fusion's Trainers (`trainer` node)."""
-    node = run.trainer
+def _placement(node: dict) -> tuple[str, bool, int | None]:
+    """(strategy, on CUDA, the one CUDA device index or None) of the Trainers a `trainer` node builds."""
     accelerator, strategy = str(node.get("accelerator", "auto")), str(node.get("strategy", "auto"))
     devices = node.get("devices", "auto")
     cuda = torch.cuda.is_available() and (accelerator in ("gpu", "cuda") or accelerator == "auto")
@@ -110,7 +109,7 @@ def _size(n: int | None) -> str:
 
 def fusion_room(run: RunConfig) -> FusionRoom:
     """Where the fused model goes and how much room there is (see the module doc)."""
-    strategy, cuda, one = _placement(run)
+    strategy, cuda, one = _placement(run.trainer)  # the fusion's validate and fit: the node's placement
     sharded = any(s in strategy.lower() for s in SHARDED)
     counts = param_counts(run.model)
     if cuda and one is not None:
@@ -128,3 +127,11 @@ def fusion_room(run: RunConfig) -> FusionRoom:
         device = bound = torch.device("cpu")
         free = free_bytes(device)
     return FusionRoom(device, bound, free, counts["total"], counts["trainable"], sharded)
+
+
+def stage_device(run: RunConfig, budget: str) -> torch.device:
+    """Where a layer stage's modules are built: straight on the GPU of a one-GPU stage (its weights
+    are drawn on the CPU a tensor at a time and copied there, the values those of a CPU build), else
+    on the host, where Lightning expects them under several devices."""
+    _, _, one = _placement(run.trainer_kwargs(budget))
+    return torch.device("cpu") if one is None else torch.device("cuda", one)
