@@ -291,13 +291,13 @@ def test_stream_fusion_bf16_layers_untied_head_sharded(make_run, monkeypatch):
     load to the layer files' tensors, and evaluation and generation read them."""
     monkeypatch.setattr(art_models, "MAX_SHARD_BYTES", 40_000)
     refs: list[weakref.ref] = []
-    most = {"fusion": 0}
+    peak = {"alive": 0}  # the most layer weights alive at once while fusion reads a layer file
     real_load = art.load_layer_checkpoint
 
     def load(path, *a, **kw):
         weights, meta = real_load(path, *a, **kw)
         refs.append(weakref.ref(weights))
-        most["fusion"] = max(most["fusion"], sum(r() is not None for r in refs))
+        peak["alive"] = max(peak["alive"], sum(r() is not None for r in refs))
         return weights, meta
 
     run = make_run("stage=all", *UNTIED_BF16)
@@ -313,7 +313,7 @@ def test_stream_fusion_bf16_layers_untied_head_sharded(make_run, monkeypatch):
     pipe.execute()
     paths = pipe.paths
     # fusion never held more than two layers' weights (the one being read and the one before it)
-    assert 1 <= most["fusion"] <= 2
+    assert 1 <= peak["alive"] <= 2
 
     raw = [torch.load(paths.layer_ckpt(k), weights_only=True) for k in (1, 2, 3)]
     assert all("proj.weight" not in r["modules"]["head"] for r in raw)
