@@ -32,6 +32,7 @@ VALID_OTHER = {
     "data.name": "dummy",
     "optim.betas": [0.8, 0.9],
     "layerwise.init": "random",
+    "layerwise.save_dtype": "bfloat16",
     "cache.dtype": "bfloat16",
     "cache.train_sequences": 100,
     "cache.store": "memory",

@@ -3,9 +3,11 @@
 Only this package knows where things live under `exp_dir = <output_root>/<experiment>/`:
 
     layers/layer_{k}.pt                    stage k's LayerWeights + metadata (torch.save, weights_only-loadable)
+    layers/layer_{k}.head.safetensors      an untied output projection: the latest stage's only
     acts/acts_layer{k}/{train,val}/...     activation shards; acts/acts_layer{k}/manifest.json (written last)
     fused/model.safetensors, fused/config.json (+ fused/finetuned/{model.safetensors,config.json})
     e2e/model.safetensors, e2e/config.json
+        (a model past 5 GB: model-0000i-of-0000N.safetensors + model.safetensors.index.json instead)
     ckpt/<stage>/                          Lightning ModelCheckpoint folder (mid-stage resume)
     tb/                                    TensorBoard root (one run per stage)
     tokens/                                token cache
@@ -23,7 +25,7 @@ is always called with `weights_only=True` (checkpoints.py) and models ship as sa
     atomic.py       atomic writes, OS write errors as ArtifactWriteError, hashing while writing
     messages.py     one-line messages; an artifact's metadata checked against this run's
     checkpoints.py  layer checkpoints (layers/layer_k.pt) and the tensor digest
-    models.py       safetensors model folders and `load_model`
+    models.py       safetensors model folders (one file or sharded) and `load_model`
     results.py      results.json
 """
 
@@ -49,18 +51,24 @@ from stackwise.artifacts.checkpoints import (
 )
 from stackwise.artifacts.messages import check_expected, one_line
 from stackwise.artifacts.models import (
+    MAX_SHARD_BYTES,
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
     load_model,
     load_safetensors_model,
+    read_model_meta,
+    rewrite_model_meta,
     save_safetensors_model,
+    write_model_manifest,
+    write_model_weights,
 )
-from stackwise.artifacts.paths import ExperimentPaths, PathLike, manifest_path
+from stackwise.artifacts.paths import ExperimentPaths, PathLike, manifest_path, untied_head_path
 from stackwise.artifacts.results import read_results, record_result
 
 __all__ = [
     "LAYER_FORMAT",
     "LAYER_FORMAT_VERSION",
+    "MAX_SHARD_BYTES",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
     "ExperimentPaths",
@@ -80,11 +88,16 @@ __all__ = [
     "one_line",
     "os_error_in",
     "read_layer_meta",
+    "read_model_meta",
     "read_results",
     "record_result",
+    "rewrite_model_meta",
     "save_layer_checkpoint",
     "save_safetensors_model",
     "sha256_file",
     "state_digest",
+    "untied_head_path",
     "write_errors",
+    "write_model_manifest",
+    "write_model_weights",
 ]

@@ -2,27 +2,42 @@
 
 Why no pickle: opening a checkpoint must never run code, so `torch.load` is always called with
 `weights_only=True`; a digest of every tensor, stored in the file, is checked on every load.
+
+An untied output projection (V x D, as large as several layers at a 128k vocabulary) is not kept in
+every layer file: stage k writes it to `layer_k.head.safetensors` beside its layer file (first, so
+that a layer file never names a projection that is not there), records its digest in `layer_k.pt`,
+then deletes the projections of the layers below: only the latest stage's is kept, which is the
+one the next stage starts from and the fused model holds. The tensors are stored in the dtype the
+stage saved them in (`layerwise.save_dtype`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from stackwise.artifacts.atomic import atomic_torch_save, sha256_file
+from stackwise.artifacts.atomic import atomic_path, atomic_torch_save, sha256_file
 from stackwise.artifacts.messages import check_expected, json_normal, one_line, short_value
-from stackwise.artifacts.paths import PathLike
+from stackwise.artifacts.paths import PathLike, untied_head_path
 from stackwise.errors import ArtifactError
 from stackwise.model.weights import LayerWeights
 
 LAYER_FORMAT = "stackwise.layer"
 # 2: layer_k.pt holds one state dict per module ("block", "head", "embed") instead of one prefixed dict
-LAYER_FORMAT_VERSION = 2
+# 3: an untied output projection lives in layer_k.head.safetensors, not in the "head" section
+LAYER_FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # a version 2 file holds its projection in its "head" section: read as it is
+PROJ = "proj.weight"  # the untied projection's name in the head's state dict
+HeadMode = Literal["load", "if_present", "skip"]
 
 
 def state_digest(state: Mapping[str, Tensor]) -> str:
@@ -47,13 +62,15 @@ def _weights_digest(sections: Mapping[str, Mapping[str, Tensor]]) -> str:
 
 
 def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[str, Any]) -> str:
-    """Write `layers/layer_k.pt` atomically and return its sha256.
+    """Write `layers/layer_k.pt` atomically (and an untied projection beside it); return its sha256.
 
     The file is `{"format", "version", "modules": {"block": {name: Tensor}, "head": {...}[, "embed": {...}]},
-    "frozen_sha256", "state_sha256", "meta": {...JSON}}`, which `torch.load(weights_only=True)` reads in
-    any torch >= 2.1. `meta` is normalised through JSON so it reads back exactly as written (and a
-    non-JSON value fails here, before any byte is written).
+    "frozen_sha256", "state_sha256", "head_file", "meta": {...JSON}}`, which `torch.load(weights_only=True)`
+    reads in any torch >= 2.1. `head_file` is null for a tied head, else `{"name", "sha256"}` of the
+    untied projection's file (see the module doc). `meta` is normalised through JSON so it reads back
+    exactly as written (and a non-JSON value fails here, before any byte is written).
     """
+    path = Path(path)
     sections: dict[str, dict[str, Tensor]] = {}
     for module, state in weights.sections().items():
         for name, t in state.items():
@@ -65,6 +82,14 @@ def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[s
         meta_n = json_normal(dict(meta))
     except (TypeError, ValueError) as e:
         raise TypeError(f"layer checkpoint meta must be JSON-able: {e}") from e
+    proj = sections["head"].pop(PROJ, None)
+    head_file = None
+    if proj is not None:
+        head_path = untied_head_path(path)
+        head_file = {"name": head_path.name, "sha256": state_digest({PROJ: proj})}
+        with atomic_path(head_path) as tmp:
+            save_file({PROJ: proj}, str(tmp), metadata={"stackwise": json.dumps({"layer": path.name, **head_file})})
+        del proj
     atomic_torch_save(
         {
             "format": LAYER_FORMAT,
@@ -72,11 +97,29 @@ def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[s
             "modules": sections,
             "frozen_sha256": str(weights.frozen_sha256),
             "state_sha256": _weights_digest(sections),
+            "head_file": head_file,
             "meta": meta_n,
         },
         path,
     )
+    if head_file is not None:
+        _drop_heads_below(path)
     return sha256_file(path)
+
+
+def _drop_heads_below(path: Path) -> None:
+    """Delete the untied projections of the layers below `layer_k.pt`: the next stage starts from layer k's."""
+    k = _layer_index(path.stem)
+    suffix = ".head.safetensors"
+    for other in path.parent.glob(f"*{suffix}") if k is not None else ():
+        j = _layer_index(other.name[: -len(suffix)])
+        if j is not None and j < k:
+            other.unlink(missing_ok=True)
+
+
+def _layer_index(stem: str) -> int | None:
+    m = re.fullmatch(r"layer_(\d+)", stem)
+    return int(m.group(1)) if m else None
 
 
 def read_layer_meta(path: PathLike) -> dict[str, Any]:
@@ -94,9 +137,17 @@ def read_layer_meta(path: PathLike) -> dict[str, Any]:
 
 
 def load_layer_checkpoint(
-    path: PathLike, expect: Mapping[str, Any] | None = None, verify_sha256: str | None = None
+    path: PathLike,
+    expect: Mapping[str, Any] | None = None,
+    verify_sha256: str | None = None,
+    head: HeadMode = "if_present",
 ) -> tuple[LayerWeights, dict[str, Any]]:
     """Read a layer checkpoint on CPU, without running any code; return (weights, meta).
+
+    An untied projection kept beside the file is read into `weights.head` (checked against the
+    digest the layer file records) with `head="load"` (its absence is an error: a stage that starts
+    from this layer, or the fused model, needs it), `"if_present"` (absent once a later stage has
+    replaced it: `weights.head` then holds the final norm only) or not at all (`"skip"`).
 
     Every way it can be wrong (missing, truncated, corrupt, not ours, another config, changed since
     its hash was recorded) is an ArtifactError of one line naming the file.
@@ -123,10 +174,10 @@ def load_layer_checkpoint(
             f"{p} is not a StackWise layer checkpoint (expected a dict with format "
             f"{LAYER_FORMAT!r}, 'modules' and 'meta'); delete it and rerun its stage"
         )
-    if obj.get("version") != LAYER_FORMAT_VERSION:
+    if obj.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{p} has format version {obj.get('version')!r} but this StackWise reads "
-            f"version {LAYER_FORMAT_VERSION}; rerun its stage (overwrite=true)"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}; rerun its stage (overwrite=true)"
         )
     sections = obj.get("modules")
     problem = _layer_sections_problem(sections, obj.get("frozen_sha256"))
@@ -137,6 +188,10 @@ def load_layer_checkpoint(
             f"{p} holds tensor data that does not match its checksum (corrupt bytes); delete it and rerun its stage"
         )
     check_expected(p, obj["meta"], expect)
+    if head != "skip" and obj.get("head_file") is not None:
+        proj = _read_head(p, obj["head_file"], required=head == "load")
+        if proj is not None:
+            sections["head"][PROJ] = proj
     weights = LayerWeights(
         block=sections["block"], frozen_sha256=obj["frozen_sha256"], head=sections["head"], embed=sections.get("embed")
     )
@@ -156,3 +211,33 @@ def _layer_sections_problem(sections: Any, frozen_sha256: Any) -> str | None:
     if not isinstance(frozen_sha256, str):
         return "records no frozen_sha256 of its frozen tensors"
     return None
+
+
+def _read_head(layer: Path, record: Any, required: bool) -> Tensor | None:
+    """The untied projection `layer` records (`{"name", "sha256"}`), read and checked; None when it
+    is not there and not `required`."""
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str) or "/" in record["name"]:
+        raise ArtifactError(f"{layer} records no readable head_file; delete it and rerun its stage")
+    path = layer.with_name(record["name"])
+    if not path.is_file():
+        if not required:
+            return None
+        raise ArtifactError(
+            f"{path} does not exist: {layer.name} keeps its untied output projection there, and only the "
+            f"latest stage's is kept (a later stage replaced it, or it was deleted); rerun {layer.name}'s "
+            f"stage and the ones after it (overwrite=true)"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            proj = f.get_tensor(PROJ)
+    except Exception as e:
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file with {PROJ!r} ({type(e).__name__}: {one_line(e, 120)}); "
+            f"delete it and {layer.name} and rerun its stage"
+        ) from None
+    if state_digest({PROJ: proj}) != record.get("sha256"):
+        raise ArtifactError(
+            f"{path} is not the output projection {layer.name} was saved with (digest mismatch: another run's, "
+            f"or corrupt); rerun {layer.name}'s stage (overwrite=true)"
+        )
+    return proj

@@ -38,6 +38,11 @@ class ExperimentPaths:
         """`layers/layer_{k}.pt`, k 1-based."""
         return self.layers_dir / f"layer_{_check_k(k)}.pt"
 
+    def head_file(self, k: int) -> Path:
+        """`layers/layer_{k}.head.safetensors`: the untied output projection stage k trained (only
+        the latest stage's is kept; a tied model has none)."""
+        return untied_head_path(self.layer_ckpt(k))
+
     def existing_layers(self) -> list[int]:
         """The k of every `layers/layer_{k}.pt` present, sorted (presence only: not validated)."""
         if not self.layers_dir.is_dir():
@@ -146,6 +151,12 @@ class ExperimentPaths:
     def lock_file(self) -> Path:
         """`run.lock`: the run that writes here holds an OS lock on it (the file itself stays)."""
         return self.root / "run.lock"
+
+
+def untied_head_path(layer_ckpt: PathLike) -> Path:
+    """Where a layer checkpoint keeps its untied output projection: beside it, `<stem>.head.safetensors`."""
+    p = Path(layer_ckpt)
+    return p.with_name(f"{p.stem}.head.safetensors")
 
 
 def manifest_path(acts_dir: PathLike) -> Path:

@@ -16,6 +16,7 @@ from stackwise.structured import Structured, check, is_int, is_number
 
 STAGE_KEYS = ("embed", "layer", "fusion", "e2e")  # the stages that train, each with its own budget
 LAYER_INITS = ("random", "identity", "previous")
+SAVE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -77,8 +78,18 @@ class LayerwiseConfig(Structured):
     # stage 1 (embeddings + layer 1, the base every later layer builds on) trains for
     # embed_budget x trainer.max_steps steps; stages.embed.trainer.max_steps, when set, wins
     embed_budget: float = 2.0
+    # the dtype layers/layer_k.pt (and an untied head) is written in: auto = bfloat16 when the stage
+    # trained under a bf16 precision (bf16-mixed, bf16-true), else the dtype its weights are held in
+    # (float32 on the CPU default); what a later stage (init=previous, the carried head) and the
+    # fused model start from, so it is part of the experiment's identity
+    save_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check(
+            self.save_dtype in SAVE_DTYPES,
+            self.key("save_dtype"),
+            f"unknown dtype {self.save_dtype!r}; allowed: {', '.join(SAVE_DTYPES)}",
+        )
         check(
             self.init in LAYER_INITS,
             self.key("init"),
@@ -89,6 +100,12 @@ class LayerwiseConfig(Structured):
             self.key("embed_budget"),
             f"must be a number > 0 (stage 1 trains for embed_budget x trainer.max_steps), got {self.embed_budget!r}",
         )
+
+    def saved_dtype(self, precision: Any) -> str:
+        """The dtype a stage trained under `precision` (a validated `trainer.precision`) saves its layer in."""
+        if self.save_dtype != "auto":
+            return self.save_dtype
+        return "bfloat16" if precision in BF16_PRECISION else precision_weights(precision)
 
 
 CACHE_STORES = ("disk", "memory")
@@ -284,6 +301,8 @@ PRECISION_WEIGHTS: dict[Any, str] = {
     "64": "float64",
     64: "float64",
 }
+# The values that compute in bf16 (autocast or bf16 weights): their layer files are saved in bf16 by default.
+BF16_PRECISION = ("bf16-mixed", "bf16", "bf16-true")
 # The values that compute in fp32 or fp64 throughout: no autocast, no half-precision weights.
 FULL_PRECISION = (None, "32-true", "32", 32, "64-true", "64", 64)
 # trainer.precision=16-true keeps the weights and AdamW's state in fp16, where an eps below the

@@ -50,7 +50,9 @@ class WholeModel(Scorer):
 class PrefixStack(Scorer):
     """Depth prefixes 1..K of the layer checkpoints, in one incremental pass: the hidden state after
     layer k is layer k applied to the one after layer k-1 (as the activation cache is made), and
-    prefix k reads it out with stage k's final norm and head.
+    prefix k reads it out with stage k's final norm and head. An untied output projection is kept
+    for the latest stage only, so with untied embeddings every prefix reads out through layer K's
+    projection (after its own final norm): prefix k < K then scores otherwise than stage k did.
 
     `assemble(cfg, layers[:k])` builds the same model k; the tests check the two agree.
     """
@@ -59,7 +61,8 @@ class PrefixStack(Scorer):
         self.cfg, self.depth = cfg, len(layers)
         self.names = [f"depth_{k}" for k in range(1, self.depth + 1)]
         self.model = assemble(cfg, layers).eval()  # embedding of layer 1, blocks 1..K, head of layer K
-        self.heads = nn.ModuleList(head_of(cfg, weights).eval() for weights in layers)
+        proj = None if cfg.tie_embeddings else self.model.head.proj.weight.detach()
+        self.heads = nn.ModuleList(head_of(cfg, weights, proj=proj).eval() for weights in layers)
 
     def to(self, device):
         self.model.to(device)

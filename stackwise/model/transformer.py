@@ -8,6 +8,13 @@ the layer's one stream; frozen tensors (the SwiGLU up, MLA's q_b/kv_b under `mla
 come from their own key by the platform-independent generator of `portable_rng.py` (see
 `layers.py`), so they can be regenerated without the rest, on any machine.
 
+Every module can also be built without drawing anything: on the meta device (`empty(factory,
+device)`: shapes only, then uninitialised storage on `device`), to be filled by `init_weights()`
+(the same draws, tensor by tensor: only one tensor's fp32 draw is ever held on the host, whatever
+`device` is) or by loading a state dict, which then needs no draw at all but the frozen tensors'
+(`Block.init_frozen()`). The draws stay on the CPU even for a GPU module: the trainable tensors
+come from torch.randn's CPU generator, whose bits no CUDA generator reproduces.
+
 Frozen tensors are non-persistent buffers: state dicts (and so checkpoints) do not hold them, no
 optimizer or `requires_grad_(True)` reaches them. A layer checkpoint stores
 `Block.frozen_up_checksum()` beside the trainable tensors; `Block.load_trainable_state_dict(sd,
@@ -26,7 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +44,19 @@ from stackwise.compat import RMSNorm
 from stackwise.errors import ArtifactError
 from stackwise.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from stackwise.model.config import ModelConfig
-from stackwise.model.layers import SwiGLU, normal
+from stackwise.model.layers import SwiGLU, load_frozen, normal
 from stackwise.utils import generator, tensor_sha256
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def empty(factory: Callable[[], M], device: str | torch.device = "cpu") -> M:
+    """`factory()` built on the meta device (nothing drawn, nothing allocated), then given
+    uninitialised storage on `device`: fill it with `init_weights()` or a state dict (plus
+    `init_frozen()` for a block's frozen tensors) before use."""
+    with torch.device("meta"):
+        module = factory()
+    return module.to_empty(device=device)
 
 
 class Embedding(nn.Module):
@@ -45,10 +64,14 @@ class Embedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))  # (V, D)
         if not self.weight.is_meta:
-            with torch.no_grad():
-                self.weight.copy_(normal(self.weight.shape, cfg.init_std, generator(cfg.seed, "embed")))
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(normal(self.weight.shape, self.cfg.init_std, generator(self.cfg.seed, "embed")))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, D)."""
@@ -72,14 +95,19 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.frozen_names = tuple(f"attn.{n}" for n in self.attn.frozen) + tuple(f"mlp.{n}" for n in self.mlp.frozen)
         self.stored: tuple[str, ...] = ()  # frozen tensors held as stored weights (keep_frozen), not regenerated
-        self._init_weights()
+        if not any(p.is_meta for p in self.parameters()):  # the frozen tensors were drawn by their modules
+            self.init_trainable()
 
-    def _init_weights(self) -> None:
+    def init_weights(self) -> None:
+        """Every tensor of the block from `(seed, k)`: what the constructor draws, into a block built by `empty`."""
+        self.init_trainable()
+        self.init_frozen()
+
+    def init_trainable(self, last: str | None = None) -> None:
         """Trainable tensors from `(seed, "layer", k)`: norms 1, matrices N(0, init_std^2), and the
         output projections scaled by 1/sqrt(2 * n_layers) (GPT-2), since each layer adds two of them
-        to the residual stream."""
-        if any(p.is_meta for p in self.parameters()):
-            return
+        to the residual stream. They are drawn in `named_parameters()` order from the layer's one
+        stream, so the tensors up to `last` (its name, inclusive) are drawn without the ones after it."""
         g = generator(self.cfg.seed, "layer", self.k)
         out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         with torch.no_grad():
@@ -89,6 +117,13 @@ class Block(nn.Module):
                 else:
                     std = out_std if name in ("attn.o_proj.weight", "mlp.down.weight") else self.cfg.init_std
                     p.copy_(normal(p.shape, std, g))
+                if name == last:
+                    return
+
+    def init_frozen(self) -> None:
+        """The frozen tensors regenerated from `(seed, k)` (no checksum check: `verify_frozen` does that)."""
+        load_frozen(self.attn)
+        load_frozen(self.mlp)
 
     def forward(self, h: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, T, D), pad_mask (B, T) bool True at padding -> (B, T, D)."""
@@ -118,6 +153,10 @@ class Block(nn.Module):
         if self.cfg.kind(k) != self.cfg.kind(self.k):
             state = {n: v for n, v in state.items() if not n.startswith("attn.")}
         self.load_state_dict(state, strict=False)
+
+    def last_attention_tensor(self) -> str:
+        """The name of the attention's last trainable tensor in the init stream (see `init_trainable`)."""
+        return [n for n, _ in self.named_parameters() if n.startswith("attn.")][-1]
 
     # ------------------------------------------------------------------ frozen tensors and checkpoints
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
@@ -197,6 +236,15 @@ class Block(nn.Module):
         checksum mismatch; nothing is changed unless everything matches. A frozen tensor that `sd`
         holds is a stored one (`keep_frozen`: an imported layer), loaded rather than regenerated.
         """
+        values = self.check_trainable_state_dict(sd, checksum)
+        load_frozen(self.attn, {n[len("attn.") :]: v for n, v in values.items() if n.startswith("attn.")})
+        load_frozen(self.mlp, {n[len("mlp.") :]: v for n, v in values.items() if n.startswith("mlp.")})
+        self.load_state_dict(sd)  # stores the frozen tensors that sd holds (_load_from_state_dict)
+
+    def check_trainable_state_dict(self, sd: Mapping[str, torch.Tensor], checksum: str) -> dict[str, torch.Tensor]:
+        """`load_trainable_state_dict`'s checks without loading anything (a block on the meta device
+        does): the keys and shapes of `sd`, and `checksum` against the frozen tensors regenerated
+        from (seed, k), which are returned (canonical fp32 values; a stored one is not regenerated)."""
         stored = {n for n in self.frozen_names if n in sd}
         expected = set(self.trainable_state_dict()) | stored
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -218,11 +266,7 @@ class Block(nn.Module):
                 f"layer {self.k}: frozen up-projection checksum mismatch: checkpoint {checksum[:16]}, "
                 f"regenerated from seed {self.cfg.seed} {got[:16]}"
             )
-        with torch.no_grad():
-            for name, live in self.frozen_tensors().items():
-                if name in values and not live.is_meta:
-                    live.copy_(values[name])
-        self.load_state_dict(sd)  # stores the frozen tensors that sd holds (_load_from_state_dict)
+        return values
 
 
 LAYER_INITS = ("random", "identity", "previous")
@@ -258,11 +302,22 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.proj = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if self.proj is not None and not self.proj.weight.is_meta:
-            with torch.no_grad():
-                self.proj.weight.copy_(normal(self.proj.weight.shape, cfg.init_std, generator(cfg.seed, "head")))
+            self.init_proj()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.norm.weight.fill_(1.0)
+        if self.proj is not None:
+            self.init_proj()
+
+    def init_proj(self) -> None:
+        with torch.no_grad():
+            w = self.proj.weight
+            w.copy_(normal(w.shape, self.cfg.init_std, generator(self.cfg.seed, "head")))
 
     def forward(self, h: torch.Tensor, embed_weight: torch.Tensor | None = None) -> torch.Tensor:
         """h (..., D) -> logits (..., V). `embed_weight (V, D)` is used only when tied."""
@@ -293,6 +348,18 @@ class Transformer(nn.Module):
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg, k) for k in range(1, cfg.n_layers + 1))
         self.head = Head(cfg)
+
+    def init_weights(self) -> None:
+        """Every tensor from its own (seed, ...) stream: what the constructor draws, into a model built by `empty`."""
+        self.embed.init_weights()
+        for block in self.blocks:
+            block.init_weights()
+        self.head.init_weights()
+
+    def init_frozen(self) -> None:
+        """Every block's frozen tensors, regenerated: what a state dict cannot fill (they are not in it)."""
+        for block in self.blocks:
+            block.init_frozen()
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> h (B, T, D)."""

@@ -4,24 +4,34 @@ A layer-wise stage trains three modules: its `Block`, the final norm (+ untied o
 in a `Head`, and, in stage 1 only, the `Embedding`. `LayerWeights` holds their state dicts side by
 side, one section per module, exactly as each module's own `state_dict()` names them, so nothing is
 prefixed on the way out or stripped on the way in. `layers/layer_k.pt` stores one `LayerWeights`
-(stackwise/artifacts/checkpoints.py writes and reads it).
+(stackwise/artifacts/checkpoints.py writes and reads it; an untied projection goes to a file of its own).
 
-    LayerWeights.of(modules)          trained modules -> weights (CPU copies)
+    LayerWeights.of(modules, dtype)   trained modules -> weights (CPU copies, in the dtype they are saved in)
     weights.modules(cfg, k)           weights -> modules (frozen tensors regenerated and checked)
     first_layer(cfg), next_layer(...) the modules a stage starts training from
-    assemble(cfg, [w_1 .. w_L])       the fused Transformer
+    assemble(cfg, layers)             the fused Transformer, filled one layer at a time
+    fused_tensors(cfg, layers)        the fused model's state dict, one layer at a time, never built
+
+Nothing here draws a tensor it then overwrites: a module that is loaded is built on the meta device
+and given storage (`transformer.empty`), and only what no state dict holds is drawn (the frozen
+tensors, and the part of a block `init=previous` does not copy). Every draw is the one the module's
+constructor makes, so the values are those of building it whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
+from stackwise.errors import ArtifactError
 from stackwise.model.config import ModelConfig
-from stackwise.model.transformer import Block, Embedding, Head, Transformer, init_layer
+from stackwise.model.transformer import Block, Embedding, Head, Transformer, empty, init_layer
+
+Device = str | torch.device
 
 
 class LayerModules(NamedTuple):
@@ -32,9 +42,17 @@ class LayerModules(NamedTuple):
     embed: Embedding | None = None
 
 
-def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    # clone: a view of a larger tensor would otherwise keep (and save) the whole storage
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+def _cpu(state: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    out = {}
+    for name, t in state.items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)  # on the tensor's own device: less to copy to the host
+        c = t.to("cpu").contiguous()
+        # clone a tensor that still shares the module's storage (a view of a larger tensor would
+        # otherwise keep, and save, the whole storage; a live one would change under us)
+        out[name] = c.clone() if c.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else c
+    return out
 
 
 @dataclass
@@ -44,18 +62,28 @@ class LayerWeights:
 
     block: dict[str, Tensor]  # Block.trainable_state_dict()
     frozen_sha256: str  # Block.frozen_up_checksum()
-    head: dict[str, Tensor]  # Head.state_dict(): final norm (+ untied projection)
+    head: dict[str, Tensor]  # Head.state_dict(): final norm (+ untied projection, when it was read)
     embed: dict[str, Tensor] | None = None  # Embedding.state_dict(): stage 1 only
 
     @classmethod
-    def of(cls, modules: LayerModules) -> LayerWeights:
+    def of(cls, modules: LayerModules, dtype: torch.dtype | None = None) -> LayerWeights:
+        """CPU copies of the trained modules' state, floating-point tensors cast to `dtype` (default: kept)."""
         block, head, embed = modules
         return cls(
-            block=_cpu(block.trainable_state_dict()),
+            block=_cpu(block.trainable_state_dict(), dtype),
             frozen_sha256=block.frozen_up_checksum(),
-            head=_cpu(head.state_dict()),
-            embed=None if embed is None else _cpu(embed.state_dict()),
+            head=_cpu(head.state_dict(), dtype),
+            embed=None if embed is None else _cpu(embed.state_dict(), dtype),
         )
+
+    def load_into(self, modules: LayerModules) -> None:
+        """Copy these weights into the modules they came from (cast to each tensor's dtype): after
+        `of(modules, dtype)` with a narrower dtype, the modules hold exactly what the file holds."""
+        block, head, embed = modules
+        block.load_state_dict(self.block)
+        head.load_state_dict(self.head)
+        if embed is not None and self.embed is not None:
+            embed.load_state_dict(self.embed)
 
     def sections(self) -> dict[str, dict[str, Tensor]]:
         """{module: state dict} for every module present: what a checkpoint file stores."""
@@ -71,49 +99,132 @@ class LayerWeights:
         """Into a block of the same layer: ArtifactError on missing keys, shapes or a frozen-checksum mismatch."""
         block.load_trainable_state_dict(self.block, self.frozen_sha256)
 
-    def modules(self, cfg: ModelConfig, k: int) -> LayerModules:
-        """Layer k's modules holding these weights (the embedding too when they have one)."""
-        block, head = Block(cfg, k), Head(cfg)
+    def modules(self, cfg: ModelConfig, k: int, device: Device = "cpu") -> LayerModules:
+        """Layer k's modules holding these weights (the embedding too when they have one), on `device`.
+
+        When these weights no longer hold their untied projection (only the latest stage's is kept),
+        the head's projection is its own (seed, "head") draw: enough to run layer k (its caching
+        pass never reads the head), not to train on from it (`next_layer` needs the real one)."""
+        block = empty(lambda: Block(cfg, k), device)
         self.load_block(block)
-        head.load_state_dict(self.head)
+        if cfg.tie_embeddings or "proj.weight" in self.head:
+            head = head_of(cfg, self, device=device)
+        else:
+            head = empty(lambda: Head(cfg), device)
+            head.init_proj()
+            head.load_state_dict(self.head, strict=False)
         embed = None
         if self.embed is not None:
-            embed = Embedding(cfg)
+            embed = empty(lambda: Embedding(cfg), device)
             embed.load_state_dict(self.embed)
         return LayerModules(block, head, embed)
 
 
-def first_layer(cfg: ModelConfig) -> LayerModules:
+def first_layer(cfg: ModelConfig, device: Device = "cpu") -> LayerModules:
     """Stage 1 starts from scratch: layer 1, the head and the embedding, each from its own (seed, ...) init."""
-    return LayerModules(Block(cfg, 1), Head(cfg), Embedding(cfg))
+    parts = (
+        empty(lambda: Block(cfg, 1), device),
+        empty(lambda: Head(cfg), device),
+        empty(lambda: Embedding(cfg), device),
+    )
+    for part in parts:
+        part.init_weights()
+    return LayerModules(*parts)
 
 
-def next_layer(cfg: ModelConfig, k: int, policy: str, below: LayerWeights) -> LayerModules:
+def next_layer(cfg: ModelConfig, k: int, policy: str, below: LayerWeights, device: Device = "cpu") -> LayerModules:
     """Stage k >= 2 starts from layer k-1's weights: the final norm (+ untied head) carried forward,
     the new block started by `policy` (`init_layer`: random, identity or previous)."""
-    block, head = Block(cfg, k), Head(cfg)
-    head.load_state_dict(below.head)
+    block = empty(lambda: Block(cfg, k), device)
+    block.init_frozen()
+    if policy != "previous":
+        block.init_trainable()
+    elif cfg.kind(k - 1) != cfg.kind(k):  # only the attention keeps its own draw: the stream up to it
+        block.init_trainable(last=block.last_attention_tensor())
     # `previous` copies layer k-1's trained tensors straight from its file's section: building its
     # block would redraw (and re-check) its frozen tensors, seconds at large sizes, for nothing
     init_layer(block, policy, below.block if policy == "previous" else None)
-    return LayerModules(block, head)
+    return LayerModules(block, head_of(cfg, below, device=device))
 
 
-def assemble(cfg: ModelConfig, layers: Sequence[LayerWeights]) -> Transformer:
+def assemble(cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = "cpu") -> Transformer:
     """The fused model from layer_1 … layer_K (K <= n_layers): the embedding from stage 1, block k
-    from stage k, the final norm and head from stage K (the last one to train them)."""
-    if not layers or layers[0].embed is None:
+    from stage k, the final norm and head from stage K (the last one to train them).
+
+    `layers` is read once, in order, and no layer is kept once it is copied in, so an iterator that
+    loads each layer file when asked holds one layer at a time beside the model. Blocks beyond K
+    keep their own (seed, k) initialisation."""
+    model = empty(lambda: Transformer(cfg), device)
+    last = None
+    for k, weights in enumerate(layers, start=1):
+        if k == 1:
+            if weights.embed is None:
+                raise ValueError("assemble needs layer 1's weights first (they hold the embedding)")
+            model.embed.load_state_dict(weights.embed)
+        if k > cfg.n_layers:
+            raise ValueError(f"assemble got more than n_layers={cfg.n_layers} layers")
+        weights.load_block(model.blocks[k - 1])
+        last = weights.head
+    if last is None:
         raise ValueError("assemble needs layer 1's weights first (they hold the embedding)")
-    model = Transformer(cfg)
-    model.embed.load_state_dict(layers[0].embed)
-    for block, weights in zip(model.blocks, layers, strict=False):
-        weights.load_block(block)
-    model.head.load_state_dict(layers[-1].head)
+    for block in model.blocks[k:]:
+        block.init_weights()
+    model.head.load_state_dict(_head_state(cfg, last))
     return model
 
 
-def head_of(cfg: ModelConfig, weights: LayerWeights) -> Head:
-    """The final norm (+ untied projection) stage k left behind: how depth prefix k reads out."""
-    head = Head(cfg)
-    head.load_state_dict(weights.head)
+def fused_tensors(cfg: ModelConfig, layers: Iterable[LayerWeights]) -> Iterator[tuple[str, Tensor]]:
+    """The fused model's state dict (`Transformer.state_dict()` names and order) from layer_1 …
+    layer_L, one entry at a time, without building the model: each layer is checked as `assemble`
+    checks it (keys, shapes, its frozen checksum against the regeneration from (seed, k)) and
+    dropped once its tensors are out. The tensors keep the dtype the layer files hold."""
+    with torch.device("meta"):
+        shapes = Transformer(cfg)
+    head: dict[str, Tensor] | None = None
+    n = 0
+    for n, weights in enumerate(layers, start=1):
+        if n > cfg.n_layers:
+            raise ValueError(f"the fused model has n_layers={cfg.n_layers} layers, more were given")
+        if n == 1:
+            if weights.embed is None:
+                raise ValueError("the fused model needs layer 1's weights first (they hold the embedding)")
+            yield from _checked("embed", shapes.embed, weights.embed)
+        shapes.blocks[n - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256)
+        yield from ((f"blocks.{n - 1}.{name}", t) for name, t in weights.block.items())
+        head = weights.head
+    if n != cfg.n_layers or head is None:
+        raise ValueError(f"the fused model needs all n_layers={cfg.n_layers} layers, got {n}")
+    yield from _checked("head", shapes.head, head)
+
+
+def _checked(prefix: str, module: torch.nn.Module, state: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """`state`'s entries as `prefix.name`, once its keys and shapes are those of `module` (meta is fine)."""
+    own = module.state_dict()
+    if set(own) != set(state):
+        raise ArtifactError(f"{prefix}: keys {sorted(state)} do not match the model's {sorted(own)}")
+    for name, t in own.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise ArtifactError(
+                f"{prefix}.{name} has shape {tuple(state[name].shape)}, the model needs {tuple(t.shape)}"
+            )
+    return ((f"{prefix}.{name}", state[name]) for name in own)
+
+
+def head_of(cfg: ModelConfig, weights: LayerWeights, proj: Tensor | None = None, device: Device = "cpu") -> Head:
+    """The final norm (+ untied projection) stage k left behind: how depth prefix k reads out.
+    `proj` stands in for an untied projection `weights` do not hold (only the latest stage's is kept)."""
+    head = empty(lambda: Head(cfg), device)
+    head.load_state_dict(_head_state(cfg, weights.head, proj))
     return head
+
+
+def _head_state(cfg: ModelConfig, state: Mapping[str, Tensor], proj: Tensor | None = None) -> dict[str, Tensor]:
+    state = dict(state)
+    if proj is not None and "proj.weight" not in state:
+        state["proj.weight"] = proj
+    if not cfg.tie_embeddings and "proj.weight" not in state:
+        raise ArtifactError(
+            "the untied output projection of the last layer is missing (only the latest stage's is kept, "
+            "in layers/layer_<k>.head.safetensors)"
+        )
+    return state

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -25,10 +25,11 @@ from stackwise.data.cache.layout import discard_cache, write_manifest
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
-from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, next_layer
+from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, fused_tensors, next_layer
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs
+from stackwise.pipeline.memory import fusion_room, stage_device
 from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage, plan
 from stackwise.pipeline.state import ExperimentState, cache_root
@@ -84,7 +85,7 @@ class Pipeline:
             data, below, embed_weight = self.layer_inputs(stage)
         if found.weights is not None:  # trained before, killed while caching: reuse the weights
             log.info("stage %s: weights found, rebuilding its cache only", stage.name)
-            layer = found.weights.modules(self.cfg, stage.k)
+            layer = found.weights.modules(self.cfg, stage.k, device=stage_device(self.run, stage.budget))
             self.state.drop_resume_point(stage)
         else:
             with timed(stage, "layer initialised"):
@@ -100,7 +101,10 @@ class Pipeline:
     def start_layer(self, stage: Stage, below: LayerWeights | None) -> LayerModules:
         """The modules a layer stage starts training from: stage 1 from its (seed, ...) init, stage k
         from layer k-1 (`layerwise.init`). stackwise-import starts stage 1 elsewhere (stackwise/hf/importer.py)."""
-        return first_layer(self.cfg) if stage.first else next_layer(self.cfg, stage.k, self.run.layer_init, below)
+        device = stage_device(self.run, stage.budget)  # a one-GPU stage builds its modules there
+        if stage.first:
+            return first_layer(self.cfg, device)
+        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device)
 
     def layer_inputs(self, stage: Stage) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None]:
         """What layer k trains on and starts from: token data (layer 1), or acts_layer{k-1} and layer
@@ -112,7 +116,7 @@ class Pipeline:
         embed_weight = None
         if self.cfg.tie_embeddings:  # stage 1's weights hold it: read layer_1.pt unless it is `below`
             first = below if below.embed is not None else self.state.load_layer(Stage.layer(1), needed_by=stage)[0]
-            embed_weight = first.embed["weight"]
+            embed_weight = first.embed["weight"].float()  # built in fp32 as every module (the file may hold bf16)
         return data, below, embed_weight
 
     def train_layer(self, stage: Stage, module: LayerwiseStage, data: L.LightningDataModule) -> None:
@@ -121,18 +125,31 @@ class Pipeline:
             self.inputs.cache_loaders(stage, data)
         t0 = time.time()
         with timed(stage, "trained and scored"):
-            scores, resumed = self.train(stage, module, data)
+            resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
+            weights, dtype = self.saved_weights(stage, module)
+            scores = self.trainers.validate(module, data.val_dataloader())
         seconds, steps = time.time() - t0, self.run.max_steps(stage.budget)
         below = self.state.sha256(self.paths.layer_ckpt(stage.below.k)) if stage.below else None
         # no wall time in the file: the same settings must give the same bytes
         meta = {"stage": stage.name, "k": stage.k, "config_hash": self.hashes["layer"], "model": self.cfg.to_dict()}
         meta.update(prev_sha256=below, **scores, steps=steps, tokens=self.tokens_seen(stage, steps))
-        weights = LayerWeights.of(module.trained_modules())
-        with timed(stage, f"layer_{stage.k}.pt saved"):
+        with timed(stage, f"layer_{stage.k}.pt saved ({dtype})"):
             write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
         self.saved(stage)
         self.record(stage, meta, seconds, resumed)
         self.state.drop_resume_point(stage)
+
+    def saved_weights(self, stage: Stage, module: LayerwiseStage) -> tuple[LayerWeights, torch.dtype]:
+        """What layers/layer_k.pt will hold (`layerwise.save_dtype`), and the trained modules set to
+        exactly that: the stage is scored, and acts_layer{k} cached, with the weights every later
+        reader gets from the file (a rerun that finds the file, the next stage, the fused model)."""
+        precision = self.run.trainer_kwargs(stage.budget).get("precision")
+        dtype = getattr(torch, self.run.layerwise.saved_dtype(precision))
+        trained = module.trained_modules()
+        weights = LayerWeights.of(trained, dtype)
+        if any(t.dtype != dtype for m in trained if m is not None for t in m.state_dict().values()):
+            weights.load_into(trained)
+        return weights, dtype
 
     def cache(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> None:
         """acts_layer{k}: layer k's output on every cached (sequence, view), then its manifest, last."""
@@ -161,46 +178,60 @@ class Pipeline:
 
     # ------------------------------------------------------------------ fusion
     def fusion_stage(self, stage: Stage) -> None:
-        """Assemble layer_1..L, check the fused model reproduces the last stage's loss, save fused/;
-        then the optional joint fine-tune."""
+        """Check that the fused model reproduces the last stage's loss (where it fits its device),
+        write fused/ streamed from layer_1..L, then the optional joint fine-tune."""
         run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
         if self.state.fusion_complete():
             log.info("stage fusion: complete, skipped")
             self.state.drop_resume_point(finetune)
             return
-        layers = self.state.layer_stack(needed_by=stage)
+        metas = self.state.layer_stack(needed_by=stage)
+        room = fusion_room(run)
+        room.refuse_finetune(run.fusion.finetune_steps)  # before fusion writes anything
         steps = max(1, run.fusion.finetune_steps)
         data = self.inputs.tokens(stage, steps)
-        model = assemble(cfg, [weights for weights, _ in layers])
-        module = FullModelStage(cfg, run.optim_for(finetune.budget), run.masking.weighting, steps, finetune.name, model)
         t0 = time.time()
-        scores = self.trainers.validate(module, data.val_dataloader())
-        if run.fusion.check:
-            check_fused(run, scores["val_loss"], layers[-1][1]["val_loss"])
-        tokens = sum(meta["tokens"] for _, meta in layers)
+        module, skipped = None, None
+        if room.fits_check():
+            with timed(stage, f"fused model assembled on {room.device}"):
+                model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device)
+            optim = run.optim_for(finetune.budget)
+            module = FullModelStage(cfg, optim, run.masking.weighting, steps, finetune.name, model)
+            scores = self.trainers.validate(module, data.val_dataloader())
+            if run.fusion.check:
+                check_fused(run, scores["val_loss"], metas[-1]["val_loss"])
+        else:  # the fused model is the last stage's model by construction: its scores stand for it
+            skipped = f"skipped: {room.why_not_check()}"
+            log.warning("fusion check %s; fused/ records the last stage's validation scores", skipped)
+            scores = {"val_loss": metas[-1]["val_loss"], "val_acc": metas[-1]["val_acc"]}
+        tokens = sum(meta["tokens"] for meta in metas)
         meta = {"config_hash": self.hashes["fusion"], **scores, "finetuned": False, "tokens": tokens}
+        if skipped is not None:
+            meta["fusion_check"] = skipped
         meta["layers_sha256"] = self.state.layer_shas()
-        fused = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        self.save_model(stage, self.paths.fused_dir, fused, meta)
+        with timed(stage, "fused/ written"):  # from the layer files, one layer at a time, in their dtype
+            self.save_model(stage, self.paths.fused_dir, fused_tensors(cfg, self.state.layers(needed_by=stage)), meta)
         # what the layer-wise model cost before fusion: every stage's training and caching pass
         layer_seconds = sum(
             r["seconds"] + r.get("cache_seconds", 0.0) for r in art.read_results(self.paths) if r.get("kind") == "layer"
         )
         self.record(stage, meta, layer_seconds + time.time() - t0)
         if run.fusion.finetune_steps > 0:
-            finetuned, resumed = self.finetune(finetune, module, data, fused, meta)
+            assert module is not None, "refuse_finetune lets a fine-tune through only where the model fits"
+            finetuned, resumed = self.finetune(finetune, module, data, meta)
             self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
             self.state.drop_resume_point(finetune)
 
-    def finetune(self, stage: Stage, module: FullModelStage, data, fused: dict, fused_meta: dict) -> tuple[dict, int]:
-        """Train the fused model jointly into fused/finetuned/; fused/ is rewritten last, marked
-        finetuned: from then on the whole fusion stage is complete. (its meta, the step it resumed from)"""
+    def finetune(self, stage: Stage, module: FullModelStage, data, fused_meta: dict) -> tuple[dict, int]:
+        """Train the fused model jointly into fused/finetuned/; fused/ is marked finetuned last (its
+        weights untouched): from then on the whole fusion stage is complete. (its meta, the step it
+        resumed from)"""
         scores, resumed = self.train(stage, module, data)
         tokens = fused_meta["tokens"] + self.tokens_seen(stage, self.run.fusion.finetune_steps)
         meta = {**fused_meta, **scores, "finetuned": True, "tokens": tokens}
         self.save_model(stage, self.paths.finetuned_dir, module.model.state_dict(), meta)
         done = {**fused_meta, "finetuned": True}
-        write_once(lambda: art.save_safetensors_model(self.paths.fused_dir, fused, self.cfg.to_dict(), done))
+        write_once(lambda: art.rewrite_model_meta(self.paths.fused_dir, done))
         return meta, resumed
 
     # ------------------------------------------------------------------ e2e
@@ -233,7 +264,8 @@ class Pipeline:
         """Tokens one stage trained on: the global batch (every rank's share) at every optimizer step."""
         return steps * self.run.tokens_per_step(stage.budget)
 
-    def save_model(self, stage: Stage, folder, state: dict, meta: dict) -> None:
+    def save_model(self, stage: Stage, folder, state: dict | Iterable[tuple[str, Tensor]], meta: dict) -> None:
+        """A model folder from a state dict or a stream of (name, tensor) (consumed by the writing rank only)."""
         write_once(lambda: art.save_safetensors_model(folder, state, self.cfg.to_dict(), meta))
         self.saved(stage)
 

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,18 +186,33 @@ class ExperimentState:
                 f"{needed_by.command} needs {path}, which does not exist: run {stage.command} first"
                 + (" (or stage=all)" if needed_by.kind == "fusion" else "")
             )
-        return art.load_layer_checkpoint(path, expect=self.layer_expect(stage))
+        return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head="load")
 
-    def layer_stack(self, needed_by: Stage) -> list[tuple[LayerWeights, dict]]:
-        """layer_1.pt … layer_L.pt for fusion, each trained on the activations of the one below it."""
-        layers = []
+    def layer_stack(self, needed_by: Stage) -> list[dict]:
+        """The metadata of layer_1.pt … layer_L.pt for fusion, each made by these settings and trained on
+        the activations of the one below it (their tensors are read later, one layer at a time: `layers`)."""
+        metas = []
         for k in range(1, self.run.model.n_layers + 1):
-            stage = Stage.layer(k)
-            layers.append(self.load_layer(stage, needed_by))
-            problem = self.chain_problem(stage, layers[-1][1])
+            stage, path = Stage.layer(k), self.paths.layer_ckpt(k)
+            if not path.exists():
+                self.load_layer(stage, needed_by)  # the one-line error naming the command that writes it
+            meta = art.read_layer_meta(path)
+            art.check_expected(path, meta, self.layer_expect(stage))
+            problem = self.chain_problem(stage, meta)
             if problem:
                 raise ArtifactError(f"{problem}; rerun {stage.command} (overwrite=true) or stage=all")
-        return layers
+            metas.append(meta)
+        return metas
+
+    def layers(self, needed_by: Stage) -> Iterator[LayerWeights]:
+        """layer_1 … layer_L's weights, each read (and checked) when asked for: one layer in memory at a
+        time. The last one comes with its untied output projection, which the fused model holds."""
+        n = self.run.model.n_layers
+        for k in range(1, n + 1):
+            path = self.paths.layer_ckpt(k)
+            yield art.load_layer_checkpoint(
+                path, expect=self.layer_expect(Stage.layer(k)), head="load" if k == n else "skip"
+            )[0]
 
     def input_cache(self, stage: Stage, needed_by: Stage) -> ActivationCache:
         """acts_layer{k} as the input of `needed_by`: it must be complete."""
@@ -218,7 +234,7 @@ class ExperimentState:
         if shas is None:
             return False
         try:  # made by these settings from exactly these layer checkpoints
-            _, _, meta = art.load_safetensors_model(
+            _, meta = art.read_model_meta(
                 self.paths.fused_dir,
                 verify=self.run.verify,
                 expect={"config_hash": self.hashes["fusion"], "layers_sha256": shas},
@@ -229,9 +245,7 @@ class ExperimentState:
 
     def e2e_complete(self) -> bool:
         try:
-            art.load_safetensors_model(
-                self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]}, verify=self.run.verify
-            )
+            art.read_model_meta(self.paths.e2e_dir, expect={"config_hash": self.hashes["e2e"]}, verify=self.run.verify)
         except ArtifactError:
             return False
         return True
