@@ -324,8 +324,6 @@ def import_llama(
             {"source": str(hf.folder.resolve()), "layers": layers, "overrides": args, "continue": command},
             paths.import_json,
         )
-        for k in range(1, layers + 1):
-            write_layer(run, exp, Stage.layer(k), start_modules(run, state, k, hf.folder), hf.folder, log)
 
     class ImportedStart(Pipeline):
         def start_layer(self, stage, below):
@@ -337,6 +335,9 @@ def import_llama(
             return modules
 
     for k in range(1, max(layers, 1) + 1):  # layers=0: stage 1 trains; else the imported layers' caches
+        if k <= layers:  # each layer written just before its cache: an untied head is kept for the latest only
+            with experiment_lock(paths):
+                write_layer(run, exp, Stage.layer(k), start_modules(run, state, k, hf.folder), hf.folder, log)
         log(f"stage {Stage.layer(k).name}: {'caching' if k <= layers else 'training from the imported embeddings'}")
         ImportedStart(dataclasses.replace(run, stage="embed" if k == 1 else "layer", k=None if k == 1 else k)).execute()
     return Imported(run, layers, command)
@@ -348,11 +349,15 @@ def write_layer(run: RunConfig, exp: Any, stage: Any, modules: LayerModules, sou
     weights = LayerWeights.of(modules)
     if path.exists():
         try:
-            have, _ = art.load_layer_checkpoint(path, expect=exp.layer_expect(stage))
+            # if_present: a later imported layer holds the untied head now (one is kept: the latest)
+            have, _ = art.load_layer_checkpoint(path, expect=exp.layer_expect(stage), head="if_present")
         except ArtifactError:
             have = None
         same = have is not None and all(
-            art.state_digest(have.sections().get(m, {})) == art.state_digest(s) for m, s in weights.sections().items()
+            set(have.sections().get(m, {})) <= set(s)
+            and art.state_digest(have.sections().get(m, {}))
+            == art.state_digest({n: t for n, t in s.items() if n in have.sections().get(m, {})})
+            for m, s in weights.sections().items()
         )
         if same:
             log(f"{path.name}: already imported")

@@ -82,7 +82,8 @@ class Pipeline:
             self.state.drop_resume_point(stage)  # left when a run was killed right after finishing the stage
             return
         with timed(stage, "inputs read"):
-            data, below, embed_weight = self.layer_inputs(stage)
+            # a stage whose weights exist only rebuilds its cache: layer k-1's untied head is not needed
+            data, below, embed_weight = self.layer_inputs(stage, "load" if found.weights is None else "if_present")
         if found.weights is not None:  # trained before, killed while caching: reuse the weights
             log.info("stage %s: weights found, rebuilding its cache only", stage.name)
             layer = found.weights.modules(self.cfg, stage.k, device=stage_device(self.run, stage.budget))
@@ -106,12 +107,14 @@ class Pipeline:
             return first_layer(self.cfg, device)
         return next_layer(self.cfg, stage.k, self.run.layer_init, below, device)
 
-    def layer_inputs(self, stage: Stage) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None]:
+    def layer_inputs(
+        self, stage: Stage, below_head: str = "load"
+    ) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None]:
         """What layer k trains on and starts from: token data (layer 1), or acts_layer{k-1} and layer
         k-1's weights, plus stage 1's embedding matrix when the head is tied to it."""
         if stage.first:
             return self.inputs.tokens(stage, self.run.max_steps(stage.budget)), None, None
-        below = self.state.load_layer(stage.below, needed_by=stage)[0]
+        below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
         data = self.inputs.activations(stage, self.state.input_cache(stage.below, needed_by=stage))
         embed_weight = None
         if self.cfg.tie_embeddings:  # stage 1's weights hold it: read layer_1.pt unless it is `below`

@@ -178,15 +178,17 @@ class ExperimentState:
             f"one there now (sha256 {str(meta.get('prev_sha256'))[:12]})"
         )
 
-    def load_layer(self, stage: Stage, needed_by: Stage) -> tuple[LayerWeights, dict]:
-        """layer_k.pt and its metadata as the input of `needed_by`; a missing one names the command that writes it."""
+    def load_layer(self, stage: Stage, needed_by: Stage, head: str = "load") -> tuple[LayerWeights, dict]:
+        """layer_k.pt and its metadata as the input of `needed_by`; a missing one names the command that
+        writes it. `head`: whether its untied projection must be there ("load": a stage starts from it)
+        or not ("if_present": a stage that only rebuilds its cache, after later layers replaced it)."""
         path = self.paths.layer_ckpt(stage.k)
         if not path.exists():
             raise ArtifactError(
                 f"{needed_by.command} needs {path}, which does not exist: run {stage.command} first"
                 + (" (or stage=all)" if needed_by.kind == "fusion" else "")
             )
-        return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head="load")
+        return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head=head)
 
     def layer_stack(self, needed_by: Stage) -> list[dict]:
         """The metadata of layer_1.pt … layer_L.pt for fusion, each made by these settings and trained on
