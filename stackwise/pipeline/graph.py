@@ -21,7 +21,7 @@ from torch import Tensor
 
 from stackwise import artifacts as art
 from stackwise.config import FULL_PRECISION, RunConfig
-from stackwise.data.cache.layout import discard_cache, write_manifest
+from stackwise.data.cache.layout import discard_cache, shard_rows, write_manifest
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
@@ -140,7 +140,9 @@ class Pipeline:
         writer = CacheWriter(
             acts_dir,
             splits=["train", "val"],
-            shard_size=self.run.cache.shard_size,
+            shard_size=shard_rows(
+                self.run.cache.shard_size, self.run.data.seq_len, self.cfg.d_model, self.run.cache.dtype
+            ),
             dtype=self.run.cache.dtype,
             vocab_size=self.cfg.vocab_size,
         )

@@ -175,6 +175,21 @@ def estimate_cache_bytes(n_rows: int, seq_len: int, d_model: int, dtype: str, vo
     return int(n_rows) * per_row
 
 
+# shard_size=auto: a shard's hidden states fill at most this many bytes (and it holds at most
+# AUTO_SHARD_MAX_ROWS rows), so that at large rows a caching batch spans several shards, whose files
+# the sink hashes on several threads at once (sha256 of one file is sequential: one core)
+AUTO_SHARD_BYTES = 256 * 2**20
+AUTO_SHARD_MAX_ROWS = 1024
+
+
+def shard_rows(setting: int | str, seq_len: int, d_model: int, dtype: str) -> int:
+    """Rows per shard for `cache.shard_size` (an integer, or auto: see AUTO_SHARD_BYTES)."""
+    if setting != "auto":
+        return int(setting)
+    row = seq_len * d_model * np.dtype(_HIDDEN_STORAGE[check_dtype(dtype)]).itemsize
+    return max(1, min(AUTO_SHARD_MAX_ROWS, AUTO_SHARD_BYTES // max(1, row)))
+
+
 def _existing_ancestor(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
