@@ -133,6 +133,16 @@ def decode_fp8(bits: Tensor, scale: Tensor, out: Tensor | None = None, dtype: to
     return torch.mul(values, scale.unsqueeze(-1), out=out)
 
 
+def round_trip(h: Tensor, hidden_dtype: str) -> Tensor:
+    """What a reader of a `hidden_dtype` cache returns for hidden states `h` written to it, computed
+    on h's device without the files: h in the stored dtype (fp8: encoded, then decoded to bfloat16).
+    `cache.store=recompute` rounds each recomputed layer's output with it, as a cache would have."""
+    if hidden_dtype != FP8:
+        return h.detach().to(getattr(torch, check_dtype(hidden_dtype)))
+    enc = encode_hidden(h, FP8)
+    return decode_fp8(enc["hidden"], enc[SCALE], dtype=getattr(torch, read_dtype(FP8)))
+
+
 def tensor_to_numpy(t: Tensor) -> np.ndarray:
     """A host tensor of storage bits as a numpy array (int16 bits of bf16 are viewed as uint16)."""
     a = t.numpy()
