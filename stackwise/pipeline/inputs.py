@@ -106,7 +106,7 @@ class StageInputs:
         run, cfg, loaders = self.run, self.run.model, data.predict_dataloader()
         rows = sum(len(dl.dataset) for dl in loaders)
         one = estimate_cache_bytes(rows, run.data.seq_len, cfg.d_model, run.cache.dtype, cfg.vocab_size)
-        check_free_space(self.paths.acts_dir(stage.k), one * max(1, kept))
+        check_free_space(self.paths.acts_dir(stage.k), one * max(1, kept), max(1, kept))
         return loaders
 
     def keeps_every_cache(self, to_write: int) -> bool:

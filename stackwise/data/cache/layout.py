@@ -207,13 +207,19 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_free_space(path: PathLike, needed_bytes: int) -> None:
-    """Stop before caching when the disk under `path` (which may not exist yet) cannot hold it."""
+def check_free_space(path: PathLike, needed_bytes: int, caches: int = 1) -> None:
+    """Stop before caching when the disk under `path` (which may not exist yet) cannot hold it, and
+    the `caches` - 1 caches after it that the run keeps too (`needed_bytes` counts them all)."""
     free = shutil.disk_usage(_existing_ancestor(Path(path))).free
     if needed_bytes > free:
+        kept = (
+            f" for the {caches} caches the run still writes and keeps (cache.keep=last keeps fewer)"
+            if caches > 1
+            else ""
+        )
         raise StackWiseError(
             f"not enough disk space for the activation cache at {path}: needs "
-            f"{human_bytes(needed_bytes)}, {human_bytes(free)} free (lower cache.train_sequences "
+            f"{human_bytes(needed_bytes)}{kept}, {human_bytes(free)} free (lower cache.train_sequences "
             f"or cache.views, use cache.dtype=bfloat16 or {FP8}, or free some space)"
         )
 
