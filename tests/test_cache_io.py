@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stackwise.data.cache import sink as sink_mod
 from stackwise.data.cache.datamodule import ActivationDataModule, DeviceLoader, one_ahead
-from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header
+from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header, round_trip
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
 from stackwise.data.cache.sink import ShardSink
 from stackwise.data.cache.writer import CacheWriter
@@ -147,6 +147,17 @@ def test_several_hash_threads_give_the_same_files_and_records(tmp_path: Path, mo
         "stackwise-cache-hash0",
         "stackwise-cache-hash1",
     }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", FP8])
+def test_round_trip_is_what_a_reader_gets_back(tmp_path: Path, dtype: str) -> None:
+    """`round_trip` (what cache.store=recompute rounds each layer's output with) equals writing the
+    hidden states to a cache and reading them back, bit for bit, in the dtype the reader returns."""
+    acts = tmp_path / "acts"
+    _build(acts, dtype, n_train=7, n_val=3, shard_size=5)
+    got = ActivationDataset(ActivationCache.open(acts), "train").__getitems__(list(range(7)))["hidden"]
+    want = round_trip(torch.stack([RowSource(7, "train")[i]["hidden"] for i in range(7)]), dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_padded_header_reads_back() -> None:

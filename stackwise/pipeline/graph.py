@@ -48,8 +48,8 @@ class Pipeline:
     def __init__(self, run: RunConfig, observers: Sequence[StageObserver] = ()):
         self.run, self.cfg = run, run.model
         self.stages = plan(run.stage, run.k, self.cfg.n_layers)
-        # where stage k >= 2 reads its input: cache.store, auto resolved once (only layer stages read it)
-        layerwise = any(s.kind == "layer" for s in self.stages)
+        # where stage k >= 2 reads its input: cache.store, auto resolved (measured) only for a run with layer stages
+        layerwise = any(s.kind == "layer" for s in self.stages) or run.cache.store != "auto"
         self.store = resolve_store(run, art.ExperimentPaths(run.exp_dir)) if layerwise else "disk"
         self.paths = art.ExperimentPaths(run.exp_dir, acts_root=cache_root(run, self.store))
         self.hashes = run.hashes()
