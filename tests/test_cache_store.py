@@ -13,7 +13,14 @@ import pytest
 
 from stackwise import artifacts as art
 from stackwise.data.cache.layout import human_bytes
-from stackwise.data.cache.store import StorePlan, StoreRates, choose_store, store_costs
+from stackwise.data.cache.store import (
+    StorePlan,
+    StoreRates,
+    choose_store,
+    free_bytes,
+    probe_write_rate,
+    store_costs,
+)
 from stackwise.errors import StackWiseError
 from stackwise.pipeline import Pipeline
 from stackwise.pipeline import inputs as inputs_mod
@@ -77,6 +84,20 @@ def test_auto_breaks_ties_toward_disk_then_memory() -> None:
     same = with_(H200, free_device=0, memory_bytes_per_s=H200.disk_bytes_per_s)
     assert choose_store(same, SEED)[0] == "disk"
     assert choose_store(H200, with_(SEED, n_layers=1))[0] == "disk"
+
+
+def test_the_measurements_auto_prices_with(tmp_path) -> None:
+    """What an accelerator run measures, here on the CPU: a layer's forward rate, a store's write rate
+    (its probe file removed), free bytes of a folder that does not exist yet."""
+    import torch
+
+    from stackwise.model.config import ModelConfig
+    from stackwise.model.prefix import forward_rate
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    assert forward_rate(cfg, 2, 16, torch.device("cpu"), iters=2) > 0
+    assert probe_write_rate(tmp_path / "store", 4 * 2**20) > 0 and not list((tmp_path / "store").iterdir())
+    assert free_bytes(tmp_path / "not" / "yet") > 0
 
 
 # ------------------------------------------------------------------------------ resolution
