@@ -70,6 +70,7 @@ NOT_IDENTITY: tuple[str, ...] = (
     "cache.device_prefetch",
     "cache.store",
     "cache.memory_dir",
+    "cache.keep",
     "fusion.check",
     "step",  # how fast a training step runs (compile, fused kernels, loss chunks, checkpoint writes)
     "trainer._target_",  # the class every Trainer is built as (stackwise/pipeline/trainers.py), not a setting

@@ -280,7 +280,10 @@ def test_cache_that_does_not_fit_stops_before_training(make_run, monkeypatch):
 def test_cache_that_does_not_fit_stops_before_writing(finished, tmp_path, make_run, monkeypatch):
     """Killed after layer_1.pt, before its cache: the rerun that rebuilds only the cache checks too."""
     shutil.copytree(finished, tmp_path / "exp")
+    # what a run killed there had not written yet (with layer 2 complete, no cache of layer 1 would be needed)
     shutil.rmtree(tmp_path / "exp" / "acts")
+    shutil.rmtree(tmp_path / "exp" / "fused")
+    (tmp_path / "exp" / "layers" / "layer_2.pt").unlink()
     pipe = Pipeline(make_run("stage=all", *BASE[len(TINY) :], name="exp"))
     _no_space(monkeypatch)
     with pytest.raises(StackWiseError, match=r"not enough disk space .*acts_layer1: needs \d"):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stackwise.data.cache import sink as sink_mod
 from stackwise.data.cache.datamodule import ActivationDataModule, DeviceLoader, one_ahead
-from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header
+from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header, round_trip
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
 from stackwise.data.cache.sink import ShardSink
 from stackwise.data.cache.writer import CacheWriter
@@ -96,6 +97,67 @@ def test_sink_shrinks_a_shard_when_fewer_rows_come_than_announced(tmp_path: Path
         for r, part in zip(recs, (rows[:4], rows[4:]), strict=True):
             raw = (out / r["files"]["hidden"]["path"]).read_bytes()
             assert raw == _npy(part) and r["files"]["hidden"]["sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_several_hash_threads_give_the_same_files_and_records(tmp_path: Path, monkeypatch) -> None:
+    """Files hashed by several threads at once (each file's bytes in order) give the bytes and
+    records of one thread; the hashing really is spread over the threads."""
+    fed_by: dict[str, set[str]] = {}
+    real_sha256 = hashlib.sha256
+
+    class Recording:
+        def __init__(self, data: bytes = b""):
+            self.h, self.id = real_sha256(data), str(id(self))
+
+        def update(self, data) -> None:
+            fed_by.setdefault(self.id, set()).add(threading.current_thread().name)
+            time.sleep(0.002)  # a slow hash: while one thread holds a file, the others take the next ones
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(sink_mod.hashlib, "sha256", Recording)
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((45, 6, 4)).astype(np.float32)
+    index = np.arange(45, dtype=np.int64)
+    out = {}
+    for threads in (1, 3):
+        acts = tmp_path / f"t{threads}"
+        sink = ShardSink(
+            acts,
+            storage={"hidden": "float32", "index": "int64"},
+            shard_size=3,  # a batch of 8 rows spans three shards: their files hash at once
+            rank=0,
+            convert=dict,
+            rows={"train": 45},
+            hash_threads=threads,
+        )
+        for lo in range(0, 45, 8):
+            sink.put("train", {"hidden": hidden[lo : lo + 8], "index": index[lo : lo + 8]})
+        records = sink.finish()
+        files = {p.relative_to(acts): p.read_bytes() for p in sorted(acts.rglob("*.npy"))}
+        out[threads] = (records, files)
+        for r in records:
+            for info in r["files"].values():
+                assert info["sha256"] == real_sha256((acts / info["path"]).read_bytes()).hexdigest()
+    assert out[1] == out[3] and len(out[1][0]) == 15
+    threads_used = set().union(*fed_by.values())
+    assert {t for t in threads_used if t.startswith("stackwise-cache-hash")} >= {
+        "stackwise-cache-hash0",
+        "stackwise-cache-hash1",
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", FP8])
+def test_round_trip_is_what_a_reader_gets_back(tmp_path: Path, dtype: str) -> None:
+    """`round_trip` (what cache.store=recompute rounds each layer's output with) equals writing the
+    hidden states to a cache and reading them back, bit for bit, in the dtype the reader returns."""
+    acts = tmp_path / "acts"
+    _build(acts, dtype, n_train=7, n_val=3, shard_size=5)
+    got = ActivationDataset(ActivationCache.open(acts), "train").__getitems__(list(range(7)))["hidden"]
+    want = round_trip(torch.stack([RowSource(7, "train")[i]["hidden"] for i in range(7)]), dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_padded_header_reads_back() -> None:

@@ -36,6 +36,8 @@ VALID_OTHER = {
     "cache.dtype": "bfloat16",
     "cache.train_sequences": 100,
     "cache.store": "memory",
+    "cache.shard_size": 100,
+    "cache.keep": "last",
     "trainer.max_epochs": 5,
     "trainer.precision": "64-true",
     "step.compile": True,

@@ -67,6 +67,12 @@ class ExperimentPaths:
         """`acts/acts_layer{k}/manifest.json`: written last; its presence marks the cache complete."""
         return manifest_path(self.acts_dir(k))
 
+    @property
+    def store_choice(self) -> Path:
+        """`cache_store.json`: the store `cache.store=auto` chose for this folder (kept, so that a resumed
+        run and every DDP rank use the same one; delete it to choose again)."""
+        return self.root / "cache_store.json"
+
     # -- fused and end-to-end models
     @property
     def fused_dir(self) -> Path:

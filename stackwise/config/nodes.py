@@ -108,7 +108,8 @@ class LayerwiseConfig(Structured):
         return "bfloat16" if precision in BF16_PRECISION else precision_weights(precision)
 
 
-CACHE_STORES = ("disk", "memory")
+CACHE_STORES = ("disk", "memory", "recompute", "auto")
+CACHE_KEEPS = ("all", "last", "auto")
 
 
 @dataclass
@@ -122,7 +123,9 @@ class CacheConfig(Structured):
     # float32 | bfloat16 | float16 | float8_e4m3 (e4m3 with a float32 scale per token vector, read
     # back as bfloat16: half the bytes of bfloat16); the hardware group sets it with the precision
     dtype: str = "float32"
-    shard_size: int = 1024  # rows per shard
+    # rows per shard, or auto: as many as hold 256 MiB of hidden states, at most 1024 (the files of
+    # one shard are hashed on one core: a batch that spans several shards is hashed on several)
+    shard_size: Any = "auto"
     batch_size: int = 64  # batch size of the caching pass
     # training sequences cached: auto = what the next stage reads (each row once), an integer (a
     # seeded subset), or null (all); `Any` because OmegaConf has no int-or-string type
@@ -135,16 +138,27 @@ class CacheConfig(Structured):
     prefetch_factor: int = 2  # batches each loader worker reads ahead (with data.num_workers > 0)
     # on a GPU, stage k's batches are copied to it one batch ahead, on a side stream (overlapping compute)
     device_prefetch: bool = True
-    # where the caches live: disk (outputs/<name>/acts/) or memory: a folder in a RAM-backed file
-    # system (tmpfs), <memory_dir>/stackwise/<name>-<hash of the experiment folder>/; same files,
-    # no disk bandwidth, gone at reboot (a resumed run rebuilds them from the layer files)
+    # where stage k's input lives: disk (outputs/<name>/acts/); memory: the same files in a folder
+    # of a RAM-backed file system (tmpfs), <memory_dir>/stackwise/<name>-<hash of the experiment
+    # folder>/, no disk bandwidth, gone at reboot (a resumed run rebuilds them from the layer files);
+    # recompute: no cache, stage k runs the frozen layers 1..k-1 on the token batches; auto: the
+    # cheapest of the three on this machine (stackwise/data/cache/store.py; disk on a CPU)
     store: str = "disk"
     memory_dir: str = "/dev/shm"
+    # which caches stay: all, or last: acts_layer{k-1} is deleted once acts_layer{k} is complete
+    # (at most two on the disk at once); auto: all while every cache the run writes fits, else last
+    keep: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("views", "shard_size", "batch_size", "shuffle_block", "prefetch_factor"):
+        for name in ("views", "batch_size", "shuffle_block", "prefetch_factor"):
             v = getattr(self, name)
             check(is_int(v) and v > 0, self.key(name), f"must be a positive integer, got {v!r}")
+        v = self.shard_size
+        check(
+            v == "auto" or (is_int(v) and v > 0),
+            self.key("shard_size"),
+            f"must be a positive integer or auto, got {v!r}",
+        )
         check(
             self.dtype in CACHE_DTYPES,
             self.key("dtype"),
@@ -159,6 +173,11 @@ class CacheConfig(Structured):
             self.store in CACHE_STORES,
             self.key("store"),
             f"unknown store {self.store!r}; allowed: {', '.join(CACHE_STORES)}",
+        )
+        check(
+            self.keep in CACHE_KEEPS,
+            self.key("keep"),
+            f"unknown keep {self.keep!r}; allowed: {', '.join(CACHE_KEEPS)}",
         )
         n = self.train_sequences
         check(

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 
 import lightning as L
 import torch
@@ -21,14 +22,15 @@ from torch import Tensor
 
 from stackwise import artifacts as art
 from stackwise.config import FULL_PRECISION, RunConfig
-from stackwise.data.cache.layout import discard_cache, write_manifest
+from stackwise.data.cache.layout import discard_cache, round_trip, shard_rows, write_manifest
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
+from stackwise.model.prefix import FrozenPrefix
 from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, fused_tensors, next_layer
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
-from stackwise.pipeline.inputs import StageInputs
+from stackwise.pipeline.inputs import StageInputs, resolve_store
 from stackwise.pipeline.memory import fusion_room, stage_device
 from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage, plan
@@ -46,10 +48,15 @@ class Pipeline:
 
     def __init__(self, run: RunConfig, observers: Sequence[StageObserver] = ()):
         self.run, self.cfg = run, run.model
-        self.paths = art.ExperimentPaths(run.exp_dir, acts_root=cache_root(run))
+        self.stages = plan(run.stage, run.k, self.cfg.n_layers)
+        # where stage k >= 2 reads its input: cache.store, auto resolved (measured) only for a run with layer stages
+        layerwise = any(s.kind == "layer" for s in self.stages) or run.cache.store != "auto"
+        self.store = resolve_store(run, art.ExperimentPaths(run.exp_dir)) if layerwise else "disk"
+        self.paths = art.ExperimentPaths(run.exp_dir, acts_root=cache_root(run, self.store))
         self.hashes = run.hashes()
         self.observers = [*installed(), *observers]
-        self.state = ExperimentState(run, self.paths, self.hashes)
+        self._keep_last: bool | None = None
+        self.state = ExperimentState(run, self.paths, self.hashes, self.store)
         self.trainers = Trainers(run, self.paths, self.observers)
         self.inputs = StageInputs(run, self.paths)
 
@@ -59,13 +66,13 @@ class Pipeline:
         with experiment_lock(self.paths):  # one run at a time per folder, from the first write to the last
             self.state.adopt(self.run.to_dict())
             run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
-            for stage in plan(self.run.stage, self.run.k, self.cfg.n_layers):
+            for stage in self.stages:
                 if torch.cuda.is_initialized():  # each record's peak_gpu_gib is its own stage's
                     torch.cuda.reset_peak_memory_stats()
                 run_stage[stage.kind](stage)
             if self.run.stage == "all":
                 write_once(lambda: console.finish_all(self.run, self.paths))
-            if self.run.cache.store == "memory" and self.paths.acts_root.is_dir():
+            if self.store == "memory" and self.paths.acts_root.is_dir():
                 nbytes = sum(f.stat().st_size for f in self.paths.acts_root.rglob("*") if f.is_file())
                 log.info(
                     "cache.store=memory: the caches hold %.2f GB of RAM in %s until it is deleted (or a reboot)",
@@ -83,7 +90,8 @@ class Pipeline:
             return
         with timed(stage, "inputs read"):
             # a stage whose weights exist only rebuilds its cache: layer k-1's untied head is not needed
-            data, below, embed_weight = self.layer_inputs(stage, "load" if found.weights is None else "if_present")
+            below_head = "load" if found.weights is None else "if_present"
+            data, below, embed_weight, prefix = self.layer_inputs(stage, below_head)
         if found.weights is not None:  # trained before, killed while caching: reuse the weights
             log.info("stage %s: weights found, rebuilding its cache only", stage.name)
             layer = found.weights.modules(self.cfg, stage.k, device=stage_device(self.run, stage.budget))
@@ -93,7 +101,7 @@ class Pipeline:
                 layer = self.start_layer(stage, below)
         run = self.run
         optim, steps = run.optim_for(stage.budget), run.max_steps(stage.budget)
-        module = LayerwiseStage(self.cfg, layer, optim, run.masking.weighting, steps, stage.name, embed_weight)
+        module = LayerwiseStage(self.cfg, layer, optim, run.masking.weighting, steps, stage.name, embed_weight, prefix)
         if found.weights is None:
             self.train_layer(stage, module, data)
         if self.state.needs_cache(stage):
@@ -109,23 +117,32 @@ class Pipeline:
 
     def layer_inputs(
         self, stage: Stage, below_head: str = "load"
-    ) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None]:
+    ) -> tuple[L.LightningDataModule, LayerWeights | None, Tensor | None, FrozenPrefix | None]:
         """What layer k trains on and starts from: token data (layer 1), or acts_layer{k-1} and layer
-        k-1's weights, plus stage 1's embedding matrix when the head is tied to it."""
+        k-1's weights, plus stage 1's embedding matrix when the head is tied to it; with
+        cache.store=recompute the token rows of acts_layer{k-1} and the frozen layers 1..k-1 instead."""
         if stage.first:
-            return self.inputs.tokens(stage, self.run.max_steps(stage.budget)), None, None
+            return self.inputs.tokens(stage, self.run.max_steps(stage.budget)), None, None, None
+        if self.state.recomputes(stage):
+            self.state.layer_stack(needed_by=stage, n=stage.below.k)  # made by these settings, in a chain
+            weights = list(self.state.layers(needed_by=stage, n=stage.below.k))
+            # each layer's output rounded as its cache would have stored it: stage k sees the same values
+            prefix = FrozenPrefix.of(self.cfg, weights, between=partial(round_trip, hidden_dtype=self.run.cache.dtype))
+            embed_weight = weights[0].embed["weight"].float() if self.cfg.tie_embeddings else None
+            below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
+            return self.inputs.recomputed(stage), below, embed_weight, prefix
         below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
         data = self.inputs.activations(stage, self.state.input_cache(stage.below, needed_by=stage))
         embed_weight = None
         if self.cfg.tie_embeddings:  # stage 1's weights hold it: read layer_1.pt unless it is `below`
             first = below if below.embed is not None else self.state.load_layer(Stage.layer(1), needed_by=stage)[0]
             embed_weight = first.embed["weight"].float()  # built in fp32 as every module (the file may hold bf16)
-        return data, below, embed_weight
+        return data, below, embed_weight, None
 
     def train_layer(self, stage: Stage, module: LayerwiseStage, data: L.LightningDataModule) -> None:
         """Fit layer k and save layers/layer_k.pt with what it was trained from and how well it does."""
         if self.state.needs_cache(stage):  # hours of training must not end in a full disk
-            self.inputs.cache_loaders(stage, data)
+            self.inputs.cache_loaders(stage, data, self.caches_kept(stage))
         t0 = time.time()
         with timed(stage, "trained and scored"):
             resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
@@ -159,11 +176,13 @@ class Pipeline:
         acts_dir = self.paths.acts_dir(stage.k)
         # we only get here when it is missing, partial or stale; one rank deletes it, before any writes
         write_once(lambda: discard_cache(acts_dir))
-        loaders = self.inputs.cache_loaders(stage, data)  # before the first shard is written
+        loaders = self.inputs.cache_loaders(stage, data, self.caches_kept(stage))  # before the first shard
         writer = CacheWriter(
             acts_dir,
             splits=["train", "val"],
-            shard_size=self.run.cache.shard_size,
+            shard_size=shard_rows(
+                self.run.cache.shard_size, self.run.data.seq_len, self.cfg.d_model, self.run.cache.dtype
+            ),
             dtype=self.run.cache.dtype,
             vocab_size=self.cfg.vocab_size,
         )
@@ -173,11 +192,39 @@ class Pipeline:
             observer.cached(stage)
         records = writer.records()
         write_once(lambda: write_manifest(acts_dir, records, self.state.cache_meta(stage)))
+        if self.keep_last():  # acts_layer{k} is complete: the caches below it are read no more
+            older = [self.paths.acts_dir(j) for j in range(1, stage.k) if self.paths.acts_dir(j).exists()]
+            write_once(lambda: [discard_cache(d) for d in older])
+            if older:
+                log.info("cache.keep=last: removed %s", ", ".join(d.name for d in older))
         seconds, nbytes = time.time() - t0, sum(f["bytes"] for r in records for f in r["files"].values())
         log.info(
             "stage %s: cached %.2f GB in %.1f s (%.2f GB/s)", stage.name, nbytes / 1e9, seconds, nbytes / 1e9 / seconds
         )
         self.record_cache(stage, seconds, nbytes)
+
+    def keep_last(self) -> bool:
+        """cache.keep: whether a complete acts_layer{k} replaces the caches below it (auto: decided once
+        per run, from the free space and the caches the run has still to write)."""
+        if self._keep_last is None:
+            self._keep_last = not self.inputs.keeps_every_cache(len(self.caches_to_write(1)))
+        return self._keep_last
+
+    def caches_to_write(self, first: int) -> list[Stage]:
+        """The layer stages from layer `first` on whose caches this run writes (a complete one is not)."""
+        return [
+            s
+            for s in self.stages
+            if s.kind == "layer"
+            and s.k >= first
+            and self.state.needs_cache(s)
+            and not self.paths.acts_manifest(s.k).exists()
+        ]
+
+    def caches_kept(self, stage: Stage) -> int:
+        """Caches the free-space check before layer k's caching pass counts: this one, and with every
+        cache kept, those the run writes after it too (keeping the last only, each replaces the one below)."""
+        return 1 if self.keep_last() else max(1, len(self.caches_to_write(stage.k)))
 
     # ------------------------------------------------------------------ fusion
     def fusion_stage(self, stage: Stage) -> None:

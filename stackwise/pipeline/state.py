@@ -1,9 +1,11 @@
 """What the experiment folder holds, judged against this run's settings.
 
 A stage is complete when its artifact loads, was made by this run's settings (config hash) and,
-for a layer that a later stage reads, its activation cache has a manifest naming that layer's
-sha256. Artifacts made by other settings stop the run (or are replaced with overwrite=true); a
-mid-stage checkpoint is resumed from only when it was tagged with these settings.
+for a layer that a later stage reads from a cache (not `cache.store=recompute`), its activation
+cache has a manifest naming that layer's sha256, or, unless every cache is kept (`cache.keep=all`),
+the stage above it is complete without it. Artifacts made by other settings stop the run (or are
+replaced with overwrite=true); a mid-stage checkpoint is resumed from only when it was tagged with
+these settings.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ class LayerFound:
     complete: bool = False
 
 
-def cache_root(run: RunConfig) -> Path | None:
+def cache_root(run: RunConfig, store: str | None = None) -> Path | None:
     """Where this run's acts_layer{k}/ folders live: None = the experiment's own acts/
-    (cache.store=disk); with cache.store=memory a folder of the RAM-backed cache.memory_dir named by
-    the experiment folder's name and a hash of its absolute path (two experiments never share it)."""
-    if run.cache.store != "memory":
+    (cache.store=disk, and recompute's last layer); for `store` memory (default: cache.store) a folder
+    of the RAM-backed cache.memory_dir named by the experiment folder's name and a hash of its
+    absolute path (two experiments never share it)."""
+    if (store or run.cache.store) != "memory":
         return None
     base = Path(run.cache.memory_dir)
     if not base.is_dir():
@@ -51,8 +54,10 @@ def cache_root(run: RunConfig) -> Path | None:
 
 
 class ExperimentState:
-    def __init__(self, run: RunConfig, paths: art.ExperimentPaths, hashes: dict[str, str]):
-        self.run, self.paths, self.hashes = run, paths, hashes
+    """`store`: where stage k >= 2 reads its input (disk, memory, recompute: cache.store resolved)."""
+
+    def __init__(self, run: RunConfig, paths: art.ExperimentPaths, hashes: dict[str, str], store: str = "disk"):
+        self.run, self.paths, self.hashes, self.store = run, paths, hashes, store
         self._sha256: dict[tuple[Path, int, int, int], str] = {}
 
     def sha256(self, path: Path) -> str:
@@ -114,9 +119,41 @@ class ExperimentState:
     def layer_expect(self, stage: Stage) -> dict:
         return {"config_hash": self.hashes["layer"], "k": stage.k}
 
+    def recomputes(self, stage: Stage) -> bool:
+        """Layer stage k >= 2 runs layers 1..k-1 itself instead of reading acts_layer{k-1}."""
+        return not stage.first and self.store == "recompute"
+
     def needs_cache(self, stage: Stage) -> bool:
         """A later stage reads acts_layer{k} (or cache.last_layer asks for the last one too)."""
-        return stage.k < self.run.model.n_layers or self.run.cache.last_layer
+        if stage.k >= self.run.model.n_layers:
+            return self.run.cache.last_layer
+        return not self.recomputes(Stage.layer(stage.k + 1))
+
+    def superseded(self, stage: Stage) -> bool:
+        """acts_layer{k} is needed no more: layer_{k+1}.pt was trained on this layer_k.pt with these
+        settings, and its own cache is complete (or, in turn, needed no more, or needed by nobody).
+        What a run keeping the last cache only leaves behind (or a user who deleted caches): unless
+        cache.keep=all, such a stage is complete without its cache, which is not rebuilt."""
+        if stage.k >= self.run.model.n_layers:
+            return False
+        above, path = Stage.layer(stage.k + 1), self.paths.layer_ckpt(stage.k + 1)
+        try:
+            meta = art.read_layer_meta(path) if path.is_file() else {}
+        except ArtifactError:
+            return False
+        if (meta.get("config_hash"), meta.get("k")) != (self.hashes["layer"], above.k):
+            return False
+        if meta.get("prev_sha256") != self.sha256(self.paths.layer_ckpt(stage.k)):
+            return False
+        if not self.needs_cache(above):
+            return True
+        if self.paths.acts_manifest(above.k).exists():
+            try:
+                self.open_cache(above)
+                return True
+            except ArtifactError:
+                pass
+        return self.superseded(above)
 
     def layer(self, stage: Stage) -> LayerFound:
         """layer_k.pt: absent, valid (and its cache complete or not), or foreign/corrupt, which stops
@@ -135,7 +172,8 @@ class ExperimentState:
             log.warning("overwrite=true: replacing %s (%s)", path, e)
             path.unlink(missing_ok=True)
             return LayerFound()
-        return LayerFound(weights, complete=not self.needs_cache(stage) or self.cache_complete(stage))
+        done = not self.needs_cache(stage) or self.cache_complete(stage)
+        return LayerFound(weights, complete=done or (self.run.cache.keep != "all" and self.superseded(stage)))
 
     def cache_complete(self, stage: Stage) -> bool:
         if not self.paths.acts_manifest(stage.k).exists():
@@ -190,11 +228,12 @@ class ExperimentState:
             )
         return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head=head)
 
-    def layer_stack(self, needed_by: Stage) -> list[dict]:
-        """The metadata of layer_1.pt … layer_L.pt for fusion, each made by these settings and trained on
-        the activations of the one below it (their tensors are read later, one layer at a time: `layers`)."""
+    def layer_stack(self, needed_by: Stage, n: int | None = None) -> list[dict]:
+        """The metadata of layer_1.pt … layer_n.pt (n = L: fusion; k-1: the layers a stage k
+        recomputes), each made by these settings and trained on the activations of the one below it
+        (their tensors are read later, one layer at a time: `layers`)."""
         metas = []
-        for k in range(1, self.run.model.n_layers + 1):
+        for k in range(1, (self.run.model.n_layers if n is None else n) + 1):
             stage, path = Stage.layer(k), self.paths.layer_ckpt(k)
             if not path.exists():
                 self.load_layer(stage, needed_by)  # the one-line error naming the command that writes it
@@ -206,14 +245,15 @@ class ExperimentState:
             metas.append(meta)
         return metas
 
-    def layers(self, needed_by: Stage) -> Iterator[LayerWeights]:
-        """layer_1 … layer_L's weights, each read (and checked) when asked for: one layer in memory at a
-        time. The last one comes with its untied output projection, which the fused model holds."""
-        n = self.run.model.n_layers
-        for k in range(1, n + 1):
+    def layers(self, needed_by: Stage, n: int | None = None) -> Iterator[LayerWeights]:
+        """layer_1 … layer_n's weights (n = L by default), each read (and checked) when asked for: one
+        layer in memory at a time. Layer L comes with its untied output projection, which the fused
+        model holds; a recomputed prefix (n < L) needs no head."""
+        last = self.run.model.n_layers
+        for k in range(1, (last if n is None else n) + 1):
             path = self.paths.layer_ckpt(k)
             yield art.load_layer_checkpoint(
-                path, expect=self.layer_expect(Stage.layer(k)), head="load" if k == n else "skip"
+                path, expect=self.layer_expect(Stage.layer(k)), head="load" if k == last else "skip"
             )[0]
 
     def input_cache(self, stage: Stage, needed_by: Stage) -> ActivationCache:

@@ -7,6 +7,8 @@ With tied embeddings the shared matrix trains in stage 1 only: training it later
 layer 1's input under every cached activation. Stage k keeps it as a frozen buffer.
 How the modules start (the `layerwise.init` policy, what is carried forward) is decided before they
 get here (`first_layer` / `next_layer` in stackwise/model/weights.py): this module only trains them.
+Stage k >= 2 reads layer k-1's output from its batches (`hidden`), or, given a `prefix`
+(`cache.store=recompute`), runs the frozen layers 1..k-1 on the batches' masked ids (`ids`) itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from stackwise.config import OptimConfig
 from stackwise.model.config import ModelConfig
+from stackwise.model.prefix import FrozenPrefix
 from stackwise.model.transformer import Block, Embedding, Head
 from stackwise.model.weights import LayerModules
 from stackwise.objective.loss import LinearHead
@@ -34,10 +37,16 @@ class LayerwiseStage(StageModule):
         max_steps: int,
         stage_name: str,
         embed_weight: Tensor | None = None,
+        prefix: FrozenPrefix | None = None,
     ):
         super().__init__(cfg, optim, weighting, max_steps)
         self.stage_name = stage_name
         self.block, self.head, self.embed = layer
+        if prefix is not None and (self.embed is not None or prefix.n_layers != self.block.k - 1):
+            raise ValueError(f"layer {self.block.k} recomputes layers 1..{self.block.k - 1}, not 1..{prefix.n_layers}")
+        # not a submodule: no optimizer, state dict or checkpoint of this stage holds the frozen layers
+        # below it, nor does a precision plugin or DDP see them (`FrozenPrefix.follow` places them)
+        object.__setattr__(self, "prefix", prefix)
         if self.embed is None and cfg.tie_embeddings:
             if embed_weight is None:
                 raise ValueError("a tied layer stage after stage 1 needs stage 1's embedding matrix")
@@ -66,21 +75,27 @@ class LayerwiseStage(StageModule):
             self.max_steps_total,
             self.stage_name,
             None if embed_weight is None else embed_weight.cpu(),
+            self.prefix,
         )
 
     def hidden_states(self, batch: dict) -> Tensor:
         pad = self.pad_mask(batch)
         if self.embed is not None:
             h = self.embed(batch["ids"])  # (B, T, D)
-        else:
+        elif "hidden" in batch:
             h = batch["hidden"].to(self.block_dtype())  # (B, T, D), bf16/fp32 from the cache
+        else:  # layers 1..k-1 recomputed, rounded as their caches would have been
+            if self.prefix is None:
+                raise ValueError(f"stage {self.stage_name} got token ids but has no frozen layers to run them through")
+            self.prefix.follow(next(self.block.parameters()))
+            h = self.prefix(batch["ids"], pad).to(self.block_dtype())  # (B, T, D)
         return self.block(h, pad_mask=pad)
 
     def block_dtype(self) -> torch.dtype:
         return next(self.block.parameters()).dtype
 
     def blocks(self) -> list[nn.Module]:
-        return [self.block]
+        return [self.block, *(self.prefix.blocks if self.prefix is not None else ())]
 
     def linear_head(self) -> LinearHead:
         embed = None

@@ -84,8 +84,10 @@ def _fsdp():
 def shard_stage(module: StageModule, mesh) -> None:
     """Shard `module` in place over `mesh`: one unit per block, the rest in the root unit."""
     fully_shard, register_forward = _fsdp()
+    own = {id(m) for m in module.modules()}
     for block in module.blocks():
-        fully_shard(block, mesh=mesh)
+        if id(block) in own:  # not a recomputed stage's frozen prefix: every rank runs it whole
+            fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
     for name in STEP_METHODS:
         register_forward(module, name)

@@ -28,5 +28,7 @@ manifest lists, which the next writer removes.
 Modules: layout.py (names, dtypes on disk, the fp8 codec, the manifest), sink.py (the shard files,
 written and hashed by threads behind a bounded queue), writer.py (`CacheWriter`, the Lightning
 prediction writer), reader.py (`ActivationCache`, `ActivationDataset`), datamodule.py
-(`ActivationDataModule`).
+(`ActivationDataModule`, and `RecomputedDataModule`: the same rows as token batches, for a stage
+that recomputes its input), store.py (where stage k's input lives, `cache.store`, and how `auto`
+picks it).
 """

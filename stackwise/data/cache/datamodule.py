@@ -1,4 +1,6 @@
-"""`ActivationDataModule`: the batches of an activation cache for stage k+1 and for the caching pass of layer k+1."""
+"""The batches stage k+1 reads and the caching pass of layer k+1 writes from: `ActivationDataModule` (the
+rows of an activation cache) and `RecomputedDataModule` (the same rows as token batches, for a stage that
+recomputes its input), both `RowsDataModule`s: one sampling, one set of loaders."""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from stackwise.artifacts import PathLike
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
@@ -16,8 +19,10 @@ from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_devic
 from stackwise.errors import StackWiseError
 
 
-class ActivationDataModule(L.LightningDataModule):
-    """Batches of a cache for stage k+1: a resumable shuffled train stream, in-order val and predict.
+class RowsDataModule(L.LightningDataModule):
+    """The batches stage k+1 reads, whatever holds its rows: a resumable shuffled train stream, in-order
+    val and predict. A subclass says what the rows are (`dataset(split, views)`), how a batch is
+    collated (`collate`) and where they come from (`source`, for messages).
 
     `max_steps` is the stage's optimizer-step budget (None: the trainer's max_steps). The train
     loader starts at the batch after the trainer's `global_step` (times gradient accumulation),
@@ -25,16 +30,17 @@ class ActivationDataModule(L.LightningDataModule):
     > 1 shuffles blocks of that many consecutive rows (stackwise/data/sampling.py): fewer, longer
     reads per batch, another order. `predict_dataloader()` is [train in order, val in order],
     every view: the caching pass of layer k+1 (pair it with `CacheWriter(splits=("train", "val"))`).
-    Every loader reads whole batches (`ActivationDataset.__getitems__`); `num_workers` > 0 keeps
-    its worker processes between epochs; `pin_memory` puts batches in page-locked memory for a
-    faster, asynchronous copy to the GPU; `prefetch_factor` batches per worker are read ahead.
-    `to_device`: on a CUDA trainer, the train and predict loaders hand out batches already on the
-    GPU, copied one batch ahead on a side stream (`DeviceLoader`), so the copy overlaps compute.
+    `num_workers` > 0 keeps its worker processes between epochs; `pin_memory` puts batches in
+    page-locked memory for a faster, asynchronous copy to the GPU; `prefetch_factor` batches per
+    worker are read ahead. `to_device`: on a CUDA trainer, the train and predict loaders hand out
+    batches already on the GPU, copied one batch ahead on a side stream (`DeviceLoader`), so the
+    copy overlaps compute.
     """
+
+    collate: Callable[[Any], Any] | None = None  # None: torch's default collate
 
     def __init__(
         self,
-        cache: ActivationCache | PathLike,
         batch_size: int,
         seed: int,
         num_workers: int = 0,
@@ -47,32 +53,39 @@ class ActivationDataModule(L.LightningDataModule):
         to_device: bool = False,
     ):
         super().__init__()
-        self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
         self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), int(num_workers)
         self.train_views = None if train_views is None else list(train_views)
         self.max_steps = max_steps
         self.predict_batch_size = int(predict_batch_size or batch_size)
         self.pin_memory, self.to_device = bool(pin_memory), bool(to_device)
         self.shuffle_block, self.prefetch_factor = int(shuffle_block), prefetch_factor
-        self._train: ActivationDataset | None = None
-        self._train_all: ActivationDataset | None = None
-        self._val: ActivationDataset | None = None
+        self._train: Dataset | None = None
+        self._train_all: Dataset | None = None
+        self._val: Dataset | None = None
+
+    def dataset(self, split: str, views: Sequence[int] | None = None) -> Dataset:
+        """The rows of `split` ("train" or "val") whose view is in `views` (None: all), in their order."""
+        raise NotImplementedError
 
     @property
-    def train_set(self) -> ActivationDataset:
+    def source(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def train_set(self) -> Dataset:
         if self._train is None:
-            self._train = ActivationDataset(self.cache, "train", self.train_views)
-            if len(self._train) == 0:
+            self._train = self.dataset("train", self.train_views)
+            if len(self._train) == 0:  # type: ignore[arg-type]
                 views = "" if self.train_views is None else f" with views {self.train_views}"
                 raise StackWiseError(
-                    f"{self.cache.dir} has no training rows{views}; check cache.views and the stage's views"
+                    f"{self.source} has no training rows{views}; check cache.views and the stage's views"
                 )
         return self._train
 
     @property
-    def val_set(self) -> ActivationDataset:
+    def val_set(self) -> Dataset:
         if self._val is None:
-            self._val = ActivationDataset(self.cache, "val")
+            self._val = self.dataset("val")
         return self._val
 
     def _device(self) -> torch.device | None:
@@ -94,7 +107,7 @@ class ActivationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers,
-            collate_fn=ready_batch,
+            collate_fn=type(self).collate,
             **({"prefetch_factor": self.prefetch_factor} if workers and self.prefetch_factor else {}),
             **kw,
         )
@@ -129,9 +142,7 @@ class ActivationDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         if self._train_all is None:
             self._train_all = (
-                self._train
-                if self.train_views is None and self._train is not None
-                else ActivationDataset(self.cache, "train")
+                self._train if self.train_views is None and self._train is not None else self.dataset("train")
             )
         device = self._device()
         return [
@@ -139,6 +150,50 @@ class ActivationDataModule(L.LightningDataModule):
             self._loader(self._train_all, self.predict_batch_size, device, sampler=RankSliceSampler(self._train_all)),
             self._loader(self.val_set, self.predict_batch_size, device, sampler=RankSliceSampler(self.val_set)),
         ]
+
+
+class ActivationDataModule(RowsDataModule):
+    """Batches of a cache for stage k+1 (see `RowsDataModule`), each read whole
+    (`ActivationDataset.__getitems__`)."""
+
+    collate = staticmethod(ready_batch)
+
+    def __init__(self, cache: ActivationCache | PathLike, batch_size: int, seed: int, **kwargs: Any):
+        super().__init__(batch_size, seed, **kwargs)
+        self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
+
+    def dataset(self, split: str, views: Sequence[int] | None = None) -> ActivationDataset:
+        return ActivationDataset(self.cache, split, views)
+
+    @property
+    def source(self) -> str:
+        return str(self.cache.dir)
+
+
+class RecomputedDataModule(RowsDataModule):
+    """The rows a cache of layer k would hold, as masked token batches (`cache.store=recompute`): the
+    stage runs the frozen layers 1..k itself (stackwise/model/prefix.py) where it would read hidden states.
+
+    `train` / `val`: the token datasets the first caching pass read (stackwise/data/stage_data.py
+    `MaskedTokenDataset` with fixed views: item i is sequence rows[i // views] under view i % views,
+    its mask a function of (seed, sequence, view)), so row i here is row i of any cache of the run:
+    the same sequence, view, mask, targets and t. A batch holds `ids` (masked) in place of `hidden`.
+    """
+
+    def __init__(self, train: Dataset, val: Dataset, batch_size: int, seed: int, **kwargs: Any):
+        super().__init__(batch_size, seed, **kwargs)
+        self.splits = {"train": train, "val": val}
+
+    def dataset(self, split: str, views: Sequence[int] | None = None) -> Dataset:
+        ds = self.splits[split]
+        if views is None:
+            return ds
+        view_of = np.arange(len(ds)) % ds.views  # type: ignore[arg-type, attr-defined]
+        return Subset(ds, np.flatnonzero(np.isin(view_of, list(views))).tolist())
+
+    @property
+    def source(self) -> str:
+        return "the recomputed token rows (cache.store=recompute)"
 
 
 class DeviceLoader(DataLoader):

@@ -133,6 +133,16 @@ def decode_fp8(bits: Tensor, scale: Tensor, out: Tensor | None = None, dtype: to
     return torch.mul(values, scale.unsqueeze(-1), out=out)
 
 
+def round_trip(h: Tensor, hidden_dtype: str) -> Tensor:
+    """What a reader of a `hidden_dtype` cache returns for hidden states `h` written to it, computed
+    on h's device without the files: h in the stored dtype (fp8: encoded, then decoded to bfloat16).
+    `cache.store=recompute` rounds each recomputed layer's output with it, as a cache would have."""
+    if hidden_dtype != FP8:
+        return h.detach().to(getattr(torch, check_dtype(hidden_dtype)))
+    enc = encode_hidden(h, FP8)
+    return decode_fp8(enc["hidden"], enc[SCALE], dtype=getattr(torch, read_dtype(FP8)))
+
+
 def tensor_to_numpy(t: Tensor) -> np.ndarray:
     """A host tensor of storage bits as a numpy array (int16 bits of bf16 are viewed as uint16)."""
     a = t.numpy()
@@ -175,6 +185,21 @@ def estimate_cache_bytes(n_rows: int, seq_len: int, d_model: int, dtype: str, vo
     return int(n_rows) * per_row
 
 
+# shard_size=auto: a shard's hidden states fill at most this many bytes (and it holds at most
+# AUTO_SHARD_MAX_ROWS rows), so that at large rows a caching batch spans several shards, whose files
+# the sink hashes on several threads at once (sha256 of one file is sequential: one core)
+AUTO_SHARD_BYTES = 256 * 2**20
+AUTO_SHARD_MAX_ROWS = 1024
+
+
+def shard_rows(setting: int | str, seq_len: int, d_model: int, dtype: str) -> int:
+    """Rows per shard for `cache.shard_size` (an integer, or auto: see AUTO_SHARD_BYTES)."""
+    if setting != "auto":
+        return int(setting)
+    row = seq_len * d_model * np.dtype(_HIDDEN_STORAGE[check_dtype(dtype)]).itemsize
+    return max(1, min(AUTO_SHARD_MAX_ROWS, AUTO_SHARD_BYTES // max(1, row)))
+
+
 def _existing_ancestor(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -182,13 +207,19 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_free_space(path: PathLike, needed_bytes: int) -> None:
-    """Stop before caching when the disk under `path` (which may not exist yet) cannot hold it."""
+def check_free_space(path: PathLike, needed_bytes: int, caches: int = 1) -> None:
+    """Stop before caching when the disk under `path` (which may not exist yet) cannot hold it, and
+    the `caches` - 1 caches after it that the run keeps too (`needed_bytes` counts them all)."""
     free = shutil.disk_usage(_existing_ancestor(Path(path))).free
     if needed_bytes > free:
+        kept = (
+            f" for the {caches} caches the run still writes and keeps (cache.keep=last keeps fewer)"
+            if caches > 1
+            else ""
+        )
         raise StackWiseError(
             f"not enough disk space for the activation cache at {path}: needs "
-            f"{human_bytes(needed_bytes)}, {human_bytes(free)} free (lower cache.train_sequences "
+            f"{human_bytes(needed_bytes)}{kept}, {human_bytes(free)} free (lower cache.train_sequences "
             f"or cache.views, use cache.dtype=bfloat16 or {FP8}, or free some space)"
         )
 

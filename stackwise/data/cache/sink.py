@@ -3,12 +3,19 @@
 `ShardSink.put(split, arrays)` runs on the caller's thread and only decides where each row goes: a
 shard's files are created there, preallocated to their final size with their .npy header in place
 (so a full disk stops the caller at once, naming the file), and the batch goes on a bounded queue.
-Three threads do the rest, each in order:
+Threads do the rest:
 
     io      waits until the batch is on the host (a CUDA event), converts it to the storage dtypes,
-            writes each field's rows at their offset in the shard's files (pwrite, in place);
-    hash    sha256 of each file, fed the same bytes while io writes them (hashlib releases the GIL);
-    close   once a shard is written and hashed: one fsync per file, then its record.
+            writes each field's rows at their offset in the shard's files (pwrite, in place), then
+            hands each file's new rows to the hashers;
+    hash    `hash_threads` of them: the sha256 of each file, fed the bytes io wrote, in the order io
+            wrote them. A file is hashed by one thread at a time (sha256 is sequential), different
+            files by different threads at once (hashlib releases the GIL on large buffers), so
+            several shards of one batch, or the fields of one shard, hash in parallel;
+    close   once a shard is written: one fsync per file, then, once it is hashed, its record.
+
+One core hashes about 0.5-2 GB/s; a cache whose every batch spans several shards is hashed that
+many times faster (`shard_size="auto"` in the `cache` node sizes shards for it at large rows).
 
 No file is renamed: a cache folder is trusted only through its manifest, written after every
 shard is complete and fsync'ed (the per-split folders are fsync'ed once at the end, so the names
@@ -17,8 +24,8 @@ caller at its next `put` or at `finish`; every file this sink created is removed
 half-written stays. The threads keep draining their queues after an error, so the caller never
 blocks on a dead consumer.
 
-One module over 300 lines on purpose: the sink and its three threads share one queue discipline
-and one error path, and are read together (the file I/O beneath them is fileio.py).
+One module over 300 lines on purpose: the sink and its threads share one queue discipline and one
+error path, and are read together (the file I/O beneath them is fileio.py).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import hashlib
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +50,8 @@ from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_ste
 
 # batches between the caller and the disk: one being written, one being hashed, one queued
 MAX_IN_FLIGHT = 3
+# hash threads: files hashed at once (one core each); more than the files a few batches span is idle
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 _STOP = object()
 
 
@@ -54,7 +64,9 @@ class _File:
     row_shape: tuple[int, ...]
     header: bytes
     fd: int = -1
-    hasher: Any = None  # sha256, fed by the hash thread only
+    hasher: Any = None  # sha256, fed by one hash thread at a time, in the order io wrote the rows
+    pending: deque = field(default_factory=deque)  # (bytes, done) io wrote and no hasher has fed yet
+    scheduled: bool = False  # on the hash threads' queue or being hashed (under ShardSink._lock)
 
     @property
     def row_bytes(self) -> int:
@@ -73,8 +85,9 @@ class _Shard:
     files: dict[str, _File]
     assigned: int = 0  # rows handed to it so far (caller's thread)
     reread: bool = False  # shrunk after it was hashed for `planned` rows: hash the file instead
+    written: bool = False  # io has handled the job that carries its last rows (under ShardSink._lock)
+    unhashed: int = 0  # segments handed to the hashers and not hashed yet (under ShardSink._lock)
     hashed: threading.Event = field(default_factory=threading.Event)
-    sha256: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,8 +99,12 @@ class _Job:
     completes: list[_Shard]  # shards whose last rows this job carries
     shrink: bool = False  # a shard that ends short of `planned` (its rows are all written)
     stored: dict[str, np.ndarray] | None = None
-    _left: int = 2  # io and hash
+    _left: int = 1  # io, plus each segment handed to the hashers
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold(self, n: int) -> None:
+        with self._lock:
+            self._left += n
 
     def done(self, sink: ShardSink) -> None:
         with self._lock:
@@ -108,6 +125,7 @@ class ShardSink:
     what is left; a shard that ends short of its size (an unknown or wrong count) is shrunk and
     hashed from its file at `finish`. `convert(arrays) -> {field: np.ndarray}` runs on the io
     thread, after the batch is on the host: host tensors to the storage dtypes (and any check).
+    `hash_threads`: files sha256'ed at once; the files and records are the same for any number.
     """
 
     def __init__(
@@ -120,6 +138,7 @@ class ShardSink:
         convert: Callable[[Mapping[str, Any]], dict[str, np.ndarray]],
         rows: Mapping[str, int | None] | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
+        hash_threads: int = HASH_THREADS,
     ):
         self.dir, self.rank, self.shard_size = Path(acts_dir), int(rank), int(shard_size)
         self.storage = {f: np.dtype(dt) for f, dt in storage.items()}
@@ -135,11 +154,13 @@ class ShardSink:
         self._failed = threading.Event()
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._io_q: queue.Queue = queue.Queue(maxsize=max_in_flight)
-        self._hash_q: queue.Queue = queue.Queue()
+        self._hash_q: queue.Queue = queue.Queue()  # files with rows to hash, each on it once at most
         self._close_q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # the hashers' bookkeeping: _File.pending/scheduled, _Shard.unhashed/written
+        self._n_hash = max(1, int(hash_threads))
+        loops = [("io", self._io), *((f"hash{i}", self._hash) for i in range(self._n_hash)), ("close", self._close)]
         self._threads = [
-            threading.Thread(target=loop, name=f"stackwise-cache{loop.__name__}", daemon=True)
-            for loop in (self._io, self._hash, self._close)
+            threading.Thread(target=loop, name=f"stackwise-cache-{name}", daemon=True) for name, loop in loops
         ]
         for t in self._threads:
             t.start()
@@ -263,7 +284,9 @@ class ShardSink:
         while True:
             job = self._io_q.get()
             if job is _STOP:
-                self._hash_q.put(_STOP)
+                for _ in range(self._n_hash):
+                    self._hash_q.put(_STOP)
+                self._close_q.put(_STOP)
                 return
             try:
                 if not self._failed.is_set():
@@ -271,11 +294,15 @@ class ShardSink:
                         self._shrink(job.completes[0])
                     else:
                         self._write(job)
+                        self._to_hashers(job)
             except BaseException as e:
                 self._fail(e)
             finally:
-                self._hash_q.put(job)
                 for shard in job.completes:
+                    with self._lock:
+                        shard.written = True
+                        if shard.unhashed == 0:
+                            shard.hashed.set()
                     self._close_q.put(shard)
                 job.done(self)
 
@@ -291,6 +318,24 @@ class ShardSink:
                 with write_errors(fh.path):
                     write_at(fh.fd, stored[f][first : first + n], len(fh.header) + at * fh.row_bytes)
 
+    def _to_hashers(self, job: _Job) -> None:
+        """Each file's new rows to its hasher, after the rows io wrote before them (a file is on the
+        hash queue at most once: the thread that takes it feeds all its pending rows in order)."""
+        assert job.stored is not None
+        parts = [
+            (shard, fh, job.stored[f][first : first + n])
+            for shard, _, first, n in job.segments
+            for f, fh in shard.files.items()
+        ]
+        job.hold(len(parts))
+        with self._lock:
+            for shard, fh, rows in parts:
+                shard.unhashed += 1
+                fh.pending.append((rows, shard, job))
+                if not fh.scheduled:
+                    fh.scheduled = True
+                    self._hash_q.put(fh)
+
     def _shrink(self, shard: _Shard) -> None:
         """Rewrite the headers for the rows the shard holds (same length: the data stays where it is)."""
         rows = shard.assigned
@@ -302,25 +347,26 @@ class ShardSink:
 
     def _hash(self) -> None:
         while True:
-            job = self._hash_q.get()
-            if job is _STOP:
-                self._close_q.put(_STOP)
+            fh = self._hash_q.get()
+            if fh is _STOP:
                 return
-            try:
-                if not self._failed.is_set() and job.stored is not None:
-                    for shard, _, first, n in job.segments:
-                        for f, fh in shard.files.items():
-                            fh.hasher.update(memoryview(job.stored[f][first : first + n]).cast("B"))
-                for shard in job.completes:
+            while True:
+                with self._lock:
+                    if not fh.pending:
+                        fh.scheduled = False
+                        break
+                    rows, shard, job = fh.pending.popleft()
+                try:
                     if not self._failed.is_set():
-                        for f, fh in shard.files.items():
-                            shard.sha256[f] = sha256_file(fh.path) if shard.reread else fh.hasher.hexdigest()
-            except BaseException as e:
-                self._fail(e)
-            finally:
-                for shard in job.completes:
-                    shard.hashed.set()
-                job.done(self)
+                        fh.hasher.update(memoryview(rows).cast("B"))
+                except BaseException as e:
+                    self._fail(e)
+                finally:
+                    with self._lock:
+                        shard.unhashed -= 1
+                        if shard.written and shard.unhashed == 0:
+                            shard.hashed.set()
+                    job.done(self)
 
     def _close(self) -> None:
         while True:
@@ -336,15 +382,19 @@ class ShardSink:
                     fh.fd = -1
                 shard.hashed.wait()
                 if not self._failed.is_set():
-                    self._records.append((shard.split, shard.number, self._record(shard)))
+                    sha = {
+                        f: sha256_file(fh.path) if shard.reread else fh.hasher.hexdigest()
+                        for f, fh in shard.files.items()
+                    }
+                    self._records.append((shard.split, shard.number, self._record(shard, sha)))
             except BaseException as e:
                 self._fail(e)
 
-    def _record(self, shard: _Shard) -> dict[str, Any]:
+    def _record(self, shard: _Shard, sha256: Mapping[str, str]) -> dict[str, Any]:
         files = {
             f: {
                 "path": fh.rel,
-                "sha256": shard.sha256[f],
+                "sha256": sha256[f],
                 "bytes": fh.size(shard.planned),
                 "shape": [shard.planned, *fh.row_shape],
                 "dtype": str(fh.dtype),
