@@ -102,9 +102,10 @@ def results(exp_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["stage"]: r for r in json.loads((exp_dir / "results.json").read_text())}
 
 
-def logged_rate(exp_dir: Path, run: str, tag_part: str = "items_per_sec") -> dict[str, Any]:
+def logged_rate(exp_dir: Path, run: str, tag_part: str = "items_per_sec", exclude: str | None = None) -> dict[str, Any]:
     """The tokens/s a stage's ThroughputMonitor wrote to TensorBoard: median over its windows but the
-    first (which holds the warm-up)."""
+    first (which holds the warm-up); `exclude`: leave out the tags holding it (e.g. "device": the
+    global rate only, not each device's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: list[float] = []
@@ -115,7 +116,7 @@ def logged_rate(exp_dir: Path, run: str, tag_part: str = "items_per_sec") -> dic
         acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            if tag_part in tag:
+            if tag_part in tag and not (exclude and exclude in tag):
                 tags.add(tag)
                 values += [e.value for e in acc.Scalars(tag)]
     steady = values[1:] or values

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -29,24 +28,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from datapath import results, train  # noqa: E402  (benchmarks/datapath.py)
-
-
-def global_rate(exp_dir: Path, run: str) -> float | None:
-    """The global tokens/s ThroughputMonitor logged for one stage (not its per-device tag)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: list[float] = []
-    for events in sorted((exp_dir / "tb").rglob("events.out.tfevents.*")):
-        if run not in events.parts:
-            continue
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag.endswith("items_per_sec") and "device" not in tag:
-                values += [e.value for e in acc.Scalars(tag)]
-    steady = values[1:] or values
-    return statistics.median(steady) if steady else None
+from datapath import logged_rate, results, train  # noqa: E402  (benchmarks/datapath.py)
 
 
 def placement(gpus: int, sharded: bool = False) -> list[str]:
@@ -58,7 +40,7 @@ def placement(gpus: int, sharded: bool = False) -> list[str]:
 def row(exp: Path, stage: str, wall: float) -> dict[str, Any]:
     rec = results(exp)[stage]
     return {
-        "tokens_per_s": global_rate(exp, stage),
+        "tokens_per_s": logged_rate(exp, stage, exclude="device")["tokens_per_s"],  # the global rate
         "train_seconds": rec["seconds"],
         "peak_gpu_gib": rec.get("peak_gpu_gib"),
         "val_loss": rec["val_loss"],

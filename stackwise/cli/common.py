@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -77,3 +78,22 @@ class _DropLightningNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(p.search(message) for p in self.PATTERNS)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error of the CLI (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A OneLineParser whose description is the first line of a command's module docstring and
+    whose epilog is the rest (the examples)."""
+    return OneLineParser(
+        prog=prog,
+        description=doc.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(doc.splitlines()[2:]),
+    )

@@ -16,24 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from stackwise.cli.common import user_errors
+from stackwise.cli.common import doc_parser, user_errors
 
 PROG = "stackwise-export"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
+    p = doc_parser(PROG, __doc__)
     p.add_argument("experiment", type=Path, help="an experiment folder, e.g. outputs/default")
     p.add_argument("--out", type=Path, required=True, help="the transformers folder to write")
     p.add_argument(

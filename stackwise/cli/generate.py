@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stackwise.cli.common import user_errors
+from stackwise.cli.common import doc_parser, user_errors
 from stackwise.errors import StackWiseError
 from stackwise.generation import (
     MODEL_KINDS,
@@ -33,21 +33,8 @@ from stackwise.generation import (
 PROG = "stackwise-generate"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line like every other error of the CLI (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
+    p = doc_parser(PROG, __doc__)
     p.add_argument("experiment", type=Path, help="an experiment folder, e.g. outputs/default")
     p.add_argument(
         "--model",

@@ -18,24 +18,13 @@ import logging
 import sys
 from pathlib import Path
 
-from stackwise.cli.common import quiet_known_advice, user_errors
+from stackwise.cli.common import doc_parser, quiet_known_advice, user_errors
 
 PROG = "stackwise-import"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
+    p = doc_parser(PROG, __doc__)
     p.add_argument("folder", type=Path, help="a local transformers Llama folder (config.json + safetensors)")
     p.add_argument("--layers", type=int, default=0, help="layers to import as finished stages (default: 0)")
     p.add_argument("overrides", nargs="*", help="stackwise-train overrides, e.g. data=shakespeare output_root=runs")
