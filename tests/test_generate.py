@@ -350,3 +350,27 @@ def test_cli_subprocess_no_traceback(tmp_path):
     )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"stackwise-generate: error: experiment folder {tmp_path / 'nope'} does not exist"]
+
+
+def test_a_padded_vocabulary_samples_only_the_tokenizers_ids(tmp_path, capsys):
+    """A model with more vocabulary rows than its tokenizer uses (model=seed's 128000 over the byte
+    tokenizer's 258; here 384) samples: the padded rows are never drawn, even where they score highest."""
+    from stackwise.config import RunConfig
+    from stackwise.generation.experiment import load_experiment_model, sample_ids
+
+    tiny = [o for o in TINY if not o.startswith("data.")]
+    overrides = [*tiny, "data=shakespeare", "data.seq_len=32", "model.vocab_size=384", f"output_root={tmp_path}"]
+    run = RunConfig.from_hydra(compose_cfg([*overrides, "name=padded", "logger=none"]))
+    paths = art.ExperimentPaths(run.exp_dir)
+    paths.root.mkdir(parents=True)
+    art.atomic_write_json(run.to_dict(), paths.run_config)
+    model = Transformer(run.model)
+    with torch.no_grad():  # make the padded rows the most likely tokens everywhere
+        model.embed.weight[258:] = model.embed.weight[:258].abs().max() * 50
+    art.save_safetensors_model(paths.fused_dir, model.state_dict(), run.model.to_dict(), {})
+
+    em = load_experiment_model(run.exp_dir, "fused")
+    _, samples = sample_ids(em, length=24, num_samples=2, temperature=1.0)
+    assert int(samples.max()) < 258 and int(samples.min()) >= 0
+    code, out, err = cli(capsys, run.exp_dir, "--length", "24")
+    assert code == 0 and out.strip(), err

@@ -58,12 +58,19 @@ def load_experiment_model(
     cfg = model.cfg
     model.to(device).eval()
     tokenizer = experiment_tokenizer(run)
-    if tokenizer is not None and (tokenizer.mask_id, tokenizer.vocab_size) != (cfg.mask_id, cfg.vocab_size):
+    # a model's vocabulary may be padded past the ids its tokenizer uses (model=seed's 128000 rows
+    # over the byte tokenizer's 258): those rows are never sampled (sample_ids passes n_ids)
+    if tokenizer is not None and (tokenizer.mask_id != cfg.mask_id or cfg.vocab_size < n_ids_of(tokenizer)):
         raise StackWiseError(
             f"{folder}: the model has mask_id={cfg.mask_id}, vocab_size={cfg.vocab_size} but the "
-            f"experiment's tokenizer has mask_id={tokenizer.mask_id}, vocab_size={tokenizer.vocab_size}"
+            f"experiment's tokenizer has mask_id={tokenizer.mask_id} and uses {n_ids_of(tokenizer)} ids"
         )
     return ExperimentModel(model=model, cfg=cfg, tokenizer=tokenizer, seq_len=int(run.data.seq_len), meta=meta)
+
+
+def n_ids_of(tokenizer: Any) -> int:
+    """The ids a tokenizer really uses (its vocab_size where it does not say)."""
+    return int(getattr(tokenizer, "n_ids", tokenizer.vocab_size))
 
 
 def experiment_tokenizer(run: Any) -> Any:
@@ -133,6 +140,7 @@ def sample_ids(
         pad_id=cfg.pad_id,
         generator=sample_generators(seed, num_samples),
         callback=callback,
+        n_ids=None if em.tokenizer is None else n_ids_of(em.tokenizer),
     )
     return start, out
 

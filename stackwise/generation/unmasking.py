@@ -136,6 +136,7 @@ def generate(
     pad_id: int | None = None,
     generator: GeneratorArg = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    n_ids: int | None = None,
 ) -> Tensor:
     """Fill every `mask_id` position of `ids` (B, T) by iterative unmasking; return the new (B, T) ids.
 
@@ -150,6 +151,8 @@ def generate(
     generator: one CPU torch.Generator for every row, or one per row (row i then depends only on
       its own input and generator); None = seed 0.
     callback: called as callback(step, ids) after each step (1-based; `ids` is the live tensor).
+    n_ids: the ids a tokenizer can decode (a model's vocabulary may be padded past them): ids >= n_ids
+      are never sampled. None = every id of the model.
     """
     vocab_size = getattr(getattr(model, "cfg", None), "vocab_size", None)
     _check_args(ids, steps, strategy, temperature, top_k, block_length, mask_id, vocab_size)
@@ -160,7 +163,7 @@ def generate(
     if pad_mask is not None and not pad_mask.any():
         pad_mask = None
     plans = [_row_plan(row.cpu(), steps, block_length) for row in (x == mask_id)]
-    reveal = _Reveal(mask_id, pad_id, strategy, float(temperature), top_k)
+    reveal = _Reveal(mask_id, pad_id, strategy, float(temperature), top_k, n_ids)
     with _eval_mode(model):
         for s in range(steps):
             todo = [(r, *plan[s]) for r, plan in enumerate(plans) if plan[s][2] > 0]
@@ -193,12 +196,15 @@ class _Reveal:
     strategy: str
     temperature: float
     top_k: int | None
+    n_ids: int | None = None
 
     def __call__(self, row: Tensor, logits: Tensor, lo: int, hi: int, count: int, g: torch.Generator) -> None:
         """Reveal `count` masks of `row` (T,) among positions [lo, hi), in place, from its logits (T, V)."""
         pos = (row[lo:hi] == self.mask_id).nonzero().flatten() + lo  # (N,) still masked in the block
         lg = logits[pos].float().cpu()  # (N, V): sample on CPU, the same on every device
         lg[:, [self.mask_id] + ([self.pad_id] if self.pad_id is not None else [])] = float("-inf")
+        if self.n_ids is not None:
+            lg[:, self.n_ids :] = float("-inf")  # the padded rows of the vocabulary: no token to decode
         x0, conf = _draw(lg, self.temperature, self.top_k, g)
         if self.strategy == "random":
             conf = torch.rand(pos.numel(), generator=g)
