@@ -85,6 +85,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stackwise.artifacts.models import MAX_SHARD_BYTES
 from stackwise.config import FULL_PRECISION, RunConfig, precision_weights
 from stackwise.data.cache.layout import estimate_cache_bytes
 from stackwise.model.config import ModelConfig
@@ -396,24 +397,32 @@ def plan_run(run: RunConfig) -> Plan:
     """The whole plan of `run` (nothing allocated, nothing read but the config)."""
     cfg = run.model
     model = _meta(lambda: Transformer(cfg))
-    w = _setting(run, "layer").num.w
-    head = _state_numel(model.head)
-    layer = [_state_numel(b) + head for b in model.blocks]  # what layer_k.pt holds: block + head (+ embed)
+    # layer files (and fused/, streamed from them) hold the dtype `layerwise.save_dtype` gives
+    w = torch.empty((), dtype=getattr(torch, run.layerwise.saved_dtype(run.trainer_kwargs("layer").get("precision"))))
+    w = w.element_size()
+    proj = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model  # untied: kept once, beside the latest layer
+    head = _state_numel(model.head) - proj
+    layer = [_state_numel(b) + head for b in model.blocks]  # what layer_k.pt holds: block + final norm (+ embed)
     layer[0] += _state_numel(model.embed)
-    fused = _state_numel(model) * 4  # fused/ is written from the fp32 assembled model
+    fused = _state_numel(model) * w
     files = {"layer_1.pt": layer[0] * w, "fused/model.safetensors": fused}
     if cfg.n_layers > 1:
         files["layer_k.pt (k >= 2)"] = max(layer[1:]) * w
+    if proj:
+        files["layer_k.head.safetensors (the latest layer's only)"] = proj * w
     T, D = run.data.seq_len, cfg.d_model
     per_mtoken = round(estimate_cache_bytes(1, T, D, run.cache.dtype, cfg.vocab_size) * 1e6 / T)
     seqs = run.cache_train_sequences()
     rows = None if seqs is None else seqs * run.cache.views
     params = sum(_held(model)[:2])
+    # fused/ is streamed from the layer files: one layer's state and one shard buffer at a time; the
+    # fp32 model the check and the fine-tune run is built on the host unless the run has one GPU
     host = {
-        "layer files' states (all layers)": sum(layer) * w,
-        "fp32 assembled model": params * 4,
-        "fp32 copy written to fused/": fused,
+        "one layer file's state": (max(layer) + proj) * w,
+        "one shard of fused/ being written": min(fused, MAX_SHARD_BYTES),
     }
+    if not _one_gpu(run.trainer_kwargs("fusion")):
+        host["fp32 assembled model (check, fine-tune)"] = params * 4
     notes = []
     strategy = str(run.trainer_kwargs("layer").get("strategy", "auto"))
     if strategy.startswith("fsdp"):
@@ -431,6 +440,15 @@ def plan_run(run: RunConfig) -> Plan:
         fusion_host=host,
         notes=notes,
     )
+
+
+def _one_gpu(node: dict) -> bool:
+    """Whether a trainer node runs on exactly one GPU (where the fused model is built), from the
+    config alone: stackwise/pipeline/memory.py decides it at run time from the devices found."""
+    devices, strategy = node.get("devices", "auto"), str(node.get("strategy", "auto"))
+    gpu = str(node.get("accelerator", "auto")) in ("gpu", "cuda")
+    one = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    return gpu and one and strategy in ("auto", "single_device")
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -55,8 +55,14 @@ def test_counts_are_the_real_models(overrides, tmp_path):
     assert stages["e2e"].memory["weights"] == 4 * stages["e2e"].params
     assert stages["e2e"].memory["gradients"] == 4 * stages["e2e"].trainable
     assert stages["e2e"].memory["optimizer"] == 8 * stages["e2e"].trainable
-    assert plan.layer_files["layer_1.pt"] == 4 * LayerWeights.of(layer1).numel()
+    # fp32 layer files (layerwise.save_dtype=auto on CPU); an untied projection is a file of its own
+    proj = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    assert plan.layer_files["layer_1.pt"] == 4 * (LayerWeights.of(layer1).numel() - proj)
+    assert plan.layer_files.get("layer_k.head.safetensors (the latest layer's only)", 0) == 4 * proj
     assert plan.layer_files["fused/model.safetensors"] == 4 * sum(t.numel() for t in model.state_dict().values())
+    # fusion streams fused/ from the layer files; the fp32 model for the check is built on the host (CPU)
+    assert plan.fusion_host["fp32 assembled model (check, fine-tune)"] == 4 * _numel(model)[0]
+    assert plan.fusion_host["one shard of fused/ being written"] == plan.layer_files["fused/model.safetensors"]
 
 
 def test_llama3_70b_is_planned_without_allocating(tmp_path):
@@ -66,6 +72,10 @@ def test_llama3_70b_is_planned_without_allocating(tmp_path):
     assert 70.5e9 < e2e.params < 70.6e9  # Llama-3-70B's 70.6B, with the untied head
     stage1 = plan.stages[0]
     assert (stage1.tokens, stage1.precision, stage1.compiled) == (8192, "bf16-mixed", True)
+    # bf16 layer files, the 1.05B-value untied head once, fused/ streamed through 5 GB shards on one GPU
+    assert plan.layer_files["layer_k.head.safetensors (the latest layer's only)"] == 2 * 128256 * 8192
+    assert plan.fusion_host["one shard of fused/ being written"] == 5 * 10**9
+    assert "fp32 assembled model (check, fine-tune)" not in plan.fusion_host
     # bf16-mixed: fp32 weights, gradients and AdamW, bf16 copies for the matmuls
     assert stage1.memory["weights"] == 4 * stage1.params
     assert stage1.memory["autocast"] > 0
