@@ -4,6 +4,7 @@ recomputes its input), both `RowsDataModule`s: one sampling, one set of loaders.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_devic
 from stackwise.errors import StackWiseError
 
 
-class RowsDataModule(L.LightningDataModule):
+class RowsDataModule(L.LightningDataModule, abc.ABC):
     """The batches stage k+1 reads, whatever holds its rows: a resumable shuffled train stream, in-order
     val and predict. A subclass says what the rows are (`dataset(split, views)`), how a batch is
     collated (`collate`) and where they come from (`source`, for messages).
@@ -63,13 +64,14 @@ class RowsDataModule(L.LightningDataModule):
         self._train_all: Dataset | None = None
         self._val: Dataset | None = None
 
+    @abc.abstractmethod
     def dataset(self, split: str, views: Sequence[int] | None = None) -> Dataset:
         """The rows of `split` ("train" or "val") whose view is in `views` (None: all), in their order."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def source(self) -> str:
-        raise NotImplementedError
+        """Where the rows come from, for messages."""
 
     @property
     def train_set(self) -> Dataset:
