@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", default="disk,feed,all", help="comma-separated: disk, feed, all (all + e2e)")
     ap.add_argument("--layers", default="4", help="comma-separated n_layers for the all/e2e part")
     ap.add_argument("--all-steps", type=int, default=20, help="trainer.max_steps per layer stage in the all part")
+    ap.add_argument(
+        "--stores", default="", help="comma-separated cache.store values for stage=all (default: the config's)"
+    )
     ap.add_argument("--finetune-steps", type=int, default=8)
     ap.add_argument("--disk-gb", type=float, default=4.0)
     ap.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
@@ -216,24 +219,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "all" in parts:
         res["all_vs_e2e"] = []
+        stores = [x for x in args.stores.split(",") if x] or [None]
         for n_layers in [int(x) for x in args.layers.split(",")]:
-            name = f"all_{n_layers}L"
-            run = [*base, f"name={name}", f"model.n_layers={n_layers}", f"trainer.max_steps={args.all_steps}"]
+            run = [*base, f"model.n_layers={n_layers}", f"trainer.max_steps={args.all_steps}"]
             run += [f"fusion.finetune_steps={args.finetune_steps}", "sample.enabled=false"]
-            wall_all = train([*run, "stage=all"], log)
-            wall_e2e = train([*run, "stage=e2e"], log)
-            recs = results(root / name)
-            res["all_vs_e2e"].append(
-                {
+            # e2e once: its token budget (the layer-wise total) does not depend on where the cache lives
+            e2e_name = f"e2e_{n_layers}L"
+            wall_e2e = train([*run, f"name={e2e_name}", "stage=e2e"], log)
+            for store in stores:
+                name = f"all_{n_layers}L" + (f"_{store}" if store else "")
+                over = [*run, f"name={name}", *([f"cache.store={store}"] if store else [])]
+                wall_all = train([*over, "stage=all"], log)
+                entry = {
                     "n_layers": n_layers,
-                    "overrides": run,
+                    "store": store or "default",
+                    "overrides": over,
                     "all_wall_s": wall_all,
                     "e2e_wall_s": wall_e2e,
                     "ratio": wall_all / wall_e2e,
-                    "records": recs,
+                    "records": results(root / name),
+                    "e2e_records": results(root / e2e_name),
                 }
-            )
-            print(f"all/e2e L={n_layers}: {wall_all:.1f} s / {wall_e2e:.1f} s = {wall_all / wall_e2e:.2f}", flush=True)
+                chosen = root / name / "cache_store.json"  # what cache.store=auto picked, and why
+                if chosen.exists():
+                    entry["cache_store"] = json.loads(chosen.read_text())
+                res["all_vs_e2e"].append(entry)
+                Path(args.out).write_text(json.dumps(res, indent=1))  # kept if a later run is cut off
+                print(
+                    f"all({store or 'default'})/e2e L={n_layers}: {wall_all:.1f} s / {wall_e2e:.1f} s"
+                    f" = {wall_all / wall_e2e:.2f}",
+                    flush=True,
+                )
 
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
