@@ -157,3 +157,21 @@ def test_killed_and_rerun_recomputing_gives_identical_fused_weights(tmp_path) ->
     assert resumed == {"embed": 0, "layer_2": 4, "fused": None}
     assert (exp / "fused" / "model.safetensors").read_bytes() == ref.paths.fused_weights.read_bytes()
     assert not (exp / "acts").exists()
+
+
+def test_stage_all_builds_each_frozen_layer_once(tmp_path, monkeypatch) -> None:
+    """Stage k of one stage=all process reuses the blocks stage k-1 recomputed with (it reads layer k-1
+    only, not 1..k-1 again), and fusion starts with the prefix's memory released."""
+    made: list = []
+    frozen_prefix = Pipeline.frozen_prefix
+
+    def spy(self, stage):
+        made.append(frozen_prefix(self, stage))
+        return made[-1]
+
+    monkeypatch.setattr(Pipeline, "frozen_prefix", spy)
+    p = Pipeline(run_config(tmp_path, *THREE, "cache.last_layer=false", "cache.store=recompute", name="once"))
+    p.execute()
+    assert [m.n_layers for m in made] == [1, 2]
+    assert made[1].blocks[0] is made[0].blocks[0] and made[1].embed is made[0].embed
+    assert p._prefix_layers == {}

@@ -27,6 +27,7 @@ from stackwise.data.cache.writer import CacheWriter
 from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
 from stackwise.model.prefix import FrozenPrefix
+from stackwise.model.transformer import Block, Embedding, empty
 from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, fused_tensors, next_layer
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
@@ -59,6 +60,9 @@ class Pipeline:
         self.state = ExperimentState(run, self.paths, self.hashes, self.store)
         self.trainers = Trainers(run, self.paths, self.observers)
         self.inputs = StageInputs(run, self.paths)
+        # cache.store=recompute: the frozen layers built so far, k -> ((path, inode, size, mtime), block,
+        # embedding or None), so that stage k of a stage=all run reads layer k-1 only, not 1..k-1 again
+        self._prefix_layers: dict[int, tuple[tuple, Block, Embedding | None]] = {}
 
     def execute(self) -> None:
         self.trainers.check_node()  # a trainer key Lightning does not take stops here, before any work
@@ -67,6 +71,8 @@ class Pipeline:
             self.state.adopt(self.run.to_dict())
             run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
             for stage in self.stages:
+                if stage.kind != "layer":  # the frozen prefix's device memory goes to fusion / e2e
+                    self._prefix_layers.clear()
                 if torch.cuda.is_initialized():  # each record's peak_gpu_gib is its own stage's
                     torch.cuda.reset_peak_memory_stats()
                 run_stage[stage.kind](stage)
@@ -125,10 +131,11 @@ class Pipeline:
             return self.inputs.tokens(stage, self.run.max_steps(stage.budget)), None, None, None
         if self.state.recomputes(stage):
             self.state.layer_stack(needed_by=stage, n=stage.below.k)  # made by these settings, in a chain
-            weights = list(self.state.layers(needed_by=stage, n=stage.below.k))
-            # each layer's output rounded as its cache would have stored it: stage k sees the same values
-            prefix = FrozenPrefix.of(self.cfg, weights, between=partial(round_trip, hidden_dtype=self.run.cache.dtype))
-            embed_weight = weights[0].embed["weight"].float() if self.cfg.tie_embeddings else None
+            prefix = self.frozen_prefix(stage)
+            # the tied head's matrix, as stage 1's file holds it, in fp32 (a copy: the prefix's is frozen)
+            embed_weight = (
+                prefix.embed.weight.detach().to("cpu", torch.float32, copy=True) if self.cfg.tie_embeddings else None
+            )
             below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
             return self.inputs.recomputed(stage), below, embed_weight, prefix
         below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
@@ -138,6 +145,33 @@ class Pipeline:
             first = below if below.embed is not None else self.state.load_layer(Stage.layer(1), needed_by=stage)[0]
             embed_weight = first.embed["weight"].float()  # built in fp32 as every module (the file may hold bf16)
         return data, below, embed_weight, None
+
+    def frozen_prefix(self, stage: Stage) -> FrozenPrefix:
+        """Layers 1..k-1 for a stage k that recomputes its input, on the stage's device. Each layer file
+        is read and built once per process (its frozen tensors regenerated and checked against the
+        file's checksum): stage k of a stage=all run reuses stage k-1's blocks and reads layer k-1 only.
+        A file the pipeline replaced is a new inode, so it is read again."""
+        device = stage_device(self.run, stage.budget)
+        for k in range(1, stage.k):
+            path = self.paths.layer_ckpt(k)
+            st = path.stat()
+            key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+            if k in self._prefix_layers and self._prefix_layers[k][0] == key:
+                continue
+            weights = art.load_layer_checkpoint(path, expect=self.state.layer_expect(Stage.layer(k)), head="skip")[0]
+            block = empty(lambda k=k: Block(self.cfg, k), device)  # built on the meta device: nothing drawn
+            weights.load_block(block)
+            embed = None
+            if k == 1:
+                embed = empty(lambda: Embedding(self.cfg), device)
+                embed.load_state_dict(weights.embed)
+            self._prefix_layers[k] = (key, block, embed)
+        for k in [k for k in self._prefix_layers if k >= stage.k]:  # not below this stage
+            del self._prefix_layers[k]
+        blocks = [self._prefix_layers[k][1] for k in range(1, stage.k)]
+        embed = self._prefix_layers[1][2]
+        # each layer's output rounded as its cache would have stored it: stage k sees the same values
+        return FrozenPrefix(embed, blocks, between=partial(round_trip, hidden_dtype=self.run.cache.dtype))
 
     def train_layer(self, stage: Stage, module: LayerwiseStage, data: L.LightningDataModule) -> None:
         """Fit layer k and save layers/layer_k.pt with what it was trained from and how well it does."""
