@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from stackwise.model.config import ModelConfig
 from stackwise.model.transformer import Block, Embedding
-from stackwise.model.weights import LayerWeights
 
 
 class FrozenPrefix(nn.Module):
@@ -36,23 +35,6 @@ class FrozenPrefix(nn.Module):
         self.between = between
         self.requires_grad_(False)
         self.train(False)
-
-    @classmethod
-    def of(
-        cls, cfg: ModelConfig, layers: Sequence[LayerWeights], between: Callable[[Tensor], Tensor] | None = None
-    ) -> FrozenPrefix:
-        """The prefix of layer_1 .. layer_n's weights (layer 1's holds the embedding); each block's
-        frozen tensors are regenerated and checked against its file's checksum."""
-        if not layers or layers[0].embed is None:
-            raise ValueError("a prefix needs layer 1's weights first (they hold the embedding)")
-        embed = Embedding(cfg)
-        embed.load_state_dict(layers[0].embed)
-        blocks = []
-        for k, weights in enumerate(layers, start=1):
-            block = Block(cfg, k)
-            weights.load_block(block)
-            blocks.append(block)
-        return cls(embed, blocks, between)
 
     @property
     def n_layers(self) -> int:
