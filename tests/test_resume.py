@@ -108,3 +108,23 @@ def test_the_product_holds_no_test_hook():
     """Kill points come from the tests (tests/kill_points.py), not from the package."""
     package = Path(__file__).resolve().parents[1] / "stackwise"
     assert not [p for p in package.rglob("*.py") if "STACKWISE_TEST" in p.read_text()]
+
+
+def test_a_stage_checkpoints_before_its_last_step_only(tmp_path, make_run, monkeypatch):
+    """Mid-stage checkpoints every val_check_interval steps, none at the last step or the end of fit:
+    the stage's own artifact follows at once, so that write (weights and AdamW's state, tens of GB at
+    large sizes) would only be deleted."""
+    from stackwise.stages.callbacks import StageCheckpoint
+
+    saved: list[tuple[str, int]] = []
+    save = StageCheckpoint._save_checkpoint
+
+    def spy(self, trainer, filepath):
+        saved.append((Path(filepath).parent.name, trainer.global_step))
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(StageCheckpoint, "_save_checkpoint", spy)
+    overrides = ["trainer.max_steps=5", "layerwise.embed_budget=1", "fusion.finetune_steps=4"]
+    Pipeline(make_run("stage=all", *overrides, "trainer.val_check_interval=2", name="ckpt")).execute()
+    # 5 steps a layer stage: saved at 2 and 4, not at 5; the 4-step fine-tune at 2 only
+    assert saved == [("embed", 2), ("embed", 4), ("layer_2", 2), ("layer_2", 4), ("finetune", 2)]

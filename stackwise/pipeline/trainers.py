@@ -4,7 +4,7 @@ Every Trainer comes from the `trainer` node (conf/trainer/default.yaml, `_target
 merged with `stages.<name>.trainer` by RunConfig.trainer_kwargs) through Hydra's `instantiate`, with
 what the pipeline adds to it decided here and nowhere else:
 
-- fit: ModelCheckpoint every `val_check_interval` steps into ckpt/<stage>/ (the mid-stage resume
+- fit: StageCheckpoint (a ModelCheckpoint) every `val_check_interval` steps into ckpt/<stage>/ (the mid-stage resume
   point), checkpoints written atomically (AtomicCheckpointIO, unless the node sets `plugins`) and,
   on a GPU (`step.async_checkpoints`), in the background while training goes on, the configured
   logger (one TensorBoard run per stage) and callbacks, the observers' callbacks; the module gets
@@ -28,7 +28,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import Callback, LambdaCallback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LambdaCallback, LearningRateMonitor
 
 from stackwise.artifacts import ExperimentPaths, one_line
 from stackwise.config import RunConfig
@@ -38,7 +38,7 @@ from stackwise.pipeline.events import StageObserver
 from stackwise.pipeline.stage import Stage
 from stackwise.stages import sharding
 from stackwise.stages.base import StageModule
-from stackwise.stages.callbacks import AtomicCheckpointIO, async_checkpoint_io, with_progress_bar
+from stackwise.stages.callbacks import AtomicCheckpointIO, StageCheckpoint, async_checkpoint_io, with_progress_bar
 from stackwise.utils import derive_seed
 
 TRAINER_TARGET = "lightning.Trainer"  # when the node names no _target_ (a run_config.json of an older run)
@@ -124,10 +124,10 @@ class Trainers:
             sharding.load_trained(module, fitted)
         return start.get("step", 0)
 
-    def _checkpoint(self, stage: Stage, node: dict) -> ModelCheckpoint:
+    def _checkpoint(self, stage: Stage, node: dict) -> StageCheckpoint:
         every = node.get("val_check_interval")
         every = every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else CHECKPOINT_EVERY
-        return ModelCheckpoint(
+        return StageCheckpoint(
             dirpath=self.paths.stage_ckpt_dir(stage.name), save_last=True, save_top_k=0, every_n_train_steps=every
         )
 
