@@ -60,8 +60,8 @@ The peak of a step is weights + optimizer + inputs + the largest of these moment
   checkpoint    gradients + the checkpoint's copy, when the stage writes one
   validation    gradients + a forward without gradients (autocast, a block at its widest, the
                 loss), when validation runs between two training steps
-When a checkpoint is taken before the stage's last step its copy lives on while the next steps
-run, and every moment holds it (one copy: each further checkpoint taken before the last is written
+A stage checkpoints only before its last step (none at its end: its own artifact follows), so a
+checkpoint's copy lives on while the next steps run, and every moment holds it (one copy: each further checkpoint taken before the last is written
 adds another, as the writer takes one at a time). Between backward start and step each block's
 activations are freed as its gradients appear, so the two ends bound the backward.
 The caching pass after a layer stage holds the weights (training's gradients and optimizer are
@@ -254,8 +254,10 @@ class _Setting:
     fused_adamw: bool
     on_gpu: bool
     validates: bool  # validation runs between training steps (val_check_interval < the stage's steps)
-    snapshot: bool  # a checkpoint is written in the background during the stage (a device copy first)
-    overlaps: bool  # ... before its last step: the copy lives on while the next steps run
+    # a checkpoint is written in the background before the stage's last step (none at its last: the
+    # stage's own artifact follows, stackwise/stages/callbacks.py StageCheckpoint); its device copy
+    # lives on while the next steps run
+    snapshot: bool
 
 
 def _setting(run: RunConfig, budget: str) -> _Setting:
@@ -268,7 +270,7 @@ def _setting(run: RunConfig, budget: str) -> _Setting:
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     strategy = str(kw.get("strategy", "auto"))
     step = run.step
-    compiled = step.compile is True or (step.compile == "auto" and on_gpu and not strategy.startswith("fsdp"))
+    compiled = step.compiles(on_gpu, strategy.startswith("fsdp"), run.max_steps(budget))
     scaler = kw.get("precision") in ("16-mixed", "16", 16)
     fused = step.fused_adamw is True or (step.fused_adamw == "auto" and on_gpu and not scaler)
     masked = math.ceil(tokens * _max_rate(run))
@@ -278,8 +280,8 @@ def _setting(run: RunConfig, budget: str) -> _Setting:
     ckpt_every = every if is_int(every) and every > 0 else CHECKPOINT_EVERY
     background = step.async_checkpoints is True or (step.async_checkpoints == "auto" and on_gpu)
     num = Numerics.of(kw.get("precision"))
-    snapshot, overlaps = background and ckpt_every <= steps, background and ckpt_every < steps
-    return _Setting(num, precision, tokens, masked, compiled, fused, on_gpu, validates, snapshot, overlaps)
+    snapshot = background and ckpt_every < steps
+    return _Setting(num, precision, tokens, masked, compiled, fused, on_gpu, validates, snapshot)
 
 
 def _stage(
@@ -313,7 +315,7 @@ def _stage(
     }
     tied_embed = V * D * num.w if cfg.tie_embeddings and extra.get("embed_trains") else 0
     foreach = 0 if s.fused_adamw or not s.on_gpu else trainable * num.w
-    copy = mem["checkpoint"] if s.overlaps else 0
+    copy = mem["checkpoint"]  # the copy of a checkpoint taken before this step, still being written
     moments = {
         # Lightning zeroes the gradients after the forward: the last step's are still there
         "forward end": grads + autocast + acts + fwd + copy,

@@ -71,7 +71,10 @@ def test_llama3_70b_is_planned_without_allocating(tmp_path):
     e2e = next(s for s in plan.stages if s.key == "e2e")
     assert 70.5e9 < e2e.params < 70.6e9  # Llama-3-70B's 70.6B, with the untied head
     stage1 = plan.stages[0]
-    assert (stage1.tokens, stage1.precision, stage1.compiled) == (8192, "bf16-mixed", True)
+    # the default 320 steps of stage 1 are too few for torch.compile to pay back (StepConfig.compiles)
+    assert (stage1.tokens, stage1.precision, stage1.compiled) == (8192, "bf16-mixed", False)
+    long = plan_run(compose_run(["model=llama3_70b", "hardware=gpu", "trainer.max_steps=500"])).stages
+    assert [s.compiled for s in long if s.key in ("embed", "layer")] == [True, False]  # 1000 and 500 steps
     # bf16 layer files, the 1.05B-value untied head once, fused/ streamed through 5 GB shards on one GPU
     assert plan.layer_files["layer_k.head.safetensors (the latest layer's only)"] == 2 * 128256 * 8192
     assert plan.fusion_host["one shard of fused/ being written"] == 5 * 10**9

@@ -421,3 +421,15 @@ def test_a_cuda_training_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     module.check_finite()
+
+
+def test_compile_auto_pays_back_only_on_long_stages_on_cuda():
+    """auto compiles a stage's blocks on CUDA, unsharded, for >= COMPILE_MIN_STEPS steps; true and
+    false are what they say."""
+    auto, n = StepConfig(), StepConfig.COMPILE_MIN_STEPS
+    assert auto.compiles(on_cuda=True, sharded=False, steps=n)
+    assert not auto.compiles(on_cuda=True, sharded=False, steps=n - 1)
+    assert not auto.compiles(on_cuda=False, sharded=False, steps=10 * n)
+    assert not auto.compiles(on_cuda=True, sharded=True, steps=10 * n)
+    assert StepConfig(compile=True).compiles(on_cuda=False, sharded=False, steps=1)
+    assert not StepConfig(compile=False).compiles(on_cuda=True, sharded=False, steps=10 * n)

@@ -202,7 +202,7 @@ class StepConfig(Structured):
     PATH = "step"
 
     # torch.compile each transformer block (its forward; checkpoints keep their tensor names);
-    # auto = on when the stage trains on CUDA (not under FSDP)
+    # auto = on when the stage trains on CUDA (not under FSDP) for at least COMPILE_MIN_STEPS steps
     compile: Any = "auto"
     # AdamW's fused CUDA kernel (torch.optim.AdamW(fused=True)); auto = when every trained tensor is
     # on CUDA and no fp16 gradient scaler is in use
@@ -216,9 +216,21 @@ class StepConfig(Structured):
     # still appears atomically, complete or not at all); auto = when training on a GPU
     async_checkpoints: Any = "auto"
 
+    # Measured on one H200 at the seed's sizes (benchmarks/RESULTS.md, "Third lease set"): a compiled
+    # block steps 1.10x faster (0.082 -> 0.075 s for a layer stage at 8 x 2048, 0.65 s -> ~0.59 s for
+    # e2e with 8 layers), and compiling costs a process ~27 s of inductor start-up plus ~16 s a stage.
+    # Below ~1000 steps (~600 for e2e, ~3000 for a layer stage) it does not pay back.
+    COMPILE_MIN_STEPS = 1000
+
+    def compiles(self, on_cuda: bool, sharded: bool, steps: int) -> bool:
+        """Whether a stage of `steps` optimizer steps compiles its blocks."""
+        if self.compile != "auto":
+            return bool(self.compile)
+        return on_cuda and not sharded and steps >= self.COMPILE_MIN_STEPS
+
     def __post_init__(self) -> None:
         for name, what in (
-            ("compile", "auto = on CUDA"),
+            ("compile", f"auto = on CUDA for stages of >= {self.COMPILE_MIN_STEPS} steps"),
             ("fused_adamw", "auto = on CUDA"),
             ("async_checkpoints", "auto = on a GPU"),
         ):

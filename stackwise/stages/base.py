@@ -315,17 +315,11 @@ class StageModule(L.LightningModule, abc.ABC):
             self.compile_blocks()
 
     def _compile(self) -> bool:
-        setting = self.step_config.compile
-        if setting != "auto":
-            return bool(setting)
         # a sharded block (FSDP1's flat parameters, FSDP2's hooks) compiles only with settings not measured here
         strategy = self.trainer.strategy
-        return (
-            self.device.type == "cuda"
-            and hasattr(nn.Module, "compile")
-            and not isinstance(strategy, FSDPStrategy)
-            and not sharding.is_sharded_strategy(strategy)
-        )
+        sharded = isinstance(strategy, FSDPStrategy) or sharding.is_sharded_strategy(strategy)
+        on_cuda = self.device.type == "cuda" and hasattr(nn.Module, "compile")
+        return self.step_config.compiles(on_cuda, sharded, self.trainer.max_steps)
 
     def compile_blocks(self) -> None:
         """torch.compile each block's forward, in place (nn.Module.compile): the modules, and so
