@@ -433,3 +433,27 @@ def test_compile_auto_pays_back_only_on_long_stages_on_cuda():
     assert not auto.compiles(on_cuda=True, sharded=True, steps=10 * n)
     assert StepConfig(compile=True).compiles(on_cuda=False, sharded=False, steps=1)
     assert not StepConfig(compile=False).compiles(on_cuda=True, sharded=False, steps=10 * n)
+
+
+def test_keep_on_device_leaves_the_module_and_releases_what_training_needs(tmp_path):
+    """The one-GPU strategy's teardown (run here on the CPU device): the module's tensors stay the same
+    objects where they were, the optimizer and schedulers are released, no gradient is left."""
+    from stackwise.stages.callbacks import KeepOnDevice
+
+    model = BoringModel()
+    params = list(model.parameters())
+    trainer = L.Trainer(
+        strategy=KeepOnDevice(device="cpu"),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    moved = []
+    model.cpu = lambda: moved.append(True) or model  # Lightning's own teardown calls this
+    trainer.fit(model)
+    assert not moved and all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert trainer.strategy.optimizers == [] and trainer.strategy.lr_scheduler_configs == []

@@ -129,6 +129,12 @@ def fusion_room(run: RunConfig) -> FusionRoom:
     return FusionRoom(device, bound, free, counts["total"], counts["trainable"], sharded)
 
 
+def one_gpu(node: dict) -> torch.device | None:
+    """The CUDA device of a `trainer` node that places its Trainers on exactly one GPU, else None."""
+    _, _, one = _placement(node)
+    return None if one is None else torch.device("cuda", one)
+
+
 def stage_device(run: RunConfig, budget: str) -> torch.device:
     """Where a layer stage's modules are built: straight on the GPU of a one-GPU stage (its weights
     are drawn on the CPU a tensor at a time and copied there, the values those of a CPU build), else

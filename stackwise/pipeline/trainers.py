@@ -35,10 +35,17 @@ from stackwise.config import RunConfig
 from stackwise.errors import ConfigError
 from stackwise.model.stats import train_step_flops
 from stackwise.pipeline.events import StageObserver
+from stackwise.pipeline.memory import one_gpu
 from stackwise.pipeline.stage import Stage
 from stackwise.stages import sharding
 from stackwise.stages.base import StageModule
-from stackwise.stages.callbacks import AtomicCheckpointIO, StageCheckpoint, async_checkpoint_io, with_progress_bar
+from stackwise.stages.callbacks import (
+    AtomicCheckpointIO,
+    KeepOnDevice,
+    StageCheckpoint,
+    async_checkpoint_io,
+    with_progress_bar,
+)
 from stackwise.utils import derive_seed
 
 TRAINER_TARGET = "lightning.Trainer"  # when the node names no _target_ (a run_config.json of an older run)
@@ -53,7 +60,11 @@ def _hydra_key(key: str) -> bool:
 
 
 def build(node: dict[str, Any], **extra: Any) -> L.Trainer:
-    """A Trainer from a `trainer` node and the objects the pipeline adds (callbacks, logger, plugins)."""
+    """A Trainer from a `trainer` node and the objects the pipeline adds (callbacks, logger, plugins).
+    On one GPU its strategy keeps the module there when it is done (KeepOnDevice)."""
+    device = one_gpu(node)
+    if device is not None:
+        extra["strategy"] = KeepOnDevice(device=device)
     try:
         return instantiate({"_target_": TRAINER_TARGET, **node}, **extra)
     except InstantiationException as e:  # a value Lightning refuses: one line naming it, not a traceback
