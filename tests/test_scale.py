@@ -23,6 +23,7 @@ from stackwise.model.transformer import Block, Embedding, Head, Transformer, emp
 from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, fused_tensors, next_layer
 from stackwise.pipeline import Pipeline, Stage
 from stackwise.pipeline import memory as pipeline_memory
+from stackwise.utils import derive_seed
 from tests.test_model import tiny
 
 KINDS = {
@@ -47,7 +48,8 @@ def assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 class Draws:
-    """Counts the trainable draws (torch.randn through `normal`) and the frozen ones (`portable_normal`)."""
+    """Counts the trainable draws (torch.randn through `normal`) and the frozen ones the modules ask
+    for (`frozen_normal`, its cache of recent draws bypassed: what is asked, not what is reused)."""
 
     def __init__(self, monkeypatch):
         self.trainable, self.frozen = 0, 0
@@ -57,12 +59,12 @@ class Draws:
             self.trainable += 1
             return normal(*a, **kw)
 
-        def count_portable(*a, **kw):
+        def count_frozen(shape, std, key):
             self.frozen += 1
-            return portable(*a, **kw)
+            return portable(shape, std, key)
 
         monkeypatch.setattr(model_transformer, "normal", count_normal)
-        monkeypatch.setattr(model_layers, "portable_normal", count_portable)
+        monkeypatch.setattr(model_layers, "_frozen_normal", count_frozen)
 
     def reset(self) -> None:
         self.trainable, self.frozen = 0, 0
@@ -425,3 +427,17 @@ def test_where_modules_are_built(monkeypatch, node, gpus, stage_on, model_on, sh
         with pytest.raises(ConfigError, match="hardware=fsdp"):
             room.refuse_finetune(5)
     room.refuse_finetune(0)
+
+
+def test_a_frozen_tensor_asked_for_again_is_not_drawn_again(monkeypatch):
+    """A stage builds a block (its frozen tensors drawn) and then records their checksum (drawn
+    again before): the second time is the same tensor, not a second draw; other keys are drawn."""
+    model_layers._frozen_normal.cache_clear()
+    calls = []
+    portable = model_layers.portable_normal
+    monkeypatch.setattr(model_layers, "portable_normal", lambda *a: calls.append(a) or portable(*a))
+    a = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 2)
+    b = model_layers.frozen_normal([64, 32], 0.02, 7, "up", 2)
+    c = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 3)
+    assert a is b and len(calls) == 2 and not torch.equal(a, c)
+    assert torch.equal(a, portable((64, 32), 0.02, derive_seed(7, "up", 2)))
