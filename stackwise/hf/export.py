@@ -35,7 +35,7 @@ from stackwise.errors import ArtifactError, StackWiseError
 from stackwise.hf.adapter import StateDictAdapter, hf_model_type, require_transformers
 from stackwise.hf.tokenizer import write_tokenizer
 from stackwise.model.config import ModelConfig
-from stackwise.model.transformer import Transformer
+from stackwise.model.transformer import Block, Transformer
 
 MODEL_CHOICES = ("fused", "finetuned", "e2e")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,7 +169,6 @@ class ModelSource:
         self.entries = self._entries()
         self._files = contextlib.ExitStack()
         self._open: dict[Path, Any] = {}
-        self._frozen: tuple[int, dict[str, torch.Tensor]] = (-1, {})
 
     def _entries(self) -> list[tuple[str, tuple[int, ...]]]:
         parts = [("embed.", self.shapes.embed.state_dict())]
@@ -212,15 +211,13 @@ class ModelSource:
             ) from None
 
     def _regenerated(self, name: str) -> torch.Tensor:
-        """A frozen tensor from `(seed, k)`. A layer's frozen tensors are drawn together (one call
-        draws them all) and handed out one by one: only the layer being read keeps its others."""
+        """A frozen tensor drawn from `(seed, k)` alone: a block built on the meta device is told that
+        its other frozen tensors are stored (`keep_frozen`), so `frozen_values` draws this one only."""
         i, local = name.split(".", 2)[1:]
-        if self._frozen[0] != int(i):
-            block = self.shapes.blocks[int(i)]
-            stored = {n: torch.empty(block.get_buffer(n).shape, device="meta") for n in block.frozen_names}
-            block.keep_frozen({n: t for n, t in stored.items() if f"blocks.{i}.{n}" in self.stored})
-            self._frozen = (int(i), block.frozen_values())
-        return self._frozen[1].pop(local)
+        with torch.device("meta"):
+            block = Block(self.cfg, int(i) + 1)
+        block.keep_frozen({n: block.get_buffer(n) for n in block.frozen_names if n != local})
+        return block.frozen_values()[local]
 
     def __enter__(self) -> ModelSource:
         return self
