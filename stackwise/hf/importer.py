@@ -3,7 +3,9 @@
     layers=0   its embeddings (and final norm, untied lm_head): stage 1 starts from them instead of
                its (seed, ...) init and trains embeddings + layer 1 as usual
     layers=K   its embeddings and layers 1..K as finished stages: layers/layer_1.pt .. layer_K.pt,
-               then their activation caches, so `stage=layer k=K+1` continues
+               each with its validation scores (taken as a trained stage's are), then their
+               activation caches, so `stage=layer k=K+1` continues; K = n_layers imports the whole
+               model, and `stage=fusion` fuses it at once (its check compares with layer K's scores)
 
 The StackWise model takes the Llama's sizes (d_model, heads, d_ff, rope_theta, rms eps, tied head,
 vocabulary); `model.n_layers` is the Llama's unless given (deeper or shallower, > K). What StackWise
@@ -32,6 +34,7 @@ import re
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +231,11 @@ def import_overrides(hf: LlamaFolder, layers: int, user: Sequence[str]) -> tuple
     if run.model.vocab_size < hf_vocab:  # the tokenizer's ids fit: keep every row of the Llama
         ours.append(_override("model.vocab_size", hf_vocab))
         run = _compose([*ours, *user])
-    if not 0 <= layers < run.model.n_layers or layers > hf.n_layers:
+    if not 0 <= layers <= min(run.model.n_layers, hf.n_layers):
         raise ConfigError(
             "layers",
-            f"must be in 0..{min(hf.n_layers, run.model.n_layers - 1)} (the folder has {hf.n_layers} layers, the "
-            f"experiment model.n_layers={run.model.n_layers} and at least one layer left to train), got {layers}",
+            f"must be in 0..{min(hf.n_layers, run.model.n_layers)} (the folder has {hf.n_layers} layers, the "
+            f"experiment model.n_layers={run.model.n_layers}), got {layers}",
         )
     return run, [*ours, *user]
 
@@ -334,17 +337,42 @@ def import_llama(
                 modules.head.load_state_dict(imported.head.state_dict())
             return modules
 
+        def score(self, stage, modules: LayerModules) -> dict[str, float]:
+            """The imported layer's validation scores, as a trained stage's are taken: on the same
+            validation rows (acts_layer{k-1}'s, or the tokens for layer 1). Fusion checks the fused
+            model against the last layer's, so an experiment imported whole (K = n_layers) fuses at once."""
+            from stackwise.stages.layerwise import LayerwiseStage
+
+            data, _, embed_weight, prefix = self.layer_inputs(stage, below_head="if_present")
+            optim, steps = self.run.optim_for(stage.budget), self.run.max_steps(stage.budget)
+            weighting = self.run.masking.weighting
+            module = LayerwiseStage(self.cfg, modules, optim, weighting, steps, stage.name, embed_weight, prefix)
+            return self.trainers.validate(module, data.val_dataloader())
+
     for k in range(1, max(layers, 1) + 1):  # layers=0: stage 1 trains; else the imported layers' caches
+        pipeline = ImportedStart(
+            dataclasses.replace(run, stage="embed" if k == 1 else "layer", k=None if k == 1 else k)
+        )
         if k <= layers:  # each layer written just before its cache: an untied head is kept for the latest only
+            modules = start_modules(run, state, k, hf.folder)
             with experiment_lock(paths):
-                write_layer(run, exp, Stage.layer(k), start_modules(run, state, k, hf.folder), hf.folder, log)
+                write_layer(run, exp, Stage.layer(k), modules, hf.folder, log, partial(pipeline.score, Stage.layer(k)))
         log(f"stage {Stage.layer(k).name}: {'caching' if k <= layers else 'training from the imported embeddings'}")
-        ImportedStart(dataclasses.replace(run, stage="embed" if k == 1 else "layer", k=None if k == 1 else k)).execute()
+        pipeline.execute()
     return Imported(run, layers, command)
 
 
-def write_layer(run: RunConfig, exp: Any, stage: Any, modules: LayerModules, source: Path, log) -> None:
-    """layers/layer_k.pt as a finished stage: kept when the file there holds the same weights."""
+def write_layer(
+    run: RunConfig,
+    exp: Any,
+    stage: Any,
+    modules: LayerModules,
+    source: Path,
+    log,
+    score: Callable[[LayerModules], dict[str, float]],
+) -> None:
+    """layers/layer_k.pt as a finished stage, with its validation scores (`score`, as a trained
+    stage records them): kept when the file there holds the same weights."""
     path = exp.paths.layer_ckpt(stage.k)
     weights = LayerWeights.of(modules)
     if path.exists():
@@ -371,6 +399,7 @@ def write_layer(run: RunConfig, exp: Any, stage: Any, modules: LayerModules, sou
         "config_hash": exp.hashes["layer"],
         "model": run.model.to_dict(),
         "prev_sha256": exp.sha256(below) if below is not None else None,
+        **score(modules),
         "steps": 0,
         "tokens": 0,
         "imported": {"from": str(source.resolve()), "layer": stage.k},
