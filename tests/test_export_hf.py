@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from stackwise import artifacts as art
 from stackwise.cli.export import main as export_main
@@ -144,6 +145,30 @@ def test_a_bpe_tokenizer_is_exported_with_the_ids_stackwise_trained_on(make_run,
     line = "whether 'tis nobler in the mind"
     assert tok(line, add_special_tokens=False).input_ids == ours.encode(line)
     assert (tok.mask_token_id, tok.pad_token_id, len(tok)) == (ours.mask_id, ours.pad_id, ours.vocab_size)
+
+
+def test_mask_and_pad_taken_from_reserved_tokens_are_the_exported_tokenizers(make_run, tmp_path):
+    """A tokenizer with Llama-3's reserved special tokens: [MASK] and [PAD] took two of them, so the
+    exported tokenizer's mask and pad tokens are those (ids the model has), not new "[MASK]" ids."""
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", ","]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=","))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<|begin_of_text|>", *(f"<|reserved_special_token_{n}|>" for n in range(3))])
+    raw.save(str(tmp_path / "tok.json"))
+    (tmp_path / "c.txt").write_text("to be , or not to be , that is the question\n" * 20)
+    run, _ = make_experiment(
+        make_run,
+        "data=text",
+        f"data.path={tmp_path / 'c.txt'}",
+        "data.tokenizer.kind=hf",
+        f"data.tokenizer.path={tmp_path / 'tok.json'}",
+        "model.vocab_size=null",
+    )
+    assert (run.model.mask_id, run.model.pad_id, run.model.vocab_size) == (10, 11, 13)  # reserved 0 and 1
+    export_model(run.exp_dir, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert (tok.mask_token_id, tok.pad_token_id, len(tok)) == (10, 11, 13)
+    assert tok("to be , or not", add_special_tokens=False).input_ids == [0, 1, 8, 2, 3]
 
 
 class LiveTensors:
