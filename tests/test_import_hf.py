@@ -18,7 +18,7 @@ from stackwise.config import load_run
 from stackwise.data.tokenizers import train_bpe
 from stackwise.hf import bidirectional_mask
 from stackwise.hf.export import export_model
-from stackwise.hf.importer import import_overrides, read_llama_folder
+from stackwise.hf.importer import LlamaFolder, import_overrides, read_llama_folder
 from stackwise.model.transformer import Block, Embedding, Head
 from stackwise.model.weights import LayerModules, LayerWeights, assemble
 from tests.conftest import cli
@@ -124,14 +124,24 @@ def test_imported_layers_give_the_llamas_logits_and_stackwise_train_continues(tm
     assert {k: art.sha256_file(paths.layer_ckpt(k)) for k in (1, 2)} == sha
 
 
-def test_a_whole_llama_imported_fuses_at_once_and_exports_to_the_same_logits(tmp_path, capsys):
+def test_a_whole_llama_imported_fuses_at_once_and_exports_to_the_same_logits(tmp_path, capsys, monkeypatch):
     """--layers K = n_layers: every layer a finished stage with its validation scores, so stage=fusion
     (the command the import prints) fuses at once, its check passing against the last imported layer;
-    the export of fused/ is the Llama again (its trained up-projections read from fused/, not drawn)."""
+    the export of fused/ is the Llama again (its trained up-projections read from fused/, not drawn).
+    The folder is read one layer at a time (the embedding and head once), never whole."""
     llama = save_llama(tmp_path / "llama", n_layers=3)
+    reads, tensors = [], LlamaFolder.tensors
+
+    def recorded(self, keep):
+        got = tensors(self, keep)
+        reads.append({n.split(".")[2] if n.startswith("model.layers.") else n for n in got})
+        return got
+
+    monkeypatch.setattr(LlamaFolder, "tensors", recorded)
     run = run_import(
         capsys, tmp_path / "llama", "--layers", 3, "model.causal=true", f"output_root={tmp_path}/out", *TINY_RUN
     )
+    assert reads == [{"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}, {"0"}, {"1"}, {"2"}]
     paths = art.ExperimentPaths(run.exp_dir)
     metas = [art.read_layer_meta(paths.layer_ckpt(k)) for k in (1, 2, 3)]
     assert all(m["imported"]["layer"] == k and m["val_loss"] > 0 for k, m in enumerate(metas, 1))
