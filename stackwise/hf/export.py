@@ -8,6 +8,10 @@
 safetensors are written. The folder is built under a temporary name beside `out` and renamed into
 place, so an interrupted export leaves nothing that looks complete.
 
+Host memory is bounded whatever the model's size: `ModelSource` reads the model folder (one file
+or fused/'s shards) one tensor at a time, without building the model, and `write_shards` gathers
+one output shard at a time, so about one shard (`max_shard_size`) plus one tensor is ever held.
+
 The model was trained as a masked-diffusion denoiser: it predicts the tokens at [MASK] positions
 and, unless `causal: true`, reads both sides. config.json's `stackwise` key says so, with the mask
 and pad ids and the StackWise config; `stackwise.hf.bidirectional_mask` builds the 4-D mask that
