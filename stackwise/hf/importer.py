@@ -8,7 +8,7 @@
                model, and `stage=fusion` fuses it at once (its check compares with layer K's scores)
 
 The StackWise model takes the Llama's sizes (d_model, heads, d_ff, rope_theta, rms eps, tied head,
-vocabulary); `model.n_layers` is the Llama's unless given (deeper or shallower, > K). What StackWise
+vocabulary); `model.n_layers` is the Llama's unless given (deeper or shallower, >= K). What StackWise
 has and a Llama lacks:
 - the SwiGLU up-projection is frozen in StackWise and, for a layer it trains, a random matrix
   regenerated from (seed, k). An imported layer keeps its trained up-projection instead, stored in
