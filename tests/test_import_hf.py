@@ -17,7 +17,8 @@ from stackwise.cli.import_hf import main as import_main
 from stackwise.config import load_run
 from stackwise.data.tokenizers import train_bpe
 from stackwise.hf import bidirectional_mask
-from stackwise.hf.importer import import_overrides, read_llama_folder
+from stackwise.hf.export import export_model
+from stackwise.hf.importer import LlamaFolder, import_overrides, read_llama_folder
 from stackwise.model.transformer import Block, Embedding, Head
 from stackwise.model.weights import LayerModules, LayerWeights, assemble
 from tests.conftest import cli
@@ -123,6 +124,42 @@ def test_imported_layers_give_the_llamas_logits_and_stackwise_train_continues(tm
     assert {k: art.sha256_file(paths.layer_ckpt(k)) for k in (1, 2)} == sha
 
 
+def test_a_whole_llama_imported_fuses_at_once_and_exports_to_the_same_logits(tmp_path, capsys, monkeypatch):
+    """--layers K = n_layers: every layer a finished stage with its validation scores, so stage=fusion
+    (the command the import prints) fuses at once, its check passing against the last imported layer;
+    the export of fused/ is the Llama again (its trained up-projections read from fused/, not drawn).
+    The folder is read one layer at a time (the embedding and head once), never whole."""
+    llama = save_llama(tmp_path / "llama", n_layers=3)
+    reads, tensors = [], LlamaFolder.tensors
+
+    def recorded(self, keep):
+        got = tensors(self, keep)
+        reads.append({n.split(".")[2] if n.startswith("model.layers.") else n for n in got})
+        return got
+
+    monkeypatch.setattr(LlamaFolder, "tensors", recorded)
+    run = run_import(
+        capsys, tmp_path / "llama", "--layers", 3, "model.causal=true", f"output_root={tmp_path}/out", *TINY_RUN
+    )
+    assert reads == [{"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}, {"0"}, {"1"}, {"2"}]
+    paths = art.ExperimentPaths(run.exp_dir)
+    metas = [art.read_layer_meta(paths.layer_ckpt(k)) for k in (1, 2, 3)]
+    assert all(m["imported"]["layer"] == k and m["val_loss"] > 0 for k, m in enumerate(metas, 1))
+    command = json.loads(paths.import_json.read_text())["continue"]
+    args = shlex.split(command.split("#")[0])[1:]
+    assert args[-1] == "stage=fusion"
+    done = cli(*args, "fusion.check=true", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fused = art.read_model_meta(paths.fused_dir)[1]
+    assert "fusion_check" not in fused and fused["val_loss"] == pytest.approx(metas[-1]["val_loss"], rel=1e-5)
+
+    export_model(run.exp_dir, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    ids = torch.randint(0, 32, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, llama(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_embeddings_only_start_stage_one_and_new_ids_start_at_the_mean_row(tmp_path, capsys):
     """--layers 0: stage 1 trains from the Llama's embedding (a tiny lr keeps it there) and head. The
     Llama has 32 ids; data=dummy's [MASK] (32) and [PAD] (33) rows start as the mean of its rows."""
@@ -190,7 +227,9 @@ def one_line_error(capsys, *args):
 def test_what_cannot_be_imported_is_one_line(tmp_path, capsys):
     save_llama(tmp_path / "llama", n_layers=2)
     out = f"output_root={tmp_path}/out"
-    assert "must be in 0..1" in one_line_error(capsys, tmp_path / "llama", "--layers", 2, out, *TINY_RUN)
+    assert "must be in 0..2" in one_line_error(capsys, tmp_path / "llama", "--layers", 3, out, *TINY_RUN)
+    shallow = one_line_error(capsys, tmp_path / "llama", "--layers", 2, "model.n_layers=1", out, *TINY_RUN)
+    assert "must be in 0..1" in shallow and "model.n_layers=1" in shallow
     err = one_line_error(capsys, tmp_path / "llama", out, "model.d_model=64", *TINY_RUN)
     assert "model.d_model" in err and "takes the model's sizes from the folder" in err
     assert "stage" in one_line_error(capsys, tmp_path / "llama", out, "stage=all", *TINY_RUN)

@@ -334,6 +334,16 @@ def read_model_meta(
     return cfg_obj["config"], meta
 
 
+def model_files(
+    out_dir: PathLike, verify: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], list[Path], dict[str, str]]:
+    """(config, meta, weights files, tied-weight aliases {name: stored name}) of a model folder, its
+    files checked as `load_model` checks them, no tensor read: for a reader that streams the tensors
+    itself, one at a time (stackwise-export)."""
+    cfg_obj, weights, meta, aliases, _ = _open(out_dir, "model", verify, None)
+    return cfg_obj["config"], meta, weights, aliases
+
+
 def load_safetensors_model(
     out_dir: PathLike,
     expect: Mapping[str, Any] | None = None,

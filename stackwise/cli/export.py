@@ -7,6 +7,8 @@
 The folder loads with `AutoModelForCausalLM.from_pretrained(DIR)` (LlamaForCausalLM for mha/gqa,
 DeepseekV3ForCausalLM with dense layers for mla), safetensors only, with the experiment's tokenizer.
 A bidirectional model (the default) needs a 4-D attention mask: see config.json's `stackwise` key.
+The weights are streamed, one tensor in and one shard out at a time: host memory holds about one
+--max-shard-size shard, never the model.
 Exit status 2 with one line for a bad folder or argument, or a model with a per-layer mix of kinds.
 """
 

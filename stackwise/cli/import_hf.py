@@ -3,9 +3,11 @@
     stackwise-import ~/models/llama-tiny                       # its embeddings: stage 1 starts from them
     stackwise-import ~/models/llama-tiny --layers 2 data=shakespeare trainer.max_steps=200
     stackwise-import ~/models/llama-tiny --layers 2 model.n_layers=8 name=deeper output_root=/data/runs
+    stackwise-import ~/models/llama-tiny --layers 4 model.causal=true      # all 4 layers: stage=fusion next
 
 --layers K takes its embeddings and layers 1..K as finished stages (their activation caches are
-built), so layer-wise training continues at layer K+1; --layers 0 (the default) trains stage 1 from
+built), so layer-wise training continues at layer K+1; K = model.n_layers takes every layer, and
+stage=fusion (or stackwise-eval after it) runs at once; --layers 0 (the default) trains stage 1 from
 its embeddings. The model's sizes come from the folder; any other stackwise-train override may
 follow. It prints the stackwise-train command that continues the experiment (also in import.json).
 Exit status 2 with one line for a folder StackWise cannot reproduce or a bad argument.
@@ -26,7 +28,9 @@ PROG = "stackwise-import"
 def _parser() -> argparse.ArgumentParser:
     p = doc_parser(PROG, __doc__)
     p.add_argument("folder", type=Path, help="a local transformers Llama folder (config.json + safetensors)")
-    p.add_argument("--layers", type=int, default=0, help="layers to import as finished stages (default: 0)")
+    p.add_argument(
+        "--layers", type=int, default=0, help="layers to import as finished stages, 0..n_layers (default: 0)"
+    )
     p.add_argument("overrides", nargs="*", help="stackwise-train overrides, e.g. data=shakespeare output_root=runs")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     return p

@@ -144,22 +144,25 @@ class StateDictAdapter:
         return t
 
     # ------------------------------------------------------------------ whole models
+    def name_to_hf(self, name: str) -> str:
+        """One tensor's transformers name, from its `full_state_dict` name."""
+        found = _OURS_LAYER.fullmatch(name)
+        if found and found[2] in LAYER_TO_HF:
+            return f"model.layers.{found[1]}.{LAYER_TO_HF[found[2]]}"
+        if name in MODEL_TO_HF or name in HEAD_TO_HF:
+            return {**MODEL_TO_HF, **HEAD_TO_HF}[name]
+        raise ExportError(f"no transformers name for tensor {name!r}")
+
+    def tensor_to_hf(self, name: str, t: Tensor) -> tuple[str, Tensor]:
+        """One tensor of a whole model (a `full_state_dict` name) as (transformers name, value):
+        what `to_hf` does to every tensor, for a writer that streams them one at a time."""
+        found = _OURS_LAYER.fullmatch(name)
+        return self.name_to_hf(name), self._latent(found[2] if found else name, t.detach(), self.latent_scale)
+
     def to_hf(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A whole model (`full_state_dict`) under transformers' names; no lm_head when tied."""
         hf_model_type(self.cfg)
-        out: dict[str, Tensor] = {}
-        layers: dict[int, dict[str, Tensor]] = {}
-        for name, t in state.items():
-            found = _OURS_LAYER.fullmatch(name)
-            if found:
-                layers.setdefault(int(found[1]), {})[found[2]] = t
-            elif name in MODEL_TO_HF or name in HEAD_TO_HF:
-                out[{**MODEL_TO_HF, **HEAD_TO_HF}[name]] = t.detach()
-            else:
-                raise ExportError(f"no transformers name for tensor {name!r}")
-        for i, layer in sorted(layers.items()):
-            out.update({f"model.layers.{i}.{n}": t for n, t in self.layer_to_hf(i + 1, layer).items()})
-        return out
+        return dict(self.tensor_to_hf(name, t) for name, t in state.items())
 
     def from_hf(self, hf_state: Mapping[str, Tensor], n_layers: int | None = None) -> dict[str, Tensor]:
         """A transformers state dict under our names (frozen tensors included, as `full_state_dict`

@@ -8,6 +8,10 @@
 safetensors are written. The folder is built under a temporary name beside `out` and renamed into
 place, so an interrupted export leaves nothing that looks complete.
 
+Host memory is bounded whatever the model's size: `ModelSource` reads the model folder (one file
+or fused/'s shards) one tensor at a time, without building the model, and `write_shards` gathers
+one output shard at a time, so about one shard (`max_shard_size`) plus one tensor is ever held.
+
 The model was trained as a masked-diffusion denoiser: it predicts the tokens at [MASK] positions
 and, unless `causal: true`, reads both sides. config.json's `stackwise` key says so, with the mask
 and pad ids and the StackWise config; `stackwise.hf.bidirectional_mask` builds the 4-D mask that
@@ -17,25 +21,29 @@ makes transformers' causal classes attend both ways.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stackwise import artifacts as art
 from stackwise.artifacts.atomic import fsync_dir, write_errors
 from stackwise.config import load_run
-from stackwise.errors import StackWiseError
-from stackwise.hf.adapter import StateDictAdapter, full_state_dict, hf_model_type, require_transformers
+from stackwise.errors import ArtifactError, StackWiseError
+from stackwise.hf.adapter import StateDictAdapter, hf_model_type, require_transformers
 from stackwise.hf.tokenizer import write_tokenizer
+from stackwise.model.config import ModelConfig
+from stackwise.model.transformer import Block, Transformer
 
 MODEL_CHOICES = ("fused", "finetuned", "e2e")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 EXPORT_FORMAT = "stackwise.hf_export"
 BIDIRECTIONAL_HOWTO = (
     "bidirectional: it was trained to read both sides, and transformers' class is causal by default; pass "
@@ -82,8 +90,11 @@ def export_model(
     log: Callable[[str], None] = lambda _: None,
 ) -> Exported:
     """Write model `which` of `exp_dir` (default: fine-tuned, else fused) to the transformers folder
-    `out`. `dtype`: float32 | bfloat16 | float16 (default: the weights' own). Raises StackWiseError
-    (one line) for a bad folder or argument and for a model transformers has no class for."""
+    `out`. `dtype`: float32 | bfloat16 | float16 (default: the stored weights' own). The tensors are
+    streamed: read one at a time from the model folder's safetensors files, renamed, cast and
+    gathered into one output shard at a time (`write_shards`), so the host holds about one shard
+    of `max_shard_size`, never the model. Raises StackWiseError (one line) for a bad folder or
+    argument and for a model transformers has no class for."""
     exp_dir, out = Path(exp_dir), Path(out)
     if not exp_dir.is_dir():
         raise StackWiseError(f"experiment folder {exp_dir} does not exist")
@@ -96,13 +107,11 @@ def export_model(
     model_type = hf_model_type(run.model)  # a per-layer mix stops here, before any weight is read
     require_transformers()
     log(f"reading {folder}")
-    model, _ = art.load_model(folder)
-    cfg = model.cfg
+    source = ModelSource(folder)
+    cfg = source.cfg
+    hf_model_type(cfg)  # the folder's own config (the run's, unless it was changed by hand)
     adapter = StateDictAdapter(cfg)
-    state = adapter.to_hf(full_state_dict(model))
-    del model
-    target = DTYPES[dtype] if dtype else next(iter(state.values())).dtype
-    state = {name: t.detach().to("cpu", target).contiguous() for name, t in state.items()}
+    target = DTYPES[dtype] if dtype else source.dtype
     config = adapter.hf_config(
         max_position_embeddings=int(run.data.seq_len),
         torch_dtype=str(target).removeprefix("torch."),
@@ -127,24 +136,150 @@ def export_model(
             "config": cfg.to_dict(),
         },
     )
-    with building(out, overwrite) as tmp:
-        files = write_weights(state, tmp, max_shard_size)
+    with building(out, overwrite) as tmp, source:
+        files = write_shards(source, adapter, target, tmp, max_shard_size, log)
         config.save_pretrained(str(tmp))
         tokenizer = write_tokenizer(run, tmp)
     return Exported(out, which, config.architectures[0], files, tokenizer)
 
 
-def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> list[str]:
-    """safetensors shards as transformers' save_pretrained names them (one model.safetensors when it
-    fits in one), split by huggingface_hub's own helper, with the index beside them when sharded."""
-    split = split_shards(state, max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        with write_errors(folder / filename):
-            save_file({n: state[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+class ModelSource:
+    """A StackWise model folder (fused/, fused/finetuned/, e2e/; one file or sharded) read one tensor
+    at a time, in the order of the model (embedding, layer 1 .. L, head), without building the model.
+
+    `entries` lists every tensor the forward pass reads under its `full_state_dict` name, with its
+    shape, checked against the folder's own config before any tensor is read; `read(name)` gives
+    one: from the file that stores it (safetensors, memory-mapped: nothing else is loaded), or, for
+    a frozen tensor (the SwiGLU up, MLA's q_b / kv_b under `mla_freeze_up`) that no file holds,
+    regenerated from `(seed, k)` as `load_model` does. An imported layer's stored up-projection is
+    read from the file like any other tensor."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        config, _, files, aliases = art.model_files(folder)
+        where = folder / "config.json"
+        if not isinstance(config, dict):
+            raise ArtifactError(f"{where} holds no model config; rerun the stage that writes it")
+        self.cfg = ModelConfig.from_dict(config, prefix=f"{where}: model")
+        self.stored: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}  # name -> (file, key, shape, dtype)
+        for path in files:
+            self.stored.update(_header(path))
+        for dup, src in aliases.items():
+            if src not in self.stored:
+                raise ArtifactError(f"{folder} ties {dup!r} to missing tensor {src!r}; rerun the stage that writes it")
+            self.stored[dup] = self.stored[src]
+        with torch.device("meta"):
+            self.shapes = Transformer(self.cfg)
+        self.entries = self._entries()
+        self._files = contextlib.ExitStack()
+        self._open: dict[Path, Any] = {}
+
+    def _entries(self) -> list[tuple[str, tuple[int, ...]]]:
+        parts = [("embed.", self.shapes.embed.state_dict())]
+        for i, block in enumerate(self.shapes.blocks):
+            parts.append((f"blocks.{i}.", {**block.state_dict(), **block.frozen_tensors()}))
+        parts.append(("head.", self.shapes.head.state_dict()))
+        expected = {prefix + name: tuple(t.shape) for prefix, state in parts for name, t in state.items()}
+        frozen = {f"blocks.{i}.{n}" for i, block in enumerate(self.shapes.blocks) for n in block.frozen_names}
+
+        def misfit(what: str) -> ArtifactError:
+            return ArtifactError(f"{self.folder}: the weights do not fit its config ({what})")
+
+        for name, (_, _, shape, _) in self.stored.items():
+            if name not in expected:
+                raise misfit(f"unexpected tensor {name!r}")
+            if shape != expected[name]:
+                raise misfit(f"{name} has shape {shape}, the config needs {expected[name]}")
+        missing = [n for n in expected if n not in self.stored and n not in frozen]
+        if missing:
+            raise misfit(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        return list(expected.items())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (the embedding's): what an export keeps by default."""
+        return STORED_DTYPES.get(self.stored["embed.weight"][3], torch.float32)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.stored:
+            return self._regenerated(name)
+        path, key, _, _ = self.stored[name]
+        if path not in self._open:
+            self._open[path] = self._files.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        try:
+            return self._open[path].get_tensor(key)
+        except Exception as e:
+            raise ArtifactError(
+                f"{path}: tensor {key!r} is not readable (truncated or corrupt: {type(e).__name__}: "
+                f"{art.one_line(e, 120)}); rerun the stage that writes it"
+            ) from None
+
+    def _regenerated(self, name: str) -> torch.Tensor:
+        """A frozen tensor drawn from `(seed, k)` alone: a block built on the meta device is told that
+        its other frozen tensors are stored (`keep_frozen`), so `frozen_values` draws this one only."""
+        i, local = name.split(".", 2)[1:]
+        with torch.device("meta"):
+            block = Block(self.cfg, int(i) + 1)
+        block.keep_frozen({n: block.get_buffer(n) for n in block.frozen_names if n != local})
+        return block.frozen_values()[local]
+
+    def __enter__(self) -> ModelSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._files.close()
+        self._open.clear()
+
+
+def _header(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
+    """{name: (file, name, shape, safetensors dtype)} of one safetensors file, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {
+                key: (path, key, tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                for key in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+            }
+    except Exception as e:
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {art.one_line(e, 120)}); "
+            f"rerun the stage that writes it"
+        ) from None
+
+
+def write_shards(
+    source: ModelSource,
+    adapter: StateDictAdapter,
+    dtype: torch.dtype,
+    folder: Path,
+    max_shard_size: int | str,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[str]:
+    """The model's tensors as safetensors shards named as transformers' save_pretrained names them
+    (one model.safetensors when it fits in one), split by huggingface_hub's own helper from the
+    shapes alone, then filled one shard at a time: each tensor read, renamed, cast to `dtype`, and
+    the shard written under a temporary name and renamed once complete; the index is written last.
+    The host holds one shard (at most `max_shard_size`, or one tensor larger than that) plus the
+    tensor being read."""
+    names = {adapter.name_to_hf(name): name for name, _ in source.entries}  # transformers name -> ours
+    shapes = dict(source.entries)
+    split = split_shards(
+        {hf: torch.empty(shapes[ours], dtype=dtype, device="meta") for hf, ours in names.items()}, max_shard_size
+    )
+    n = len(split.filename_to_tensors)
+    for i, (filename, tensors) in enumerate(split.filename_to_tensors.items(), start=1):
+        shard = {}
+        for hf in tensors:
+            shard[hf] = adapter.tensor_to_hf(names[hf], source.read(names[hf]).to(dtype))[1].contiguous()
+        part = folder / f".{filename}.partial"
+        with write_errors(part):
+            save_file(shard, str(part), metadata={"format": "pt"})
+        del shard  # before the next shard is gathered: one shard at a time
+        part.rename(folder / filename)
+        log(f"wrote {filename} ({i}/{n})")
     files = list(split.filename_to_tensors)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        art.atomic_write_json(index, folder / "model.safetensors.index.json")
         files.append("model.safetensors.index.json")
     return files
 

@@ -3,10 +3,12 @@
     layers=0   its embeddings (and final norm, untied lm_head): stage 1 starts from them instead of
                its (seed, ...) init and trains embeddings + layer 1 as usual
     layers=K   its embeddings and layers 1..K as finished stages: layers/layer_1.pt .. layer_K.pt,
-               then their activation caches, so `stage=layer k=K+1` continues
+               each with its validation scores (taken as a trained stage's are), then their
+               activation caches, so `stage=layer k=K+1` continues; K = n_layers imports the whole
+               model, and `stage=fusion` fuses it at once (its check compares with layer K's scores)
 
 The StackWise model takes the Llama's sizes (d_model, heads, d_ff, rope_theta, rms eps, tied head,
-vocabulary); `model.n_layers` is the Llama's unless given (deeper or shallower, > K). What StackWise
+vocabulary); `model.n_layers` is the Llama's unless given (deeper or shallower, >= K). What StackWise
 has and a Llama lacks:
 - the SwiGLU up-projection is frozen in StackWise and, for a layer it trains, a random matrix
   regenerated from (seed, k). An imported layer keeps its trained up-projection instead, stored in
@@ -32,6 +34,7 @@ import re
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,7 @@ from stackwise.config.compose import user_error
 from stackwise.config.run import check_output_dir
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
 from stackwise.hf.adapter import StateDictAdapter, require_transformers
-from stackwise.model.transformer import Block, Embedding, Head
+from stackwise.model.transformer import Block, Embedding, Head, empty
 from stackwise.model.weights import LayerModules, LayerWeights
 
 # model settings the folder decides: a command line may not change them
@@ -228,11 +231,11 @@ def import_overrides(hf: LlamaFolder, layers: int, user: Sequence[str]) -> tuple
     if run.model.vocab_size < hf_vocab:  # the tokenizer's ids fit: keep every row of the Llama
         ours.append(_override("model.vocab_size", hf_vocab))
         run = _compose([*ours, *user])
-    if not 0 <= layers < run.model.n_layers or layers > hf.n_layers:
+    if not 0 <= layers <= min(run.model.n_layers, hf.n_layers):
         raise ConfigError(
             "layers",
-            f"must be in 0..{min(hf.n_layers, run.model.n_layers - 1)} (the folder has {hf.n_layers} layers, the "
-            f"experiment model.n_layers={run.model.n_layers} and at least one layer left to train), got {layers}",
+            f"must be in 0..{min(hf.n_layers, run.model.n_layers)} (the folder has {hf.n_layers} layers, the "
+            f"experiment model.n_layers={run.model.n_layers}), got {layers}",
         )
     return run, [*ours, *user]
 
@@ -252,20 +255,28 @@ def _rows(t: Tensor, n: int) -> Tensor:
     return torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(n - t.shape[0], -1)])
 
 
-def stackwise_start(hf: LlamaFolder, run: RunConfig, layers: int) -> dict[str, Tensor]:
-    """The embedding, final norm, untied head and blocks 1..layers under StackWise's names
-    (`full_state_dict` names: each block's up-projection included)."""
-    cfg = run.model
+class ImportedWeights:
+    """The Llama's tensors under StackWise's names (`full_state_dict` names: a block's up-projection
+    included), read when needed: the embedding, final norm and untied head once (`common`), a layer's
+    only when its stage is written (`state(k)`), so the host holds those and one layer, never the model."""
 
-    def needed(name: str) -> bool:
-        found = re.fullmatch(r"model\.layers\.(\d+)\..+", name)
-        return int(found[1]) < layers if found else name != "lm_head.weight" or not cfg.tie_embeddings
+    def __init__(self, hf: LlamaFolder, run: RunConfig):
+        self.hf, self.cfg = hf, run.model
+        self.adapter = StateDictAdapter(self.cfg)
 
-    state = StateDictAdapter(cfg).from_hf(hf.tensors(needed), n_layers=layers)
-    state["embed.weight"] = _rows(state["embed.weight"], cfg.vocab_size)
-    if "head.proj.weight" in state:
-        state["head.proj.weight"] = _rows(state["head.proj.weight"], cfg.vocab_size)
-    return state
+        def needed(name: str) -> bool:
+            return not name.startswith("model.layers.") and (name != "lm_head.weight" or not self.cfg.tie_embeddings)
+
+        state = self.adapter.from_hf(hf.tensors(needed), n_layers=0)
+        state["embed.weight"] = _rows(state["embed.weight"], self.cfg.vocab_size)
+        if "head.proj.weight" in state:
+            state["head.proj.weight"] = _rows(state["head.proj.weight"], self.cfg.vocab_size)
+        self.common = state
+
+    def state(self, k: int) -> dict[str, Tensor]:
+        """`common` and layer k's tensors."""
+        layer = self.hf.tensors(lambda name: name.startswith(f"model.layers.{k - 1}."))
+        return {**self.common, **self.adapter.from_hf(layer, n_layers=k)}
 
 
 def _load(module: torch.nn.Module, state: dict[str, Tensor], what: str, source: Path) -> None:
@@ -279,17 +290,20 @@ def start_modules(run: RunConfig, state: dict[str, Tensor], k: int, source: Path
     """Layer k's modules holding the imported weights (the embedding in layer 1's): the block keeps its
     up-projection as a stored frozen weight (`Block.keep_frozen`, through load_state_dict)."""
     cfg = run.model
-    head = Head(cfg)
+    # built on the meta device, given storage, then filled: nothing is drawn only to be overwritten
+    head = empty(lambda: Head(cfg))
     _load(head, {n.removeprefix("head."): t for n, t in state.items() if n.startswith("head.")}, "the head", source)
     embed = None
     if k == 1:
-        embed = Embedding(cfg)
+        embed = empty(lambda: Embedding(cfg))
         _load(embed, {"weight": state["embed.weight"]}, "the embedding", source)
-    block = Block(cfg, k)
+    block = empty(lambda: Block(cfg, k))
     prefix = f"blocks.{k - 1}."
     imported = {n.removeprefix(prefix): t for n, t in state.items() if n.startswith(prefix)}
-    if imported:  # layers=0 imports no block: stage 1 starts its own
+    if imported:
         _load(block, imported, f"layer {k}", source)
+    else:  # layers=0 imports no block: stage 1 starts its own (seed, 1) draw
+        block.init_weights()
     return LayerModules(block, head, embed)
 
 
@@ -311,7 +325,7 @@ def import_llama(
 
     hf = read_llama_folder(folder)
     run, args = import_overrides(hf, layers, overrides)
-    state = stackwise_start(hf, run, layers)
+    weights = ImportedWeights(hf, run)
     paths = art.ExperimentPaths(run.exp_dir, acts_root=cache_root(run))
     exp = ExperimentState(run, paths, run.hashes())
     cont = max(layers, 1) + 1
@@ -329,22 +343,47 @@ def import_llama(
         def start_layer(self, stage, below):
             modules = super().start_layer(stage, below)
             if stage.first:  # only when stage 1 trains: layers=0
-                imported = start_modules(run, state, 1, hf.folder)
+                imported = start_modules(run, weights.common, 1, hf.folder)
                 modules.embed.load_state_dict(imported.embed.state_dict())
                 modules.head.load_state_dict(imported.head.state_dict())
             return modules
 
+        def score(self, stage, modules: LayerModules) -> dict[str, float]:
+            """The imported layer's validation scores, as a trained stage's are taken: on the same
+            validation rows (acts_layer{k-1}'s, or the tokens for layer 1). Fusion checks the fused
+            model against the last layer's, so an experiment imported whole (K = n_layers) fuses at once."""
+            from stackwise.stages.layerwise import LayerwiseStage
+
+            data, _, embed_weight, prefix = self.layer_inputs(stage, below_head="if_present")
+            optim, steps = self.run.optim_for(stage.budget), self.run.max_steps(stage.budget)
+            weighting = self.run.masking.weighting
+            module = LayerwiseStage(self.cfg, modules, optim, weighting, steps, stage.name, embed_weight, prefix)
+            return self.trainers.validate(module, data.val_dataloader())
+
     for k in range(1, max(layers, 1) + 1):  # layers=0: stage 1 trains; else the imported layers' caches
+        pipeline = ImportedStart(
+            dataclasses.replace(run, stage="embed" if k == 1 else "layer", k=None if k == 1 else k)
+        )
         if k <= layers:  # each layer written just before its cache: an untied head is kept for the latest only
+            modules = start_modules(run, weights.state(k), k, hf.folder)
             with experiment_lock(paths):
-                write_layer(run, exp, Stage.layer(k), start_modules(run, state, k, hf.folder), hf.folder, log)
+                write_layer(run, exp, Stage.layer(k), modules, hf.folder, log, partial(pipeline.score, Stage.layer(k)))
         log(f"stage {Stage.layer(k).name}: {'caching' if k <= layers else 'training from the imported embeddings'}")
-        ImportedStart(dataclasses.replace(run, stage="embed" if k == 1 else "layer", k=None if k == 1 else k)).execute()
+        pipeline.execute()
     return Imported(run, layers, command)
 
 
-def write_layer(run: RunConfig, exp: Any, stage: Any, modules: LayerModules, source: Path, log) -> None:
-    """layers/layer_k.pt as a finished stage: kept when the file there holds the same weights."""
+def write_layer(
+    run: RunConfig,
+    exp: Any,
+    stage: Any,
+    modules: LayerModules,
+    source: Path,
+    log,
+    score: Callable[[LayerModules], dict[str, float]],
+) -> None:
+    """layers/layer_k.pt as a finished stage, with its validation scores (`score`, as a trained
+    stage records them): kept when the file there holds the same weights."""
     path = exp.paths.layer_ckpt(stage.k)
     weights = LayerWeights.of(modules)
     if path.exists():
@@ -371,6 +410,7 @@ def write_layer(run: RunConfig, exp: Any, stage: Any, modules: LayerModules, sou
         "config_hash": exp.hashes["layer"],
         "model": run.model.to_dict(),
         "prev_sha256": exp.sha256(below) if below is not None else None,
+        **score(modules),
         "steps": 0,
         "tokens": 0,
         "imported": {"from": str(source.resolve()), "layer": stage.k},

@@ -1,6 +1,7 @@
 """An experiment's tokenizer as transformers tokenizer files (`AutoTokenizer.from_pretrained(DIR)`).
 
-A `hf` tokenizer is its own tokenizer.json, with the [MASK] and [PAD] the experiment added. The byte
+A `hf` tokenizer is its own tokenizer.json, with the [MASK] and [PAD] the experiment added (or the
+reserved special tokens it took for them: the exported tokenizer's mask and pad tokens are those). The byte
 tokenizer has no file: it is written as a byte-level tokenizer.json whose ids are the bytes (a BPE
 with the 256 byte symbols and no merges, GPT-2's byte-to-character table), then [MASK] = 256 and
 [PAD] = 257, so it encodes every text to exactly the ids StackWise trained on. The dummy data has no
@@ -53,8 +54,10 @@ def write_tokenizer(run: Any, out_dir: Path) -> str | None:
     rust = byte_tokenizer() if isinstance(tok, ByteTokenizer) else tok.tok
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=rust,
-        mask_token=MASK_TOKEN,
-        pad_token=PAD_TOKEN,
+        # the tokens at the ids StackWise uses: "[MASK]" / "[PAD]", or the reserved special tokens
+        # they took (Llama-3's <|reserved_special_token_N|>), which naming "[MASK]" would duplicate at a new id
+        mask_token=rust.id_to_token(tok.mask_id),
+        pad_token=rust.id_to_token(tok.pad_id),
         model_max_length=int(run.data.seq_len),
     )
     fast.save_pretrained(str(out_dir))
