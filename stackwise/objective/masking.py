@@ -105,8 +105,8 @@ class MaskingConfig(Structured):
             if n_layers is not None and len(self.rates) != n_layers:
                 raise ConfigError(
                     self.key("rates"),
-                    f"has {len(self.rates)} entries but there are {n_layers} layer stages "
-                    "(n_layers - layerwise.top_layers); give one rate per stage, or null for linear from min to max",
+                    f"has {len(self.rates)} entries for {n_layers} layer stages (n_layers - layerwise.top_layers); "
+                    "give one rate per stage, or null for linear from min to max",
                 )
 
 
