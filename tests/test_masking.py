@@ -192,10 +192,9 @@ def test_per_layer_levers_compose_from_the_command_line(make_run):
     ("overrides", "field"),
     [
         (["fusion.mask_fraction_min=0"], "fusion.mask_fraction_min"),
-        (["fusion.mask_fraction_min=0.1"], "fusion.mask_fraction_max"),
-        (["fusion.mask_fraction_max=0.5"], "fusion.mask_fraction_min"),
+        (["fusion.mask_fraction_max=1.5"], "fusion.mask_fraction_max"),
         (["fusion.mask_fraction_min=0.6", "fusion.mask_fraction_max=0.5"], "fusion.mask_fraction_min"),
-        (["fusion.mask_fraction_min=0.1", "fusion.mask_fraction_max=1.5"], "fusion.mask_fraction_max"),
+        (["fusion.mask_fraction_max=0.1"], "fusion.mask_fraction_min"),  # below the masking node's min 0.15
     ],
 )
 def test_bad_fusion_rates_name_the_value(make_run, overrides, field):
@@ -208,7 +207,9 @@ def test_the_fine_tune_trains_at_its_own_rates_and_validates_at_the_masking_node
     from stackwise.pipeline import Pipeline, Stage
 
     run = make_run("fusion.mask_fraction_min=0.05", "fusion.mask_fraction_max=0.1")
-    assert run.fusion.rates() == (0.05, 0.1)
+    assert run.finetune_rates() == (0.05, 0.1)
+    # a null bound is the masking node's
+    assert make_run("fusion.mask_fraction_max=0.5", name="c").finetune_rates() == (0.15, 0.5)
     inputs = Pipeline(run).inputs
     finetune = inputs.tokens(Stage.finetune(run.model.n_layers), 4)
     t = torch.cat([b["t"] for b in finetune.train_dataloader()])
@@ -222,7 +223,7 @@ def test_the_fine_tune_trains_at_its_own_rates_and_validates_at_the_masking_node
         assert float(t.max()) > 0.1
     # unset: the fine-tune trains as the masking node says
     default = make_run(name="b")
-    assert default.fusion.rates() is None
+    assert default.finetune_rates() is None
     assert Pipeline(default).inputs.tokens(Stage.finetune(2), 4).train_schedule is None
 
 

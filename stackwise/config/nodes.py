@@ -249,8 +249,9 @@ class FusionConfig(Structured):
     finetune_steps: int = 80  # ~9% of the default budget (320 + 3 x 160 + 80 steps); 0 = no fine-tune
     lr: float = 1e-3
     check: bool = True
-    # the fine-tune's training rates: uniform in [mask_fraction_min, mask_fraction_max]; null = the
-    # `masking` node's schedule. Its validation (and the fusion check) keeps the `masking` node's
+    # the fine-tune's training rates: uniform in [mask_fraction_min, mask_fraction_max], a null bound
+    # taken from the `masking` node; both null = the `masking` node's schedule. Its validation (and
+    # the fusion check) keeps the `masking` node's schedule
     mask_fraction_min: float | None = None
     mask_fraction_max: float | None = None
 
@@ -261,29 +262,21 @@ class FusionConfig(Structured):
             f"must be an integer >= 0, got {self.finetune_steps!r}",
         )
         check(is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
-        lo, hi = self.mask_fraction_min, self.mask_fraction_max
-        for name, v in (("mask_fraction_min", lo), ("mask_fraction_max", hi)):
+        for name in ("mask_fraction_min", "mask_fraction_max"):
+            v = getattr(self, name)
             check(
                 v is None or (is_number(v) and 0 < v <= 1),
                 self.key(name),
-                f"must be a number in (0, 1] or null (the masking node's schedule), got {v!r}",
+                f"must be a number in (0, 1] or null (the masking node's), got {v!r}",
             )
-        check(
-            (lo is None) == (hi is None),
-            self.key("mask_fraction_min" if lo is None else "mask_fraction_max"),
-            f"is null but fusion.{'mask_fraction_max' if lo is None else 'mask_fraction_min'} is set: give both or neither",
-        )
-        check(
-            lo is None or lo <= hi,
-            self.key("mask_fraction_min"),
-            f"must be <= fusion.mask_fraction_max={hi}, got {lo}",
-        )
 
-    def rates(self) -> tuple[float, float] | None:
-        """The fine-tune's own training range, or None (the masking node's schedule)."""
-        return (
-            None if self.mask_fraction_min is None else (float(self.mask_fraction_min), float(self.mask_fraction_max))
-        )
+    def rates(self, lo: float, hi: float) -> tuple[float, float] | None:
+        """The fine-tune's own training range (`lo`, `hi`: the masking node's bounds, for a null one),
+        or None when neither bound is set (the masking node's schedule)."""
+        if self.mask_fraction_min is None and self.mask_fraction_max is None:
+            return None
+        own = (self.mask_fraction_min, self.mask_fraction_max)
+        return (float(lo if own[0] is None else own[0]), float(hi if own[1] is None else own[1]))
 
 
 @dataclass

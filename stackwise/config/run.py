@@ -103,6 +103,13 @@ class RunConfig(Structured):
                 f"the per_layer schedule caches one mask view per layer stage: set "
                 f"cache.views={self.layer_stages} ({what}), got {self.cache.views}",
             )
+        rates = self.finetune_rates()
+        if rates is not None and rates[0] > rates[1]:
+            raise ConfigError(
+                "fusion.mask_fraction_min",
+                f"the fine-tune's range [{rates[0]}, {rates[1]}] is empty: fusion.mask_fraction_min must be <= "
+                "fusion.mask_fraction_max (a null bound is the masking node's)",
+            )
         check_trainer(self.trainer, "trainer")
         for key in STAGE_KEYS:
             check_trainer(self.stages.of(key).trainer, f"stages.{key}.trainer")
@@ -205,6 +212,10 @@ class RunConfig(Structured):
             base["lr"] = self.fusion.lr
         base.update(self.stages.of(stage_key).optim)
         return OptimConfig.from_dict(base, f"stages.{stage_key}.optim")
+
+    def finetune_rates(self) -> tuple[float, float] | None:
+        """The fusion fine-tune's training range (fusion.mask_fraction_min/max), or None: the masking node's schedule."""
+        return self.fusion.rates(self.masking.mask_fraction_min, self.masking.mask_fraction_max)
 
     def max_steps(self, stage_key: str) -> int:
         return int(self.trainer_kwargs(stage_key)["max_steps"])

@@ -48,7 +48,7 @@ class StageInputs:
         The fusion fine-tune trains at `fusion.mask_fraction_min/max` when set (validated at the
         `masking` node's rates, which the fusion check compares with the last stage's loss)."""
         s, run, cfg = self.splits(), self.run, self.run.model
-        rates = run.fusion.rates() if stage.kind in ("fusion", "finetune") else None
+        rates = run.finetune_rates() if stage.kind in ("fusion", "finetune") else None
         return TokenStageData(
             s.train,
             s.val,
