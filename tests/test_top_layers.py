@@ -204,3 +204,20 @@ def test_killed_and_resumed_gives_the_same_bytes(tmp_path, make_run):
     for rel in ("layers/layer_1.pt", "layers/layer_2.pt", "layers/layer_2.top.safetensors", "fused/model.safetensors"):
         assert (exp / rel).read_bytes() == (ref.paths.root / rel).read_bytes(), rel
     shutil.rmtree(exp)
+
+
+def test_an_untied_head_trains_beside_the_top_segment_and_both_move_up(make_run):
+    """Untied: the projection and the top segment are both kept beside the latest layer file only,
+    stage 2 trains both, and the fusion check holds."""
+    untied = [*TOP, "model.tie_embeddings=false", "trainer.max_steps=4", "trainer.val_check_interval=2"]
+    first = Pipeline(make_run(*untied, "stage=embed"))
+    first.execute()
+    proj_1 = _state(first.paths.head_file(1))["proj.weight"]
+    pipe = Pipeline(make_run(*untied))
+    pipe.execute()
+    names = sorted(p.name for p in pipe.paths.layers_dir.glob("*.safetensors"))
+    assert names == ["layer_2.head.safetensors", "layer_2.top.safetensors"]
+    fused, _, _ = art.load_safetensors_model(pipe.paths.fused_dir)
+    proj_2 = _state(pipe.paths.head_file(2))["proj.weight"]
+    assert not torch.equal(proj_2, proj_1) and torch.equal(fused["head.proj.weight"], proj_2)
+    assert {r["stage"] for r in art.read_results(pipe.paths)} == {"embed", "layer_2", "fused"}

@@ -316,7 +316,7 @@ class StageOverrides(Structured):
 @dataclass
 class StagesConfig(Structured):
     """Per-stage overrides, e.g. `+stages.layer.trainer.max_steps=300`. e2e's max_steps defaults to
-    the layer-wise token budget: embed + (n_layers - 1) * layer + fine-tune steps."""
+    the layer-wise token budget: embed + (n_layers - layerwise.top_layers - 1) * layer + fine-tune steps."""
 
     PATH = "stages"
 
