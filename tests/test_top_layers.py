@@ -221,3 +221,34 @@ def test_an_untied_head_trains_beside_the_top_segment_and_both_move_up(make_run)
     proj_2 = _state(pipe.paths.head_file(2))["proj.weight"]
     assert not torch.equal(proj_2, proj_1) and torch.equal(fused["head.proj.weight"], proj_2)
     assert {r["stage"] for r in art.read_results(pipe.paths)} == {"embed", "layer_2", "fused"}
+
+
+def test_the_top_file_is_checked_and_only_the_latest_is_kept(make_run, tmp_path):
+    """layer_k.top.safetensors: read back exactly, required where a stage starts from it, its
+    digest checked, and the one of the layer below deleted once layer_k.pt is written."""
+    from safetensors.torch import save_file
+
+    run = make_run(*TOP)
+    cfg = run.model
+    w1 = LayerWeights.of(first_layer(cfg, top_layers=1))
+    w2 = LayerWeights.of(next_layer(cfg, 2, "previous", w1, top_layers=1))
+    paths = art.ExperimentPaths(tmp_path / "exp")
+    paths.layers_dir.mkdir(parents=True)
+    art.save_layer_checkpoint(paths.layer_ckpt(1), w1, {"k": 1})
+    got, _ = art.load_layer_checkpoint(paths.layer_ckpt(1), head="load")
+    assert sorted(got.top) == [3] and got.top[3].frozen_sha256 == w1.top[3].frozen_sha256
+    assert all(torch.equal(t, w1.top[3].block[n]) for n, t in got.top[3].block.items())
+    assert got.top_blocks(cfg)[0].k == 3
+    assert art.load_layer_checkpoint(paths.layer_ckpt(1), head="skip")[0].top is None
+    art.save_layer_checkpoint(paths.layer_ckpt(2), w2, {"k": 2})
+    assert not paths.top_file(1).exists() and paths.top_file(2).exists()
+    # layer 1's top segment is gone: fine for a reader that only runs layer 1, an error for one starting from it
+    assert art.load_layer_checkpoint(paths.layer_ckpt(1), head="if_present")[0].top is None
+    with pytest.raises(ArtifactError) as e:
+        art.load_layer_checkpoint(paths.layer_ckpt(1), head="load")
+    assert paths.top_file(1).name in str(e.value) and "\n" not in str(e.value)
+    # another top segment in its place: refused
+    tensors = _state(paths.top_file(2))
+    save_file({n: t + 1 for n, t in tensors.items()}, str(paths.top_file(2)))
+    with pytest.raises(ArtifactError, match="digest mismatch"):
+        art.load_layer_checkpoint(paths.layer_ckpt(2), head="load")
