@@ -365,24 +365,27 @@ def _cached_inputs(run: RunConfig) -> Callable[[_Setting], int]:
 
 
 def stage_plans(run: RunConfig) -> list[StagePlan]:
-    """Stage 1, the largest layer stage, the fusion check and fine-tune, e2e."""
-    cfg = run.model
+    """Stage 1, the largest layer stage, the fusion check and fine-tune, e2e. A layer stage holds,
+    runs and trains the top segment's blocks (`layerwise.top_layers`) beside its own."""
+    cfg, last = run.model, run.layer_stages
     model = _meta(lambda: Transformer(cfg))
     embed, head = model.embed, model.head
+    top = list(model.blocks[last:])  # blocks L-m+1..L: empty without a top segment
     tokens = {"head_trains": True, "embed_trains": True, "input_bytes": _token_inputs}
-    plans = [_stage(run, "embed", "stage 1 (embed)", [embed, model.blocks[0], head], [model.blocks[0]], tokens)]
-    if cfg.n_layers > 1:
+    first = [model.blocks[0], *top]
+    plans = [_stage(run, "embed", "stage 1 (embed)", [embed, *first, head], first, tokens)]
+    if last > 1:
         V, D = cfg.vocab_size, cfg.d_model
         w = _setting(run, "layer").num.w
         tied = {"held_bytes": V * D * w, "held_params": V * D} if cfg.tie_embeddings else {}
         extra = {"head_trains": not cfg.tie_embeddings, "input_bytes": _cached_inputs(run), **tied}
         layers = [
-            _stage(run, "layer", f"layer {k}", [model.blocks[k - 1], head], [model.blocks[k - 1]], extra)
-            for k in range(2, cfg.n_layers + 1)
+            _stage(run, "layer", f"layer {k}", [model.blocks[k - 1], *top, head], [model.blocks[k - 1], *top], extra)
+            for k in range(2, last + 1)
         ]
         largest = max(layers, key=lambda p: p.peak)
-        if len({cfg.kind(k) for k in range(2, cfg.n_layers + 1)}) == 1:
-            largest.name = f"layer k (2..{cfg.n_layers})"
+        if len({cfg.kind(k) for k in range(2, last + 1)}) == 1:
+            largest.name = f"layer k (2..{last})"
         plans.append(largest)
     blocks = list(model.blocks)
     plans.append(_stage(run, "finetune", "fusion fine-tune", [model], blocks, tokens))
@@ -404,14 +407,19 @@ def plan_run(run: RunConfig) -> Plan:
     w = w.element_size()
     proj = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model  # untied: kept once, beside the latest layer
     head = _state_numel(model.head) - proj
-    layer = [_state_numel(b) + head for b in model.blocks]  # what layer_k.pt holds: block + final norm (+ embed)
+    last = run.layer_stages
+    # what layer_k.pt holds: block + final norm (+ embed)
+    layer = [_state_numel(b) + head for b in model.blocks[:last]]
     layer[0] += _state_numel(model.embed)
+    top = sum(_state_numel(b) for b in model.blocks[last:])  # the top segment: kept once, beside the latest layer
     fused = _state_numel(model) * w
     files = {"layer_1.pt": layer[0] * w, "fused/model.safetensors": fused}
-    if cfg.n_layers > 1:
+    if last > 1:
         files["layer_k.pt (k >= 2)"] = max(layer[1:]) * w
     if proj:
         files["layer_k.head.safetensors (the latest layer's only)"] = proj * w
+    if top:
+        files["layer_k.top.safetensors (the latest layer's only)"] = top * w
     T, D = run.data.seq_len, cfg.d_model
     per_mtoken = round(estimate_cache_bytes(1, T, D, run.cache.dtype, cfg.vocab_size) * 1e6 / T)
     seqs = run.cache_train_sequences()
@@ -420,7 +428,7 @@ def plan_run(run: RunConfig) -> Plan:
     # fused/ is streamed from the layer files: one layer's state and one shard buffer at a time; the
     # fp32 model the check and the fine-tune run is built on the host unless the run has one GPU
     host = {
-        "one layer file's state": (max(layer) + proj) * w,
+        "one layer file's state": (max(layer) + proj + top) * w,
         "one shard of fused/ being written": min(fused, MAX_SHARD_BYTES),
     }
     if not _one_gpu(run.trainer_kwargs("fusion")):

@@ -163,6 +163,70 @@ def test_per_layer_rate_depends_on_stage_index():
     assert build_schedule(MaskingConfig(schedule="per_layer"), 1) == PerLayerSchedule((0.15,))
 
 
+def test_per_layer_descending_gives_later_stages_lower_rates():
+    """Later stages at lower rates: masking.per_layer_order=descending (linear from max to min), or
+    any list of rates (masking.rates=[0.6,0.45,0.3,0.2])."""
+    cfg = MaskingConfig(
+        schedule="per_layer", mask_fraction_min=0.15, mask_fraction_max=0.9, per_layer_order="descending"
+    )
+    u = torch.rand(3)
+    values = [build_schedule(cfg, 4).rate(u, k, 0.0)[0].item() for k in range(1, 5)]
+    assert values == pytest.approx([0.9, 0.65, 0.4, 0.15])
+    assert build_schedule(cfg, 1) == PerLayerSchedule((0.9,))
+    listed = build_schedule(MaskingConfig(schedule="per_layer", rates=[0.6, 0.45, 0.3, 0.2]), 4)
+    assert [listed.rate(u, k, 0.0)[0].item() for k in range(1, 5)] == pytest.approx([0.6, 0.45, 0.3, 0.2])
+    # the default order is unchanged: ascending
+    assert MaskingConfig().per_layer_order == "ascending"
+
+
+def test_per_layer_levers_compose_from_the_command_line(make_run):
+    run = make_run("model.n_layers=4", "masking=per_layer", "cache.views=4", "masking.per_layer_order=descending")
+    assert run.masking.per_layer_order == "descending"
+    run = make_run("model.n_layers=4", "masking=per_layer", "cache.views=4", "masking.rates=[0.6,0.45,0.3,0.2]")
+    assert run.masking.rates == [0.6, 0.45, 0.3, 0.2]
+    with pytest.raises(ConfigError, match="masking.per_layer_order: unknown order 'down'; allowed: ascending"):
+        make_run("masking.per_layer_order=down")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["fusion.mask_fraction_min=0"], "fusion.mask_fraction_min"),
+        (["fusion.mask_fraction_max=1.5"], "fusion.mask_fraction_max"),
+        (["fusion.mask_fraction_min=0.6", "fusion.mask_fraction_max=0.5"], "fusion.mask_fraction_min"),
+        (["fusion.mask_fraction_max=0.1"], "fusion.mask_fraction_min"),  # below the masking node's min 0.15
+    ],
+)
+def test_bad_fusion_rates_name_the_value(make_run, overrides, field):
+    with pytest.raises(ConfigError) as e:
+        make_run(*overrides)
+    assert e.value.field == field and "\n" not in str(e.value)
+
+
+def test_the_fine_tune_trains_at_its_own_rates_and_validates_at_the_masking_nodes(make_run):
+    from stackwise.pipeline import Pipeline, Stage
+
+    run = make_run("fusion.mask_fraction_min=0.05", "fusion.mask_fraction_max=0.1")
+    assert run.finetune_rates() == (0.05, 0.1)
+    # a null bound is the masking node's
+    assert make_run("fusion.mask_fraction_max=0.5", name="c").finetune_rates() == (0.15, 0.5)
+    inputs = Pipeline(run).inputs
+    finetune = inputs.tokens(Stage.finetune(run.model.n_layers), 4)
+    t = torch.cat([b["t"] for b in finetune.train_dataloader()])
+    assert len(t) > 0 and bool(((t >= 0.05) & (t <= 0.1)).all())
+    # validation (and the fusion check against the last stage) keep the masking node's rates
+    val = torch.cat([b["t"] for b in finetune.val_dataloader()])
+    assert float(val.max()) > 0.1 and float(val.min()) >= run.masking.mask_fraction_min
+    # the layer stages and e2e are untouched by it
+    for stage in (Stage.layer(1), Stage.e2e(run.model.n_layers)):
+        t = torch.cat([b["t"] for b in inputs.tokens(stage, 4).train_dataloader()])
+        assert float(t.max()) > 0.1
+    # unset: the fine-tune trains as the masking node says
+    default = make_run(name="b")
+    assert default.finetune_rates() is None
+    assert Pipeline(default).inputs.tokens(Stage.finetune(2), 4).train_schedule is None
+
+
 def test_curriculum_grows_with_progress():
     lo, hi = 0.15, 0.9
     sched = build_schedule(MaskingConfig(schedule="curriculum", mask_fraction_min=lo, mask_fraction_max=hi), 2)
@@ -224,6 +288,7 @@ def test_u_override_nests_masks():
         ({"rates": [0.2, 1.2]}, "masking.rates[1]"),
         ({"rates": "0.2"}, "masking.rates"),
         ({"schedule": 3}, "masking.schedule"),
+        ({"per_layer_order": "down"}, "masking.per_layer_order"),
         ({"mask_fracton_min": 0.1}, "masking.mask_fracton_min"),
     ],
 )
@@ -239,7 +304,7 @@ def test_rates_length_checked_against_n_layers():
     cfg.validate(3)
     with pytest.raises(ConfigError) as e:
         build_schedule(cfg, 4)
-    assert e.value.field == "masking.rates" and "n_layers=4" in str(e.value)
+    assert e.value.field == "masking.rates" and "4 layer stages" in str(e.value)
     # build_schedule validates a hand-built config too
     with pytest.raises(ConfigError, match="masking.schedule"):
         build_schedule(MaskingConfig(schedule="linear"), 2)

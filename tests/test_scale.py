@@ -92,7 +92,7 @@ def test_meta_init_gives_the_constructors_weights(kind, tie):
     model = empty(lambda: Transformer(cfg))
     model.init_weights()
     assert_same(model, Transformer(cfg))
-    block, head, embed = first_layer(cfg)
+    block, head, embed = first_layer(cfg)[:3]
     assert_same(block, Block(cfg, 1))
     assert_same(head, Head(cfg))
     assert_same(embed, Embedding(cfg))
@@ -117,7 +117,7 @@ def test_loading_draws_nothing_it_overwrites(kind, monkeypatch, tmp_path):
     assert_same(model, old)
 
     draws.reset()
-    block, _, _ = layers[1].modules(cfg, 2)
+    block = layers[1].modules(cfg, 2).block
     assert (draws.trainable, draws.frozen) == (0, len(block.frozen_names))
     assert_same(block, old.blocks[1])
 

@@ -4,6 +4,7 @@ Only this package knows where things live under `exp_dir = <output_root>/<experi
 
     layers/layer_{k}.pt                    stage k's LayerWeights + metadata (torch.save, weights_only-loadable)
     layers/layer_{k}.head.safetensors      an untied output projection: the latest stage's only
+    layers/layer_{k}.top.safetensors       the top segment (layerwise.top_layers > 0): the latest stage's only
     acts/acts_layer{k}/{train,val}/...     activation shards; acts/acts_layer{k}/manifest.json (written last)
     fused/model.safetensors, fused/config.json (+ fused/finetuned/{model.safetensors,config.json})
     e2e/model.safetensors, e2e/config.json
@@ -63,7 +64,7 @@ from stackwise.artifacts.models import (
     write_model_manifest,
     write_model_weights,
 )
-from stackwise.artifacts.paths import ExperimentPaths, PathLike, manifest_path, untied_head_path
+from stackwise.artifacts.paths import ExperimentPaths, PathLike, manifest_path, top_segment_path, untied_head_path
 from stackwise.artifacts.results import read_results, record_result
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "save_safetensors_model",
     "sha256_file",
     "state_digest",
+    "top_segment_path",
     "untied_head_path",
     "write_errors",
     "write_model_manifest",

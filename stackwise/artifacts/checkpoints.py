@@ -9,6 +9,11 @@ that a layer file never names a projection that is not there), records its diges
 then deletes the projections of the layers below: only the latest stage's is kept, which is the
 one the next stage starts from and the fused model holds. The tensors are stored in the dtype the
 stage saved them in (`layerwise.save_dtype`).
+
+The top segment (`layerwise.top_layers=m` > 0: blocks L-m+1..L, trained and carried by every
+stage) follows the same rule in `layer_k.top.safetensors`: its tensors under the fused model's
+names (`blocks.{j-1}.<name>`), written before the layer file, which records its digest and the
+blocks' frozen checksums (`top_file`); the latest stage's only is kept.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from torch import Tensor
 
 from stackwise.artifacts.atomic import atomic_path, atomic_torch_save, sha256_file
 from stackwise.artifacts.messages import check_expected, json_normal, one_line, short_value
-from stackwise.artifacts.paths import PathLike, untied_head_path
+from stackwise.artifacts.paths import PathLike, top_segment_path, untied_head_path
 from stackwise.errors import ArtifactError
-from stackwise.model.weights import LayerWeights
+from stackwise.model.weights import LayerWeights, TopBlock
 
 LAYER_FORMAT = "stackwise.layer"
 # 2: layer_k.pt holds one state dict per module ("block", "head", "embed") instead of one prefixed dict
@@ -38,6 +43,7 @@ LAYER_FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # a version 2 file holds its projection in its "head" section: read as it is
 PROJ = "proj.weight"  # the untied projection's name in the head's state dict
 HeadMode = Literal["load", "if_present", "skip"]
+SIDE_SUFFIXES = (".head.safetensors", ".top.safetensors")  # the latest stage's only: see the module doc
 
 
 def state_digest(state: Mapping[str, Tensor]) -> str:
@@ -67,8 +73,9 @@ def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[s
     The file is `{"format", "version", "modules": {"block": {name: Tensor}, "head": {...}[, "embed": {...}]},
     "frozen_sha256", "state_sha256", "head_file", "meta": {...JSON}}`, which `torch.load(weights_only=True)`
     reads in any torch >= 2.1. `head_file` is null for a tied head, else `{"name", "sha256"}` of the
-    untied projection's file (see the module doc). `meta` is normalised through JSON so it reads back
-    exactly as written (and a non-JSON value fails here, before any byte is written).
+    untied projection's file (see the module doc); a stage that trained a top segment adds `top_file`,
+    `{"name", "sha256", "frozen_sha256": {j: checksum}}`. `meta` is normalised through JSON so it
+    reads back exactly as written (and a non-JSON value fails here, before any byte is written).
     """
     path = Path(path)
     sections: dict[str, dict[str, Tensor]] = {}
@@ -90,31 +97,42 @@ def save_layer_checkpoint(path: PathLike, weights: LayerWeights, meta: Mapping[s
         with atomic_path(head_path) as tmp:
             save_file({PROJ: proj}, str(tmp), metadata={"stackwise": json.dumps({"layer": path.name, **head_file})})
         del proj
-    atomic_torch_save(
-        {
-            "format": LAYER_FORMAT,
-            "version": LAYER_FORMAT_VERSION,
-            "modules": sections,
-            "frozen_sha256": str(weights.frozen_sha256),
-            "state_sha256": _weights_digest(sections),
-            "head_file": head_file,
-            "meta": meta_n,
-        },
-        path,
-    )
-    if head_file is not None:
-        _drop_heads_below(path)
+    record = {
+        "format": LAYER_FORMAT,
+        "version": LAYER_FORMAT_VERSION,
+        "modules": sections,
+        "frozen_sha256": str(weights.frozen_sha256),
+        "state_sha256": _weights_digest(sections),
+        "head_file": head_file,
+        "meta": meta_n,
+    }
+    if weights.top:  # only then: a layer file without a top segment is byte for byte what it was before
+        top = {
+            f"blocks.{j - 1}.{name}": t.detach().to("cpu").contiguous()
+            for j, b in weights.top.items()
+            for name, t in b.block.items()
+        }
+        top_path = top_segment_path(path)
+        frozen = {str(j): str(b.frozen_sha256) for j, b in sorted(weights.top.items())}
+        record["top_file"] = {"name": top_path.name, "sha256": state_digest(top), "frozen_sha256": frozen}
+        with atomic_path(top_path) as tmp:
+            save_file(top, str(tmp), metadata={"stackwise": json.dumps({"layer": path.name, **record["top_file"]})})
+        del top
+    atomic_torch_save(record, path)
+    if head_file is not None or weights.top:
+        _drop_side_files_below(path)
     return sha256_file(path)
 
 
-def _drop_heads_below(path: Path) -> None:
-    """Delete the untied projections of the layers below `layer_k.pt`: the next stage starts from layer k's."""
+def _drop_side_files_below(path: Path) -> None:
+    """Delete the untied projections and top segments of the layers below `layer_k.pt`: the next
+    stage starts from layer k's."""
     k = _layer_index(path.stem)
-    suffix = ".head.safetensors"
-    for other in path.parent.glob(f"*{suffix}") if k is not None else ():
-        j = _layer_index(other.name[: -len(suffix)])
-        if j is not None and j < k:
-            other.unlink(missing_ok=True)
+    for suffix in SIDE_SUFFIXES if k is not None else ():
+        for other in path.parent.glob(f"*{suffix}"):
+            j = _layer_index(other.name[: -len(suffix)])
+            if j is not None and j < k:
+                other.unlink(missing_ok=True)
 
 
 def _layer_index(stem: str) -> int | None:
@@ -147,7 +165,8 @@ def load_layer_checkpoint(
     An untied projection kept beside the file is read into `weights.head` (checked against the
     digest the layer file records) with `head="load"` (its absence is an error: a stage that starts
     from this layer, or the fused model, needs it), `"if_present"` (absent once a later stage has
-    replaced it: `weights.head` then holds the final norm only) or not at all (`"skip"`).
+    replaced it: `weights.head` then holds the final norm only) or not at all (`"skip"`). A top
+    segment kept beside it is read into `weights.top` by the same rule (the same readers need it).
 
     Every way it can be wrong (missing, truncated, corrupt, not ours, another config, changed since
     its hash was recorded) is an ArtifactError of one line naming the file.
@@ -189,13 +208,39 @@ def load_layer_checkpoint(
         )
     check_expected(p, obj["meta"], expect)
     if head != "skip" and obj.get("head_file") is not None:
-        proj = _read_head(p, obj["head_file"], required=head == "load")
+        proj = _read_side(p, obj["head_file"], head == "load", "its untied output projection")
         if proj is not None:
-            sections["head"][PROJ] = proj
+            sections["head"][PROJ] = proj[PROJ]
+    top = None
+    if head != "skip" and obj.get("top_file") is not None:
+        top = _top_blocks(p, obj["top_file"], _read_side(p, obj["top_file"], head == "load", "its top segment"))
     weights = LayerWeights(
-        block=sections["block"], frozen_sha256=obj["frozen_sha256"], head=sections["head"], embed=sections.get("embed")
+        block=sections["block"],
+        frozen_sha256=obj["frozen_sha256"],
+        head=sections["head"],
+        embed=sections.get("embed"),
+        top=top,
     )
     return weights, obj["meta"]
+
+
+def _top_blocks(layer: Path, record: dict, tensors: dict[str, Tensor] | None) -> dict[int, TopBlock] | None:
+    """`layer_k.top.safetensors`'s tensors (fused-model names) as {j: TopBlock}, each with the frozen
+    checksum the layer file records for it."""
+    if tensors is None:
+        return None
+    frozen = record.get("frozen_sha256")
+    blocks: dict[int, dict[str, Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if m is None:
+            raise ArtifactError(
+                f"{layer.with_name(record['name'])} holds {name!r}, not a block's tensor; rerun its stage"
+            )
+        blocks.setdefault(int(m.group(1)) + 1, {})[m.group(2)] = t
+    if not isinstance(frozen, dict) or sorted(frozen) != sorted(str(j) for j in blocks):
+        raise ArtifactError(f"{layer} records no frozen checksum for each block of its top segment; rerun its stage")
+    return {j: TopBlock(state, str(frozen[str(j)])) for j, state in sorted(blocks.items())}
 
 
 def _layer_sections_problem(sections: Any, frozen_sha256: Any) -> str | None:
@@ -213,31 +258,31 @@ def _layer_sections_problem(sections: Any, frozen_sha256: Any) -> str | None:
     return None
 
 
-def _read_head(layer: Path, record: Any, required: bool) -> Tensor | None:
-    """The untied projection `layer` records (`{"name", "sha256"}`), read and checked; None when it
-    is not there and not `required`."""
+def _read_side(layer: Path, record: Any, required: bool, what: str) -> dict[str, Tensor] | None:
+    """The tensors of a file `layer` keeps beside it (`record`: `{"name", "sha256", ...}`: its untied
+    projection or its top segment), read and checked; None when it is not there and not `required`."""
     if not isinstance(record, dict) or not isinstance(record.get("name"), str) or "/" in record["name"]:
-        raise ArtifactError(f"{layer} records no readable head_file; delete it and rerun its stage")
+        raise ArtifactError(f"{layer} records no readable file name for {what}; delete it and rerun its stage")
     path = layer.with_name(record["name"])
     if not path.is_file():
         if not required:
             return None
         raise ArtifactError(
-            f"{path} does not exist: {layer.name} keeps its untied output projection there, and only the "
+            f"{path} does not exist: {layer.name} keeps {what} there, and only the "
             f"latest stage's is kept (a later stage replaced it, or it was deleted); rerun {layer.name}'s "
             f"stage and the ones after it (overwrite=true)"
         )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            proj = f.get_tensor(PROJ)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
     except Exception as e:
         raise ArtifactError(
-            f"{path} is not a readable safetensors file with {PROJ!r} ({type(e).__name__}: {one_line(e, 120)}); "
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {one_line(e, 120)}); "
             f"delete it and {layer.name} and rerun its stage"
         ) from None
-    if state_digest({PROJ: proj}) != record.get("sha256"):
+    if state_digest(tensors) != record.get("sha256"):
         raise ArtifactError(
-            f"{path} is not the output projection {layer.name} was saved with (digest mismatch: another run's, "
+            f"{path} is not {what} {layer.name} was saved with (digest mismatch: another run's, "
             f"or corrupt); rerun {layer.name}'s stage (overwrite=true)"
         )
-    return proj
+    return tensors

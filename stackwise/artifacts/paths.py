@@ -43,6 +43,11 @@ class ExperimentPaths:
         the latest stage's is kept; a tied model has none)."""
         return untied_head_path(self.layer_ckpt(k))
 
+    def top_file(self, k: int) -> Path:
+        """`layers/layer_{k}.top.safetensors`: the top segment stage k trained (layerwise.top_layers > 0;
+        only the latest stage's is kept)."""
+        return top_segment_path(self.layer_ckpt(k))
+
     def existing_layers(self) -> list[int]:
         """The k of every `layers/layer_{k}.pt` present, sorted (presence only: not validated)."""
         if not self.layers_dir.is_dir():
@@ -163,6 +168,12 @@ def untied_head_path(layer_ckpt: PathLike) -> Path:
     """Where a layer checkpoint keeps its untied output projection: beside it, `<stem>.head.safetensors`."""
     p = Path(layer_ckpt)
     return p.with_name(f"{p.stem}.head.safetensors")
+
+
+def top_segment_path(layer_ckpt: PathLike) -> Path:
+    """Where a layer checkpoint keeps its top segment: beside it, `<stem>.top.safetensors`."""
+    p = Path(layer_ckpt)
+    return p.with_name(f"{p.stem}.top.safetensors")
 
 
 def manifest_path(acts_dir: PathLike) -> Path:

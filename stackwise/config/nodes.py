@@ -83,8 +83,17 @@ class LayerwiseConfig(Structured):
     # (float32 on the CPU default); what a later stage (init=previous, the carried head) and the
     # fused model start from, so it is part of the experiment's identity
     save_dtype: str = "auto"
+    # SegProp-style top segment: the last m blocks (L-m+1..L) train in every stage beside its own block,
+    # between it and the head, carried from stage to stage; the layer stages are then 1..L-m and the
+    # fused model takes blocks L-m+1..L from stage L-m. 0 = plain greedy layer-wise training
+    top_layers: int = 0
 
     def __post_init__(self) -> None:
+        check(
+            is_int(self.top_layers) and self.top_layers >= 0,
+            self.key("top_layers"),
+            f"must be an integer >= 0 (0 = no top segment), got {self.top_layers!r}",
+        )
         check(
             self.save_dtype in SAVE_DTYPES,
             self.key("save_dtype"),
@@ -252,6 +261,11 @@ class FusionConfig(Structured):
     finetune_steps: int = 80  # ~9% of the default budget (320 + 3 x 160 + 80 steps); 0 = no fine-tune
     lr: float = 1e-3
     check: bool = True
+    # the fine-tune's training rates: uniform in [mask_fraction_min, mask_fraction_max], a null bound
+    # taken from the `masking` node; both null = the `masking` node's schedule. Its validation (and
+    # the fusion check) keeps the `masking` node's schedule
+    mask_fraction_min: float | None = None
+    mask_fraction_max: float | None = None
 
     def __post_init__(self) -> None:
         check(
@@ -260,6 +274,21 @@ class FusionConfig(Structured):
             f"must be an integer >= 0, got {self.finetune_steps!r}",
         )
         check(is_number(self.lr) and self.lr > 0, self.key("lr"), f"must be a finite number > 0, got {self.lr!r}")
+        for name in ("mask_fraction_min", "mask_fraction_max"):
+            v = getattr(self, name)
+            check(
+                v is None or (is_number(v) and 0 < v <= 1),
+                self.key(name),
+                f"must be a number in (0, 1] or null (the masking node's), got {v!r}",
+            )
+
+    def rates(self, lo: float, hi: float) -> tuple[float, float] | None:
+        """The fine-tune's own training range (`lo`, `hi`: the masking node's bounds, for a null one),
+        or None when neither bound is set (the masking node's schedule)."""
+        if self.mask_fraction_min is None and self.mask_fraction_max is None:
+            return None
+        own = (self.mask_fraction_min, self.mask_fraction_max)
+        return (float(lo if own[0] is None else own[0]), float(hi if own[1] is None else own[1]))
 
 
 @dataclass
@@ -299,7 +328,7 @@ class StageOverrides(Structured):
 @dataclass
 class StagesConfig(Structured):
     """Per-stage overrides, e.g. `+stages.layer.trainer.max_steps=300`. e2e's max_steps defaults to
-    the layer-wise token budget: embed + (n_layers - 1) * layer + fine-tune steps."""
+    the layer-wise token budget: embed + (n_layers - layerwise.top_layers - 1) * layer + fine-tune steps."""
 
     PATH = "stages"
 

@@ -57,7 +57,7 @@ class RunConfig(Structured):
 
     # embed | layer | fusion | all | e2e   (all = embed -> layer 2..L -> fusion, skipping finished stages)
     stage: str = "all"
-    k: int | None = None  # the layer of stage=layer (2..n_layers); ignored by the other stages
+    k: int | None = None  # the layer of stage=layer (2..n_layers - layerwise.top_layers); ignored by the other stages
     # the experiment folder under output_root; null = derived from the overrides that change what is
     # learned (stackwise/identity.py), "default" when there are none. A RunConfig holds the result.
     name: str | None = None
@@ -88,13 +88,27 @@ class RunConfig(Structured):
         check(isinstance(self.output_root, str), "output_root", f"must be a folder path, got {self.output_root!r}")
         # structure only: readers (load_run) may use a read-only folder; the CLI checks writability
         check_output_dir(self.exp_dir, "output_root", writable=False)
+        m, n = self.layerwise.top_layers, self.model.n_layers
+        check(
+            m < n,
+            "layerwise.top_layers",
+            f"must be in 0..{n - 1} (n_layers={n} minus at least one layer stage), got {m}",
+        )
         self._check_k()
-        self.masking.validate(self.model.n_layers)
-        if self.masking.schedule == "per_layer" and self.cache.views != self.model.n_layers:
+        self.masking.validate(self.layer_stages)
+        if self.masking.schedule == "per_layer" and self.cache.views != self.layer_stages:
+            what = "n_layers" if m == 0 else "n_layers - layerwise.top_layers: the layer stages"
             raise ConfigError(
                 "cache.views",
-                f"the per_layer schedule caches one mask view per layer: set "
-                f"cache.views={self.model.n_layers} (n_layers), got {self.cache.views}",
+                f"the per_layer schedule caches one mask view per layer stage: set "
+                f"cache.views={self.layer_stages} ({what}), got {self.cache.views}",
+            )
+        rates = self.finetune_rates()
+        if rates is not None and rates[0] > rates[1]:
+            raise ConfigError(
+                "fusion.mask_fraction_min",
+                f"the fine-tune's range [{rates[0]}, {rates[1]}] is empty: fusion.mask_fraction_min must be <= "
+                "fusion.mask_fraction_max (a null bound is the masking node's)",
             )
         check_trainer(self.trainer, "trainer")
         for key in STAGE_KEYS:
@@ -143,21 +157,28 @@ class RunConfig(Structured):
             )
 
     def _check_k(self) -> None:
-        k, n = self.k, self.model.n_layers
+        k, n = self.k, self.layer_stages
+        last = "n_layers" if self.layerwise.top_layers == 0 else "n_layers - layerwise.top_layers"
         if self.stage == "layer":
             check(k is not None, "k", f"stage=layer needs k in 2..{n} (the layer to train), got null")
             check(
                 is_int(k) and 2 <= k <= n,
                 "k",
-                f"must be an integer in 2..n_layers={n} for stage=layer (k=1 is stage=embed), got {k!r}",
+                f"must be an integer in 2..{last}={n} for stage=layer (k=1 is stage=embed), got {k!r}",
             )
         elif k is not None:
-            check(is_int(k) and 1 <= k <= n, "k", f"must be in 1..n_layers={n}, got {k!r}")
+            check(is_int(k) and 1 <= k <= n, "k", f"must be in 1..{last}={n}, got {k!r}")
 
     # ------------------------------------------------------------------ derived
     @property
     def exp_dir(self) -> Path:
         return Path(self.output_root).expanduser() / str(self.name)
+
+    @property
+    def layer_stages(self) -> int:
+        """The layer stages 1..L-m: with a top segment of m blocks (`layerwise.top_layers`) the last m
+        layers train beside every stage instead of in stages of their own."""
+        return self.model.n_layers - self.layerwise.top_layers
 
     @property
     def layer_init(self) -> str:
@@ -192,14 +213,16 @@ class RunConfig(Structured):
         base.update(self.stages.of(stage_key).optim)
         return OptimConfig.from_dict(base, f"stages.{stage_key}.optim")
 
+    def finetune_rates(self) -> tuple[float, float] | None:
+        """The fusion fine-tune's training range (fusion.mask_fraction_min/max), or None: the masking node's schedule."""
+        return self.fusion.rates(self.masking.mask_fraction_min, self.masking.mask_fraction_max)
+
     def max_steps(self, stage_key: str) -> int:
         return int(self.trainer_kwargs(stage_key)["max_steps"])
 
     def layerwise_steps(self) -> int:
-        """Optimizer steps of the whole layer-wise run: stage 1, stages 2..L and the fusion fine-tune."""
-        return (
-            self.max_steps("embed") + (self.model.n_layers - 1) * self.max_steps("layer") + self.fusion.finetune_steps
-        )
+        """Optimizer steps of the whole layer-wise run: stage 1, stages 2..L-m and the fusion fine-tune."""
+        return self.max_steps("embed") + (self.layer_stages - 1) * self.max_steps("layer") + self.fusion.finetune_steps
 
     def cache_train_sequences(self) -> int | None:
         """Training sequences to cache (None = all). `auto`: as many as the next stage reads, so

@@ -112,8 +112,11 @@ class TokenStageData(L.LightningDataModule):
         cache_batch_size: int = 64,
         per_layer_views: bool = False,
         n_layers: int = 1,
+        train_schedule=None,
     ):
         super().__init__()
+        # the training stream's own schedule (the fusion fine-tune's fusion.mask_fraction_min/max); None = `schedule`
+        self.train_schedule = train_schedule
         self.train_tokens, self.val_tokens = train, val
         self.batch_size, self.seed, self.max_steps, self.views = batch_size, seed, max_steps, views
         self.num_workers, self.cache_rows, self.cache_batch_size = num_workers, cache_rows, cache_batch_size
@@ -143,7 +146,8 @@ class TokenStageData(L.LightningDataModule):
         step, accum, rank, world, _ = trainer_state(self)
         batch = per_device_batch(self.batch_size, world, accum)  # self.batch_size: the global batch
         total = self.max_steps * accum  # batches: with gradient accumulation a step is `accum` of them
-        ds = MaskedTokenDataset(self.train_tokens, total_positions=self.max_steps * self.batch_size, **self._common)
+        common = self._common if self.train_schedule is None else {**self._common, "schedule": self.train_schedule}
+        ds = MaskedTokenDataset(self.train_tokens, total_positions=self.max_steps * self.batch_size, **common)
         sampler = RankStepSampler(
             ds,
             batch,

@@ -80,6 +80,12 @@ def discover(
     """
     cfg, states = layer_stack(paths, run_cfg, warnings)
     groups: list[tuple[list[ModelEntry], Callable[[], Scorer]]] = []
+    if any(weights.top for weights, _ in states):  # layerwise.top_layers > 0
+        warnings.append(
+            "depth prefixes skipped: each stage read out through a top segment (layerwise.top_layers) that only "
+            "the latest stage keeps; results.json records every stage's validation loss"
+        )
+        states = []
     if states:
         entries = [
             ModelEntry(f"depth_{k}", "prefix", k, meta.get("val_loss")) for k, (_, meta) in enumerate(states, start=1)

@@ -55,8 +55,11 @@ def _layer_flops(cfg: ModelConfig, k: int, batch_size: int, seq_len: int) -> tup
     return 2 * n * weights, 2 * n * frozen_weights, attn_core
 
 
-def train_step_flops(cfg: ModelConfig, stage: str, k: int, batch_size: int, seq_len: int, mask_rate: float) -> int:
-    """Matmul FLOPs of one training step of `stage` (a multiply-add is 2 FLOPs).
+def train_step_flops(
+    cfg: ModelConfig, stage: str, k: int, batch_size: int, seq_len: int, mask_rate: float, top_layers: int = 0
+) -> int:
+    """Matmul FLOPs of one training step of `stage` (a multiply-add is 2 FLOPs); a layer-wise stage
+    also runs and trains the top segment's `top_layers` blocks (layerwise.top_layers).
 
     With N = batch_size * seq_len tokens, for a layer whose matmul weights number W (Wf of them frozen)
     and whose attention core (scores QK^T and the weighted sum PV, over the full T x T) costs
@@ -77,6 +80,8 @@ def train_step_flops(cfg: ModelConfig, stage: str, k: int, batch_size: int, seq_
     if stage == "layer" and not 1 <= k <= cfg.n_layers:
         raise ConfigError("k", f"layer index k={k} must be in 1..{cfg.n_layers}")
     layers = {"embed": [1], "layer": [k]}.get(stage, range(1, cfg.n_layers + 1))
+    if stage in ("embed", "layer"):  # the top segment (layerwise.top_layers) trains beside the stage's layer
+        layers = [*layers, *range(cfg.n_layers - top_layers + 1, cfg.n_layers + 1)]
     head_trains = stage != "layer" or not cfg.tie_embeddings
 
     flops = 0

@@ -6,6 +6,10 @@ side, one section per module, exactly as each module's own `state_dict()` names 
 prefixed on the way out or stripped on the way in. `layers/layer_k.pt` stores one `LayerWeights`
 (stackwise/artifacts/checkpoints.py writes and reads it; an untied projection goes to a file of its own).
 
+With `layerwise.top_layers=m` > 0 a stage also trains the top segment, blocks L-m+1..L, between
+its block and the head (SegProp): `LayerModules.top` / `LayerWeights.top`, carried from stage to
+stage like the final norm, and kept beside the latest layer file only, like an untied projection.
+
     LayerWeights.of(modules, dtype)   trained modules -> weights (CPU copies, in the dtype they are saved in)
     weights.modules(cfg, k)           weights -> modules (frozen tensors regenerated and checked)
     first_layer(cfg), next_layer(...) the modules a stage starts training from
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from stackwise.errors import ArtifactError
 from stackwise.model.config import ModelConfig
@@ -35,11 +39,13 @@ Device = str | torch.device
 
 
 class LayerModules(NamedTuple):
-    """The modules one layer-wise stage trains; `embed` only in stage 1."""
+    """The modules one layer-wise stage trains; `embed` only in stage 1; `top`: the top segment's
+    blocks L-m+1..L in order (`layerwise.top_layers=m`), None when m = 0."""
 
     block: Block
     head: Head
     embed: Embedding | None = None
+    top: nn.ModuleList | None = None
 
 
 def _cpu(state: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -64,26 +70,32 @@ class LayerWeights:
     frozen_sha256: str  # Block.frozen_up_checksum()
     head: dict[str, Tensor]  # Head.state_dict(): final norm (+ untied projection, when it was read)
     embed: dict[str, Tensor] | None = None  # Embedding.state_dict(): stage 1 only
+    # the top segment (layerwise.top_layers > 0, when it was read): {layer j: TopBlock}, j = L-m+1..L
+    top: dict[int, TopBlock] | None = None
 
     @classmethod
     def of(cls, modules: LayerModules, dtype: torch.dtype | None = None) -> LayerWeights:
         """CPU copies of the trained modules' state, floating-point tensors cast to `dtype` (default: kept)."""
-        block, head, embed = modules
+        block, head, embed, top = modules
         return cls(
             block=_cpu(block.trainable_state_dict(), dtype),
             frozen_sha256=block.frozen_up_checksum(),
             head=_cpu(head.state_dict(), dtype),
             embed=None if embed is None else _cpu(embed.state_dict(), dtype),
+            top={b.k: TopBlock(_cpu(b.trainable_state_dict(), dtype), b.frozen_up_checksum()) for b in top or ()}
+            or None,
         )
 
     def load_into(self, modules: LayerModules) -> None:
         """Copy these weights into the modules they came from (cast to each tensor's dtype): after
         `of(modules, dtype)` with a narrower dtype, the modules hold exactly what the file holds."""
-        block, head, embed = modules
+        block, head, embed, top = modules
         block.load_state_dict(self.block)
         head.load_state_dict(self.head)
         if embed is not None and self.embed is not None:
             embed.load_state_dict(self.embed)
+        for b in top or ():
+            b.load_state_dict(self.top[b.k].block)
 
     def sections(self) -> dict[str, dict[str, Tensor]]:
         """{module: state dict} for every module present: what a checkpoint file stores."""
@@ -93,7 +105,8 @@ class LayerWeights:
         return out
 
     def numel(self) -> int:
-        return sum(t.numel() for section in self.sections().values() for t in section.values())
+        top = sum(t.numel() for b in (self.top or {}).values() for t in b.block.values())
+        return top + sum(t.numel() for section in self.sections().values() for t in section.values())
 
     def load_block(self, block: Block) -> None:
         """Into a block of the same layer: ArtifactError on missing keys, shapes or a frozen-checksum mismatch."""
@@ -117,24 +130,57 @@ class LayerWeights:
         if self.embed is not None:
             embed = empty(lambda: Embedding(cfg), device)
             embed.load_state_dict(self.embed)
-        return LayerModules(block, head, embed)
+        return LayerModules(block, head, embed, self.top_blocks(cfg, device))
+
+    def top_blocks(self, cfg: ModelConfig, device: Device = "cpu") -> nn.ModuleList | None:
+        """The top segment's blocks holding these weights (frozen tensors regenerated and checked); None without one."""
+        if not self.top:
+            return None
+        blocks = nn.ModuleList()
+        for j, weights in sorted(self.top.items()):
+            block = empty(lambda j=j: Block(cfg, j), device)
+            block.load_trainable_state_dict(weights.block, weights.frozen_sha256)
+            blocks.append(block)
+        return blocks
 
 
-def first_layer(cfg: ModelConfig, device: Device = "cpu") -> LayerModules:
-    """Stage 1 starts from scratch: layer 1, the head and the embedding, each from its own (seed, ...) init."""
+class TopBlock(NamedTuple):
+    """One block of the top segment as a layer file keeps it: its trainable state and frozen checksum."""
+
+    block: dict[str, Tensor]
+    frozen_sha256: str
+
+
+def top_indices(cfg: ModelConfig, top_layers: int) -> range:
+    """The layers of the top segment: L-m+1..L (empty for m = 0)."""
+    return range(cfg.n_layers - top_layers + 1, cfg.n_layers + 1)
+
+
+def first_layer(cfg: ModelConfig, device: Device = "cpu", top_layers: int = 0) -> LayerModules:
+    """Stage 1 starts from scratch: layer 1, the head and the embedding (and the top segment's
+    blocks L-m+1..L), each from its own (seed, ...) init: the draws of the whole model's init."""
     parts = (
         empty(lambda: Block(cfg, 1), device),
         empty(lambda: Head(cfg), device),
         empty(lambda: Embedding(cfg), device),
     )
-    for part in parts:
+    top = nn.ModuleList(empty(lambda j=j: Block(cfg, j), device) for j in top_indices(cfg, top_layers))
+    for part in (*parts, *top):
         part.init_weights()
-    return LayerModules(*parts)
+    return LayerModules(*parts, top if top_layers else None)
 
 
-def next_layer(cfg: ModelConfig, k: int, policy: str, below: LayerWeights, device: Device = "cpu") -> LayerModules:
-    """Stage k >= 2 starts from layer k-1's weights: the final norm (+ untied head) carried forward,
-    the new block started by `policy` (`init_layer`: random, identity or previous)."""
+def next_layer(
+    cfg: ModelConfig, k: int, policy: str, below: LayerWeights, device: Device = "cpu", top_layers: int = 0
+) -> LayerModules:
+    """Stage k >= 2 starts from layer k-1's weights: the final norm (+ untied head) and the top
+    segment carried forward, the new block started by `policy` (`init_layer`: random, identity or previous)."""
+    want = list(top_indices(cfg, top_layers))
+    if sorted(below.top or {}) != want:
+        raise ArtifactError(
+            f"layer {k - 1}'s weights hold the top segment {sorted(below.top or {})} but layerwise.top_layers="
+            f"{top_layers} needs layers {want} (only the latest stage's is kept, in layers/layer_<k>.top.safetensors)"
+        )
     block = empty(lambda: Block(cfg, k), device)
     block.init_frozen()
     if policy != "previous":
@@ -144,16 +190,17 @@ def next_layer(cfg: ModelConfig, k: int, policy: str, below: LayerWeights, devic
     # `previous` copies layer k-1's trained tensors straight from its file's section: building its
     # block would redraw (and re-check) its frozen tensors, seconds at large sizes, for nothing
     init_layer(block, policy, below.block if policy == "previous" else None)
-    return LayerModules(block, head_of(cfg, below, device=device))
+    return LayerModules(block, head_of(cfg, below, device=device), None, below.top_blocks(cfg, device))
 
 
 def assemble(cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = "cpu") -> Transformer:
     """The fused model from layer_1 … layer_K (K <= n_layers): the embedding from stage 1, block k
-    from stage k, the final norm and head from stage K (the last one to train them).
+    from stage k, the final norm and head (and the top segment, when stage K holds one) from stage
+    K (the last one to train them; a partial stack, K < L-m, keeps blocks K+1..L-m's own init).
 
     `layers` is read once, in order, and no layer is kept once it is copied in, so an iterator that
-    loads each layer file when asked holds one layer at a time beside the model. Blocks beyond K
-    keep their own (seed, k) initialisation."""
+    loads each layer file when asked holds one layer at a time beside the model. Other blocks
+    beyond K keep their own (seed, k) initialisation."""
     model = empty(lambda: Transformer(cfg), device)
     last = None
     for k, weights in enumerate(layers, start=1):
@@ -164,20 +211,32 @@ def assemble(cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = 
         if k > cfg.n_layers:
             raise ValueError(f"assemble got more than n_layers={cfg.n_layers} layers")
         weights.load_block(model.blocks[k - 1])
-        last = weights.head
+        last, top = weights.head, weights.top or {}
     if last is None:
         raise ValueError("assemble needs layer 1's weights first (they hold the embedding)")
     for block in model.blocks[k:]:
-        block.init_weights()
+        if block.k in top:
+            block.load_trainable_state_dict(top[block.k].block, top[block.k].frozen_sha256)
+        else:
+            block.init_weights()
     model.head.load_state_dict(_head_state(cfg, last))
     return model
 
 
+def _check_top(cfg: ModelConfig, k: int, top: Mapping[int, TopBlock]) -> None:
+    """A top segment read with layer k is layers k+1..L exactly (the fused model's last blocks)."""
+    if top and sorted(top) != list(range(k + 1, cfg.n_layers + 1)):
+        raise ArtifactError(
+            f"layer {k}'s top segment holds layers {sorted(top)}, the fused model needs {k + 1}..{cfg.n_layers}"
+        )
+
+
 def fused_tensors(cfg: ModelConfig, layers: Iterable[LayerWeights]) -> Iterator[tuple[str, Tensor]]:
     """The fused model's state dict (`Transformer.state_dict()` names and order) from layer_1 …
-    layer_L, one entry at a time, without building the model: each layer is checked as `assemble`
-    checks it (keys, shapes, its frozen checksum against the regeneration from (seed, k)) and
-    dropped once its tensors are out. The tensors keep the dtype the layer files hold."""
+    layer_K (K = L, or L-m with the top segment K holds), one entry at a time, without building the
+    model: each layer is checked as `assemble` checks it (keys, shapes, its frozen checksum against
+    the regeneration from (seed, k)) and dropped once its tensors are out. The tensors keep the
+    dtype the layer files hold."""
     with torch.device("meta"):
         shapes = Transformer(cfg)
     head: dict[str, Tensor] | None = None
@@ -191,9 +250,13 @@ def fused_tensors(cfg: ModelConfig, layers: Iterable[LayerWeights]) -> Iterator[
             yield from _checked("embed", shapes.embed, weights.embed)
         shapes.blocks[n - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256)
         yield from ((f"blocks.{n - 1}.{name}", t) for name, t in weights.block.items())
-        head = weights.head
-    if n != cfg.n_layers or head is None:
-        raise ValueError(f"the fused model needs all n_layers={cfg.n_layers} layers, got {n}")
+        head, top = weights.head, weights.top or {}
+    if head is None or n + len(top) != cfg.n_layers:
+        raise ValueError(f"the fused model needs all n_layers={cfg.n_layers} layers, got {n} (+ {len(top)} on top)")
+    _check_top(cfg, n, top)
+    for j, weights in sorted(top.items()):
+        shapes.blocks[j - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256)
+        yield from ((f"blocks.{j - 1}.{name}", t) for name, t in weights.block.items())
     yield from _checked("head", shapes.head, head)
 
 

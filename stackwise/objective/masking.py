@@ -13,7 +13,10 @@ very masks stage 1 drew (tests/test_masking.py, and tests/test_pipeline.py for t
 Schedules (`masking.schedule`), each `rate(u (B,), k, progress) -> t (B,)`:
     uniform     t = min + (max - min) * u                        (MDLM / LLaDA)
     fixed       t = rate                                         (0.15 = BERT-style MLM)
-    per_layer   t = t_k, stage k's own rate: rates[k-1], or linear from min (k=1) to max (k=L)
+    per_layer   t = t_k, stage k's own rate: rates[k-1], or linear between min and max over the
+                layer stages k = 1..K (K = n_layers - layerwise.top_layers): `per_layer_order`
+                ascending from min (k=1) to max (k=K), or descending from max to min (later
+                stages at lower rates)
     curriculum  t = min + (max - min) * u * max(progress, 0.1)   the upper bound grows with training
 """
 
@@ -31,6 +34,7 @@ from stackwise.utils import generator
 
 SCHEDULES = ("uniform", "fixed", "per_layer", "curriculum")
 WEIGHTINGS = ("mean", "elbo")
+ORDERS = ("ascending", "descending")
 
 # curriculum: the fraction of the [min, max] range open at progress 0, so the first steps do not
 # all train at exactly t = min (a degenerate, nearly unmasked task)
@@ -40,7 +44,7 @@ CURRICULUM_START = 0.1
 # ---------------------------------------------------------------------------------------- config
 @dataclass
 class MaskingConfig(Structured):
-    """The `masking` node (stackwise/structured.py); `validate(n_layers)` adds the per-layer length check."""
+    """The `masking` node (stackwise/structured.py); `validate(n_stages)` adds the per-layer length check."""
 
     PATH = "masking"
 
@@ -48,7 +52,8 @@ class MaskingConfig(Structured):
     mask_fraction_min: float = 0.15
     mask_fraction_max: float = 0.90
     rate: float = 0.15  # the `fixed` schedule's rate
-    rates: list[float] | None = None  # `per_layer`: one rate per layer (None = linear from min to max)
+    rates: list[float] | None = None  # `per_layer`: one rate per layer stage (None = linear, see per_layer_order)
+    per_layer_order: str = "ascending"  # `per_layer` without rates: min -> max over the stages, or max -> min
     weighting: str = "mean"  # mean over masked tokens | elbo (1/t weights, the MDLM/LLaDA bound)
 
     def __post_init__(self) -> None:
@@ -66,7 +71,13 @@ class MaskingConfig(Structured):
         return (self.mask_fraction_min + self.mask_fraction_max) / 2
 
     def validate(self, n_layers: int | None = None) -> None:
-        """Raise ConfigError naming the bad value. `n_layers=None` skips the per-layer length check."""
+        """Raise ConfigError naming the bad value. `n_layers` (the layer stages: n_layers -
+        layerwise.top_layers) = None skips the per-layer length check."""
+        if self.per_layer_order not in ORDERS:
+            raise ConfigError(
+                self.key("per_layer_order"),
+                f"unknown order {self.per_layer_order!r}; allowed: {', '.join(ORDERS)}",
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 self.key("schedule"), f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}"
@@ -94,8 +105,8 @@ class MaskingConfig(Structured):
             if n_layers is not None and len(self.rates) != n_layers:
                 raise ConfigError(
                     self.key("rates"),
-                    f"has {len(self.rates)} entries but n_layers={n_layers}; "
-                    "give one rate per layer, or null for linear from min to max",
+                    f"has {len(self.rates)} entries for {n_layers} layer stages (n_layers - layerwise.top_layers); "
+                    "give one rate per stage, or null for linear from min to max",
                 )
 
 
@@ -146,6 +157,7 @@ Schedule = UniformSchedule | FixedSchedule | PerLayerSchedule | CurriculumSchedu
 
 
 def build_schedule(cfg: MaskingConfig, n_layers: int) -> Schedule:
+    """`n_layers`: the layer stages (n_layers - layerwise.top_layers), over which per_layer spreads its rates."""
     cfg.validate(n_layers)
     lo, hi = cfg.mask_fraction_min, cfg.mask_fraction_max
     if cfg.schedule == "uniform":
@@ -156,9 +168,12 @@ def build_schedule(cfg: MaskingConfig, n_layers: int) -> Schedule:
         return CurriculumSchedule(lo, hi)
     if cfg.rates is not None:
         return PerLayerSchedule(tuple(float(r) for r in cfg.rates))
-    # one layer: its only stage trains at `min`
+    # one layer: its only stage trains at `min` (ascending) or `max` (descending)
     step = (hi - lo) / (n_layers - 1) if n_layers > 1 else 0.0
-    return PerLayerSchedule(tuple(lo + step * i for i in range(n_layers)))
+    rates = tuple(lo + step * i for i in range(n_layers))
+    return PerLayerSchedule(
+        rates if cfg.per_layer_order == "ascending" else tuple(hi - step * i for i in range(n_layers))
+    )
 
 
 # ----------------------------------------------------------------------------------------- masks

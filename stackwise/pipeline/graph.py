@@ -49,7 +49,7 @@ class Pipeline:
 
     def __init__(self, run: RunConfig, observers: Sequence[StageObserver] = ()):
         self.run, self.cfg = run, run.model
-        self.stages = plan(run.stage, run.k, self.cfg.n_layers)
+        self.stages = plan(run.stage, run.k, self.cfg.n_layers, run.layer_stages)
         # where stage k >= 2 reads its input: cache.store, auto resolved (measured) only for a run with layer stages
         layerwise = any(s.kind == "layer" for s in self.stages) or run.cache.store != "auto"
         self.store = resolve_store(run, art.ExperimentPaths(run.exp_dir)) if layerwise else "disk"
@@ -117,9 +117,10 @@ class Pipeline:
         """The modules a layer stage starts training from: stage 1 from its (seed, ...) init, stage k
         from layer k-1 (`layerwise.init`). stackwise-import starts stage 1 elsewhere (stackwise/hf/importer.py)."""
         device = stage_device(self.run, stage.budget)  # a one-GPU stage builds its modules there
+        top = self.run.layerwise.top_layers
         if stage.first:
-            return first_layer(self.cfg, device)
-        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device)
+            return first_layer(self.cfg, device, top)
+        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device, top)
 
     def layer_inputs(
         self, stage: Stage, below_head: str = "load"
@@ -263,7 +264,7 @@ class Pipeline:
     # ------------------------------------------------------------------ fusion
     def fusion_stage(self, stage: Stage) -> None:
         """Check that the fused model reproduces the last stage's loss (where it fits its device),
-        write fused/ streamed from layer_1..L, then the optional joint fine-tune."""
+        write fused/ streamed from layer_1..L (..L-m and the top segment), then the optional joint fine-tune."""
         run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
         if self.state.fusion_complete():
             log.info("stage fusion: complete, skipped")

@@ -22,7 +22,7 @@ from stackwise.data.stage_data import TokenStageData, cache_rows
 from stackwise.data.tokens import TokenSplits, load_token_splits
 from stackwise.model.prefix import forward_rate
 from stackwise.model.stats import param_counts
-from stackwise.objective.masking import build_schedule
+from stackwise.objective.masking import UniformSchedule, build_schedule
 from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage
 from stackwise.utils import derive_seed
@@ -33,7 +33,7 @@ log = logging.getLogger("stackwise")
 class StageInputs:
     def __init__(self, run: RunConfig, paths: art.ExperimentPaths):
         self.run, self.paths = run, paths
-        self.schedule = build_schedule(run.masking, run.model.n_layers)
+        self.schedule = build_schedule(run.masking, run.layer_stages)
         self._splits: TokenSplits | None = None
         self._cache_bytes: int | None = None
 
@@ -44,8 +44,11 @@ class StageInputs:
         return self._splits
 
     def tokens(self, stage: Stage, max_steps: int) -> TokenStageData:
-        """Masked token batches: the training stream of `max_steps` steps, validation and caching views."""
+        """Masked token batches: the training stream of `max_steps` steps, validation and caching views.
+        The fusion fine-tune trains at `fusion.mask_fraction_min/max` when set (validated at the
+        `masking` node's rates, which the fusion check compares with the last stage's loss)."""
         s, run, cfg = self.splits(), self.run, self.run.model
+        rates = run.finetune_rates() if stage.kind in ("fusion", "finetune") else None
         return TokenStageData(
             s.train,
             s.val,
@@ -61,7 +64,8 @@ class StageInputs:
             cache_rows=cache_rows(len(s.train), run.cache_train_sequences(), run.seed),
             cache_batch_size=run.cache.batch_size,
             per_layer_views=run.masking.schedule == "per_layer",
-            n_layers=cfg.n_layers,
+            n_layers=run.layer_stages,
+            train_schedule=None if rates is None else UniformSchedule(*rates),
         )
 
     def activations(self, stage: Stage, cache: ActivationCache) -> ActivationDataModule:
@@ -159,7 +163,7 @@ def resolve_store(run: RunConfig, paths: art.ExperimentPaths) -> str:
         except (OSError, ValueError, AttributeError):
             pass
     if device == "cpu":  # nothing to measure: the rule's answer on a CPU
-        store, why = choose_store(StoreRates(device), StorePlan(run.model.n_layers, 0, 0, 0.0, 0, 0))
+        store, why = choose_store(StoreRates(device), StorePlan(run.layer_stages, 0, 0, 0.0, 0, 0))
         log.info("cache.store=auto chose %s because %s", store, why)
         return store
     store, why = choose_store(measure_rates(run, paths, device), store_plan(run, StageInputs(run, paths)))
@@ -181,7 +185,7 @@ def store_plan(run: RunConfig, inputs: StageInputs) -> StorePlan:
     steps = run.max_steps("layer")
     vci = run.trainer_kwargs("layer").get("val_check_interval")
     val_passes = 1 + (steps // vci if isinstance(vci, int) and vci > 0 else 1)
-    n = cfg.n_layers
+    n = run.layer_stages  # the layer stages: the top segment's blocks are never cached nor recomputed
     every = n - 1 + int(run.cache.last_layer)
     counts = param_counts(cfg)
     prefix_params = counts["embed"]["total"] + sum(counts[f"layer_{k}"]["total"] for k in range(1, n))

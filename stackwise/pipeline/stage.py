@@ -59,10 +59,12 @@ class Stage:
         return "stage=e2e" if self.kind == "e2e" else "stage=fusion"
 
 
-def plan(setting: str, k: int | None, n_layers: int) -> list[Stage]:
-    """The stages one `stage=` setting runs, in order (the fine-tune runs inside fusion)."""
+def plan(setting: str, k: int | None, n_layers: int, layer_stages: int | None = None) -> list[Stage]:
+    """The stages one `stage=` setting runs, in order (the fine-tune runs inside fusion).
+    `layer_stages`: the layer stages 1..K (default n_layers; n_layers - layerwise.top_layers)."""
     if setting == "all":
-        return [Stage.layer(i) for i in range(1, n_layers + 1)] + [Stage.fusion(n_layers)]
+        last = n_layers if layer_stages is None else layer_stages
+        return [Stage.layer(i) for i in range(1, last + 1)] + [Stage.fusion(n_layers)]
     if setting == "embed":
         return [Stage.layer(1)]
     if setting == "layer":

@@ -125,7 +125,7 @@ class ExperimentState:
 
     def needs_cache(self, stage: Stage) -> bool:
         """A later stage reads acts_layer{k} (or cache.last_layer asks for the last one too)."""
-        if stage.k >= self.run.model.n_layers:
+        if stage.k >= self.run.layer_stages:
             return self.run.cache.last_layer
         return not self.recomputes(Stage.layer(stage.k + 1))
 
@@ -134,7 +134,7 @@ class ExperimentState:
         settings, and its own cache is complete (or, in turn, needed no more, or needed by nobody).
         What a run keeping the last cache only leaves behind (or a user who deleted caches): unless
         cache.keep=all, such a stage is complete without its cache, which is not rebuilt."""
-        if stage.k >= self.run.model.n_layers:
+        if stage.k >= self.run.layer_stages:
             return False
         above, path = Stage.layer(stage.k + 1), self.paths.layer_ckpt(stage.k + 1)
         try:
@@ -229,11 +229,11 @@ class ExperimentState:
         return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head=head)
 
     def layer_stack(self, needed_by: Stage, n: int | None = None) -> list[dict]:
-        """The metadata of layer_1.pt … layer_n.pt (n = L: fusion; k-1: the layers a stage k
-        recomputes), each made by these settings and trained on the activations of the one below it
-        (their tensors are read later, one layer at a time: `layers`)."""
+        """The metadata of layer_1.pt … layer_n.pt (n = the last layer stage, L-m: fusion; k-1: the
+        layers a stage k recomputes), each made by these settings and trained on the activations of
+        the one below it (their tensors are read later, one layer at a time: `layers`)."""
         metas = []
-        for k in range(1, (self.run.model.n_layers if n is None else n) + 1):
+        for k in range(1, (self.run.layer_stages if n is None else n) + 1):
             stage, path = Stage.layer(k), self.paths.layer_ckpt(k)
             if not path.exists():
                 self.load_layer(stage, needed_by)  # the one-line error naming the command that writes it
@@ -246,10 +246,11 @@ class ExperimentState:
         return metas
 
     def layers(self, needed_by: Stage, n: int | None = None) -> Iterator[LayerWeights]:
-        """layer_1 … layer_n's weights (n = L by default), each read (and checked) when asked for: one
-        layer in memory at a time. Layer L comes with its untied output projection, which the fused
-        model holds; a recomputed prefix (n < L) needs no head."""
-        last = self.run.model.n_layers
+        """layer_1 … layer_n's weights (n = the last layer stage, L-m, by default), each read (and
+        checked) when asked for: one layer in memory at a time. Layer L-m comes with its untied output
+        projection and its top segment, which the fused model holds; a recomputed prefix (n < L-m)
+        needs neither."""
+        last = self.run.layer_stages
         for k in range(1, (last if n is None else n) + 1):
             path = self.paths.layer_ckpt(k)
             yield art.load_layer_checkpoint(
@@ -267,8 +268,9 @@ class ExperimentState:
 
     # ------------------------------------------------------------------ fusion and e2e
     def layer_shas(self) -> list | None:
-        """sha256 of layer_1.pt .. layer_L.pt (None while one is missing): what a fused model was made of."""
-        paths = [self.paths.layer_ckpt(k) for k in range(1, self.run.model.n_layers + 1)]
+        """sha256 of layer_1.pt .. layer_{L-m}.pt (None while one is missing): what a fused model was
+        made of (layer_{L-m}.pt records the digest of the top segment it keeps beside it)."""
+        paths = [self.paths.layer_ckpt(k) for k in range(1, self.run.layer_stages + 1)]
         return [self.sha256(p) for p in paths] if all(p.is_file() for p in paths) else None
 
     def fusion_complete(self) -> bool:

@@ -96,7 +96,13 @@ class Trainers:
         run, node = self.run, self.run.trainer_kwargs(stage.budget)
         # per batch, what one forward + backward costs: read by ThroughputMonitor for FLOP/s and MFU
         module.flops_per_batch = train_step_flops(
-            run.model, stage.budget, stage.k, run.data.batch_size, run.data.seq_len, run.masking.mean_rate()
+            run.model,
+            stage.budget,
+            stage.k,
+            run.data.batch_size,
+            run.data.seq_len,
+            run.masking.mean_rate(),
+            run.layerwise.top_layers,
         )
         module.step_config = run.step
         # hardware=fsdp shards a copy, and the trained weights come back whole into `module` (stages/sharding.py)

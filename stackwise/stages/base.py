@@ -242,10 +242,15 @@ class StageModule(L.LightningModule, abc.ABC):
         for m in (self.val_ce, self.val_masked, self.val_correct):
             m.reset()
 
+    def cached_states(self, batch: dict) -> Tensor:
+        """(B, T, D) what the activation cache holds: the hidden state after this stage's layer (a
+        layer stage with a top segment caches its own layer's output, not the top segment's)."""
+        return self.hidden_states(batch)
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """One batch of the activation cache: the hidden state after this stage's layer."""
         return {
-            "hidden": self.hidden_states(batch),
+            "hidden": self.cached_states(batch),
             "targets": batch["targets"],
             "mask": batch["mask"],
             "t": batch["t"],

@@ -3,6 +3,10 @@
 What each stage trains, and so what `layers/layer_k.pt` holds (stackwise/model/weights.py):
   stage 1: the embedding (= the head's matrix when tied), layer 1, the final norm (+ untied head)
   stage k: layer k, the final norm (+ untied head), both carried forward from stage k-1
+  with `layerwise.top_layers=m` > 0 every stage also trains the top segment (blocks L-m+1..L,
+  carried forward too): layer k's output runs through it before the head (SegProp), while the
+  activation cache (`predict_step`) still holds layer k's own output, the input of stage k+1.
+  A tied head stays stage 1's matrix (frozen later, as without a top segment).
 With tied embeddings the shared matrix trains in stage 1 only: training it later would change
 layer 1's input under every cached activation. Stage k keeps it as a frozen buffer.
 How the modules start (the `layerwise.init` policy, what is carried forward) is decided before they
@@ -26,7 +30,8 @@ from stackwise.stages.base import StageModule, trainable
 
 
 class LayerwiseStage(StageModule):
-    """Layer k, the final norm and the head (+ the embedding in stage 1) on top of whatever produces layer k's input."""
+    """Layer k, the top segment, the final norm and the head (+ the embedding in stage 1) on top of
+    whatever produces layer k's input."""
 
     def __init__(
         self,
@@ -41,7 +46,9 @@ class LayerwiseStage(StageModule):
     ):
         super().__init__(cfg, optim, weighting, max_steps)
         self.stage_name = stage_name
-        self.block, self.head, self.embed = layer
+        self.block, self.head, self.embed = layer.block, layer.head, layer.embed
+        # blocks L-m+1..L (layerwise.top_layers), empty for m = 0
+        self.top = layer.top if layer.top is not None else nn.ModuleList()
         if prefix is not None and (self.embed is not None or prefix.n_layers != self.block.k - 1):
             raise ValueError(f"layer {self.block.k} recomputes layers 1..{self.block.k - 1}, not 1..{prefix.n_layers}")
         # not a submodule: no optimizer, state dict or checkpoint of this stage holds the frozen layers
@@ -58,14 +65,16 @@ class LayerwiseStage(StageModule):
         return self.block.k
 
     def trained_modules(self) -> LayerModules:
-        return LayerModules(self.block, self.head, self.embed)
+        return LayerModules(self.block, self.head, self.embed, self.top if len(self.top) else None)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return trainable(*(m for m in self.trained_modules() if m is not None))
 
     def rebuild(self) -> LayerwiseStage:
         cfg = self.cfg
-        layer = LayerModules(Block(cfg, self.k), Head(cfg), Embedding(cfg) if self.embed is not None else None)
+        embed = Embedding(cfg) if self.embed is not None else None
+        top = nn.ModuleList(Block(cfg, b.k) for b in self.top) if len(self.top) else None
+        layer = LayerModules(Block(cfg, self.k), Head(cfg), embed, top)
         embed_weight = getattr(self, "embed_weight", None)
         return LayerwiseStage(
             cfg,
@@ -79,6 +88,19 @@ class LayerwiseStage(StageModule):
         )
 
     def hidden_states(self, batch: dict) -> Tensor:
+        """Layer k's output through the top segment (when there is one): what the head reads."""
+        h = self.layer_output(batch)
+        if len(self.top):
+            pad = self.pad_mask(batch)
+            for block in self.top:
+                h = block(h, pad_mask=pad)
+        return h
+
+    def cached_states(self, batch: dict) -> Tensor:
+        return self.layer_output(batch)
+
+    def layer_output(self, batch: dict) -> Tensor:
+        """(B, T, D) layer k's output: the input of stage k+1."""
         pad = self.pad_mask(batch)
         if self.embed is not None:
             h = self.embed(batch["ids"])  # (B, T, D)
@@ -95,7 +117,7 @@ class LayerwiseStage(StageModule):
         return next(self.block.parameters()).dtype
 
     def blocks(self) -> list[nn.Module]:
-        return [self.block, *(self.prefix.blocks if self.prefix is not None else ())]
+        return [self.block, *self.top, *(self.prefix.blocks if self.prefix is not None else ())]
 
     def linear_head(self) -> LinearHead:
         embed = None
