@@ -16,10 +16,11 @@ setting's flags prints), then per setting the mean over the samples of (stackwis
 The `corpus` row scores N validation windows of the experiment's data the same way: the values real
 text has. The table goes to stdout (Markdown), everything to `--out` (JSON, written atomically).
 
-The rule (`best`): a setting qualifies when, for every model, its repetition is within 5 % of the
-corpus's (distinct-2 and distinct-3 at least 0.95 x the corpus's, the longest repeat at most 1.05 x);
-among those the lowest fluency CE, averaged over the models, wins. With none qualifying, the
-setting closest to qualifying (the smallest worst relative shortfall) wins.
+The rule (`best`): a setting qualifies when, for every model, it loops no more than the corpus within
+5 %: distinct-3 at least 0.95 x the corpus's and the longest repeat at most 1.05 x the corpus's; among
+those the lowest fluency CE, averaged over the models, wins (with none qualifying, the setting closest
+to qualifying: the smallest worst relative shortfall). distinct-2 is reported but not in the rule: over
+bytes it falls with any temperature below 1 (the common letter pairs grow more common) without a loop.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ SETTINGS: dict[str, tuple[SamplerSettings, int | None]] = {
     "margin": (SamplerSettings("margin", 1.0), None),
     "entropy": (SamplerSettings("entropy", 1.0), None),
     "random": (SamplerSettings("random", 1.0), None),
-    "random_t0.9": (SamplerSettings("random", 0.9), None),
     "random_t0.8": (SamplerSettings("random", 0.8), None),
     "random_t0.7": (SamplerSettings("random", 0.7), None),
     "random_k20": (SamplerSettings("random", 1.0, top_k=20), None),
-    "random_p0.95": (SamplerSettings("random", 1.0, top_p=0.95), None),
     "random_p0.9": (SamplerSettings("random", 1.0, top_p=0.9), None),
     "random_t0.9_p0.9": (SamplerSettings("random", 0.9, top_p=0.9), None),
     "random_t0.8_p0.9": (SamplerSettings("random", 0.8, top_p=0.9), None),
+    "random_t0.8_p0.8": (SamplerSettings("random", 0.8, top_p=0.8), None),
+    "random_t0.7_p0.9": (SamplerSettings("random", 0.7, top_p=0.9), None),
+    "random_t0.6_p0.9": (SamplerSettings("random", 0.6, top_p=0.9), None),
     "random_steps32": (SamplerSettings("random", 1.0), 32),
     "random_steps32_cosine": (SamplerSettings("random", 1.0, schedule="cosine"), 32),
     "confidence_steps32": (SamplerSettings("confidence", 1.0), 32),
@@ -113,11 +115,7 @@ def measure(samples: np.ndarray, tokenizer, ref, mask_id: int, pad_id: int | Non
 
 def shortfall(row: dict, corpus: dict) -> float:
     """How far a row's repetition is from qualifying: the worst relative gap to the corpus (<= TOLERANCE passes)."""
-    return max(
-        1 - row["distinct_2"] / corpus["distinct_2"],
-        1 - row["distinct_3"] / corpus["distinct_3"],
-        row["longest_repeat"] / corpus["longest_repeat"] - 1,
-    )
+    return max(1 - row["distinct_3"] / corpus["distinct_3"], row["longest_repeat"] / corpus["longest_repeat"] - 1)
 
 
 def best(rows: list[dict], corpus: dict, names: list[str]) -> tuple[str, dict]:
@@ -186,8 +184,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i has seed seed+i; the masks of the fluency too")
     p.add_argument("--length", type=int, default=None, help="tokens per sample (default the training seq_len)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default torch's); on a shared CPU 1 is faster: the sampler's small ops "
+        "with 2 threads ran 7x slower than with 1 on a loaded 2-core box",
+    )
     p.add_argument("--out", type=Path, default=None, help="the JSON file (default: print only)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     names = list(SETTINGS) if args.settings is None else args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
@@ -245,9 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         "length": length,
         "fluency_rates": list(corpus["fluency_rates"]),
         "rule": (
-            f"qualify: for every model, distinct-2 and distinct-3 >= {1 - TOLERANCE:g} x the corpus's and the "
-            f"longest repeat <= {1 + TOLERANCE:g} x the corpus's; best: the lowest fluency CE averaged over the "
-            "models among those that qualify (none qualifying: the smallest worst shortfall)"
+            f"qualify: for every model, distinct-3 >= {1 - TOLERANCE:g} x the corpus's and the longest repeat "
+            f"<= {1 + TOLERANCE:g} x the corpus's; best: the lowest fluency CE averaged over the models among "
+            "those that qualify (none qualifying: the smallest worst shortfall)"
         ),
         "best": pick,
         "best_settings": {**asdict(SETTINGS[pick][0]), "steps": SETTINGS[pick][1]},

@@ -104,7 +104,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULTS.top_p,
         help="nucleus sampling: among the most likely tokens whose mass reaches p, in (0, 1] "
-        f"(default {DEFAULTS.top_p or 'all, 1'})",
+        f"(default {DEFAULTS.top_p or 1}; 1 = no limit)",
     )
     p.add_argument(
         "--schedule",

@@ -263,10 +263,10 @@ class SampleConfig(Structured):
     prompt: str = ""
     length: int | None = None  # tokens in all, prompt included; null = data.seq_len
     steps: int | None = None  # unmasking steps; null = one per masked token
-    strategy: str = "confidence"  # the reveal order: confidence, margin, entropy or random
-    temperature: float = 1.0
+    strategy: str = "random"  # the reveal order: confidence, margin, entropy or random
+    temperature: float = 0.8
     top_k: int | None = None
-    top_p: float | None = None  # nucleus sampling; null = no limit
+    top_p: float | None = 0.9  # nucleus sampling; null or 1 = no limit
     schedule: str = "linear"  # how many masks each step reveals: linear or cosine
     block_length: int | None = None  # semi-autoregressive blocks; null = one block
 

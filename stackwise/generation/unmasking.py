@@ -22,13 +22,16 @@ SCHEDULES = ("linear", "cosine")
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """The sampler's settings. The defaults are the best measured on the default model (benchmarks/samplers.py;
-    `sample.*` in stackwise/config/nodes.py and stackwise-generate carry the same defaults)."""
+    """The sampler's settings. The defaults are the setting benchmarks/samplers.py measured best on the
+    default model (benchmarks/RESULTS.md, "Samplers"): random order, temperature 0.8, nucleus 0.9. On
+    that small model the confidence orders loop ("you you thee you"): the most probable tokens are the
+    frequent short words, and each one revealed makes the next more probable. `sample.*`
+    (stackwise/config/nodes.py) and stackwise-generate carry the same defaults."""
 
-    strategy: str = "confidence"
-    temperature: float = 1.0
+    strategy: str = "random"
+    temperature: float = 0.8
     top_k: int | None = None
-    top_p: float | None = None
+    top_p: float | None = 0.9
     schedule: str = "linear"
     block_length: int | None = None
 
