@@ -129,3 +129,36 @@ def test_sample_settings_compose():
         "schedule": "cosine",
         "block_length": 16,
     }
+
+
+# ------------------------------------------------------------------------------ the benchmark's rule
+def test_the_benchmarks_rule_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "samplers.py"
+    spec = importlib.util.spec_from_file_location("samplers_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    corpus = {"distinct_3": 0.9, "longest_repeat": 6.0}
+
+    def row(model, setting, d3, repeat, ce):
+        return {"model": model, "setting": setting, "distinct_3": d3, "longest_repeat": repeat, "fluency_ce": ce}
+
+    rows = [
+        row("fused", "loops", 0.3, 15.0, 1.5),  # the most "fluent", but it loops
+        row("e2e", "loops", 0.5, 8.0, 1.4),
+        row("fused", "ok", 0.88, 6.2, 2.2),  # shortfalls 2.2 % and 3.3 %: within 5 %
+        row("e2e", "ok", 0.9, 5.0, 2.0),
+        row("fused", "diverse", 0.97, 3.0, 2.8),
+        row("e2e", "diverse", 0.96, 3.0, 2.6),
+        row("fused", "one_bad", 0.95, 3.0, 1.9),
+        row("e2e", "one_bad", 0.84, 3.0, 1.9),  # 6.7 % short on one model: out
+    ]
+    pick, summary = bench.best(rows, corpus, ["loops", "ok", "diverse", "one_bad"])
+    assert pick == "ok" and summary["ok"]["mean_fluency_ce"] == pytest.approx(2.1)
+    assert [n for n, s in summary.items() if s["qualifies"]] == ["ok", "diverse"]
+    assert summary["loops"]["worst_shortfall"] == pytest.approx(15 / 6 - 1)
+    # none qualifying: the one closest to qualifying
+    pick, _ = bench.best(rows, corpus, ["loops", "one_bad"])
+    assert pick == "one_bad"
