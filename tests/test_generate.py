@@ -14,11 +14,15 @@ from stackwise import artifacts as art
 from stackwise.cli.generate import main as generate_main
 from stackwise.data.tokenizers import ByteTokenizer
 from stackwise.generation import (
+    SCHEDULES,
+    STRATEGIES,
     GenerationError,
     build_ids,
     decode,
     generate,
     linear_counts,
+    nucleus,
+    reveal_counts,
     sample_generators,
     sample_text,
 )
@@ -57,11 +61,46 @@ def test_linear_schedule():
     assert all(sum(linear_counts(n, s)) == n for n in range(20) for s in range(1, 12))
 
 
+def test_cosine_schedule():
+    # revealed after step s of 4: floor(10 (1 - cos(pi s / 8))) = floor(0.76), floor(2.93), floor(6.17), 10
+    assert reveal_counts(10, 4, "cosine") == [0, 2, 4, 4]
+    assert reveal_counts(10, 4, "linear") == linear_counts(10, 4)
+    for n in range(20):
+        for steps in range(1, 12):
+            counts = reveal_counts(n, steps, "cosine")
+            assert len(counts) == steps and sum(counts) == n and min(counts) >= 0
+            # cosine reveals no more than linear at every step: few first, many at the end
+            done = [sum(counts[: s + 1]) for s in range(steps)]
+            assert all(d <= n * (s + 1) // steps for s, d in enumerate(done))
+
+
+def test_nucleus_by_hand():
+    p = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+
+    def kept(top_p: float, probs: torch.Tensor = p) -> list[bool]:
+        out = nucleus(probs, top_p)
+        assert torch.equal(out, probs * (out > 0))  # the kept tokens keep their probability
+        return (out > 0)[0].tolist()
+
+    # sorted 0.5, 0.3, 0.15, 0.05; the mass before each: 0, 0.5, 0.8, 0.95 -> kept while it is below p
+    assert kept(0.7) == [False, True, False, True]
+    assert kept(0.5) == [False, True, False, False]
+    assert kept(0.81) == [False, True, True, True]
+    assert kept(1.0) == [True] * 4
+    assert kept(0.3, torch.tensor([[0.25] * 4])) == [True, True, False, False]  # ties: vocabulary order
+
+
 @pytest.mark.parametrize(
     "kw",
     [
         {},
         {"strategy": "random"},
+        {"strategy": "margin"},
+        {"strategy": "entropy"},
+        {"strategy": "confidence"},
+        {"schedule": "cosine", "steps": 4},
+        {"schedule": "cosine", "block_length": 5, "steps": 9},
+        {"top_p": 0.5},
         {"block_length": 5, "steps": 9},
         {"top_k": 3},
         {"temperature": 0.0},
@@ -86,41 +125,111 @@ def test_same_seed_same_output_other_seed_differs(model):
     assert not torch.equal(a[0], a[1])  # rows drawing from one generator differ too
 
 
-def test_greedy_ignores_the_seed(model):
+@pytest.mark.parametrize("strategy", ["confidence", "margin", "entropy"])
+def test_greedy_ignores_the_seed(model, strategy):
     ids = start()
+    kw = {"strategy": strategy}
     assert torch.equal(
-        run(model, ids, temperature=0.0, generator=g(1)), run(model, ids, temperature=0.0, generator=g(2))
+        run(model, ids, temperature=0.0, generator=g(1), **kw), run(model, ids, temperature=0.0, generator=g(2), **kw)
     )
-    assert torch.equal(run(model, ids, temperature=0.0), run(model, ids, top_k=1, generator=g(5)))
+    greedy = run(model, ids, temperature=0.0, **kw)
+    assert torch.equal(greedy, run(model, ids, top_k=1, generator=g(5), **kw))
+    # a nucleus smaller than the most likely token's mass holds that token alone: greedy again
+    assert torch.equal(greedy, run(model, ids, top_p=1e-6, generator=g(5), **kw))
+    assert not torch.equal(greedy, run(model, ids, top_p=0.9, generator=g(5), **kw))
+
+
+def test_top_p_one_is_no_limit_and_a_nucleus_changes_the_draws(model):
+    ids = start(n=4, length=40)
+    free = run(model, ids, top_p=None, generator=g(3))
+    assert torch.equal(free, run(model, ids, top_p=1.0, generator=g(3)))
+    assert not torch.equal(free, run(model, ids, top_p=0.3, generator=g(3)))
+
+
+def test_the_strategies_reveal_in_other_orders(model):
+    ids = start(prompt="", length=12)
+    orders = {}
+    for strategy in STRATEGIES:
+        seen: list[torch.Tensor] = []
+        run(model, ids, steps=12, strategy=strategy, callback=lambda step, x, seen=seen: seen.append(x[0].clone()))
+        order = [int(((a == MASK) & (b != MASK)).nonzero()) for a, b in zip([ids[0]] + seen[:-1], seen, strict=True)]
+        orders[strategy] = order
+    assert len({tuple(o) for o in orders.values()}) == len(STRATEGIES), orders
 
 
 def test_one_step_per_mask_reveals_one_each(model):
     ids = start(length=20)
     n = int((ids == MASK).sum())
     left = []
-    run(model, ids, steps=n, callback=lambda step, x: left.append(int((x == MASK).sum())))
+    run(model, ids, steps=n, schedule="linear", callback=lambda step, x: left.append(int((x == MASK).sum())))
     assert left == list(range(n - 1, -1, -1))
 
 
-@pytest.mark.parametrize("strategy", ["confidence", "random"])
-def test_linear_number_revealed_per_step(model, strategy):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("schedule, left", [("linear", [8, 5, 3, 0]), ("cosine", [10, 8, 4, 0])])
+def test_number_revealed_per_step_follows_the_schedule(model, strategy, schedule, left):
     ids = start(prompt="", length=10)
-    left = []
-    run(model, ids, steps=4, strategy=strategy, callback=lambda step, x: left.append(int((x == MASK).sum())))
-    assert left == [8, 5, 3, 0]
+    seen = []
+    kw = {"strategy": strategy, "schedule": schedule}
+    run(model, ids, steps=4, **kw, callback=lambda step, x: seen.append(int((x == MASK).sum())))
+    assert seen == left
+
+
+def first_probs(model, ids):
+    """(T, V): the model's distribution at each position of all-[MASK] row 0, over the allowed tokens."""
+    logits = model(ids)
+    logits[..., [MASK, PAD]] = float("-inf")  # never sampled: the probability is over the allowed tokens
+    return logits.softmax(-1)[0]
+
+
+def first_revealed(model, ids, strategy):
+    seen = []
+    out = run(model, ids, steps=12, temperature=0.0, strategy=strategy, callback=lambda step, x: seen.append(x.clone()))
+    pos = (seen[0][0] != MASK).nonzero().flatten().tolist()
+    assert len(pos) == 1
+    return pos[0], out
 
 
 def test_confidence_reveals_the_most_probable_first(model):
     ids = start(prompt="", length=12)
-    seen = []
-    out = run(model, ids, steps=12, temperature=0.0, callback=lambda step, x: seen.append(x.clone()))
+    first, out = first_revealed(model, ids, "confidence")
     # step 1 fills the position whose greedy token the model is surest of, given all masks
-    logits = model(ids)
-    logits[..., [MASK, PAD]] = float("-inf")  # never sampled: the probability is over the allowed tokens
-    probs = logits.softmax(-1)
-    first = int(probs.max(-1).values[0].argmax())
-    assert (seen[0][0] != MASK).nonzero().flatten().tolist() == [first]
-    assert int(out[0, first]) == int(probs[0, first].argmax())
+    probs = first_probs(model, ids)
+    assert first == int(probs.max(-1).values.argmax())
+    assert int(out[0, first]) == int(probs[first].argmax())
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model: the same logits (T, V) for every input."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(probs.log())
+
+    def forward(self, ids, pad_mask=None):
+        return self.logits.expand(ids.shape[0], -1, -1)
+
+
+@pytest.mark.parametrize("strategy, first", [("confidence", 0), ("margin", 1), ("entropy", 2), ("random", 3)])
+def test_each_strategy_reveals_first_what_its_measure_ranks_first(strategy, first):
+    # tokens 0..3, [MASK] = 4; by hand (p(top 1), p(top 1) - p(top 2), entropy in nats):
+    probs = torch.tensor(
+        [
+            [0.72, 0.14, 0.14, 0.0, 0.0],  # 0.72 (most confident), 0.58, 0.787
+            [0.70, 0.10, 0.10, 0.10, 0.0],  # 0.70, 0.60 (largest margin), 0.940
+            [0.60, 0.40, 0.0, 0.0, 0.0],  # 0.60, 0.20, 0.673 (lowest entropy)
+            [0.25, 0.25, 0.25, 0.25, 0.0],  # 0.25, 0.00, 1.386 (last by every measure)
+        ]
+    )
+    seen = []
+    ids = torch.full((1, 4), 4)
+    kw = {"steps": 4, "mask_id": 4, "temperature": 0.0, "strategy": strategy}
+    # random: a seed whose uniform draws rank position 3 first (greedy draws nothing before them)
+    gen = g(9)
+    assert int(torch.rand(4, generator=g(9)).argmax()) == 3
+    out = generate(FixedLogits(probs), ids, generator=gen, callback=lambda step, x: seen.append(x.clone()), **kw)
+    assert (seen[0][0] != 4).nonzero().flatten().tolist() == [first]
+    assert out[0].tolist() == [0, 0, 0, 0]  # greedy: each position's most likely token
 
 
 def test_blocks_fill_left_to_right(model):
@@ -173,6 +282,10 @@ def test_training_flag_restored(model):
         ({"strategy": "lowest"}, "unknown strategy"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": True}, "top_p"),
+        ({"schedule": "exponential"}, "unknown schedule 'exponential'; allowed: linear, cosine"),
         ({"block_length": 0}, "block_length"),
     ],
 )
@@ -289,6 +402,14 @@ def test_cli_infill_blocks_samples(text_exp, capsys):
         "10",
     )
     assert code == 0, err
+    args = [text_exp, "--length", "24", "--steps", "6", "--top-p", "0.8", "--show-steps"]
+    for strategy in STRATEGIES:
+        for schedule in SCHEDULES:
+            code, out, err = cli(capsys, *args, "--strategy", strategy, "--schedule", schedule)
+            assert code == 0, err
+            first = err.splitlines()[0]
+            # the first of 6 steps over 24 masks reveals floor(24 (1 - cos(pi / 12))) = 0 (cosine) or 4 (linear)
+            assert (first == "[step 1] " + "_" * 24) == (schedule == "cosine"), err
 
 
 def test_cli_samples_are_labelled_with_the_seed_that_reproduces_them(text_exp, capsys):
@@ -319,6 +440,9 @@ def test_cli_dummy_prints_ids(dummy_exp, capsys):
         (["--prompt", "1 2 3 4 5", "--length", "4"], "prompt is 5 tokens"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--strategy", "lowest"], "unknown strategy 'lowest'"),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        (["--top-p", "1.2"], "--top-p must be in (0, 1]"),
+        (["--schedule", "exp"], "--schedule: unknown schedule 'exp'; allowed: linear, cosine"),
         (["--length", "8", "--steps", "1", "--block-length", "2"], "fewer than the 4 blocks"),
         (["--infill", "1 2 _", "--length", "8"], "--length does not apply"),
         (["--model", "e2e"], "has no e2e model"),

@@ -47,6 +47,9 @@ VALID_OTHER = {
     "step.fused_adamw": True,
     "step.loss_chunk": 512,
     "step.async_checkpoints": True,
+    "sample.strategy": "margin",
+    "sample.schedule": "cosine",
+    "sample.top_p": 0.5,
 }
 # keys without another valid value
 NO_OTHER = {

@@ -4,6 +4,7 @@
     stackwise-generate outputs/shakespeare --prompt "ROMEO:" --length 200 --num-samples 3
     stackwise-generate outputs/shakespeare --infill "To be or ___ to be"   # each _ is one masked token
     stackwise-generate outputs/shakespeare --steps 32 --block-length 32 --temperature 0.8 --top-k 40
+    stackwise-generate outputs/shakespeare --strategy margin --top-p 0.9 --steps 32 --schedule cosine
     stackwise-generate outputs/default --model e2e --strategy random       # the dummy data prints token ids
 
 Exit status 0, or 2 with one line `stackwise-generate: error: ...` for bad arguments or artifacts.
@@ -21,7 +22,9 @@ import torch
 from stackwise.cli.common import doc_parser, user_errors
 from stackwise.errors import StackWiseError
 from stackwise.generation import (
+    DEFAULTS,
     MODEL_KINDS,
+    SCHEDULES,
     STRATEGIES,
     ExperimentModel,
     decode,
@@ -78,16 +81,41 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--strategy",
-        default="confidence",
-        help=f"which positions each step reveals: {' or '.join(STRATEGIES)} (default confidence: "
-        "keep the most confident draws, remask the rest)",
+        default=DEFAULTS.strategy,
+        help=f"the reveal order, which masked positions each step reveals: {', '.join(STRATEGIES)} "
+        "(confidence: the most probable draws, remasking the rest; margin: the largest gap between the two "
+        "most likely tokens; entropy: the least uncertain positions; random: uniformly, the diffusion's own "
+        f"reverse order) (default {DEFAULTS.strategy})",
     )
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULTS.temperature,
+        help=f"sampling temperature; 0 = greedy (default {DEFAULTS.temperature})",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULTS.top_k,
+        help=f"sample among the k most likely tokens (default {DEFAULTS.top_k or 'all'})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=DEFAULTS.top_p,
+        help="nucleus sampling: among the most likely tokens whose mass reaches p, in (0, 1] "
+        f"(default {DEFAULTS.top_p or 1}; 1 = no limit)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=DEFAULTS.schedule,
+        help=f"how many masks each step reveals: {' or '.join(SCHEDULES)} (cosine: few first, many at the end; "
+        f"it matters when --steps is below the number of masks) (default {DEFAULTS.schedule})",
+    )
     p.add_argument(
         "--block-length",
         type=int,
-        default=None,
+        default=DEFAULTS.block_length,
         help="semi-autoregressive: fill blocks of this many positions left to right (default: one block)",
     )
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
@@ -111,6 +139,10 @@ def _check(args: argparse.Namespace) -> torch.device:
         raise StackWiseError(f"--length must be >= 1, got {args.length}")
     if args.top_k is not None and args.top_k < 1:
         raise StackWiseError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise StackWiseError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.schedule not in SCHEDULES:
+        raise StackWiseError(f"--schedule: unknown schedule {args.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     if args.num_samples < 1:
         raise StackWiseError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.seed < 0:
@@ -157,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             strategy=args.strategy,
             temperature=args.temperature,
             top_k=args.top_k,
+            top_p=args.top_p,
+            schedule=args.schedule,
             block_length=args.block_length,
             callback=_step_printer(em, args.num_samples) if args.show_steps else None,
         )

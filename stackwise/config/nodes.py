@@ -293,7 +293,10 @@ class FusionConfig(Structured):
 
 @dataclass
 class SampleConfig(Structured):
-    """The sample printed at the end of `stage=all` (text data only); `stackwise-generate` does more."""
+    """The sample printed at the end of `stage=all` (text data only); `stackwise-generate` does more.
+
+    The sampler's defaults are `stackwise.generation.DEFAULTS` (the setting benchmarks/samplers.py
+    measured best on the default model); tests/test_sample_quality.py checks the two agree."""
 
     PATH = "sample"
 
@@ -301,11 +304,18 @@ class SampleConfig(Structured):
     prompt: str = ""
     length: int | None = None  # tokens in all, prompt included; null = data.seq_len
     steps: int | None = None  # unmasking steps; null = one per masked token
-    temperature: float = 1.0
+    strategy: str = "random"  # the reveal order: confidence, margin, entropy or random
+    temperature: float = 0.8
     top_k: int | None = None
+    top_p: float | None = 0.9  # nucleus sampling; null or 1 = no limit
+    schedule: str = "linear"  # how many masks each step reveals: linear or cosine
+    block_length: int | None = None  # semi-autoregressive blocks; null = one block
 
     def __post_init__(self) -> None:
-        for name in ("length", "steps", "top_k"):
+        # imported here: stackwise.generation imports stackwise.config
+        from stackwise.generation.unmasking import SCHEDULES, STRATEGIES
+
+        for name in ("length", "steps", "top_k", "block_length"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and v > 0), self.key(name), f"must be a positive integer or null, got {v!r}")
         check(
@@ -313,6 +323,26 @@ class SampleConfig(Structured):
             self.key("temperature"),
             f"must be a number >= 0, got {self.temperature!r}",
         )
+        check(
+            self.top_p is None or (is_number(self.top_p) and 0 < self.top_p <= 1),
+            self.key("top_p"),
+            f"must be a number in (0, 1] or null (no limit), got {self.top_p!r}",
+        )
+        check(
+            self.strategy in STRATEGIES,
+            self.key("strategy"),
+            f"unknown strategy {self.strategy!r}; allowed: {', '.join(STRATEGIES)}",
+        )
+        check(
+            self.schedule in SCHEDULES,
+            self.key("schedule"),
+            f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}",
+        )
+
+    def sampler(self) -> dict[str, Any]:
+        """The sampler keyword arguments of `stackwise.generation.sample_text` / `sample_ids`."""
+        keys = ("steps", "strategy", "temperature", "top_k", "top_p", "schedule", "block_length")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from stackwise.config import load_run
 from stackwise.data.config import data_tokenizer
 from stackwise.errors import StackWiseError
 from stackwise.generation.inputs import build_ids, decode
-from stackwise.generation.unmasking import GenerationError, generate
+from stackwise.generation.unmasking import DEFAULTS, GenerationError, generate
 from stackwise.utils import generator
 
 MODEL_KINDS = ("fused", "finetuned", "e2e")
@@ -102,10 +102,12 @@ def sample_ids(
     steps: int | None = None,
     num_samples: int = 1,
     seed: int = 0,
-    strategy: str = "confidence",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    block_length: int | None = None,
+    strategy: str = DEFAULTS.strategy,
+    temperature: float = DEFAULTS.temperature,
+    top_k: int | None = DEFAULTS.top_k,
+    top_p: float | None = DEFAULTS.top_p,
+    schedule: str = DEFAULTS.schedule,
+    block_length: int | None = DEFAULTS.block_length,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(start (T,), samples (num_samples, T)) for a loaded model; steps default: one per mask."""
@@ -135,6 +137,8 @@ def sample_ids(
         strategy=strategy,
         temperature=temperature,
         top_k=top_k,
+        top_p=top_p,
+        schedule=schedule,
         block_length=block_length,
         mask_id=cfg.mask_id,
         pad_id=cfg.pad_id,
@@ -158,7 +162,8 @@ def sample_text(
     """One sample from an experiment's model, decoded (ids separated by spaces for the dummy data).
 
     length: tokens in all, prompt included (default: the training seq_len); steps: default one per
-    masked token. kwargs: strategy, temperature, top_k, block_length, infill (see `generate`).
+    masked token. kwargs: strategy, temperature, top_k, top_p, schedule, block_length, infill (see
+    `generate`; their defaults are `DEFAULTS`).
     """
     em = load_experiment_model(exp_dir, model)
     _, out = sample_ids(em, prompt=prompt, length=length, steps=steps, seed=seed, **kwargs)

@@ -41,14 +41,5 @@ def finish_all(run: RunConfig, paths: art.ExperimentPaths) -> None:
     s = run.sample
     if s.enabled and run.data.name != "dummy":
         which = "finetuned" if (paths.finetuned_dir / "config.json").is_file() else "fused"
-        text = sample_text(
-            paths.root,
-            prompt=s.prompt,
-            length=s.length,
-            steps=s.steps,
-            seed=run.seed,
-            model=which,
-            temperature=s.temperature,
-            top_k=s.top_k,
-        )
+        text = sample_text(paths.root, prompt=s.prompt, length=s.length, seed=run.seed, model=which, **s.sampler())
         print(f"\nsample from the {which} model (stackwise-generate {paths.root} for more):\n{text}\n")
