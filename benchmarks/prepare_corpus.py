@@ -100,9 +100,11 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "corpus"
 class MainText(HTMLParser):
     """The text of a Sphinx page's `<div role="main">`: blocks on their own lines, pre kept as is."""
 
-    BLOCK = {"p", "div", "section", "pre", "li", "ul", "ol", "dl", "dt", "dd", "table", "tr", "br", "blockquote"}
-    BLOCK |= {"h1", "h2", "h3", "h4", "h5", "h6", "caption", "figure"}
-    HIDDEN = {"script", "style"}
+    BLOCK = frozenset(
+        ("p", "div", "section", "pre", "li", "ul", "ol", "dl", "dt", "dd", "table", "tr", "br", "blockquote")
+        + ("h1", "h2", "h3", "h4", "h5", "h6", "caption", "figure")
+    )
+    HIDDEN = frozenset(("script", "style"))
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -240,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/corpus)")
     p.add_argument(
-        "--debs", type=Path, default=None, help="a folder holding the pinned .deb files (default: apt-get download them)"
+        "--debs",
+        type=Path,
+        default=None,
+        help="a folder holding the pinned .deb files (default: apt-get download them)",
     )
     p.add_argument("--txt", action="store_true", help="also write the uncompressed .txt beside the .xz")
     p.add_argument("--val-fraction", type=float, default=0.05, help="data.val_fraction, for the manifest's note")
