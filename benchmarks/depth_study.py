@@ -631,6 +631,19 @@ def main(argv: list[str] | None = None) -> None:
         if "device" not in given:
             args.device = "cpu"
     args.root = args.root.resolve()
+    if args.smoke and args.jobs <= 0:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model: one thread is the fastest, and threads fighting for cores are slow
+        try:
+            return _main(args)
+        finally:
+            torch.set_num_threads(threads)
+    return _main(args)
+
+
+def _main(args) -> None:
     if args.report_only:
         write_report(args.root)
         if args.export:

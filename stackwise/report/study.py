@@ -374,13 +374,15 @@ def study_gaps_figure(results: Sequence[ChainResult]):
     return fig
 
 
-def write_study_report(root: str | Path) -> tuple[Path, list[Path]]:
-    """Write study.md and its two plots into the study folder; return their paths."""
+def write_study_report(root: str | Path, out_dir: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """Write study.md and its two plots into the study folder (or out_dir); return their paths."""
     root = Path(root)
     plan, results = load_study(root)
-    pngs = [(root / STUDY_DEPTH_PNG, study_depth_figure(results)), (root / STUDY_GAPS_PNG, study_gaps_figure(results))]
+    out = Path(out_dir) if out_dir is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = [(out / STUDY_DEPTH_PNG, study_depth_figure(results)), (out / STUDY_GAPS_PNG, study_gaps_figure(results))]
     for path, fig in pngs:  # the plots first: study.md links to them
         art.atomic_write_bytes(png_bytes(fig), path)
-    md = root / STUDY_MD
+    md = out / STUDY_MD
     art.atomic_write_bytes(study_markdown(plan, results, [p.name for p, _ in pngs]).encode("utf-8"), md)
     return md, [p for p, _ in pngs]
