@@ -76,6 +76,7 @@ class Chain:
     seed: int
     overrides: list[str]  # stackwise-train overrides common to the chain's runs (name= added per run)
     lw_steps: int = 0  # optimizer steps of the layer-wise run (= e2e's at equal tokens)
+    stage_steps: dict = field(default_factory=dict)  # {"embed", "layer", "finetune"}: steps of each stage
     tokens_per_step: int = 0
     e2e_hash: str = ""
 
@@ -221,6 +222,11 @@ def size_plan(plan: Plan) -> None:
     for c in plan.chains:
         run = compose(c.overrides + [f"name={c.id}"])
         c.lw_steps = run.layerwise_steps()
+        c.stage_steps = {
+            "embed": run.max_steps("embed"),
+            "layer": run.max_steps("layer"),
+            "finetune": run.fusion.finetune_steps,
+        }
         c.tokens_per_step = run.tokens_per_step("e2e")
         c.e2e_hash = run.hashes()["e2e"][:12]
         if run.max_steps("e2e") != c.lw_steps:
@@ -336,16 +342,19 @@ def chain_done(root: Path, c: Chain) -> bool:
 
 def wall_steps(root: Path, c: Chain, wall_cap: float) -> dict:
     """The e2e step budget whose measured time equals the layer-wise run's."""
+    from stackwise.report.study import full_seconds, layerwise_seconds
+
     recs = records(root, c.lw)
-    lw, e2e = _lw_final(recs), recs["e2e"]
-    per_step = float(e2e["seconds"]) / c.lw_steps
-    steps = max(1, round(float(lw["seconds"]) / per_step))
+    lw_seconds, _ = layerwise_seconds(recs, c.stage_steps)
+    e2e_seconds, _ = full_seconds(recs["e2e"], c.lw_steps)  # a resumed e2e: the rate of the steps after it
+    per_step = e2e_seconds / c.lw_steps
+    steps = max(1, round(lw_seconds / per_step))
     capped = min(steps, round(wall_cap * c.lw_steps))
     return {
         "steps": capped,
         "uncapped_steps": steps,
-        "lw_seconds": lw["seconds"],
-        "e2e_seconds": e2e["seconds"],
+        "lw_seconds": lw_seconds,
+        "e2e_seconds": e2e_seconds,
         "e2e_steps": c.lw_steps,
     }
 

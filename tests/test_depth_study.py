@@ -234,3 +234,19 @@ def test_prepare_corpus_keeps_the_main_text_of_the_pages_it_should(tmp_path):
     assert [name for name, _ in docs] == ["x/a/page.html"]
     text = docs[0][1]
     assert text == "Title\n\nFirst paragraph & more text.\n\ncode  line 1\n  indented\n\nLast."
+
+
+def test_resumed_stages_count_their_steps_before_the_kill_at_the_rate_after_it():
+    from stackwise.report.study import full_seconds, layerwise_seconds
+
+    assert full_seconds({"seconds": 30.0}, 100) == (30.0, False)
+    assert full_seconds({"seconds": 30.0, "resumed_from_step": 40}, 100) == (50.0, True)  # 60 steps in 30 s
+    recs = {
+        "embed": {"kind": "layer", "k": 1, "seconds": 20.0, "cache_seconds": 5.0},
+        "layer_2": {"kind": "layer", "k": 2, "seconds": 10.0, "resumed_from_step": 50, "cache_seconds": 5.0},
+        "fused": {"kind": "fusion", "seconds": 45.0},
+        "finetuned": {"kind": "finetune", "seconds": 55.0, "resumed_from_step": 5},
+    }
+    # layer_2 ran 50 of 100 steps in 10 s: +10 s; the fine-tune 5 of 10 steps in 10 s: +10 s
+    assert layerwise_seconds(recs, {"embed": 200, "layer": 100, "finetune": 10}) == (75.0, True)
+    assert layerwise_seconds({k: v for k, v in recs.items() if k != "finetuned"}, {"layer": 100}) == (55.0, True)

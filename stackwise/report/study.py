@@ -69,6 +69,7 @@ class ChainResult:
     wall_tokens: int | None = None
     wall_steps: int | None = None
     wall_uncapped: int | None = None  # the steps the measured times asked for, above --wall-cap
+    extrapolated: bool = False  # a stage was resumed: its seconds before the kill are extrapolated
 
     @property
     def layerwise(self) -> Score | None:
@@ -125,6 +126,34 @@ def _records(folder: Path) -> dict[str, dict]:
     return {str(r.get("stage")): r for r in recs}
 
 
+def full_seconds(rec: dict, steps: int | None) -> tuple[float, bool]:
+    """(a stage's seconds, extrapolated?): a stage resumed from a checkpoint records the seconds of
+    the process that finished it only; the steps run before the kill are counted at the same rate."""
+    r, seconds = int(rec.get("resumed_from_step") or 0), float(rec["seconds"])
+    if steps and 0 < r < steps:
+        return seconds * steps / (steps - r), True
+    return seconds, False
+
+
+def layerwise_seconds(recs: dict[str, dict], steps: dict[str, int]) -> tuple[float | None, bool]:
+    """(the layer-wise run's seconds: every stage's training, scoring and caching, fusion and the
+    fine-tune, as its fine-tuned (or fused) record counts them, with resumed stages extrapolated
+    (`full_seconds`), extrapolated?). `steps`: {"embed", "layer", "finetune"} steps a stage."""
+    final = recs.get("finetuned") or recs.get("fused")
+    if final is None:
+        return None, False
+    total, extra = float(final["seconds"]), False
+    for rec in recs.values():
+        if rec.get("kind") == "layer":
+            full, ext = full_seconds(rec, steps.get("embed" if int(rec.get("k", 0)) == 1 else "layer"))
+            total, extra = total + full - float(rec["seconds"]), extra or ext
+    if "finetuned" in recs and "fused" in recs:
+        own = {**recs["finetuned"], "seconds": float(recs["finetuned"]["seconds"]) - float(recs["fused"]["seconds"])}
+        full, ext = full_seconds(own, steps.get("finetune"))
+        total, extra = total + full - own["seconds"], extra or ext
+    return total, extra
+
+
 def load_chain(root: Path, chain: dict) -> ChainResult:
     res = ChainResult(chain["id"], int(chain["L"]), float(chain["budget"]), chain["lever"], int(chain["seed"]))
     lw_dir, wall_dir = root / "runs" / chain["id"], root / "runs" / f"{chain['id']}-wall"
@@ -139,20 +168,24 @@ def load_chain(root: Path, chain: dict) -> ChainResult:
     wev = _read_json(wall_dir / "eval.json")
     if wev:
         res.wall = next((_score(m, res.unit) for m in wev["models"] if m["name"] == "e2e"), None)
+    steps = chain.get("stage_steps") or {}
     recs = _records(lw_dir)
     final = recs.get("finetuned") or recs.get("fused")
     if final:
-        res.lw_seconds, res.lw_tokens = float(final["seconds"]), int(final["tokens"])
+        res.lw_seconds, ext = layerwise_seconds(recs, steps)
+        res.lw_tokens, res.extrapolated = int(final["tokens"]), ext
     if "e2e" in recs:
-        res.e2e_seconds = float(recs["e2e"]["seconds"])
-    wrecs = _records(wall_dir)
-    if "e2e" in wrecs:
-        res.wall_seconds, res.wall_tokens = float(wrecs["e2e"]["seconds"]), int(wrecs["e2e"]["tokens"])
+        res.e2e_seconds, ext = full_seconds(recs["e2e"], chain.get("lw_steps"))
+        res.extrapolated = res.extrapolated or ext
     wall = _read_json(wall_dir / "wall.json")
     if wall:
         res.wall_steps = int(wall["steps"])
         if int(wall.get("uncapped_steps", wall["steps"])) > res.wall_steps:
             res.wall_uncapped = int(wall["uncapped_steps"])
+    wrecs = _records(wall_dir)
+    if "e2e" in wrecs:
+        res.wall_seconds, ext = full_seconds(wrecs["e2e"], res.wall_steps)
+        res.wall_tokens, res.extrapolated = int(wrecs["e2e"]["tokens"]), res.extrapolated or ext
     return res
 
 
@@ -263,7 +296,7 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
             continue
         rows2.append(
             [
-                r.id,
+                r.id + (" ‡" if r.extrapolated else ""),
                 " ".join(f"{b:.3f}" for b in r.curve) or "–",
                 f"{r.fused.bound:.4f}" if r.fused else "–",
                 f"{r.finetuned.bound:.4f}" if r.finetuned else "–",
@@ -277,6 +310,12 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
             ]
         )
     lines += md_table(header2, "lrrrrrrrr", rows2) if rows2 else ["(no finished run yet)"]
+    if any(r.extrapolated for r in results):
+        lines += [
+            "",
+            "‡ a stage of this chain was resumed from a checkpoint: the seconds of its steps before the kill "
+            "are counted at the rate of the steps after it.",
+        ]
     for name in pngs:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
