@@ -175,6 +175,7 @@ def build_plan(args, corpus_overrides: list[str]) -> Plan:
         args.wall_cap,
     )
     plan.settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    plan.settings["machine"] = machine(args.device)
     for L in args.depths:
         for budget in args.budgets:
             steps = max(1, round(args.steps * budget))
@@ -206,6 +207,18 @@ def build_plan(args, corpus_overrides: list[str]) -> Plan:
                     )
                     plan.chains.append(Chain(cid, L, budget, lever, seed, overrides))
     return plan
+
+
+def machine(device: str) -> str:
+    import platform
+
+    import torch
+
+    where = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else platform.processor()
+    return (
+        f"{where or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
 
 
 def compose(overrides: list[str]):

@@ -243,6 +243,7 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
             f"{s.get('steps')} steps a layer stage and {s.get('finetune_steps')} fine-tune steps at budget 1×, "
             f"device {plan.get('device')}; eval: {plan.get('bound_samples')} bound draws per sequence, "
             f"{plan.get('eval_sequences') or 'all'} validation sequences."
+            + (f" Machine: {s['machine']}." if s.get("machine") else "")
         )
         lines.append("")
     header = ["L", "budget", "lever", "seeds", f"fine-tuned ({unit})", f"e2e ({unit})", "gap, equal tokens"]
