@@ -203,7 +203,7 @@ def build_plan(args, corpus_overrides: list[str]) -> Plan:
                             "cache.keep=last",
                         ],
                         args.set,
-                        lever_overrides,
+                        [o.replace("{L}", str(L)) for o in lever_overrides],  # a lever sized by depth
                     )
                     plan.chains.append(Chain(cid, L, budget, lever, seed, overrides))
     return plan
@@ -524,10 +524,9 @@ def worker(root: Path, cid: str, deadline: float | None) -> None:
     chain = next((c for c in plan.chains if c.id == cid), None)
     if chain is None:
         die(f"--worker {cid}: no such chain in {root / 'study.json'}")
-    if plan.device == "cuda":
-        import torch
+    import logging
 
-        torch.set_float32_matmul_precision("high")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")  # the pipeline's progress lines
     run_chain(plan, chain, deadline)
 
 
@@ -604,7 +603,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         metavar='NAME="OVERRIDES"',
-        help='named sets of overrides, each a chain beside `base`: top1="layerwise.top_layers=1"',
+        help='named sets of overrides, each a chain beside `base`: top1="layerwise.top_layers=1"; {L} is '
+        'replaced by the depth: perlayer="masking=per_layer cache.views={L}"',
     )
     p.add_argument("--no-base", action="store_true", help="leave out the `base` chains (the defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE", help="overrides for every run")
@@ -688,6 +688,9 @@ def _main(args) -> None:
     tmp = old.with_name("study.json.tmp")
     tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     os.replace(tmp, old)
+    if not chains:
+        print(f"--part {args.part}: no chain falls in this part")
+        return
     with _user_errors():
         pretokenize(chains[0])
     failed: list[str] = []

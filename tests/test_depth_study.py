@@ -40,11 +40,11 @@ def _args(*argv: str):
 def test_plan_one_chain_per_depth_budget_lever_seed_with_the_lever_last():
     args = _args(
         "--depths", "4", "8", "--budgets", "1", "4", "--seeds", "0", "1",
-        "--levers", "top1=layerwise.top_layers=1 fusion.finetune_steps=7",
+        "--levers", "top1=layerwise.top_layers=1 fusion.finetune_steps=7", "pl=masking=per_layer cache.views={L}",
     )  # fmt: skip
     plan = study.build_plan(args, ["data=text", "data.path=/c.txt"])
     ids = [c.id for c in plan.chains]
-    assert len(ids) == 2 * 2 * 2 * 2 == len(set(ids))
+    assert len(ids) == 2 * 2 * 3 * 2 == len(set(ids))
     assert "L8-x4-top1-s1" in ids and "L4-x1-base-s0" in ids
     top = next(c for c in plan.chains if c.id == "L8-x4-top1-s1")
     assert "model.n_layers=8" in top.overrides and "seed=1" in top.overrides
@@ -54,6 +54,7 @@ def test_plan_one_chain_per_depth_budget_lever_seed_with_the_lever_last():
     assert "layerwise.top_layers=1" in top.overrides
     base = next(c for c in plan.chains if c.id == "L8-x4-base-s1")
     assert "fusion.finetune_steps=320" in base.overrides and not any("top_layers" in o for o in base.overrides)
+    assert "cache.views=4" in next(c for c in plan.chains if c.id == "L4-x1-pl-s0").overrides
 
 
 @pytest.mark.parametrize("bad", ["top1", "base=optim.lr=1", "to p=x=1"])
