@@ -15,7 +15,8 @@ For every depth L (--depths), budget (--budgets: multiples of --steps per layer 
 2. `stage=e2e` in the same folder: the baseline at EQUAL TOKENS (its max_steps defaults to the
    layer-wise total, fine-tune included: RunConfig.layerwise_steps);
 3. `stackwise-eval` of that folder: every depth prefix 1..L, fused, fine-tuned, e2e, on the same
-   validation masks: masked CE at --rates and the masked-diffusion bound, in bits/byte;
+   validation masks: masked CE at --rates and the masked-diffusion bound, in bits/byte; and its
+   `stackwise-report` (report.md, depth.png: each stage's validation loss, tokens and time);
 4. the baseline at EQUAL WALL TIME in runs/<id>-wall/: `stage=e2e` with
    `stages.e2e.trainer.max_steps` = the layer-wise run's seconds (its fine-tuned record: training,
    scoring and caching of every stage, cumulative) / e2e's seconds per step measured in step 2. A
@@ -416,6 +417,9 @@ def run_chain(plan: Plan, c: Chain, deadline: float | None) -> None:
         return
     if not _eval_done(root, c.lw, {"e2e", "fused"}):
         evaluate(c.lw)
+        from stackwise.report import write_report
+
+        write_report(root / c.lw)  # the run's own depth report: per-stage validation loss, tokens, time
     if past():
         return
     wall = wall_steps(root, c, plan.wall_cap)
@@ -544,7 +548,8 @@ def export(root: Path, dest: Path) -> None:
         rel = p.relative_to(root)
         if not p.is_file() or rel.parts[0] in ("tokens", "corpus"):
             continue
-        small = p.name in ("results.json", "eval.json", "run_config.json", "wall.json", "study.json", "overrides.yaml")
+        small = p.name in ("results.json", "eval.json", "run_config.json", "wall.json", "study.json", "report.md")
+        small = small or p.name == "depth.png"
         if small or rel.parts[0] == "logs" or (len(rel.parts) == 1 and p.suffix in (".md", ".png")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, dest / rel)
