@@ -373,6 +373,26 @@ def wall_steps(root: Path, c: Chain, wall_cap: float) -> dict:
     }
 
 
+def _stale(folder: Path) -> bool:
+    """results.json lists a stage whose files are gone: the folder came back from --export (small
+    files only) to another machine. Nothing in it can be resumed or evaluated."""
+    from stackwise.artifacts import ExperimentPaths
+
+    paths, recs = ExperimentPaths(folder), records(folder.parent, folder.name)
+    complete = paths.fused_config.name  # a model folder is complete once its config.json is there
+    wanted = [paths.layer_ckpt(int(r["k"])) for r in recs.values() if r.get("kind") == "layer"]
+    wanted += [d / complete for name, d in (("fused", paths.fused_dir), ("e2e", paths.e2e_dir)) if name in recs]
+    return any(not f.is_file() for f in wanted)
+
+
+def _set_aside(folder: Path) -> None:
+    n = 1
+    while folder.with_name(f"{folder.name}.stale-{n}").exists():
+        n += 1
+    folder.rename(folder.with_name(f"{folder.name}.stale-{n}"))
+    print(f"{folder} lists stages whose files are gone (copied from another machine?): set aside, started again")
+
+
 def run_chain(plan: Plan, c: Chain, deadline: float | None) -> None:
     """The chain's steps that are not done yet, in this process."""
     root = plan.root
@@ -403,6 +423,10 @@ def run_chain(plan: Plan, c: Chain, deadline: float | None) -> None:
         atomic_write_json(report, root / rel / "eval.json")
         print(f"[{c.id}] eval {rel}: done in {time.time() - t0:.0f} s", flush=True)
 
+    if not _eval_done(root, c.lw, {"e2e", "fused"}) and _stale(root / c.lw):
+        _set_aside(root / c.lw)
+    if not _eval_done(root, c.wall, {"e2e"}) and (root / c.wall).is_dir() and _stale(root / c.wall):
+        _set_aside(root / c.wall)
     recs = records(root, c.lw)
     if _lw_final(recs) is None or ("finetuned" not in recs and _finetunes(c)):
         train(c.id, ["stage=all"])
@@ -546,7 +570,7 @@ def export(root: Path, dest: Path) -> None:
     n = 0
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if not p.is_file() or rel.parts[0] in ("tokens", "corpus"):
+        if not p.is_file() or rel.parts[0] in ("tokens", "corpus") or ".stale-" in str(rel):
             continue
         small = p.name in ("results.json", "eval.json", "run_config.json", "wall.json", "study.json", "report.md")
         small = small or p.name == "depth.png"

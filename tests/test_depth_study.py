@@ -251,3 +251,17 @@ def test_resumed_stages_count_their_steps_before_the_kill_at_the_rate_after_it()
     # layer_2 ran 50 of 100 steps in 10 s: +10 s; the fine-tune 5 of 10 steps in 10 s: +10 s
     assert layerwise_seconds(recs, {"embed": 200, "layer": 100, "finetune": 10}) == (75.0, True)
     assert layerwise_seconds({k: v for k, v in recs.items() if k != "finetuned"}, {"layer": 100}) == (55.0, True)
+
+
+def test_a_run_folder_whose_files_are_gone_is_set_aside(tmp_path, capsys):
+    """An --export copy (small files only) brought to another machine: its stages cannot be resumed."""
+    run = tmp_path / "runs" / "L2-x1-base-s0-wall"
+    (run / "e2e").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps([{"stage": "e2e", "kind": "e2e", "seconds": 1.0}]))
+    assert study._stale(run)
+    (run / "e2e" / "config.json").write_text("{}")
+    assert not study._stale(run)
+    (run / "results.json").write_text(json.dumps([{"stage": "embed", "kind": "layer", "k": 1, "seconds": 1.0}]))
+    assert study._stale(run)
+    study._set_aside(run)
+    assert not run.exists() and (tmp_path / "runs" / "L2-x1-base-s0-wall.stale-1").is_dir()
