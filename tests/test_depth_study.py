@@ -173,7 +173,7 @@ def test_study_table_mean_and_std_over_seeds_noise_and_missing(tmp_path):
     assert two[8] == "1.50 ± 0.71"  # the wall-time e2e took 1x and 2x the layer-wise seconds
     assert two[-1] == "1/2"  # seed 1's layer 2 raised the bound
     assert rows["3"][6] == "+0.5 % †" and "run these with `--seeds 0 1 2`: L3-x1-base-s0" in md
-    assert rows["4"][3] == "0" and "Not finished" in md and "L4-x1-base-s0" in md
+    assert rows["4"][3] == "–" and "Not finished" in md and "L4-x1-base-s0" in md
 
 
 def test_stackwise_report_writes_the_study(tmp_path, capsys):

@@ -253,7 +253,7 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
     noise = []
     for (L, budget, lever), rs in groups(results).items():
         if not rs:
-            rows.append([str(L), _budget(budget), lever, "0"] + ["–"] * (len(header) - 4))
+            rows.append([str(L), _budget(budget), lever] + ["–"] * (len(header) - 3))  # no finished seed yet
             continue
         lowers = [r.lowers() for r in rs]
         flag = ""
