@@ -451,8 +451,10 @@ def run_chain(plan: Plan, c: Chain, deadline: float | None) -> None:
     if wall_json.is_file():
         wall = json.loads(wall_json.read_text())  # computed once: a resumed run keeps its budget
     else:
+        from stackwise.artifacts import atomic_write_json
+
         wall_json.parent.mkdir(parents=True, exist_ok=True)
-        wall_json.write_text(json.dumps(wall, indent=2) + "\n")
+        atomic_write_json(wall, wall_json)
     if "e2e" not in records(root, c.wall):
         print(f"[{c.id}] e2e at equal wall time: {wall['steps']} steps ({wall['lw_seconds']:.0f} s layer-wise)")
         train(f"{c.id}-wall", ["stage=e2e", f"+stages.e2e.trainer.max_steps={wall['steps']}"])
