@@ -3,6 +3,7 @@
     stackwise-report outputs/default                   # outputs/default/report.md + depth.png
     stackwise-report outputs/a outputs/b --out cmp     # a sweep: one row and one curve per experiment
     stackwise-report outputs --out cmp                 # every experiment under outputs/ (each with results.json)
+    stackwise-report outputs/depth-study               # a depth study (benchmarks/depth_study.py): study.md + plots
 
 Reads each experiment's results.json only (no model is loaded). Exit status 0 on success, 2 for bad
 input (a missing folder, no results), with one line on stderr.
@@ -39,8 +40,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with user_errors(PROG):
         # matplotlib and torch take seconds to import: only once the arguments parse, so --help is instant
-        from stackwise.report import resolve_experiments, write_report, write_sweep_report
+        from stackwise.report import (
+            STUDY_JSON,
+            resolve_experiments,
+            write_report,
+            write_study_report,
+            write_sweep_report,
+        )
 
+        if len(args.experiments) == 1 and (args.experiments[0] / STUDY_JSON).is_file():
+            md, pngs = write_study_report(args.experiments[0], args.out)
+            print(md.read_text(encoding="utf-8"), end="")
+            print("".join(f"\nwrote {p}" for p in (md, *pngs)).lstrip("\n"))
+            return
         exps, expanded = resolve_experiments(args.experiments)
         if len(exps) == 1 and not expanded:
             md, png = write_report(exps[0], args.out)

@@ -2,6 +2,8 @@
 
     write_report(exp_dir)                        -> exp_dir/report.md, exp_dir/depth.png
     write_sweep_report([exp_a, exp_b], out_dir)  -> out_dir/report.md, out_dir/depth.png (one row / curve each)
+    write_study_report(study_root)               -> study.md, study_depth.png, study_gaps.png (a depth study:
+                                                    benchmarks/depth_study.py; from eval.json and results.json)
 
 Everything comes from the experiment's `results.json` (one record per stage, appended by the
 pipeline); nothing is recomputed, so the report is cheap and works on a finished run as well as on a
@@ -27,6 +29,7 @@ Conventions, so that every number in a row means the same thing:
     plots.py     depth.png: one curve, or one per experiment
     sweep.py     the experiments of a sweep and their labels
     write.py     write_report, write_sweep_report
+    study.py     the depth study: layer-wise vs e2e at equal tokens and equal wall time, over depths, budgets, levers, seeds
 """
 
 from stackwise.report.formats import fmt_delta, fmt_loss, fmt_pct, fmt_seconds, fmt_tokens
@@ -40,13 +43,17 @@ from stackwise.report.markdown import (
 )
 from stackwise.report.plots import DEPTH_PNG, depth_figure, sweep_figure
 from stackwise.report.records import DepthResults, Row, Step, load_depth_results
+from stackwise.report.study import STUDY_JSON, STUDY_MD, ChainResult, load_study, study_markdown, write_study_report
 from stackwise.report.sweep import experiment_names, find_experiments, resolve_experiments, sweep_labels
 from stackwise.report.write import REPORT_MD, write_report, write_sweep_report
 
 __all__ = [
     "DEPTH_PNG",
     "REPORT_MD",
+    "STUDY_JSON",
+    "STUDY_MD",
     "WITHIN",
+    "ChainResult",
     "DepthResults",
     "Row",
     "Step",
@@ -61,12 +68,15 @@ __all__ = [
     "fmt_tokens",
     "layers_verdict",
     "load_depth_results",
+    "load_study",
     "resolve_experiments",
+    "study_markdown",
     "sweep_figure",
     "sweep_labels",
     "sweep_markdown",
     "tokens_note",
     "within_verdict",
     "write_report",
+    "write_study_report",
     "write_sweep_report",
 ]

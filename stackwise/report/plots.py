@@ -26,7 +26,7 @@ def _new_figure(width: float = 7.0, height: float = 4.5):
 
 def png_bytes(fig) -> bytes:
     # every legend, the ones added with add_artist too, counts for the tight bounding box
-    legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)]
+    legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, Legend)] + list(fig.legends)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", bbox_extra_artists=legends)
     return buf.getvalue()
