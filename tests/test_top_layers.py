@@ -252,3 +252,13 @@ def test_the_top_file_is_checked_and_only_the_latest_is_kept(make_run, tmp_path)
     save_file({n: t + 1 for n, t in tensors.items()}, str(paths.top_file(2)))
     with pytest.raises(ArtifactError, match="digest mismatch"):
         art.load_layer_checkpoint(paths.layer_ckpt(2), head="load")
+
+
+def test_a_third_stage_reads_the_tied_embedding_without_the_replaced_top_segment(make_run):
+    """Stage 3 of a tied model reads layer 1's embedding from layer_1.pt, whose top segment stage 2
+    has replaced (only the latest is kept): it needs the embedding only. L=4, m=1: stages 1..3."""
+    run = make_run("model.n_layers=4", "layerwise.top_layers=1", "stage=all", "fusion.finetune_steps=0", name="deep")
+    pipe = Pipeline(run)
+    pipe.execute()
+    assert [r["stage"] for r in art.read_results(pipe.paths)] == ["embed", "layer_2", "layer_3", "fused"]
+    assert not pipe.paths.top_file(1).exists() and pipe.paths.top_file(3).exists()

@@ -143,7 +143,12 @@ class Pipeline:
         data = self.inputs.activations(stage, self.state.input_cache(stage.below, needed_by=stage))
         embed_weight = None
         if self.cfg.tie_embeddings:  # stage 1's weights hold it: read layer_1.pt unless it is `below`
-            first = below if below.embed is not None else self.state.load_layer(Stage.layer(1), needed_by=stage)[0]
+            # its embedding only: its head and top segment were replaced by later stages' (head="skip")
+            first = (
+                below
+                if below.embed is not None
+                else self.state.load_layer(Stage.layer(1), needed_by=stage, head="skip")[0]
+            )
             embed_weight = first.embed["weight"].float()  # built in fp32 as every module (the file may hold bf16)
         return data, below, embed_weight, None
 
