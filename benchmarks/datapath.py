@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "feed" in parts:
         name = f"feed_{args.batch_size}x{args.seq_len}"
         feed = [*base, f"name={name}", f"trainer.max_steps={args.layer_steps}", "layerwise.embed_budget=0.25"]
+        if args.preset != "small":
+            # the steady state of a long stage, which step.compile=auto compiles (>= 1000 steps): the
+            # rate is compared with the compiled compute-only step
+            feed.append("step.compile=true")
         feed += ["trainer.val_check_interval=1000", "fusion.finetune_steps=0", "sample.enabled=false"]
         train([*feed, "stage=embed"], log)
         wall = train([*feed, "stage=layer", "k=2"], log, Path(args.out).with_suffix(".prof") if args.profile else None)
