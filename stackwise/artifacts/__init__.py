@@ -64,13 +64,21 @@ from stackwise.artifacts.models import (
     write_model_manifest,
     write_model_weights,
 )
-from stackwise.artifacts.paths import ExperimentPaths, PathLike, manifest_path, top_segment_path, untied_head_path
+from stackwise.artifacts.paths import (
+    MODEL_COMMANDS,
+    ExperimentPaths,
+    PathLike,
+    manifest_path,
+    top_segment_path,
+    untied_head_path,
+)
 from stackwise.artifacts.results import read_results, record_result
 
 __all__ = [
     "LAYER_FORMAT",
     "LAYER_FORMAT_VERSION",
     "MAX_SHARD_BYTES",
+    "MODEL_COMMANDS",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
     "ExperimentPaths",

@@ -185,3 +185,11 @@ def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError("k", f"layer index must be an integer >= 1 (1-based), got {k!r}")
     return k
+
+
+# the command that writes each model folder of an experiment: what a reader that finds none names
+MODEL_COMMANDS = {
+    "fused": "stackwise-train (stage=all, or stage=fusion after the layer stages)",
+    "finetuned": "stackwise-train with fusion.finetune_steps > 0",
+    "e2e": "stackwise-train stage=e2e",
+}

@@ -47,11 +47,7 @@ def load_experiment_model(
     paths = art.ExperimentPaths(exp_dir)
     folder = {"fused": paths.fused_dir, "finetuned": paths.finetuned_dir, "e2e": paths.e2e_dir}[which]
     if not (folder / "config.json").is_file():
-        how = {
-            "fused": "stackwise-train (stage=all, or stage=fusion after the layer stages)",
-            "finetuned": "stackwise-train with fusion.finetune_steps > 0",
-            "e2e": "stackwise-train stage=e2e",
-        }[which]
+        how = art.MODEL_COMMANDS[which]
         raise StackWiseError(f"{exp_dir} has no {which} model ({folder} is missing or incomplete); run {how} first")
     run = load_run(exp_dir)
     model, meta = art.load_model(folder)

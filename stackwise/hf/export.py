@@ -71,11 +71,7 @@ def pick_model(exp_dir: Path, which: str | None) -> tuple[str, Path]:
     if which not in folders:
         raise StackWiseError(f"unknown model {which!r}; allowed: {', '.join(MODEL_CHOICES)}")
     if not (folders[which] / "config.json").is_file():
-        how = {
-            "fused": "stackwise-train (stage=all, or stage=fusion after the layer stages)",
-            "finetuned": "stackwise-train with fusion.finetune_steps > 0",
-            "e2e": "stackwise-train stage=e2e",
-        }[which]
+        how = art.MODEL_COMMANDS[which]
         raise StackWiseError(f"{exp_dir} has no {which} model ({folders[which]} is missing or incomplete); run {how}")
     return which, folders[which]
 
