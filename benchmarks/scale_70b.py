@@ -125,11 +125,48 @@ def hf_logits_check(exp: Path, hf_dir: Path) -> dict[str, Any]:
     }
 
 
+def chain(run: list[str], exp: Path, args: argparse.Namespace, res: dict[str, Any], log: Path, save) -> None:
+    """Every stage of the `--layers` model, each its own process, then fusion, export and the HF check."""
+    res["plan"] = planned(run)
+    res["stages"] = []
+    save()
+    for stage in ["stage=embed", *[f"stage=layer k={k}" for k in range(2, args.layers + 1)], "stage=fusion"]:
+        out = train([*run, *stage.split()], log)
+        out["stage"] = stage
+        key = {"stage=embed": "embed", "stage=fusion": "fused"}.get(stage, "layer_" + stage.split("k=")[-1])
+        out["record"] = records(exp).get(key)
+        res["stages"].append(out)
+        save()
+        if out["rc"] != 0:
+            sys.exit(f"{stage} failed; see {log}")
+    res["records"] = records(exp)
+    res["layer_files_gib"] = {p.name: round(p.stat().st_size / GIB, 2) for p in sorted((exp / "layers").glob("*"))}
+    res["fused_gib"] = folder_gib(exp / "fused")
+    save()
+
+    hf_dir = exp.with_name(exp.name + "_hf")
+    cmd = [sys.executable, "-m", "stackwise.cli.export", str(exp), "--out", str(hf_dir), "--overwrite"]
+    res["export"] = command(cmd, log)
+    if res["export"]["rc"] == 0:
+        res["export"]["files"] = sorted(p.name for p in hf_dir.iterdir())
+        res["export"]["gib"] = folder_gib(hf_dir)
+        save()
+        if not args.no_check:
+            res["export"]["check"] = hf_logits_check(exp, hf_dir)
+            print("export check", json.dumps(res["export"]["check"]), flush=True)
+    save()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3_70b", help="the model= preset (default: llama3_70b)")
     ap.add_argument("--layers", type=int, default=4, help="model.n_layers of the run through every stage")
     ap.add_argument("--long-layers", type=int, default=80, help="n_layers of the stage 1 + 2 run (0: skip)")
+    ap.add_argument(
+        "--parts",
+        default="chain,long",
+        help="chain (every stage, fusion, export) and/or long (stage 1 + 2 of --long-layers): one per GPU of a 2-GPU lease",
+    )
     ap.add_argument("--steps", type=int, default=10, help="trainer.max_steps of a layer stage (stage 1: twice)")
     ap.add_argument("--output-root", type=Path, default=Path("/tmp/sw_70b"))
     ap.add_argument("--set", nargs="*", default=[], help="extra stackwise-train overrides for every run")
@@ -146,40 +183,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save() -> None:
         args.out.write_text(json.dumps(res, indent=1))
 
-    name = f"l{args.layers}"
-    run = [*base, f"name={name}", f"model.n_layers={args.layers}"]
-    res["plan"] = planned(run)
-    res["stages"] = []
-    save()
-    for stage in ["stage=embed", *[f"stage=layer k={k}" for k in range(2, args.layers + 1)], "stage=fusion"]:
-        out = train([*run, *stage.split()], log)
-        out["stage"] = stage
-        key = {"stage=embed": "embed", "stage=fusion": "fused"}.get(stage, "layer_" + stage.split("k=")[-1])
-        out["record"] = records(root / name).get(key)
-        res["stages"].append(out)
-        save()
-        if out["rc"] != 0:
-            sys.exit(f"{stage} failed; see {log}")
-    res["records"] = records(root / name)
-    res["layer_files_gib"] = {
-        p.name: round(p.stat().st_size / GIB, 2) for p in sorted((root / name / "layers").glob("*"))
-    }
-    res["fused_gib"] = folder_gib(root / name / "fused")
-    save()
-
-    hf_dir = root / f"{name}_hf"
-    cmd = [sys.executable, "-m", "stackwise.cli.export", str(root / name), "--out", str(hf_dir), "--overwrite"]
-    res["export"] = command(cmd, log)
-    if res["export"]["rc"] == 0:
-        res["export"]["files"] = sorted(p.name for p in hf_dir.iterdir())
-        res["export"]["gib"] = folder_gib(hf_dir)
-        save()
-        if not args.no_check:
-            res["export"]["check"] = hf_logits_check(root / name, hf_dir)
-            print("export check", json.dumps(res["export"]["check"]), flush=True)
-    save()
-
-    if args.long_layers:
+    parts = set(args.parts.split(","))
+    if "chain" in parts:
+        chain(
+            [*base, f"name=l{args.layers}", f"model.n_layers={args.layers}"],
+            root / f"l{args.layers}",
+            args,
+            res,
+            log,
+            save,
+        )
+    if args.long_layers and "long" in parts:
         lname = f"l{args.long_layers}"
         lrun = [*base, f"name={lname}", f"model.n_layers={args.long_layers}"]
         res["long"] = {"plan": planned(lrun), "stages": []}
