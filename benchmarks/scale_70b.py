@@ -12,8 +12,9 @@ planner (`stackwise-inspect --plan`, stackwise/plan.py) predicted for that stage
            peak host RAM, and `AutoModelForCausalLM.from_pretrained` of the folder: the logits of
            one batch beside the StackWise model's (both bf16 on the GPU).
   long     stage 1 and stage 2 of the full-depth config (`--long-layers`, 80 for Llama-3-70B).
-The joint fine-tune of the 4-layer model does not fit one GPU (the planner says so): it is off here
-(`fusion.finetune_steps=0`) and runs under `hardware=fsdp` on several GPUs.
+The joint fine-tune is off (`fusion.finetune_steps=0`): at 4 layers the planner puts it at 98 GiB,
+which one H200 holds but which would push the chain past one 10-minute device command; at 80
+layers it is FSDP's job (`hardware=fsdp`, several GPUs), and one GPU refuses it with one line.
 """
 
 from __future__ import annotations
