@@ -4,6 +4,8 @@ A frozen tensor is regenerated from (seed, k) instead of being stored, and check
 checksum its checkpoint recorded, so its bits must not depend on the CPU's instruction set, the
 numpy SIMD kernels, the thread count or the chunking: checked here in fresh processes with those
 switched off, against golden checksums, and against a plain-Python evaluation of the definition.
+The torch implementation that draws on a GPU is checked bit for bit against the numpy one, on the
+CPU always and on CUDA where there is one.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
+from stackwise.model import layers as model_layers
 from stackwise.model.config import ModelConfig
-from stackwise.model.portable_rng import portable_normal
-from stackwise.model.transformer import Block
+from stackwise.model.portable_rng import _field_sums, _torch_field_sums, _torch_normal, _torch_steps, portable_normal
+from stackwise.model.transformer import Block, Head, Transformer, empty
+from stackwise.model.weights import LayerModules, LayerWeights, fused_tensors
 from stackwise.utils import derive_seed, tensor_sha256
 
 CFG = dict(
@@ -178,6 +183,150 @@ def test_frozen_tensors_scaled_like_the_init():
         assert abs(t.std().item() / 0.05 - 1) < 0.03, name
     assert not torch.equal(block.mlp.up, Block(cfg, 2).mlp.up)  # each layer has its own stream
     assert not torch.equal(block.attn.q_b.weight.flatten()[:64], block.attn.kv_b.weight.flatten()[:64])
+
+
+# ---------------------------------------------------------------------------- the torch implementation
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+# keys >= 2**63 are negative int64s in the torch implementation; 2**64 - 1 is -1 there
+KEYS = (0, 1, derive_seed(7, "up", 2), 2**63 - 1, 2**63, 2**63 + 1, 0x9E3779B97F4A7C15, 2**64 - 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_field_sums_equal_numpys(device):
+    """The integer sums S(j), before any float: int64 wraparound and masked shifts give uint64's bits."""
+    for key in KEYS:
+        for start, n in ((0, 1), (0, 5000), (65537, 4099), (2**40 - 3000, 3000)):  # the last: the stream's end
+            want = torch.from_numpy(_field_sums(key, start, n))
+            got = _torch_field_sums(key, start, n, _torch_steps(n, torch.device(device)))
+            assert got.dtype == torch.int64 and torch.equal(got.cpu(), want), (key, start)
+            assert want.min().item() >= 0 and want.max().item() <= 12 * 0xFFFF
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_draw_equals_numpys_bit_for_bit(device):
+    """Every shape and chunking, the empty and one-element draws too, against the numpy (CPU) path."""
+    dev = torch.device(device)
+    cases = [  # (shape, chunk): chunks that divide nothing, one value, more than the draw
+        ((7, 1001), 1000),
+        ((37,), 1),
+        ((4099,), 1 << 22),
+        ((1,), 3),
+        ((), 3),
+        ((0,), 3),
+        ((2, 0, 5), 3),
+    ]
+    for key in KEYS:
+        for shape, chunk in cases:
+            want = portable_normal(shape, 0.02, key)
+            got = _torch_normal(shape, 0.02, key, dev, chunk)
+            assert got.device.type == dev.type and got.dtype == torch.float32 and got.shape == want.shape
+            assert torch.equal(got.cpu(), want), (key, shape, chunk)
+    for key in (0, 2**63 + 1):  # past the numpy path's chunks of 2**14 (and its threads' pieces)
+        assert torch.equal(
+            _torch_normal((3, 70001), 0.02, key, dev, 4099).cpu(), portable_normal((3, 70001), 0.02, key)
+        )
+    assert tensor_sha256(_torch_normal((3, 70001), 1.0, 2**64 - 1, dev)) == GOLDEN_DRAW
+    # the public entry point takes the torch path for any device but the CPU, and no meta one
+    if dev.type != "cpu":
+        assert torch.equal(portable_normal((5, 3001), 0.5, 3, dev).cpu(), portable_normal((5, 3001), 0.5, 3))
+    with pytest.raises(ValueError, match="meta"):
+        portable_normal((4,), 0.02, 1, "meta")
+
+
+class DeviceDraws:
+    """`portable_normal` as the modules call it, the devices they ask for recorded: a draw for a
+    device other than the CPU is made by the torch implementation on the CPU, so the routing runs
+    without a GPU (`fail=True`: that draw runs out of memory instead)."""
+
+    def __init__(self, monkeypatch, fail: bool = False):
+        self.devices: list[str] = []
+        self.fail = fail
+        monkeypatch.setattr(model_layers, "portable_normal", self)
+        model_layers._frozen_normal.cache_clear()
+
+    def __call__(self, shape, std, key, device=None):
+        device = torch.device("cpu" if device is None else device)
+        self.devices.append(device.type)
+        if device.type == "cpu":
+            return portable_normal(shape, std, key)
+        if self.fail:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return _torch_normal(shape, std, key, torch.device("cpu"), chunk=1000)
+
+
+def test_frozen_tensors_drawn_where_they_are_asked_for(monkeypatch):
+    """Modules draw on their buffers' device (the CPU for meta ones); checksums, layer files and the
+    fused model's checks draw where they are told; the bits, and so every checksum, are the same."""
+    cfg = tiny_mla()
+    want = Block(cfg, 2)  # numpy draws: the reference
+    checksum = want.frozen_up_checksum()
+    assert checksum == GOLDEN_TINY_BLOCK["checksum"]
+    draws = DeviceDraws(monkeypatch)
+    assert want.frozen_up_checksum("cuda") == checksum and draws.devices == ["cuda"] * 3
+    values = want.frozen_values("cuda")
+    assert all(torch.equal(v, want.get_buffer(n)) for n, v in values.items())
+
+    draws.devices.clear()
+    with torch.device("meta"):
+        shapes = Block(cfg, 2)
+    assert shapes.frozen_values().keys() == values.keys() and draws.devices == ["cpu"] * 3
+    sd = want.trainable_state_dict()
+    assert shapes.check_trainable_state_dict(sd, checksum, "cuda").keys() == values.keys()
+    assert draws.devices[3:] == ["cuda"] * 3
+
+    draws.devices.clear()
+    weights = LayerWeights.of(LayerModules(want, Head(cfg)), draw_on="cuda")
+    assert weights.frozen_sha256 == checksum and draws.devices == ["cuda"] * 3
+    block = empty(lambda: Block(cfg, 2), "cpu")
+    model_layers._frozen_normal.cache_clear()  # drawn on the CPU above: kept
+    block.load_trainable_state_dict(sd, checksum)  # a CPU block: CPU draws
+    assert draws.devices[3:] == ["cpu"] * 3 and torch.equal(block.mlp.up, want.mlp.up)
+
+
+def test_fused_tensors_check_frozen_tensors_on_the_given_device(monkeypatch):
+    cfg = ModelConfig(**{**CFG, "d_model": 32, "d_ff": 64, "n_layers": 2})
+    model = Transformer(cfg)
+    layers = [
+        LayerWeights.of(LayerModules(b, model.head, model.embed if k == 1 else None))
+        for k, b in enumerate(model.blocks, 1)
+    ]
+    draws = DeviceDraws(monkeypatch)
+    on_cuda = dict(fused_tensors(cfg, layers, device="cuda"))
+    assert draws.devices == ["cuda"] * 6
+    assert on_cuda.keys() == model.state_dict().keys()
+
+
+def test_a_device_draw_that_runs_out_of_memory_is_made_on_the_cpu(monkeypatch):
+    draws = DeviceDraws(monkeypatch, fail=True)
+    got = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 2, device="cuda")
+    assert draws.devices == ["cuda", "cpu"] and got.device.type == "cpu"
+    assert torch.equal(got, portable_normal((64, 32), 0.02, derive_seed(7, "up", 2)))
+
+
+def test_only_cpu_draws_are_kept(monkeypatch):
+    """A CPU draw takes seconds at real sizes and is kept (the last 4); a device draw takes
+    milliseconds and is not, so no GPU memory is held outside the stage's memory plan."""
+    draws = DeviceDraws(monkeypatch)
+    a = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 2)
+    b = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 2, device="cpu")
+    c = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 2, device="cuda")
+    d = model_layers.frozen_normal((64, 32), 0.02, 7, "up", 2, device="cuda")
+    assert a is b and c is not d and draws.devices == ["cpu", "cuda", "cuda"]
+    assert torch.equal(a, c) and torch.equal(c, d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_block_built_on_cuda_holds_the_cpu_blocks_frozen_tensors():
+    cfg = tiny_mla()
+    cpu = Block(cfg, 2)
+    gpu = empty(lambda: Block(cfg, 2), "cuda")
+    gpu.init_weights()
+    for name, t in gpu.frozen_tensors().items():
+        assert t.device.type == "cuda" and torch.equal(t.cpu(), cpu.get_buffer(name)), name
+    assert gpu.frozen_up_checksum() == cpu.frozen_up_checksum() == GOLDEN_TINY_BLOCK["checksum"]
 
 
 # ---------------------------------------------------------------------------- buffers under DDP

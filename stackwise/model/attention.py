@@ -13,7 +13,7 @@ from torch import nn
 
 from stackwise.compat import RMSNorm, sdpa
 from stackwise.model.config import ModelConfig
-from stackwise.model.layers import FrozenLinear, RotaryEmbedding, frozen_normal, load_frozen
+from stackwise.model.layers import FrozenLinear, RotaryEmbedding, draw_device, frozen_normal, load_frozen
 
 
 def attention_mask(pad_mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor | None, bool]:
@@ -47,7 +47,7 @@ class GroupedQueryAttention(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.frozen = ()
 
-    def frozen_values(self) -> dict[str, torch.Tensor]:
+    def frozen_values(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         return {}
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,11 +96,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.frozen = ("q_b.weight", "kv_b.weight") if cfg.mla_freeze_up else ()
         load_frozen(self)
 
-    def frozen_values(self) -> dict[str, torch.Tensor]:
-        return {
-            name: frozen_normal(self.get_buffer(name).shape, self.std, self.seed, "mla_up", self.k, name)
-            for name in self.frozen
-        }
+    def frozen_values(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """{buffer name: canonical fp32 value}, each drawn on `device` (default: its buffer's, see `draw_device`)."""
+        values = {}
+        for name in self.frozen:
+            buffer = self.get_buffer(name)
+            on = draw_device(buffer, device)
+            values[name] = frozen_normal(buffer.shape, self.std, self.seed, "mla_up", self.k, name, device=on)
+        return values
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""

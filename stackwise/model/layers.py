@@ -1,11 +1,12 @@
 """The pieces of a layer: RMSNorm, rotary embeddings, and the SwiGLU MLP with its frozen up-projection.
 
 Frozen tensors follow one small protocol shared with `attention.py`: a module lists their buffer
-names in `frozen` and returns their canonical values from `frozen_values()` (CPU, fp32, drawn by
-`portable_normal` from their own `(seed, key, k)` stream), and `load_frozen(module)` copies those
-values in. Because each frozen tensor has its own stream and that generator's bits are defined on
-every platform, layer k's values are the same in every process, on every device and every machine,
-whatever was built or drawn before it.
+names in `frozen` and returns their canonical values from `frozen_values()` (fp32, drawn by
+`portable_normal` from their own `(seed, key, k)` stream, on the device of the buffer they go to:
+a GPU draws in milliseconds what takes the host seconds; on the CPU for a buffer on the meta
+device), and `load_frozen(module)` copies those values in. Because each frozen tensor has its own
+stream and that generator's bits are defined on every platform and device, layer k's values are the
+same in every process, on every device and every machine, whatever was built or drawn before it.
 
 A frozen tensor is a non-persistent buffer, not a parameter: no optimizer, `requires_grad_(True)`
 or checkpoint (state_dict) can see it. It still moves and casts with the module (`.to(device)`,
@@ -25,7 +26,16 @@ from stackwise.model.config import ModelConfig
 from stackwise.model.portable_rng import portable_normal
 from stackwise.utils import derive_seed
 
-__all__ = ["FrozenLinear", "RMSNorm", "RotaryEmbedding", "SwiGLU", "frozen_normal", "load_frozen", "normal"]
+__all__ = [
+    "FrozenLinear",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "draw_device",
+    "frozen_normal",
+    "load_frozen",
+    "normal",
+]
 
 
 def normal(shape, std: float, g: torch.Generator) -> torch.Tensor:
@@ -36,11 +46,24 @@ def normal(shape, std: float, g: torch.Generator) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device="cpu") * std
 
 
-def frozen_normal(shape, std: float, seed: int, *keys) -> torch.Tensor:
-    """N(0, std^2) in fp32 on CPU from the `(seed, *keys)` stream of `portable_normal`: the same bits
-    on every platform, which a tensor that is regenerated instead of stored needs. The same tensor
-    object for the same arguments while it is among the last few drawn: read it, never write into it."""
-    return _frozen_normal(tuple(int(n) for n in shape), float(std), derive_seed(seed, *keys))
+def frozen_normal(shape, std: float, seed: int, *keys, device: str | torch.device | None = None) -> torch.Tensor:
+    """N(0, std^2) in fp32 on `device` (default: the CPU) from the `(seed, *keys)` stream of
+    `portable_normal`: the same bits on every platform and device, which a tensor that is regenerated
+    instead of stored needs. A CPU draw is the same tensor object for the same arguments while it is
+    among the last few drawn: read it, never write into it.
+
+    A device draw that runs out of memory is made on the CPU instead (the same bits, more slowly):
+    the tensor returned is then a CPU one."""
+    args = (tuple(int(n) for n in shape), float(std), derive_seed(seed, *keys))
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cpu":
+        # Not cached: a draw takes milliseconds there, and 4 kept draws (3.8 GB at the 70B shape)
+        # would hold GPU memory that no stage's memory plan counts.
+        try:
+            return portable_normal(*args, device)
+        except torch.cuda.OutOfMemoryError:  # e.g. writing fused/ beside the fused model on its GPU
+            pass
+    return _frozen_normal(*args)
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,8 +75,17 @@ def _frozen_normal(shape: tuple[int, ...], std: float, key: int) -> torch.Tensor
     return portable_normal(shape, std, key)
 
 
+def draw_device(buffer: torch.Tensor, device: str | torch.device | None = None) -> torch.device:
+    """Where a frozen tensor for `buffer` is drawn: `device` if given, else the buffer's own device
+    (the CPU for a meta buffer: a shape-only block still regenerates real values, for a checksum)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cpu") if buffer.is_meta else buffer.device
+
+
 def load_frozen(module: nn.Module, values: dict[str, torch.Tensor] | None = None) -> None:
-    """Copy `values` (default: `module.frozen_values()`) into its frozen buffers, cast and moved to theirs."""
+    """Copy `values` (default: `module.frozen_values()`, drawn on the buffers' device) into its frozen
+    buffers, cast and moved to theirs."""
     if any(module.get_buffer(name).is_meta for name in module.frozen):
         return  # a shape-only model (stats, meta init) has nothing to fill
     with torch.no_grad():
@@ -129,9 +161,11 @@ class SwiGLU(nn.Module):
         self.frozen = ("up",)
         load_frozen(self)
 
-    def frozen_values(self) -> dict[str, torch.Tensor]:
+    def frozen_values(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """{"up": its canonical fp32 value}, drawn on `device` (default: the buffer's, see `draw_device`)."""
         # `frozen` loses "up" when the block stores it instead (Block.keep_frozen: an imported layer)
-        return {n: frozen_normal(self.up.shape, self.std, self.seed, "up", self.k) for n in self.frozen}
+        on = draw_device(self.up, device)
+        return {n: frozen_normal(self.up.shape, self.std, self.seed, "up", self.k, device=on) for n in self.frozen}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., D)."""

@@ -12,8 +12,10 @@ Every module can also be built without drawing anything: on the meta device (`em
 device)`: shapes only, then uninitialised storage on `device`), to be filled by `init_weights()`
 (the same draws, tensor by tensor: only one tensor's fp32 draw is ever held on the host, whatever
 `device` is) or by loading a state dict, which then needs no draw at all but the frozen tensors'
-(`Block.init_frozen()`). The draws stay on the CPU even for a GPU module: the trainable tensors
-come from torch.randn's CPU generator, whose bits no CUDA generator reproduces.
+(`Block.init_frozen()`). The trainable draws stay on the CPU even for a GPU module: they come from
+torch.randn's CPU generator, whose bits no CUDA generator reproduces. The frozen tensors are drawn
+on the module's device, where their generator gives the same bits in milliseconds instead of the
+host's seconds.
 
 Frozen tensors are non-persistent buffers: state dicts (and so checkpoints) do not hold them, no
 optimizer or `requires_grad_(True)` reaches them. A layer checkpoint stores
@@ -190,22 +192,24 @@ class Block(nn.Module):
             self.keep_frozen(found)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def frozen_values(self) -> dict[str, torch.Tensor]:
-        """The canonical frozen tensors by name: fp32 on CPU, regenerated from `(seed, k)` (stored ones
-        aside: `keep_frozen`)."""
-        values = {f"attn.{n}": v for n, v in self.attn.frozen_values().items()}
-        values.update({f"mlp.{n}": v for n, v in self.mlp.frozen_values().items()})
+    def frozen_values(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The canonical frozen tensors by name: fp32, regenerated from `(seed, k)` (stored ones aside:
+        `keep_frozen`) on `device`, by default the block's (the CPU for a block on the meta device).
+        The same bits on every device: a checksum over them is the same wherever they were drawn."""
+        values = {f"attn.{n}": v for n, v in self.attn.frozen_values(device).items()}
+        values.update({f"mlp.{n}": v for n, v in self.mlp.frozen_values(device).items()})
         return values
 
-    def frozen_up_checksum(self) -> str:
+    def frozen_up_checksum(self, device: str | torch.device | None = None) -> str:
         """sha256 over the canonical fp32 frozen tensors (names and bytes, in a fixed order), once the
-        live ones are checked against them (`verify_frozen`).
+        live ones are checked against them (`verify_frozen`). They are drawn on `device` (default: the
+        block's); the bits, and so the checksum, are the same on every device.
 
         Never taken over the live tensors: they are cast to the dtype the block runs in (a bf16-true
         precision plugin casts buffers too), while the checksum in a checkpoint must be the one that
         any later run regenerates, in whatever precision it runs.
         """
-        values = self.frozen_values()
+        values = self.frozen_values(device)
         self._check_live(values)
         return _checksum(values)
 
@@ -241,10 +245,13 @@ class Block(nn.Module):
         load_frozen(self.mlp, {n[len("mlp.") :]: v for n, v in values.items() if n.startswith("mlp.")})
         self.load_state_dict(sd)  # stores the frozen tensors that sd holds (_load_from_state_dict)
 
-    def check_trainable_state_dict(self, sd: Mapping[str, torch.Tensor], checksum: str) -> dict[str, torch.Tensor]:
+    def check_trainable_state_dict(
+        self, sd: Mapping[str, torch.Tensor], checksum: str, device: str | torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
         """`load_trainable_state_dict`'s checks without loading anything (a block on the meta device
         does): the keys and shapes of `sd`, and `checksum` against the frozen tensors regenerated
-        from (seed, k), which are returned (canonical fp32 values; a stored one is not regenerated)."""
+        from (seed, k), which are returned (canonical fp32 values, drawn on `device`: by default the
+        block's, the CPU for a meta block; a stored one is not regenerated)."""
         stored = {n for n in self.frozen_names if n in sd}
         expected = set(self.trainable_state_dict()) | stored
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -259,7 +266,7 @@ class Block(nn.Module):
                     f"layer {self.k}: {name} has shape {tuple(t.shape)} in the checkpoint, "
                     f"the model needs {tuple(own[name].shape)}"
                 )
-        values = {n: v for n, v in self.frozen_values().items() if n not in stored}
+        values = {n: v for n, v in self.frozen_values(device).items() if n not in stored}
         got = _checksum(values)
         if got != checksum:
             raise ArtifactError(

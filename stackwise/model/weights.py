@@ -74,15 +74,17 @@ class LayerWeights:
     top: dict[int, TopBlock] | None = None
 
     @classmethod
-    def of(cls, modules: LayerModules, dtype: torch.dtype | None = None) -> LayerWeights:
-        """CPU copies of the trained modules' state, floating-point tensors cast to `dtype` (default: kept)."""
+    def of(cls, modules: LayerModules, dtype: torch.dtype | None = None, draw_on: Device | None = None) -> LayerWeights:
+        """CPU copies of the trained modules' state, floating-point tensors cast to `dtype` (default:
+        kept). The frozen checksums are drawn on `draw_on` (default: each block's device): a stage's
+        GPU draws them in milliseconds even once Lightning has moved the trained modules to the host."""
         block, head, embed, top = modules
         return cls(
             block=_cpu(block.trainable_state_dict(), dtype),
-            frozen_sha256=block.frozen_up_checksum(),
+            frozen_sha256=block.frozen_up_checksum(draw_on),
             head=_cpu(head.state_dict(), dtype),
             embed=None if embed is None else _cpu(embed.state_dict(), dtype),
-            top={b.k: TopBlock(_cpu(b.trainable_state_dict(), dtype), b.frozen_up_checksum()) for b in top or ()}
+            top={b.k: TopBlock(_cpu(b.trainable_state_dict(), dtype), b.frozen_up_checksum(draw_on)) for b in top or ()}
             or None,
         )
 
@@ -231,12 +233,14 @@ def _check_top(cfg: ModelConfig, k: int, top: Mapping[int, TopBlock]) -> None:
         )
 
 
-def fused_tensors(cfg: ModelConfig, layers: Iterable[LayerWeights]) -> Iterator[tuple[str, Tensor]]:
+def fused_tensors(
+    cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = "cpu"
+) -> Iterator[tuple[str, Tensor]]:
     """The fused model's state dict (`Transformer.state_dict()` names and order) from layer_1 …
     layer_K (K = L, or L-m with the top segment K holds), one entry at a time, without building the
     model: each layer is checked as `assemble` checks it (keys, shapes, its frozen checksum against
-    the regeneration from (seed, k)) and dropped once its tensors are out. The tensors keep the
-    dtype the layer files hold."""
+    the regeneration from (seed, k), drawn on `device`: a GPU draws it in milliseconds, the bits are
+    the same) and dropped once its tensors are out. The tensors keep the dtype the layer files hold."""
     with torch.device("meta"):
         shapes = Transformer(cfg)
     head: dict[str, Tensor] | None = None
@@ -248,14 +252,14 @@ def fused_tensors(cfg: ModelConfig, layers: Iterable[LayerWeights]) -> Iterator[
             if weights.embed is None:
                 raise ValueError("the fused model needs layer 1's weights first (they hold the embedding)")
             yield from _checked("embed", shapes.embed, weights.embed)
-        shapes.blocks[n - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256)
+        shapes.blocks[n - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256, device)
         yield from ((f"blocks.{n - 1}.{name}", t) for name, t in weights.block.items())
         head, top = weights.head, weights.top or {}
     if head is None or n + len(top) != cfg.n_layers:
         raise ValueError(f"the fused model needs all n_layers={cfg.n_layers} layers, got {n} (+ {len(top)} on top)")
     _check_top(cfg, n, top)
     for j, weights in sorted(top.items()):
-        shapes.blocks[j - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256)
+        shapes.blocks[j - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256, device)
         yield from ((f"blocks.{j - 1}.{name}", t) for name, t in weights.block.items())
     yield from _checked("head", shapes.head, head)
 

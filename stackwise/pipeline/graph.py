@@ -206,7 +206,8 @@ class Pipeline:
         precision = self.run.trainer_kwargs(stage.budget).get("precision")
         dtype = getattr(torch, self.run.layerwise.saved_dtype(precision))
         trained = module.trained_modules()
-        weights = LayerWeights.of(trained, dtype)
+        # Lightning's teardown has moved them to the host: their frozen checksum is drawn on the stage's GPU
+        weights = LayerWeights.of(trained, dtype, draw_on=stage_device(self.run, stage.budget))
         if any(t.dtype != dtype for m in trained if m is not None for t in m.state_dict().values()):
             weights.load_into(trained)
         return weights, dtype
@@ -300,7 +301,9 @@ class Pipeline:
             meta["fusion_check"] = skipped
         meta["layers_sha256"] = self.state.layer_shas()
         with timed(stage, "fused/ written"):  # from the layer files, one layer at a time, in their dtype
-            self.save_model(stage, self.paths.fused_dir, fused_tensors(cfg, self.state.layers(needed_by=stage)), meta)
+            # the frozen checksums drawn where the fused model goes (its GPU in a one-GPU run)
+            tensors = fused_tensors(cfg, self.state.layers(needed_by=stage), device=room.device)
+            self.save_model(stage, self.paths.fused_dir, tensors, meta)
         # what the layer-wise model cost before fusion: every stage's training and caching pass
         layer_seconds = sum(
             r["seconds"] + r.get("cache_seconds", 0.0) for r in art.read_results(self.paths) if r.get("kind") == "layer"

@@ -136,8 +136,9 @@ def one_gpu(node: dict) -> torch.device | None:
 
 
 def stage_device(run: RunConfig, budget: str) -> torch.device:
-    """Where a layer stage's modules are built: straight on the GPU of a one-GPU stage (its weights
-    are drawn on the CPU a tensor at a time and copied there, the values those of a CPU build), else
-    on the host, where Lightning expects them under several devices."""
+    """Where a layer stage's modules are built: straight on the GPU of a one-GPU stage (its trainable
+    weights are drawn on the CPU a tensor at a time and copied there, its frozen ones drawn there:
+    the values those of a CPU build), else on the host, where Lightning expects them under several
+    devices."""
     _, _, one = _placement(run.trainer_kwargs(budget))
     return torch.device("cpu") if one is None else torch.device("cuda", one)
