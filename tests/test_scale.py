@@ -155,6 +155,32 @@ def test_loading_draws_nothing_it_overwrites(kind, monkeypatch, tmp_path):
         assert drawn == expect, policy
 
 
+def test_assemble_takes_the_frozen_tensors_the_layer_stages_left_cached_first(monkeypatch):
+    """The layer stages leave the last 4 layers' frozen draws cached; assemble reads the layers in
+    order but regenerates their frozen tensors top layer first, so it draws only the others (reading
+    1, 2, ... first would evict them all), with the same values and every checksum still checked."""
+    cfg = tiny(n_layers=6, tie_embeddings=False)
+    layers = trained_layers(cfg)
+    model_layers._frozen_normal.cache_clear()
+    for k in range(1, cfg.n_layers + 1):  # what stages 1..6 drew last
+        with torch.device("meta"):
+            Block(cfg, k).frozen_values()
+    drawn = []
+    portable = model_layers.portable_normal
+    monkeypatch.setattr(model_layers, "portable_normal", lambda *a: drawn.append(a) or portable(*a))
+    model = assemble(cfg, layers)
+    assert len(drawn) == 2  # layers 1 and 2; 3..6 were still cached
+    old = Transformer(cfg)
+    old.embed.load_state_dict(layers[0].embed)
+    for block, weights in zip(old.blocks, layers, strict=True):
+        weights.load_block(block)
+    old.head.load_state_dict(layers[-1].head)
+    assert_same(model, old)
+    bad = LayerWeights(layers[1].block, "0" * 64, layers[1].head)
+    with pytest.raises(ArtifactError, match="layer 2: frozen up-projection checksum mismatch"):
+        assemble(cfg, [layers[0], bad, *layers[2:]])
+
+
 def test_fused_tensors_stream_the_assembled_state_dict():
     """fused_tensors yields Transformer.state_dict() (names, order, values) without building the
     model, in the dtype the layers were saved in, and checks each layer as assemble does."""

@@ -214,6 +214,7 @@ def assemble(
     seen: FusedLayout = {} if layout is None else layout
     seen.clear()
     last, partial = None, False
+    frozen: list[tuple[Block, str]] = []  # (block, its layer file's frozen checksum), loaded last
     for k, weights in enumerate(layers, start=1):
         if k == 1:
             if weights.embed is None:
@@ -222,18 +223,25 @@ def assemble(
             seen.update((f"embed.{n}", weights.embed[n].dtype) for n in model.embed.state_dict())
         if k > cfg.n_layers:
             raise ValueError(f"assemble got more than n_layers={cfg.n_layers} layers")
-        weights.load_block(model.blocks[k - 1])
+        model.blocks[k - 1].load_trainable_only(weights.block)
+        frozen.append((model.blocks[k - 1], weights.frozen_sha256))
         seen.update((f"blocks.{k - 1}.{n}", t.dtype) for n, t in weights.block.items())
         last, top = weights.head, weights.top or {}
     if last is None:
         raise ValueError("assemble needs layer 1's weights first (they hold the embedding)")
     for block in model.blocks[k:]:
         if block.k in top:
-            block.load_trainable_state_dict(top[block.k].block, top[block.k].frozen_sha256)
+            block.load_trainable_only(top[block.k].block)
+            frozen.append((block, top[block.k].frozen_sha256))
             seen.update((f"blocks.{block.k - 1}.{n}", t.dtype) for n, t in top[block.k].block.items())
         else:
             block.init_weights()
             partial = True
+    # The frozen tensors last, the top layer's first: the layer stages just drew the last few
+    # layers' (frozen_normal keeps the last 4 drawn), which layers 1, 2, ... would evict before
+    # they are reached (4 redraws of ~2 s each at the seed sizes). Each is checked as it is loaded.
+    for block, checksum in reversed(frozen):
+        block.load_frozen_checked(checksum)
     head = _head_state(cfg, last)
     model.head.load_state_dict(head)
     seen.update((f"head.{n}", head[n].dtype) for n in model.head.state_dict())
@@ -287,10 +295,11 @@ def assembled_tensors(model: Transformer, layout: FusedLayout) -> Iterator[tuple
     state = model.state_dict()
     for name, dtype in layout.items():
         t = state[name].detach()
-        if t.dtype != dtype:
-            t = t.to(dtype)  # on the model's device: less to copy to the host
-        # a copy even on the host: the stream's tensors must not change with the model (a fine-tune)
-        yield name, t.to("cpu", copy=True)
+        # cast on the model's device (less to copy to the host); the result is always a tensor of
+        # its own, so that it does not change with the model (a fine-tune), copied only when it
+        # would otherwise still be the model's (on the host, in its own dtype)
+        own = t.dtype == dtype and t.device.type == "cpu"
+        yield name, t.to(dtype).to("cpu", copy=own)
 
 
 def assembled_problem(model: Transformer, layout: FusedLayout) -> str | None:
