@@ -425,8 +425,9 @@ def plan_run(run: RunConfig) -> Plan:
     seqs = run.cache_train_sequences()
     rows = None if seqs is None else seqs * run.cache.views
     params = sum(_held(model)[:2])
-    # fused/ is streamed from the layer files: one layer's state and one shard buffer at a time; the
-    # fp32 model the check and the fine-tune run is built on the host unless the run has one GPU
+    # fused/ is streamed from the layer files (or the assembled model, one tensor at a time): one
+    # layer's state and one shard buffer at a time; the fp32 model the check and the fine-tune run
+    # is built on the host unless the run has one GPU
     host = {
         "one layer file's state": (max(layer) + proj + top) * w,
         "one shard of fused/ being written": min(fused, MAX_SHARD_BYTES),

@@ -4,7 +4,9 @@ one safetensors file or Hugging Face shards, checked and fine-tuned only where t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import weakref
 
 import pytest
@@ -20,8 +22,18 @@ from stackwise.model import layers as model_layers
 from stackwise.model import transformer as model_transformer
 from stackwise.model.stats import param_counts
 from stackwise.model.transformer import Block, Embedding, Head, Transformer, empty, init_layer
-from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, fused_tensors, next_layer
-from stackwise.pipeline import Pipeline, Stage
+from stackwise.model.weights import (
+    LayerModules,
+    LayerWeights,
+    TopBlock,
+    assemble,
+    assembled_problem,
+    assembled_tensors,
+    first_layer,
+    fused_tensors,
+    next_layer,
+)
+from stackwise.pipeline import Pipeline, Stage, graph
 from stackwise.pipeline import memory as pipeline_memory
 from stackwise.utils import derive_seed
 from tests.test_model import tiny
@@ -143,6 +155,32 @@ def test_loading_draws_nothing_it_overwrites(kind, monkeypatch, tmp_path):
         assert drawn == expect, policy
 
 
+def test_assemble_takes_the_frozen_tensors_the_layer_stages_left_cached_first(monkeypatch):
+    """The layer stages leave the last 4 layers' frozen draws cached; assemble reads the layers in
+    order but regenerates their frozen tensors top layer first, so it draws only the others (reading
+    1, 2, ... first would evict them all), with the same values and every checksum still checked."""
+    cfg = tiny(n_layers=6, tie_embeddings=False)
+    layers = trained_layers(cfg)
+    model_layers._frozen_normal.cache_clear()
+    for k in range(1, cfg.n_layers + 1):  # what stages 1..6 drew last
+        with torch.device("meta"):
+            Block(cfg, k).frozen_values()
+    drawn = []
+    portable = model_layers.portable_normal
+    monkeypatch.setattr(model_layers, "portable_normal", lambda *a: drawn.append(a) or portable(*a))
+    model = assemble(cfg, layers)
+    assert len(drawn) == 2  # layers 1 and 2; 3..6 were still cached
+    old = Transformer(cfg)
+    old.embed.load_state_dict(layers[0].embed)
+    for block, weights in zip(old.blocks, layers, strict=True):
+        weights.load_block(block)
+    old.head.load_state_dict(layers[-1].head)
+    assert_same(model, old)
+    bad = LayerWeights(layers[1].block, "0" * 64, layers[1].head)
+    with pytest.raises(ArtifactError, match="layer 2: frozen up-projection checksum mismatch"):
+        assemble(cfg, [layers[0], bad, *layers[2:]])
+
+
 def test_fused_tensors_stream_the_assembled_state_dict():
     """fused_tensors yields Transformer.state_dict() (names, order, values) without building the
     model, in the dtype the layers were saved in, and checks each layer as assemble does."""
@@ -167,6 +205,87 @@ def test_fused_tensors_stream_the_assembled_state_dict():
         list(fused_tensors(cfg, [layers[0], bad, layers[2]]))
     with pytest.raises(ValueError, match="all n_layers=3"):
         list(fused_tensors(cfg, layers[:2]))
+
+
+def _in_dtype(w: LayerWeights, dtype: torch.dtype) -> LayerWeights:
+    """`w` as a layer file of `dtype` holds it (top segment included)."""
+
+    def cast(sd):
+        return {n: t.to(dtype) for n, t in sd.items()}
+
+    top = {j: TopBlock(cast(b.block), b.frozen_sha256) for j, b in (w.top or {}).items()} or None
+    return LayerWeights(cast(w.block), w.frozen_sha256, cast(w.head), w.embed and cast(w.embed), top)
+
+
+@pytest.mark.parametrize("top", [0, 1], ids=["plain", "top1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_the_assembled_model_writes_the_bytes_the_layer_files_stream(tmp_path, tie, dtype, top):
+    """fused/ written from the assembled model (assembled_tensors) is, byte for byte, fused/ streamed
+    from the same layer files (fused_tensors): the same names in the same order, in the files'
+    dtype (bf16 files through an fp32 model), with a tied or untied head and a top segment."""
+    cfg = tiny(**KINDS["hybrid"], tie_embeddings=tie)
+    layers = [_in_dtype(w, dtype) for w in trained_layers(cfg)]
+    if top:  # stage L-m holds blocks L-m+1..L beside its own, as layer_{L-m}.top.safetensors does
+        kept = {j: TopBlock(layers[j - 1].block, layers[j - 1].frozen_sha256) for j in range(3 - top + 1, 4)}
+        layers = [*layers[: 3 - top - 1], dataclasses.replace(layers[3 - top - 1], top=kept)]
+    paths = art.ExperimentPaths(tmp_path)
+    paths.layers_dir.mkdir()
+    for k, w in enumerate(layers, start=1):
+        art.save_layer_checkpoint(paths.layer_ckpt(k), w, {"k": k})
+
+    def from_files():
+        n = len(layers)
+        return (
+            art.load_layer_checkpoint(paths.layer_ckpt(k), head="load" if k == n else "skip")[0]
+            for k in range(1, n + 1)
+        )
+
+    layout: dict = {}
+    model = assemble(cfg, from_files(), layout=layout)
+    assert assembled_problem(model, layout) is None
+    got = list(assembled_tensors(model, layout))
+    want = list(fused_tensors(cfg, from_files()))
+    assert [n for n, _ in got] == [n for n, _ in want] and {n for n, _ in got} == set(model.state_dict())
+    for (name, a), (_, b) in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == dtype and a.device.type == "cpu" and torch.equal(a, b), name
+    assert ("head.proj.weight" in layout) is not tie
+
+    meta = {"val_loss": 1.0, "layers_sha256": ["x"]}
+    for shard in (None, 3000):  # one file, and Hugging Face shards (where the order decides the shard)
+        a, b = tmp_path / f"assembled_{shard}", tmp_path / f"streamed_{shard}"
+        art.save_safetensors_model(a, assembled_tensors(model, layout), cfg.to_dict(), meta, max_shard_bytes=shard)
+        art.save_safetensors_model(b, fused_tensors(cfg, from_files()), cfg.to_dict(), meta, max_shard_bytes=shard)
+        files = sorted(f.name for f in a.iterdir())
+        assert files == sorted(f.name for f in b.iterdir())
+        assert shard or files == ["config.json", "model.safetensors"]
+        assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), files
+    assert len(list((tmp_path / "assembled_3000").glob("model-*.safetensors"))) > 2
+    # the written tensors are copies: training the model on (the fine-tune) changes nothing written
+    first, t = next(assembled_tensors(model, layout))
+    with torch.no_grad():
+        model.state_dict()[first].add_(1.0)
+    assert not torch.equal(t, model.state_dict()[first].to(dtype))
+
+
+def test_an_assembled_model_that_no_longer_holds_the_files_values_is_not_written_from(tmp_path):
+    """A precision plugin casting the model below the layer files' dtype, or a partial stack,
+    makes assembled_problem say why (fused/ is then streamed from the layer files)."""
+    cfg = tiny(tie_embeddings=False)
+    layers = trained_layers(cfg)
+    layout: dict = {}
+    model = assemble(cfg, layers, layout=layout)
+    assert assembled_problem(model, layout) is None
+    assert "torch.bfloat16 in the model, torch.float32 in the layer files" in assembled_problem(
+        model.to(torch.bfloat16), layout
+    )
+    bf16_layout: dict = {}
+    bf16 = assemble(cfg, [_in_dtype(w, torch.bfloat16) for w in layers], layout=bf16_layout)
+    assert assembled_problem(bf16.to(torch.bfloat16), bf16_layout) is None  # bf16 files: exact in bf16
+    assert assembled_problem(bf16.double(), bf16_layout) is None
+    partial: dict = {"stale": torch.float32}
+    assemble(cfg, layers[:1], layout=partial)
+    assert partial == {} and "no layout" in assembled_problem(model, partial)
 
 
 # ---------------------------------------------------------------------------- layer files
@@ -344,6 +463,34 @@ def test_stream_fusion_bf16_layers_untied_head_sharded(make_run, monkeypatch):
     with pytest.raises(ArtifactError) as e:
         Pipeline(make_run("stage=layer", "k=3", *UNTIED_BF16)).execute()
     assert "\n" not in str(e.value) and paths.head_file(2).name in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(), (*UNTIED_BF16, "layerwise.top_layers=1", "cache.keep=all")],
+    ids=["tied_fp32", "untied_bf16_top1"],
+)
+def test_fusion_writes_fused_from_the_assembled_model_as_streamed(make_run, monkeypatch, caplog, overrides):
+    """stage=all writes fused/ from the model it assembled for the check (and then fine-tunes, when
+    asked); fused/ streamed from the layer files instead, where the model does not hold their
+    values, is the same bytes, every file (config.json's manifest included)."""
+    run = make_run("stage=all", *overrides)
+    with caplog.at_level(logging.INFO, logger="stackwise"):
+        pipe = Pipeline(run)
+        pipe.execute()
+    assert "fused/ written from the assembled model" in caplog.text
+    fused = pipe.paths.fused_dir
+    files = sorted(f.name for f in fused.glob("*") if f.is_file())
+    assert "model.safetensors" in files and "config.json" in files
+    before = {f: (fused / f).read_bytes() for f in files}
+
+    (fused / "config.json").unlink()  # fusion redone, this time streamed
+    monkeypatch.setattr(graph, "assembled_problem", lambda model, layout: "a bf16-true cast")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stackwise"):
+        Pipeline(make_run("stage=fusion", *overrides)).execute()
+    assert "fused/ written from the layer files" in caplog.text and "a bf16-true cast" in caplog.text
+    assert {f: (fused / f).read_bytes() for f in files} == before
 
 
 def test_bf16_layer_file_gives_the_same_cache_when_rebuilt(make_run):

@@ -241,8 +241,7 @@ class Block(nn.Module):
         holds is a stored one (`keep_frozen`: an imported layer), loaded rather than regenerated.
         """
         values = self.check_trainable_state_dict(sd, checksum)
-        load_frozen(self.attn, {n[len("attn.") :]: v for n, v in values.items() if n.startswith("attn.")})
-        load_frozen(self.mlp, {n[len("mlp.") :]: v for n, v in values.items() if n.startswith("mlp.")})
+        self._load_frozen_values(values)
         self.load_state_dict(sd)  # stores the frozen tensors that sd holds (_load_from_state_dict)
 
     def check_trainable_state_dict(
@@ -252,6 +251,25 @@ class Block(nn.Module):
         does): the keys and shapes of `sd`, and `checksum` against the frozen tensors regenerated
         from (seed, k), which are returned (canonical fp32 values, drawn on `device`: by default the
         block's, the CPU for a meta block; a stored one is not regenerated)."""
+        stored = self._check_keys(sd)
+        values = {n: v for n, v in self.frozen_values(device).items() if n not in stored}
+        return self._checked_frozen(values, checksum)
+
+    def load_trainable_only(self, sd: dict[str, torch.Tensor]) -> None:
+        """The first half of `load_trainable_state_dict`: `sd`'s keys and shapes checked and its tensors
+        loaded (a stored frozen one too), the regenerated frozen tensors left for `load_frozen_checked`.
+        For a reader of many layers that regenerates their frozen tensors in an order of its own."""
+        self._check_keys(sd)
+        self.load_state_dict(sd)
+
+    def load_frozen_checked(self, checksum: str) -> None:
+        """The second half: the frozen tensors regenerated from (seed, k), checked against `checksum`
+        (ArtifactError on a mismatch, before any is loaded), then loaded."""
+        self._load_frozen_values(self._checked_frozen(self.frozen_values(), checksum))
+
+    def _check_keys(self, sd: Mapping[str, torch.Tensor]) -> set[str]:
+        """`sd`'s keys and shapes against this block (ArtifactError naming the layer); the frozen
+        tensors it stores."""
         stored = {n for n in self.frozen_names if n in sd}
         expected = set(self.trainable_state_dict()) | stored
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
@@ -266,7 +284,9 @@ class Block(nn.Module):
                     f"layer {self.k}: {name} has shape {tuple(t.shape)} in the checkpoint, "
                     f"the model needs {tuple(own[name].shape)}"
                 )
-        values = {n: v for n, v in self.frozen_values(device).items() if n not in stored}
+        return stored
+
+    def _checked_frozen(self, values: dict[str, torch.Tensor], checksum: str) -> dict[str, torch.Tensor]:
         got = _checksum(values)
         if got != checksum:
             raise ArtifactError(
@@ -274,6 +294,10 @@ class Block(nn.Module):
                 f"regenerated from seed {self.cfg.seed} {got[:16]}"
             )
         return values
+
+    def _load_frozen_values(self, values: Mapping[str, torch.Tensor]) -> None:
+        load_frozen(self.attn, {n[len("attn.") :]: v for n, v in values.items() if n.startswith("attn.")})
+        load_frozen(self.mlp, {n[len("mlp.") :]: v for n, v in values.items() if n.startswith("mlp.")})
 
 
 LAYER_INITS = ("random", "identity", "previous")

@@ -15,6 +15,7 @@ stage like the final norm, and kept beside the latest layer file only, like an u
     first_layer(cfg), next_layer(...) the modules a stage starts training from
     assemble(cfg, layers)             the fused Transformer, filled one layer at a time
     fused_tensors(cfg, layers)        the fused model's state dict, one layer at a time, never built
+    assembled_tensors(model, layout)  the same entries from an assembled model (no file read, no draw)
 
 Nothing here draws a tensor it then overwrites: a module that is loaded is built on the meta device
 and given storage (`transformer.empty`), and only what no state dict holds is drawn (the frozen
@@ -195,33 +196,59 @@ def next_layer(
     return LayerModules(block, head_of(cfg, below, device=device), None, below.top_blocks(cfg, device))
 
 
-def assemble(cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = "cpu") -> Transformer:
+# {fused state dict name: the dtype its layer file holds it in}, in `fused_tensors`' order
+FusedLayout = dict[str, torch.dtype]
+
+
+def assemble(
+    cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = "cpu", layout: FusedLayout | None = None
+) -> Transformer:
     """The fused model from layer_1 … layer_K (K <= n_layers): the embedding from stage 1, block k
     from stage k, the final norm and head (and the top segment, when stage K holds one) from stage
     K (the last one to train them; a partial stack, K < L-m, keeps blocks K+1..L-m's own init).
 
     `layers` is read once, in order, and no layer is kept once it is copied in, so an iterator that
     loads each layer file when asked holds one layer at a time beside the model. Other blocks
-    beyond K keep their own (seed, k) initialisation."""
+    beyond K keep their own (seed, k) initialisation. `layout`, when given, is filled with the
+    names and file dtypes of what was loaded, in `fused_tensors`' order: what `assembled_tensors`
+    needs to write the model exactly as `fused_tensors` streams it from the same layers."""
     model = empty(lambda: Transformer(cfg), device)
-    last = None
+    seen: FusedLayout = {} if layout is None else layout
+    seen.clear()
+    last, partial = None, False
+    frozen: list[tuple[Block, str]] = []  # (block, its layer file's frozen checksum), loaded last
     for k, weights in enumerate(layers, start=1):
         if k == 1:
             if weights.embed is None:
                 raise ValueError("assemble needs layer 1's weights first (they hold the embedding)")
             model.embed.load_state_dict(weights.embed)
+            seen.update((f"embed.{n}", weights.embed[n].dtype) for n in model.embed.state_dict())
         if k > cfg.n_layers:
             raise ValueError(f"assemble got more than n_layers={cfg.n_layers} layers")
-        weights.load_block(model.blocks[k - 1])
+        model.blocks[k - 1].load_trainable_only(weights.block)
+        frozen.append((model.blocks[k - 1], weights.frozen_sha256))
+        seen.update((f"blocks.{k - 1}.{n}", t.dtype) for n, t in weights.block.items())
         last, top = weights.head, weights.top or {}
     if last is None:
         raise ValueError("assemble needs layer 1's weights first (they hold the embedding)")
     for block in model.blocks[k:]:
         if block.k in top:
-            block.load_trainable_state_dict(top[block.k].block, top[block.k].frozen_sha256)
+            block.load_trainable_only(top[block.k].block)
+            frozen.append((block, top[block.k].frozen_sha256))
+            seen.update((f"blocks.{block.k - 1}.{n}", t.dtype) for n, t in top[block.k].block.items())
         else:
             block.init_weights()
-    model.head.load_state_dict(_head_state(cfg, last))
+            partial = True
+    # The frozen tensors last, the top layer's first: the layer stages just drew the last few
+    # layers' (frozen_normal keeps the last 4 drawn), which layers 1, 2, ... would evict before
+    # they are reached (4 redraws of ~2 s each at the seed sizes). Each is checked as it is loaded.
+    for block, checksum in reversed(frozen):
+        block.load_frozen_checked(checksum)
+    head = _head_state(cfg, last)
+    model.head.load_state_dict(head)
+    seen.update((f"head.{n}", head[n].dtype) for n in model.head.state_dict())
+    if partial:  # blocks that no layer file holds: not a fused model (fused_tensors refuses it)
+        seen.clear()
     return model
 
 
@@ -262,6 +289,46 @@ def fused_tensors(
         shapes.blocks[j - 1].check_trainable_state_dict(weights.block, weights.frozen_sha256, device)
         yield from ((f"blocks.{j - 1}.{name}", t) for name, t in weights.block.items())
     yield from _checked("head", shapes.head, head)
+
+
+def assembled_tensors(model: Transformer, layout: FusedLayout) -> Iterator[tuple[str, Tensor]]:
+    """What `fused_tensors` yields for the layers `model` was assembled from (`assemble(...,
+    layout=layout)`), taken from the model instead: the same names in the same order, each in the
+    dtype its layer file holds it in, one tensor at a time on the host. Nothing is read or drawn
+    again. Check `assembled_problem` first: the model's tensors must still hold the files' values."""
+    state = model.state_dict()
+    for name, dtype in layout.items():
+        t = state[name].detach()
+        # cast on the model's device (less to copy to the host); the result is always a tensor of
+        # its own, so that it does not change with the model (a fine-tune), copied only when it
+        # would otherwise still be the model's (on the host, in its own dtype)
+        own = t.dtype == dtype and t.device.type == "cpu"
+        yield name, t.to(dtype).to("cpu", copy=own)
+
+
+def assembled_problem(model: Transformer, layout: FusedLayout) -> str | None:
+    """Why `assembled_tensors(model, layout)` would not be what `fused_tensors` streams from the layer
+    files (None when it is): no layout (a partial stack), a tensor missing, or one held in a dtype
+    that does not hold every value of the file's exactly (a precision plugin cast the model to
+    bf16/fp16 after it was assembled from fp32 files). A wider float holds a narrower one exactly:
+    bf16 and fp16 in fp32, any of them in fp64."""
+    if not layout:
+        return "no layout of the layer files' tensors (not assembled from a whole stack)"
+    state = model.state_dict()
+    for name, dtype in layout.items():
+        t = state.get(name)
+        if type(t) not in (Tensor, nn.Parameter) or t.is_meta:
+            return f"{name} is not a plain tensor of the model (missing, sharded or on the meta device)"
+        if t.dtype != dtype and not _holds_exactly(t.dtype, dtype):
+            return f"{name} is {t.dtype} in the model, {dtype} in the layer files"
+    return None
+
+
+def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every `narrow` value is a `wide` value (a round trip narrow -> wide -> narrow is exact)."""
+    if wide not in (torch.float32, torch.float64) or not narrow.is_floating_point:
+        return False
+    return torch.finfo(narrow).bits < torch.finfo(wide).bits
 
 
 def _checked(prefix: str, module: torch.nn.Module, state: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:

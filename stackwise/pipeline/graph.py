@@ -28,7 +28,17 @@ from stackwise.errors import StackWiseError
 from stackwise.lock import experiment_lock
 from stackwise.model.prefix import FrozenPrefix
 from stackwise.model.transformer import Block, Embedding, empty
-from stackwise.model.weights import LayerModules, LayerWeights, assemble, first_layer, fused_tensors, next_layer
+from stackwise.model.weights import (
+    FusedLayout,
+    LayerModules,
+    LayerWeights,
+    assemble,
+    assembled_problem,
+    assembled_tensors,
+    first_layer,
+    fused_tensors,
+    next_layer,
+)
 from stackwise.pipeline import console
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs, resolve_store
@@ -270,7 +280,8 @@ class Pipeline:
     # ------------------------------------------------------------------ fusion
     def fusion_stage(self, stage: Stage) -> None:
         """Check that the fused model reproduces the last stage's loss (where it fits its device),
-        write fused/ streamed from layer_1..L (..L-m and the top segment), then the optional joint fine-tune."""
+        write fused/ (from that model, else streamed from layer_1..L, ..L-m and the top segment:
+        the same bytes), then the optional joint fine-tune."""
         run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
         if self.state.fusion_complete():
             log.info("stage fusion: complete, skipped")
@@ -282,10 +293,10 @@ class Pipeline:
         steps = max(1, run.fusion.finetune_steps)
         data = self.inputs.tokens(stage, steps)
         t0 = time.time()
-        module, skipped = None, None
+        module, skipped, layout = None, None, {}
         if room.fits_check():
             with timed(stage, f"fused model assembled on {room.device}"):
-                model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device)
+                model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device, layout=layout)
             optim = run.optim_for(finetune.budget)
             module = FullModelStage(cfg, optim, run.masking.weighting, steps, finetune.name, model)
             scores = self.trainers.validate(module, data.val_dataloader())
@@ -300,10 +311,9 @@ class Pipeline:
         if skipped is not None:
             meta["fusion_check"] = skipped
         meta["layers_sha256"] = self.state.layer_shas()
-        with timed(stage, "fused/ written"):  # from the layer files, one layer at a time, in their dtype
-            # the frozen checksums drawn where the fused model goes (its GPU in a one-GPU run)
-            tensors = fused_tensors(cfg, self.state.layers(needed_by=stage), device=room.device)
-            self.save_model(stage, self.paths.fused_dir, tensors, meta)
+        stream, source = self.fused_stream(stage, module, layout, room.device)
+        with timed(stage, f"fused/ written from {source}"):
+            self.save_model(stage, self.paths.fused_dir, stream, meta)
         # what the layer-wise model cost before fusion: every stage's training and caching pass
         layer_seconds = sum(
             r["seconds"] + r.get("cache_seconds", 0.0) for r in art.read_results(self.paths) if r.get("kind") == "layer"
@@ -314,6 +324,23 @@ class Pipeline:
             finetuned, resumed = self.finetune(finetune, module, data, meta)
             self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
             self.state.drop_resume_point(finetune)
+
+    def fused_stream(
+        self, stage: Stage, module: FullModelStage | None, layout: FusedLayout, device: torch.device | str | None
+    ) -> tuple[Iterable, str]:
+        """fused/'s (name, tensor) stream, in the layer files' dtypes, and what it is taken from: the
+        assembled model when it still holds the layer files' values exactly (the same bytes, without
+        reading every layer file and drawing every frozen tensor again), else the layer files, one
+        layer at a time (a model too large to assemble: bounded host memory), their frozen tensors'
+        checksums drawn on `device` (where the fused model goes: its GPU in a one-GPU run)."""
+        problem = "not assembled" if module is None else assembled_problem(module.model, layout)
+        if problem is None:
+            return assembled_tensors(module.model, layout), "the assembled model"
+        if module is not None:
+            log.info(
+                "fused/ is streamed from the layer files: the assembled model does not hold their values (%s)", problem
+            )
+        return fused_tensors(self.cfg, self.state.layers(needed_by=stage), device=device), "the layer files"
 
     def finetune(self, stage: Stage, module: FullModelStage, data, fused_meta: dict) -> tuple[dict, int]:
         """Train the fused model jointly into fused/finetuned/; fused/ is marked finetuned last (its

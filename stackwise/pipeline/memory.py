@@ -1,8 +1,9 @@
 """Where the fused model goes, and whether it fits there (and where a layer stage's modules are built).
 
 Writing `fused/` never needs the model: it streams from the layer files (stackwise/model/weights.py
-`fused_tensors`). Two things do: the fusion check (the fused model scored on the validation set)
-and the joint fine-tune. The model is built where the run's Trainer puts it (straight on the GPU of
+`fused_tensors`), or, where the check built the model anyway, from that model the same bytes
+(`assembled_tensors`, nothing read or drawn again). Two things need it: the fusion check (the fused
+model scored on the validation set) and the joint fine-tune. The model is built where the run's Trainer puts it (straight on the GPU of
 a one-GPU run, so the host never holds it; on the host otherwise, as Lightning expects), and both are
 judged by a plain estimate against the free memory there:
 
