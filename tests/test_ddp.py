@@ -22,6 +22,7 @@ from stackwise.errors import ConfigError, StackWiseError
 from stackwise.objective.masking import build_schedule
 from stackwise.pipeline.inputs import StageInputs
 from stackwise.pipeline.stage import Stage
+from stackwise.pipeline.trainers import CPU_COLLECTIVE_TIMEOUT, build, cpu_strategy
 from stackwise.stages.full import FullModelStage
 from tests.conftest import TINY, cli, compose_cfg
 
@@ -118,6 +119,19 @@ def test_loader_workers_start_from_a_fork_server_where_a_fork_can_deadlock(monke
     monkeypatch.setattr(workers, "FORK_CAN_DEADLOCK", True)
     data.num_workers = 0
     assert context() is None  # no workers, nothing started
+
+
+def test_cpu_ranks_wait_minutes_not_half_an_hour_in_a_collective():
+    """On CPU (gloo) a rank whose peer is stuck outside a collective fails after CPU_COLLECTIVE_TIMEOUT,
+    naming the operation, instead of waiting Lightning's 30 minutes; GPU runs keep their strategy."""
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    trainer = build({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._timeout == CPU_COLLECTIVE_TIMEOUT
+    sharded = cpu_strategy({"accelerator": "cpu", "strategy": {"_target_": "stackwise.stages.sharding.strategy"}})
+    assert isinstance(sharded, ModelParallelStrategy) and sharded._timeout == CPU_COLLECTIVE_TIMEOUT
+    assert cpu_strategy({"accelerator": "gpu", "devices": 2, "strategy": "ddp"}) is None
+    assert cpu_strategy({"accelerator": "cpu", "devices": 1}) is None  # one process: no collective
 
 
 # one configuration, run by 1 process, by 2 DDP ranks and by 2 FSDP ranks (gloo, CPU): 33 validation
