@@ -2,13 +2,14 @@
 
 A worker is forked from the rank's process by default, and under torch.distributed that process has
 native threads (gloo's or NCCL's) that take a Python thread state of their own whenever they drop a
-finished collective's tensors. CPython before 3.12 (gh-112275; fixed only in late 3.10/3.11 security
-releases) can fork while such a thread holds the interpreter's thread-list lock, and the child then
-waits on that lock forever, before running any Python: the rank waits on a worker that never starts,
-the other ranks wait in their next collective, and the run hangs. On those interpreters the workers
-start from a fork server instead: one clean, single-threaded process per rank (with torch and the
-datasets' modules imported once) forks them. Datasets reach such workers pickled, so they must
-pickle small: memmaps by file (stackwise/data/stage_data.py, ActivationDataset.__getstate__).
+finished collective's tensors. CPython before 3.12 (issue gh-112275; CI's 3.11.7 has it) can fork
+while such a thread holds the interpreter's thread-list lock, and the child then waits on that lock
+forever, before running any Python: the rank waits on a worker that never starts, the other ranks
+wait in their next collective, and the run hangs. On those interpreters the workers start from a
+fork server instead: one clean, single-threaded process per rank forks them, with torch and the
+datasets' modules imported once (imported by each worker, a 2-core CPU run's stages took 20x
+longer). Datasets reach such workers pickled, so they must pickle small: memmaps go by file
+(MaskedTokenDataset.__getstate__, ActivationDataset.__getstate__).
 """
 
 from __future__ import annotations
