@@ -11,7 +11,8 @@ what the pipeline adds to it decided here and nowhere else:
   the run's `step` node (compile, fused AdamW, loss chunks: stackwise/stages/base.py);
 - validate / predict: the same placement (accelerator, devices, strategy, precision) and nothing
   that trains, logs or checkpoints.
-Distributed strategies (DDP, FSDP) come in through the node's `strategy` and reach every Trainer.
+Distributed strategies (DDP, FSDP) come in through the node's `strategy` and reach every Trainer;
+on CPU (gloo) with a collective timeout of minutes, not Lightning's 30 (`cpu_strategy`).
 """
 
 from __future__ import annotations
