@@ -15,13 +15,14 @@ import torch
 from stackwise import artifacts as art
 from stackwise.config import RunConfig
 from stackwise.config.run import load_run
-from stackwise.data import sampling
+from stackwise.data import sampling, workers
 from stackwise.data.sampling import RankSliceSampler, per_device_batch
 from stackwise.data.stage_data import TokenStageData
 from stackwise.errors import ConfigError, StackWiseError
 from stackwise.objective.masking import build_schedule
 from stackwise.pipeline.inputs import StageInputs
 from stackwise.pipeline.stage import Stage
+from stackwise.pipeline.trainers import CPU_COLLECTIVE_TIMEOUT, build, cpu_strategy
 from stackwise.stages.full import FullModelStage
 from tests.conftest import TINY, cli, compose_cfg
 
@@ -97,6 +98,40 @@ def test_one_and_two_ranks_and_accumulation_take_the_same_rows_per_step():
     assert all(len(b) == 2 for b in acc2)
     with pytest.raises(StackWiseError, match="data.batch_size=8"):
         _rows(_token_data(8), 0, 3, 1)
+
+
+def test_loader_workers_start_from_a_fork_server_where_a_fork_can_deadlock(monkeypatch):
+    """A worker forked while a gloo thread holds CPython's thread-list lock waits on it forever
+    (CPython < 3.12), and the run hangs: there the loaders start their workers from a fork server."""
+    data = _token_data(8)
+    data.num_workers = 2
+
+    def context():
+        return data.train_dataloader().multiprocessing_context
+
+    data.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=0, world_size=2, max_steps=6)
+    monkeypatch.setattr(workers, "FORK_CAN_DEADLOCK", True)
+    monkeypatch.setattr(workers.multiprocessing, "get_start_method", lambda allow_none=False: None)
+    monkeypatch.setattr(workers.sys, "platform", "linux")
+    assert context().get_start_method() == "forkserver"
+    monkeypatch.setattr(workers, "FORK_CAN_DEADLOCK", False)
+    assert context() is None  # fork, the default: workers share the parent's memory
+    monkeypatch.setattr(workers, "FORK_CAN_DEADLOCK", True)
+    data.num_workers = 0
+    assert context() is None  # no workers, nothing started
+
+
+def test_cpu_ranks_wait_minutes_not_half_an_hour_in_a_collective():
+    """On CPU (gloo) a rank whose peer is stuck outside a collective fails after CPU_COLLECTIVE_TIMEOUT,
+    naming the operation, instead of waiting Lightning's 30 minutes; GPU runs keep their strategy."""
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    trainer = build({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._timeout == CPU_COLLECTIVE_TIMEOUT
+    sharded = cpu_strategy({"accelerator": "cpu", "strategy": {"_target_": "stackwise.stages.sharding.strategy"}})
+    assert isinstance(sharded, ModelParallelStrategy) and sharded._timeout == CPU_COLLECTIVE_TIMEOUT
+    assert cpu_strategy({"accelerator": "gpu", "devices": 2, "strategy": "ddp"}) is None
+    assert cpu_strategy({"accelerator": "cpu", "devices": 1}) is None  # one process: no collective
 
 
 # one configuration, run by 1 process, by 2 DDP ranks and by 2 FSDP ranks (gloo, CPU): 33 validation

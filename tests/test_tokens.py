@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -15,10 +16,12 @@ import stackwise.data.token_file as token_file
 import stackwise.data.tokens as tokens
 from stackwise.config import RunConfig
 from stackwise.data.config import DataConfig, vocab_info
+from stackwise.data.stage_data import MaskedTokenDataset
 from stackwise.data.token_file import token_dtype
 from stackwise.data.tokenizers import ByteTokenizer, train_bpe
 from stackwise.data.tokens import TokenDataset, dummy_splits, load_token_splits
 from stackwise.errors import ConfigError, StackWiseError
+from stackwise.objective.masking import UniformSchedule
 from tests.conftest import cli, compose_cfg
 
 LINE = "It is a truth universally acknowledged, that a single man in possession of a good fortune.\n"
@@ -144,6 +147,30 @@ def test_small_vocab_cache_file_is_uint16_memmap(tmp_path):
     again = load_token_splits(text_cfg(corpus), seed=0, cache_dir=tmp_path / "cache")
     assert isinstance(again.train, np.memmap) or isinstance(again.train.base, np.memmap)
     assert not again.train.flags.writeable  # read-only: training cannot corrupt the cache
+
+
+def test_a_token_split_pickles_by_file_not_by_bytes(tmp_path):
+    """A loader worker started by the fork server (stackwise/data/workers.py) gets its dataset
+    pickled: rows of the token file go as (file, offset, shape) and read back the same there."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(LINE * 50)  # 4,550 tokens: 285 windows of 16
+    load_token_splits(text_cfg(corpus), seed=0, cache_dir=tmp_path / "cache")
+    s = load_token_splits(text_cfg(corpus), seed=0, cache_dir=tmp_path / "cache")  # the memmap of the file
+    for split in (s.train, s.val):  # the head of the file, and rows from its middle on
+        ds = MaskedTokenDataset(
+            split, seed=3, schedule=UniformSchedule(0.2, 0.8), mask_id=256, pad_id=257, k=1, views=2
+        )
+        blob = pickle.dumps(ds)
+        assert len(blob) - ds.rows.nbytes < 1000 < split.nbytes  # its row numbers, not its tokens
+        again = pickle.loads(blob)
+        assert isinstance(again.tokens, np.memmap) and not again.tokens.flags.writeable
+        np.testing.assert_array_equal(again.tokens, split)
+        for i in (0, len(ds) - 1):
+            for key, value in ds[i].items():
+                torch.testing.assert_close(again[i][key], value)
+    in_memory = np.arange(64, dtype=np.uint16).reshape(4, 16)  # not a file: pickled as it is
+    again = pickle.loads(pickle.dumps(MaskedTokenDataset(in_memory, seed=0, schedule=None, mask_id=0, pad_id=1, k=1)))
+    np.testing.assert_array_equal(again.tokens, in_memory)
 
 
 def test_cache_is_reused_not_rebuilt(tmp_path, monkeypatch):

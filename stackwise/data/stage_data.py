@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, sharded_fit, trainer_state
+from stackwise.data.token_file import MappedTokens, by_file
+from stackwise.data.workers import worker_context
 from stackwise.objective.masking import mask_batch
 from stackwise.utils import generator
 
@@ -57,6 +59,14 @@ class MaskedTokenDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows) * (self.views or 1)
+
+    def __getstate__(self) -> dict:
+        # a worker started by the fork server gets the dataset pickled: the token file's rows go by file
+        return {**self.__dict__, "tokens": by_file(self.tokens)}
+
+    def __setstate__(self, state: dict) -> None:
+        tokens = state["tokens"]
+        self.__dict__.update(state, tokens=tokens.open() if isinstance(tokens, MappedTokens) else tokens)
 
     def __getitem__(self, item) -> dict:
         if self.views is None:  # training: (position in the stream, example index)
@@ -140,6 +150,7 @@ class TokenStageData(L.LightningDataModule):
             drop_last=sampler is not None if drop_last is None else drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=worker_context(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:

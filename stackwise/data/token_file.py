@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,28 @@ def _encode(source: Source, tok: Tokenizer) -> Iterator[Any]:
             batch = []
     if batch:
         yield [i for ids in tok.encode_batch(batch) for i in ids]
+
+
+@dataclass(frozen=True)
+class MappedTokens:
+    """A C-contiguous view of a token file as where it lies in the file, not its bytes: how a token
+    memmap reaches a loader worker that gets its dataset pickled (stackwise/data/workers.py)."""
+
+    path: str
+    dtype: str
+    offset: int
+    shape: tuple[int, ...]
+
+    def open(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=self.shape)
+
+
+def by_file(tokens: np.ndarray) -> np.ndarray | MappedTokens:
+    """MappedTokens for a C-contiguous view of a file's memmap (the token file's splits), else `tokens` itself."""
+    root = tokens
+    while isinstance(root.base, np.ndarray):  # a slice or reshape of the file's memmap: down to the memmap
+        root = root.base
+    if not isinstance(root, np.memmap) or root.filename is None or not tokens.flags.c_contiguous:
+        return tokens
+    offset = root.offset + (tokens.ctypes.data - root.ctypes.data)
+    return MappedTokens(str(root.filename), tokens.dtype.str, int(offset), tuple(tokens.shape))

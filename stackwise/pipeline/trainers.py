@@ -11,7 +11,8 @@ what the pipeline adds to it decided here and nowhere else:
   the run's `step` node (compile, fused AdamW, loss chunks: stackwise/stages/base.py);
 - validate / predict: the same placement (accelerator, devices, strategy, precision) and nothing
   that trains, logs or checkpoints.
-Distributed strategies (DDP, FSDP) come in through the node's `strategy` and reach every Trainer.
+Distributed strategies (DDP, FSDP) come in through the node's `strategy` and reach every Trainer;
+on CPU (gloo) with a collective timeout of minutes, not Lightning's 30 (`cpu_strategy`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import inspect
 import warnings
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,11 @@ TRAINER_TARGET = "lightning.Trainer"  # when the node names no _target_ (a run_c
 PLACEMENT = ("accelerator", "devices", "num_nodes", "strategy", "precision", "enable_progress_bar")
 CHECKPOINT_EVERY = 50  # steps between mid-stage checkpoints when val_check_interval is not a step count
 BUDGETS = ("embed", "layer", "fusion", "e2e")
+# How long a CPU (gloo) rank waits for the others in one collective before it fails naming it, instead
+# of Lightning's 30 minutes: a CPU run's ranks meet every few seconds (each step's loss, each barrier),
+# so minutes of waiting mean a rank is stuck or gone; GPU runs keep the default (a large model's
+# checkpoint is written by rank 0 while the others wait).
+CPU_COLLECTIVE_TIMEOUT = timedelta(minutes=3)
 
 
 def _hydra_key(key: str) -> bool:
@@ -61,14 +68,34 @@ def _hydra_key(key: str) -> bool:
 
 def build(node: dict[str, Any], **extra: Any) -> L.Trainer:
     """A Trainer from a `trainer` node and the objects the pipeline adds (callbacks, logger, plugins).
-    On one GPU its strategy keeps the module there when it is done (KeepOnDevice)."""
+    On one GPU its strategy keeps the module there when it is done (KeepOnDevice); on CPU a DDP or
+    sharded strategy waits at most CPU_COLLECTIVE_TIMEOUT in a collective."""
     device = one_gpu(node)
     if device is not None:
         extra["strategy"] = KeepOnDevice(device=device)
+    elif (strategy := cpu_strategy(node)) is not None:
+        extra["strategy"] = strategy
     try:
         return instantiate({"_target_": TRAINER_TARGET, **node}, **extra)
     except InstantiationException as e:  # a value Lightning refuses: one line naming it, not a traceback
         raise ConfigError("trainer", one_line(e.__cause__ or e)) from None
+
+
+def cpu_strategy(node: dict[str, Any]) -> Any:
+    """The node's `ddp` or sharded strategy with CPU_COLLECTIVE_TIMEOUT when its ranks run on CPU
+    (gloo), else None (the node's own). The first Trainer of a run sets up the process group with it."""
+    accelerator = str(node.get("accelerator", "auto"))
+    if accelerator != "cpu" and (accelerator != "auto" or torch.cuda.is_available()):
+        return None
+    strategy = node.get("strategy")
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(timeout=CPU_COLLECTIVE_TIMEOUT)
+    if sharding.is_sharded_node(strategy):
+        kwargs = {k: v for k, v in strategy.items() if not _hydra_key(k)}
+        return sharding.strategy(**{"timeout": CPU_COLLECTIVE_TIMEOUT, **kwargs})
+    return None
 
 
 class Trainers:

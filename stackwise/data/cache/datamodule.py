@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from stackwise.artifacts import PathLike
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
 from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, sharded_fit, trainer_state
+from stackwise.data.workers import worker_context
 from stackwise.errors import StackWiseError
 
 
@@ -109,6 +110,7 @@ class RowsDataModule(L.LightningDataModule, abc.ABC):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers,
+            multiprocessing_context=worker_context(self.num_workers),
             collate_fn=type(self).collate,
             **({"prefetch_factor": self.prefetch_factor} if workers and self.prefetch_factor else {}),
             **kw,
