@@ -4,6 +4,7 @@ of its weights (Lightning's EMAWeightAveraging, stackwise/pipeline/trainers.py `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import signal
 
 import lightning as L
@@ -47,34 +48,61 @@ def _fit(module, batches, callbacks):
     trainer.fit(module, DataLoader(batches, batch_size=None))
 
 
-def test_the_stage_ends_with_the_average_of_its_weights(make_run):
-    """The weights a stage leaves are decay * average + (1 - decay) * weights, updated after every
-    step from the first (computed here by hand from the trajectory of the same training)."""
-    run = make_run()
-    cfg, decay = run.model, 0.7
+def _batches(cfg, n: int) -> list[dict]:
     torch.manual_seed(0)
     batches = []
-    for _ in range(4):
+    for _ in range(n):
         ids = torch.randint(2, cfg.vocab_size - 2, (4, 16))
         mask = torch.rand(4, 16) < 0.5
         mask[:, 0] = True
         inputs = ids.masked_fill(mask, cfg.mask_id)
         batches.append({"ids": inputs, "targets": ids, "mask": mask, "t": torch.full((4,), 0.5)})
-    module = FullModelStage(cfg, run.optim_for("e2e"), "mean", 4, "e2e")
+    return batches
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_stage_ends_with_the_average_of_its_weights(make_run, warmup):
+    """The weights a stage leaves are d_n * average + (1 - d_n) * weights, updated after every step
+    from the first (computed here by hand from the trajectory of the same training): d_n = decay, or
+    with the warm-up min(decay, (1 + n) / (10 + n)) after n averaged steps."""
+    run = make_run()
+    cfg, decay = run.model, 0.7
+    batches = _batches(cfg, 6)
+    module = FullModelStage(cfg, run.optim_for("e2e"), "mean", len(batches), "e2e")
     twin = copy.deepcopy(module)
 
     trajectory = Trajectory()
     _fit(module, batches, [trajectory])
     average = dict(trajectory.states[0])
-    for state in trajectory.states[1:]:
-        average = {n: decay * average[n] + (1 - decay) * state[n] for n in average}
+    for n, state in enumerate(trajectory.states[1:], start=1):
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        average = {k: d * average[k] + (1 - d) * state[k] for k in average}
 
-    _fit(twin, batches, ema_callbacks(decay, sharded=False))
+    optim = dataclasses.replace(run.optim_for("e2e"), ema_decay=decay, ema_warmup=warmup)
+    _fit(twin, batches, ema_callbacks(optim, sharded=False))
     got = {n: p.detach() for n, p in twin.named_parameters() if p.requires_grad}
     assert got.keys() == average.keys()
     for name, want in average.items():
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=name)
         assert not torch.equal(want, trajectory.states[-1][name]) or want.abs().sum() == 0, name
+
+
+def test_the_warmup_follows_the_recent_weights_more_closely(make_run):
+    """After a few steps at decay 0.999, the warmed-up average sits much nearer the last weights than
+    the plain one, which is almost the first step's weights (0.999^5)."""
+    run = make_run()
+    batches = _batches(run.model, 6)
+    module = FullModelStage(run.model, run.optim_for("e2e"), "mean", len(batches), "e2e")
+    trajectory = Trajectory()
+    _fit(copy.deepcopy(module), batches, [trajectory])
+    dist = {}
+    for warmup in (False, True):
+        twin = copy.deepcopy(module)
+        optim = dataclasses.replace(run.optim_for("e2e"), ema_decay=0.999, ema_warmup=warmup)
+        _fit(twin, batches, ema_callbacks(optim, sharded=False))
+        last = trajectory.states[-1]
+        dist[warmup] = sum(float((p.detach() - last[n]).norm()) for n, p in twin.named_parameters() if n in last)
+    assert dist[True] < 0.5 * dist[False], dist
 
 
 def test_an_averaged_run_is_consistent_and_resumes_bit_identically(tmp_path, make_run):

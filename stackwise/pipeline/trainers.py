@@ -22,6 +22,7 @@ import inspect
 import warnings
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, LambdaCallback, LearningRateMonitor
+from torch import Tensor
 
 from stackwise.artifacts import ExperimentPaths, one_line
-from stackwise.config import RunConfig
+from stackwise.config import OptimConfig, RunConfig
 from stackwise.errors import ConfigError
 from stackwise.model.stats import train_step_flops
 from stackwise.pipeline.events import StageObserver
@@ -114,7 +116,7 @@ class Trainers:
                     where = "trainer" if key in self.run.trainer else f"stages.{budget}.trainer"
                     raise ConfigError(f"{where}.{key}", "not an argument of lightning.Trainer (see its documentation)")
             sharded = sharding.is_sharded_node(self.run.trainer_kwargs(budget).get("strategy"))
-            ema_callbacks(self.run.optim_for(budget).ema_decay, sharded)  # refused here, not stages later
+            ema_callbacks(self.run.optim_for(budget), sharded)  # refused here, not stages later
 
     # ------------------------------------------------------------------ training
     def fit(self, stage: Stage, module: StageModule, data: L.LightningDataModule, resume: Path | None) -> int:
@@ -139,7 +141,7 @@ class Trainers:
         start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
         callbacks = [self._checkpoint(stage, node), started, *self._configured_callbacks(logger is not None)]
-        callbacks += ema_callbacks(module.optim.ema_decay, sharded)
+        callbacks += ema_callbacks(module.optim, sharded)
         callbacks = with_progress_bar(callbacks + self._observer_callbacks(stage), node.get("enable_progress_bar"))
         trainer = build(
             node,
@@ -234,21 +236,31 @@ class Trainers:
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
 
 
-def ema_callbacks(decay: float, sharded: bool) -> list[Callback]:
-    """Lightning's EMA of the weights when `optim.ema_decay` > 0: updated after every optimizer step,
-    swapped in for validation and, when the fit ends, for good, so the stage scores, saves and caches
-    the averaged weights; its state rides in the mid-stage checkpoints."""
+def ema_callbacks(optim: OptimConfig, sharded: bool) -> list[Callback]:
+    """Lightning's weight averaging as an EMA when `optim.ema_decay` > 0: updated after every optimizer
+    step, swapped in for validation and, when the fit ends, for good, so the stage scores, saves and
+    caches the averaged weights; its state (the average and its step count) rides in the mid-stage
+    checkpoints. With `optim.ema_warmup` the decay after n averaged steps is min(decay, (1+n)/(10+n))."""
+    decay = optim.ema_decay
     if not decay:
         return []
     try:
-        from lightning.pytorch.callbacks import EMAWeightAveraging
+        from lightning.pytorch.callbacks import WeightAveraging
     except ImportError:  # lightning < 2.6
         raise ConfigError("optim.ema_decay", f"{decay} needs lightning >= 2.6 (EMAWeightAveraging)") from None
     if sharded:  # it keeps a whole copy of the module, which a sharded fit does not have
         raise ConfigError("optim.ema_decay", f"{decay} does not run under hardware=fsdp; use 0 there")
     # parameters only: every buffer of a stage is a constant (the frozen tensors, checked bit for bit
     # against their regeneration), and decay * x + (1 - decay) * x is not always x in floating point
-    return [EMAWeightAveraging(decay=decay, use_buffers=False)]
+    return [WeightAveraging(use_buffers=False, avg_fn=partial(ema_step, decay=decay, warmup=optim.ema_warmup))]
+
+
+@torch.no_grad()
+def ema_step(average: Tensor, current: Tensor, n_averaged: Tensor, *, decay: float, warmup: bool) -> Tensor:
+    """One EMA update of a parameter (torch's AveragedModel calls it; it copies the first step itself).
+    n_averaged: the steps averaged so far (>= 1), a 0-d tensor on the parameter's device."""
+    d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay) if warmup else decay
+    return d * average + (1 - d) * current
 
 
 def hparams(run: RunConfig, stage: Stage) -> dict[str, Any]:
