@@ -249,7 +249,7 @@ def size_plan(plan: Plan) -> None:
 
 def select_part(chains: list[Chain], part: str | None) -> list[Chain]:
     if not part:
-        return chains
+        return list(chains)  # a copy: main() adds other invocations' chains to the plan, not to this run
     m = re.fullmatch(r"(\d+)/(\d+)", part)
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
         die(f"--part must be i/n with 1 <= i <= n, got {part!r}")
@@ -715,7 +715,7 @@ def _main(args) -> None:
     old = args.root / "study.json"
     if old.is_file():  # another part's chains stay in the plan
         known = {c.id for c in plan.chains}
-        plan.chains += [c for c in load_plan(args.root).chains if c.id not in known]
+        plan.chains = plan.chains + [c for c in load_plan(args.root).chains if c.id not in known]
     tmp = old.with_name("study.json.tmp")
     tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     os.replace(tmp, old)

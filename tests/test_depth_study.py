@@ -78,6 +78,18 @@ def test_parts_split_the_chains_once_each():
         study.select_part(plan.chains, "4/3")
 
 
+def test_the_whole_part_is_a_copy_of_the_plan():
+    """Two invocations on one root (the base chains, then the levers with --no-base): the second adds
+    the first's chains to its plan, which must not add them to the chains it runs (a GPU run of
+    2026-12-02 ran the base chains twice side by side that way)."""
+    plan = study.build_plan(_args(), ["data=shakespeare"])
+    mine = study.select_part(plan.chains, None)
+    plan.chains = plan.chains + [plan.chains[0]]
+    assert len(mine) == len(plan.chains) - 1
+    mine.pop()
+    assert len(plan.chains) == len(mine) + 2
+
+
 # ---------------------------------------------------------------------------------------------- a real run
 def test_smoke_study_runs_every_step_and_writes_the_table(tmp_path, capsys):
     """A real tiny chain (stage=all, e2e at equal tokens, eval, e2e at equal wall time, eval) in this
