@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "all" in parts:
         res["all_vs_e2e"] = []
+        # one-off costs of a fresh machine out of both sides' wall times: the first import of matplotlib
+        # (torchmetrics imports it) builds its font cache, 11 s on the H200 host of 2026-12-01
+        warm = "import lightning, torchmetrics, matplotlib.font_manager"
+        subprocess.run([sys.executable, "-c", warm], check=True)
         stores = [x for x in args.stores.split(",") if x] or [None]
         for n_layers in [int(x) for x in args.layers.split(",")]:
             run = [*base, f"model.n_layers={n_layers}", f"trainer.max_steps={args.all_steps}"]
