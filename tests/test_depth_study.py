@@ -140,7 +140,7 @@ def _model(name, kind, depth, bound_bits, ce, paired=None):
     }
 
 
-def _fake_chain(root: Path, cid: str, curve, ft, e2e, wall, paired=None, seconds=(100.0, 50.0, 100.0)):
+def _fake_chain(root: Path, cid: str, curve, ft, e2e, wall, paired=None, seconds=(100.0, 50.0, 100.0), stages=()):
     lw, wl = root / "runs" / cid, root / "runs" / f"{cid}-wall"
     lw.mkdir(parents=True)
     wl.mkdir(parents=True)
@@ -157,13 +157,16 @@ def _fake_chain(root: Path, cid: str, curve, ft, e2e, wall, paired=None, seconds
     rec = {"val_loss": 1.0, "val_acc": 0.5, "tokens": 1000}
     (lw / "results.json").write_text(
         json.dumps(
-            [{**rec, "stage": "finetuned", "kind": "finetune", "seconds": seconds[0]},
+            [*({**rec, "stage": f"layer_{k}", "kind": "layer", "k": k, "val_loss": v, "seconds": 1.0}
+               for k, v in enumerate(stages, 1)),
+             {**rec, "stage": "finetuned", "kind": "finetune", "seconds": seconds[0]},
              {**rec, "stage": "e2e", "kind": "e2e", "seconds": seconds[1]}]
         )
     )  # fmt: skip
     (wl / "results.json").write_text(json.dumps([{**rec, "stage": "e2e", "kind": "e2e", "seconds": seconds[2]}]))
     (wl / "wall.json").write_text(json.dumps({"steps": 40, "uncapped_steps": 40}))
-    return {"id": cid, "L": len(curve), "budget": 1.0, "lever": "base", "seed": int(cid[-1])}
+    lever = cid.split("-")[2]
+    return {"id": cid, "L": len(curve) or len(stages), "budget": 1.0, "lever": lever, "seed": int(cid[-1])}
 
 
 def test_study_table_mean_and_std_over_seeds_noise_and_missing(tmp_path):
@@ -186,6 +189,23 @@ def test_study_table_mean_and_std_over_seeds_noise_and_missing(tmp_path):
     assert two[-1] == "1/2"  # seed 1's layer 2 raised the bound
     assert rows["3"][6] == "+0.5 % †" and "run these with `--seeds 0 1 2`: L3-x1-base-s0" in md
     assert rows["4"][3] == "–" and "Not finished" in md and "L4-x1-base-s0" in md
+
+
+def test_every_layer_lowers_reads_the_stage_losses_when_no_bound_by_depth_is_drawn(tmp_path):
+    """A top-segment run (layerwise.top_layers > 0) has no bound by depth: the column reads its stages'
+    own validation losses instead, and says so (‡)."""
+    chains = [
+        _fake_chain(tmp_path, "L3-x1-top1-s0", [], 2.2, 2.0, 2.1, stages=[3.0, 2.9, 2.8]),
+        _fake_chain(tmp_path, "L3-x1-top2-s0", [], 2.2, 2.0, 2.1, stages=[3.0, 3.1, 2.8]),
+        _fake_chain(tmp_path, "L3-x1-base-s0", [3.0, 2.9, 2.95], 2.2, 2.0, 2.1, stages=[3.0, 2.9, 2.8]),
+    ]
+    (tmp_path / "study.json").write_text(json.dumps({"rates": [0.15, 0.5, 0.9], "chains": chains}))
+    plan, results = load_study(tmp_path)
+    md = study_markdown(plan, results)
+    last = {line.split("|")[3].strip(): line.strip().strip("|").split("|")[-1].strip() for line in md.splitlines()
+            if re.match(r"\| 3 ", line)}  # fmt: skip
+    assert last == {"top1": "1/1 ‡", "top2": "0/1 ‡", "base": "0/1"}, last  # base: its bound by depth rose at k=3
+    assert "‡: the bound by depth is not drawn" in md
 
 
 def test_stackwise_report_writes_the_study(tmp_path, capsys):

@@ -55,7 +55,9 @@ class OptimConfig(Structured):
             self.key("ema_decay"),
             f"must be a number in [0, 1) (0 = no averaging), got {self.ema_decay!r}",
         )
-        check(isinstance(self.ema_warmup, bool), self.key("ema_warmup"), f"must be true or false, got {self.ema_warmup!r}")
+        check(
+            isinstance(self.ema_warmup, bool), self.key("ema_warmup"), f"must be true or false, got {self.ema_warmup!r}"
+        )
         check(
             is_int(self.warmup_steps) and self.warmup_steps >= 0,
             self.key("warmup_steps"),

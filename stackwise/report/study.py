@@ -17,6 +17,7 @@ the gaps compare like with like.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -58,6 +59,9 @@ class ChainResult:
     seed: int
     unit: str = "bits/byte"
     curve: list[float] = field(default_factory=list)  # the bound of depth prefixes 1..L
+    # each layer stage's own validation loss, k = 1..: what "every layer lowers" falls back on when the
+    # bound by depth is not drawn (layerwise.top_layers > 0 keeps only the latest stage's top segment)
+    stage_losses: list[float] = field(default_factory=list)
     fused: Score | None = None
     finetuned: Score | None = None
     e2e: Score | None = None  # equal tokens
@@ -84,10 +88,16 @@ class ChainResult:
             return None
         return (a - b) / b
 
+    @property
+    def lowers_from_stages(self) -> bool:
+        """Whether `lowers` reads the stages' validation losses (no bound by depth was drawn)."""
+        return len(self.curve) < 2 and len(self.stage_losses) >= 2
+
     def lowers(self) -> bool | None:
-        if len(self.curve) < 2:
+        seq = self.stage_losses if self.lowers_from_stages else self.curve
+        if len(seq) < 2:
             return None
-        return all(b < a for a, b in zip(self.curve[:-1], self.curve[1:], strict=True))
+        return all(b < a for a, b in itertools.pairwise(seq))
 
     def within_noise(self) -> bool | None:
         lw = self.layerwise
@@ -170,6 +180,10 @@ def load_chain(root: Path, chain: dict) -> ChainResult:
         res.wall = next((_score(m, res.unit) for m in wev["models"] if m["name"] == "e2e"), None)
     steps = chain.get("stage_steps") or {}
     recs = _records(lw_dir)
+    layers = sorted(
+        (r for r in recs.values() if r.get("kind") == "layer" and "val_loss" in r), key=lambda r: int(r.get("k", 0))
+    )
+    res.stage_losses = [float(r["val_loss"]) for r in layers]
     final = recs.get("finetuned") or recs.get("fused")
     if final:
         res.lw_seconds, ext = layerwise_seconds(recs, steps)
@@ -267,7 +281,9 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
         row += [fmt_ms([r.wall_ratio for r in rs], pct=False, digits=2)]
         for rate in rates:
             row.append(f"{fmt_ms([r.gap(r.e2e, rate) for r in rs])} / {fmt_ms([r.gap(r.wall, rate) for r in rs])}")
-        row.append(f"{sum(1 for x in lowers if x)}/{len(lowers)}")
+        row.append(
+            f"{sum(1 for x in lowers if x)}/{len(lowers)}" + (" ‡" if any(r.lowers_from_stages for r in rs) else "")
+        )
         rows.append(row)
     lines += md_table(header, "rrlr" + "r" * (len(header) - 4), rows)
     lines += [
@@ -278,7 +294,8 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
         "total of steps (fine-tune included). Equal wall time: e2e trained for the steps its measured rate fits "
         "into the layer-wise run's seconds; wall ratio = that run's seconds / the layer-wise run's. CE@r: masked "
         "cross-entropy with a fraction r of the tokens masked. Every layer lowers: seeds whose bound falls at "
-        "every depth k−1 → k. Mean ± sample std over seeds.",
+        "every depth k−1 → k (‡: the bound by depth is not drawn for a run with a top segment, "
+        "layerwise.top_layers, so its stages' own validation losses are read instead). Mean ± sample std over seeds.",
     ]
     if noise:
         lines.append(
