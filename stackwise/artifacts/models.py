@@ -142,6 +142,16 @@ def _weight_files(out: Path, name: str) -> list[Path]:
     return [p for p in out.iterdir() if pattern.fullmatch(p.name)] if out.is_dir() else []
 
 
+def begin_model_write(out_dir: PathLike) -> Path:
+    """Make `out_dir` (created if need be) a folder no reader trusts: its config.json, the manifest,
+    is removed, until `write_model_manifest` writes it again. A writer that hands the weights to
+    another thread calls it first, so that the folder is untrusted before anything else happens."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)
+    return out
+
+
 def write_model_weights(
     out_dir: PathLike,
     tensors: Tensors,
@@ -155,9 +165,7 @@ def write_model_weights(
     config.json goes first: from then on the folder is incomplete (no reader trusts it) until
     `write_model_manifest` writes it again. Files of an earlier layout are removed at the end.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)
+    out = begin_model_write(out_dir)
     writer = _ShardWriter(out, name, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
     meta_n = json_normal(dict(meta))
     try:
