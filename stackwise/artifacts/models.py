@@ -134,11 +134,11 @@ def _save(tensors: dict[str, Tensor], path: Path, header: dict[str, str] | None)
 
 
 def _weight_files(out: Path, name: str) -> list[Path]:
-    """Every weights file of `name` in `out`, in either layout (and partial shards a killed write left)."""
-    pattern = re.compile(
-        rf"{re.escape(name)}(\.safetensors|-\d{{5}}-of-\d{{5}}\.safetensors|\.safetensors\.index\.json)"
-        rf"|\.{re.escape(name)}-\d{{5}}\.safetensors\.partial"
-    )
+    """Every weights file of `name` in `out`, in either layout (and partial shards and the temporary
+    files of atomic writes a killed write left: `.model.safetensors.<random>.tmp`, atomic.py)."""
+    final = rf"{re.escape(name)}(\.safetensors|-\d{{5}}-of-\d{{5}}\.safetensors|\.safetensors\.index\.json)"
+    partial = rf"\.{re.escape(name)}-\d{{5}}\.safetensors\.partial"
+    pattern = re.compile(rf"{final}|{partial}|\.({final}|{partial})\.\w+\.tmp")
     return [p for p in out.iterdir() if pattern.fullmatch(p.name)] if out.is_dir() else []
 
 
