@@ -27,8 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from stackwise import artifacts as art
 from stackwise.artifacts import models as art_models
 from stackwise.errors import ArtifactError, ArtifactWriteError
-from stackwise.pipeline import Pipeline, StageObserver
-from stackwise.pipeline import graph
+from stackwise.pipeline import Pipeline, StageObserver, graph
 from tests.conftest import TINY
 
 FINETUNE = ("fusion.finetune_steps=4",)
