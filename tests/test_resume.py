@@ -37,7 +37,7 @@ KILLS = [
     "cache:1:0:1",  # two cache batches of acts_layer1 written (one shard), no manifest
     "cached:1",  # every shard written, manifest not yet
     "train:layer_2:10",  # last.ckpt from step 8
-    "saved:fused",  # fused/model.safetensors written, fine-tune not started
+    "saved:fused",  # fused/model.safetensors written beside the fine-tune (trained, not saved), no manifest yet
     "train:finetune:6",  # fine-tune step 6, last.ckpt from step 4
 ]
 

@@ -19,6 +19,7 @@ import json
 import re
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,10 @@ class _ShardWriter:
     alive (a weak reference), so a freed tensor's reused address is never taken for an alias.
     """
 
-    def __init__(self, out: Path, name: str, max_bytes: int):
+    def __init__(self, out: Path, name: str, max_bytes: int, hasher: Executor):
         self.out, self.name, self.max_bytes = out, name, max_bytes
+        self.hasher = hasher  # hashes a written shard while the next one is gathered and written
+        self.hashes: list[Future[str]] = []  # the sha256 of each part, in order
         self.shard: dict[str, Tensor] = {}
         self.shard_bytes = 0
         self.parts: list[tuple[Path, list[str]]] = []  # written shards (temporary names) and their tensors
@@ -92,28 +95,29 @@ class _ShardWriter:
         tmp = self.out / f".{self.name}-{len(self.parts) + 1:05d}.safetensors.partial"
         _save(self.shard, tmp, None)
         self.parts.append((tmp, list(self.shard)))
+        self.hashes.append(self.hasher.submit(sha256_file, tmp))
         self.shard, self.shard_bytes = {}, 0
 
-    def close(self, meta: Any) -> dict[str, Path]:
-        """Write what is left; return {final file name: path} of every file written (the index last)."""
+    def close(self, meta: Any) -> dict[str, tuple[Path, str]]:
+        """Write what is left; return {final file name: (path, sha256)} of every file written (the index last)."""
         header = _header(meta, self.aliases)
         if not self.parts:  # one file, as a small model always was
             single = self.out / f"{self.name}.safetensors"
             _save(self.shard, single, header)
-            return {single.name: single}
+            return {single.name: (single, sha256_file(single))}
         self._flush()
         n = len(self.parts)
-        files: dict[str, Path] = {}
+        files: dict[str, tuple[Path, str]] = {}
         weight_map: dict[str, str] = {}
-        for i, (tmp, names) in enumerate(self.parts, start=1):
+        for i, ((tmp, names), sha) in enumerate(zip(self.parts, self.hashes, strict=True), start=1):
             final = self.out / f"{self.name}-{i:05d}-of-{n:05d}.safetensors"
+            files[final.name] = (final, sha.result())  # hashed under its temporary name: renamed once read
             tmp.replace(final)
-            files[final.name] = final
             weight_map.update(dict.fromkeys(names, final.name))
         index = self.out / f"{self.name}.safetensors.index.json"
         metadata = {"total_size": self.total, **header}
         atomic_write_json({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, index)
-        files[index.name] = index
+        files[index.name] = (index, sha256_file(index))
         return files
 
     def abort(self) -> None:
@@ -134,12 +138,22 @@ def _save(tensors: dict[str, Tensor], path: Path, header: dict[str, str] | None)
 
 
 def _weight_files(out: Path, name: str) -> list[Path]:
-    """Every weights file of `name` in `out`, in either layout (and partial shards a killed write left)."""
-    pattern = re.compile(
-        rf"{re.escape(name)}(\.safetensors|-\d{{5}}-of-\d{{5}}\.safetensors|\.safetensors\.index\.json)"
-        rf"|\.{re.escape(name)}-\d{{5}}\.safetensors\.partial"
-    )
+    """Every weights file of `name` in `out`, in either layout (and partial shards and the temporary
+    files of atomic writes a killed write left: `.model.safetensors.<random>.tmp`, atomic.py)."""
+    final = rf"{re.escape(name)}(\.safetensors|-\d{{5}}-of-\d{{5}}\.safetensors|\.safetensors\.index\.json)"
+    partial = rf"\.{re.escape(name)}-\d{{5}}\.safetensors\.partial"
+    pattern = re.compile(rf"{final}|{partial}|\.({final}|{partial})\.\w+\.tmp")
     return [p for p in out.iterdir() if pattern.fullmatch(p.name)] if out.is_dir() else []
+
+
+def begin_model_write(out_dir: PathLike) -> Path:
+    """Make `out_dir` (created if need be) a folder no reader trusts: its config.json, the manifest,
+    is removed, until `write_model_manifest` writes it again. A writer that hands the weights to
+    another thread calls it first, so that the folder is untrusted before anything else happens."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)
+    return out
 
 
 def write_model_weights(
@@ -155,22 +169,23 @@ def write_model_weights(
     config.json goes first: from then on the folder is incomplete (no reader trusts it) until
     `write_model_manifest` writes it again. Files of an earlier layout are removed at the end.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)
-    writer = _ShardWriter(out, name, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+    out = begin_model_write(out_dir)
     meta_n = json_normal(dict(meta))
-    try:
-        for key, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
-            writer.add(key, t)
-        files = writer.close(meta_n)
-    except BaseException:
-        writer.abort()
-        raise
+    # a shard is hashed (read back from the page cache) on a thread while the next one is written:
+    # hashlib and file reads release the GIL
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-sha256") as hasher:
+        writer = _ShardWriter(out, name, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes, hasher)
+        try:
+            for key, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
+                writer.add(key, t)
+            files = writer.close(meta_n)
+        except BaseException:
+            writer.abort()
+            raise
     for stale in _weight_files(out, name):
         if stale.name not in files:
             stale.unlink(missing_ok=True)
-    return {f: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for f, p in files.items()}
+    return {f: {"sha256": sha, "bytes": p.stat().st_size} for f, (p, sha) in files.items()}
 
 
 def write_model_manifest(

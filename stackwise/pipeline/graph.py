@@ -18,6 +18,7 @@ from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from stackwise import artifacts as art
@@ -40,18 +41,21 @@ from stackwise.model.weights import (
     next_layer,
 )
 from stackwise.pipeline import console
+from stackwise.pipeline.background import Background
 from stackwise.pipeline.events import StageObserver, installed
 from stackwise.pipeline.inputs import StageInputs, resolve_store
-from stackwise.pipeline.memory import fusion_room, stage_device
-from stackwise.pipeline.ranks import write_once
+from stackwise.pipeline.memory import free_bytes, fusion_room, stage_device
+from stackwise.pipeline.ranks import world_size, write_once
 from stackwise.pipeline.stage import Stage, plan
 from stackwise.pipeline.state import ExperimentState, cache_root
 from stackwise.pipeline.trainers import Trainers
 from stackwise.stages.base import StageModule
+from stackwise.stages.callbacks import FitTimes, RaiseIfFailed
 from stackwise.stages.full import FullModelStage
 from stackwise.stages.layerwise import LayerwiseStage
 
 log = logging.getLogger("stackwise")
+ASSEMBLED = "the assembled model"  # fused/'s source when written from the model the check assembled
 
 
 class Pipeline:
@@ -281,7 +285,7 @@ class Pipeline:
     def fusion_stage(self, stage: Stage) -> None:
         """Check that the fused model reproduces the last stage's loss (where it fits its device),
         write fused/ (from that model, else streamed from layer_1..L, ..L-m and the top segment:
-        the same bytes), then the optional joint fine-tune."""
+        the same bytes), then the optional joint fine-tune (`finetune`: fused/ is complete with it)."""
         run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
         if self.state.fusion_complete():
             log.info("stage fusion: complete, skipped")
@@ -299,7 +303,8 @@ class Pipeline:
                 model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device, layout=layout)
             optim = run.optim_for(finetune.budget)
             module = FullModelStage(cfg, optim, run.masking.weighting, steps, finetune.name, model)
-            scores = self.trainers.validate(module, data.val_dataloader())
+            with timed(stage, "fused model scored"):
+                scores = self.trainers.validate(module, data.val_dataloader())
             if run.fusion.check:
                 check_fused(run, scores["val_loss"], metas[-1]["val_loss"])
         else:  # the fused model is the last stage's model by construction: its scores stand for it
@@ -311,19 +316,37 @@ class Pipeline:
         if skipped is not None:
             meta["fusion_check"] = skipped
         meta["layers_sha256"] = self.state.layer_shas()
-        stream, source = self.fused_stream(stage, module, layout, room.device)
-        with timed(stage, f"fused/ written from {source}"):
-            self.save_model(stage, self.paths.fused_dir, stream, meta)
         # what the layer-wise model cost before fusion: every stage's training and caching pass
         layer_seconds = sum(
             r["seconds"] + r.get("cache_seconds", 0.0) for r in art.read_results(self.paths) if r.get("kind") == "layer"
         )
-        self.record(stage, meta, layer_seconds + time.time() - t0)
-        if run.fusion.finetune_steps > 0:
-            assert module is not None, "refuse_finetune lets a fine-tune through only where the model fits"
-            finetuned, resumed = self.finetune(finetune, module, data, meta)
-            self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
-            self.state.drop_resume_point(finetune)
+        stream, source = self.fused_stream(stage, module, layout, room.device)
+        if run.fusion.finetune_steps <= 0:
+            with timed(stage, f"fused/ written from {source}"):
+                self.save_model(stage, self.paths.fused_dir, stream, meta)
+            self.record(stage, meta, layer_seconds + time.time() - t0)
+            return
+        assert module is not None, "refuse_finetune lets a fine-tune through only where the model fits"
+        fused = FusedWrite(self, stage, meta, layer_seconds, t0)
+        fused.start(stream, source, self.background_write(source, layout, module))
+        finetuned, resumed = self.finetune(finetune, module, data, fused)
+        self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
+        self.state.drop_resume_point(finetune)
+
+    def background_write(self, source: str, layout: FusedLayout, module: FullModelStage) -> bool:
+        """Whether fused/ is written on a thread beside the fine-tune: from the assembled model (the
+        layer files' stream is read one layer at a time to bound host memory: it stays so), by a
+        single process (under DDP or FSDP rank 0 alone writes while the others wait at a barrier),
+        and where its host copy takes at most half the host's available memory."""
+        if source != ASSEMBLED or world_size() != 1:
+            return False
+        state = module.model.state_dict()
+        nbytes = sum(state[name].numel() * dtype.itemsize for name, dtype in layout.items())
+        free = free_bytes(torch.device("cpu"))
+        if free is not None and 2 * nbytes > free:
+            log.info("fused/ is written before the fine-tune: its %.2f GB host copy would not fit", nbytes / 1e9)
+            return False
+        return True
 
     def fused_stream(
         self, stage: Stage, module: FullModelStage | None, layout: FusedLayout, device: torch.device | str | None
@@ -335,23 +358,28 @@ class Pipeline:
         checksums drawn on `device` (where the fused model goes: its GPU in a one-GPU run)."""
         problem = "not assembled" if module is None else assembled_problem(module.model, layout)
         if problem is None:
-            return assembled_tensors(module.model, layout), "the assembled model"
+            return assembled_tensors(module.model, layout), ASSEMBLED
         if module is not None:
             log.info(
                 "fused/ is streamed from the layer files: the assembled model does not hold their values (%s)", problem
             )
         return fused_tensors(self.cfg, self.state.layers(needed_by=stage), device=device), "the layer files"
 
-    def finetune(self, stage: Stage, module: FullModelStage, data, fused_meta: dict) -> tuple[dict, int]:
-        """Train the fused model jointly into fused/finetuned/; fused/ is marked finetuned last (its
-        weights untouched): from then on the whole fusion stage is complete. (its meta, the step it
-        resumed from)"""
-        scores, resumed = self.train(stage, module, data)
-        tokens = fused_meta["tokens"] + self.tokens_seen(stage, self.run.fusion.finetune_steps)
-        meta = {**fused_meta, **scores, "finetuned": True, "tokens": tokens}
-        self.save_model(stage, self.paths.finetuned_dir, module.model.state_dict(), meta)
-        done = {**fused_meta, "finetuned": True}
-        write_once(lambda: art.rewrite_model_meta(self.paths.fused_dir, done))
+    def finetune(self, stage: Stage, module: FullModelStage, data, fused: FusedWrite) -> tuple[dict, int]:
+        """Train the fused model jointly into fused/finetuned/ (while fused/'s weights are written,
+        when `fused` writes them in the background), then write fused/'s manifest, last: from then on
+        fused/, and the whole fusion stage, is complete. (its meta, the step it resumed from)"""
+        try:
+            scores, resumed = self.train(stage, module, data, fused.watch())
+        except BaseException:
+            fused.wait()  # no write left running past the error (its temporary file removed or renamed)
+            raise
+        fused.finish()
+        tokens = fused.meta["tokens"] + self.tokens_seen(stage, self.run.fusion.finetune_steps)
+        meta = {**fused.meta, **scores, "finetuned": True, "tokens": tokens}
+        with timed(stage, "fused/finetuned/ saved"):
+            self.save_model(stage, self.paths.finetuned_dir, module.model.state_dict(), meta)
+        fused.complete()
         return meta, resumed
 
     # ------------------------------------------------------------------ e2e
@@ -374,11 +402,19 @@ class Pipeline:
         write_once(lambda: console.print_table(art.read_results(self.paths)))
 
     # ------------------------------------------------------------------ shared steps
-    def train(self, stage: Stage, module: StageModule, data: L.LightningDataModule) -> tuple[dict[str, float], int]:
+    def train(
+        self, stage: Stage, module: StageModule, data: L.LightningDataModule, extra: Sequence[Callback] = ()
+    ) -> tuple[dict[str, float], int]:
         """Fit `stage` (from the checkpoint a killed run left, if any), then score it: ({val_loss,
-        val_acc}, the optimizer step training started from: 0, or the resumed checkpoint's)."""
-        resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
-        return self.trainers.validate(module, data.val_dataloader()), resumed
+        val_acc}, the optimizer step training started from: 0, or the resumed checkpoint's). Logs
+        where the time went (Lightning's set-up, the batches, validation, scoring)."""
+        times = FitTimes()
+        t0 = time.perf_counter()
+        resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage), [times, *extra])
+        log.info("stage %s: fit in %.1f s (%s)", stage.name, time.perf_counter() - t0, times.summary())
+        with timed(stage, "scored"):
+            scores = self.trainers.validate(module, data.val_dataloader())
+        return scores, resumed
 
     def tokens_seen(self, stage: Stage, steps: int) -> int:
         """Tokens one stage trained on: the global batch (every rank's share) at every optimizer step."""
@@ -427,6 +463,89 @@ class Pipeline:
                 console.log_depth(self.paths, stage, rec)
 
         write_once(write)
+
+
+class FusedWrite:
+    """fused/ of a fusion stage that a joint fine-tune follows.
+
+    Its weights are written already marked fine-tuned (`finetuned: true` in their header) and its
+    manifest, config.json, only once fused/finetuned/ is complete (`complete`): until then no reader
+    trusts the folder (a run killed in between leaves fused/ without a manifest, and the rerun redoes
+    the fusion stage, as it always did with a fine-tune left unfinished), and fused/ is never rewritten
+    to flip that mark (reading, rewriting and hashing 3.6 GB again at the seed's sizes).
+
+    In the background (`start(..., background=True)`) the weights are first copied to the host in
+    the dtypes they are saved in (the fine-tune changes the model in place), then written, hashed
+    and fsync'ed on a thread while the fine-tune trains; `finish` waits for it after the fine-tune's
+    fit and scoring. Its error is raised in the pipeline's thread, as the same exception: after the
+    first training batch that sees it (`watch`), else by `finish`."""
+
+    def __init__(self, pipe: Pipeline, stage: Stage, meta: dict, layer_seconds: float, t0: float):
+        self.pipe, self.stage, self.meta = pipe, stage, meta
+        self.layer_seconds, self.t0 = layer_seconds, t0
+        self.done_meta = {**meta, "finetuned": True}  # fused/'s meta once the fine-tune is complete
+        self.files: dict = {}  # its weights files' records for the manifest (on the writing rank)
+        self.job: Background | None = None
+        self.source = ""
+        self.handed = 0.0  # time.time() when the weights went to the thread
+
+    @property
+    def folder(self):
+        return self.pipe.paths.fused_dir
+
+    def start(self, stream: Iterable[tuple[str, Tensor]], source: str, background: bool) -> None:
+        self.source = source
+        if not background:
+            with timed(self.stage, f"fused/ written from {source}"):
+                write_once(lambda: self.files.update(art.write_model_weights(self.folder, stream, self.done_meta)))
+            self.written(time.time() - self.t0)
+            return
+        art.begin_model_write(self.folder)  # untrusted from now on, before the thread starts
+        t0 = time.perf_counter()
+        tensors = list(stream)  # host copies of their own, in the saved dtypes: bounded by fused/'s size
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        log.info(
+            "stage %s: fused/ copied to the host (%.2f GB) in %.1f s; written beside the fine-tune",
+            self.stage.name,
+            nbytes / 1e9,
+            time.perf_counter() - t0,
+        )
+        self.job = Background(partial(art.write_model_weights, self.folder, tensors, self.done_meta), "fused-write")
+        self.handed = time.time()
+
+    def watch(self) -> list[Callback]:
+        """The fine-tune's callbacks: stop at the first batch after the write has failed."""
+        return [] if self.job is None else [RaiseIfFailed(self.job.failed)]
+
+    def wait(self) -> None:
+        if self.job is not None:
+            self.job.wait()
+
+    def finish(self) -> None:
+        """The weights are written (waits for the thread, raises its error): record the stage."""
+        if self.job is None:
+            return
+        self.files.update(self.job.result())
+        log.info(
+            "stage %s: fused/ written from %s in %.1f s, beside the fine-tune (waited %.1f s for it after)",
+            self.stage.name,
+            self.source,
+            self.job.seconds,
+            self.job.waited,
+        )
+        # what fusion cost the run: up to the hand-off, and the wait for the write the fine-tune did not hide
+        self.written(self.handed - self.t0 + self.job.waited)
+
+    def written(self, seconds: float) -> None:
+        self.pipe.saved(self.stage)
+        self.pipe.record(self.stage, self.meta, self.layer_seconds + seconds)
+
+    def complete(self) -> None:
+        """fused/'s manifest, last (one rank writes it; the weights' records are that rank's)."""
+        with timed(self.stage, "fused/ complete (config.json written)"):
+            write_once(
+                lambda: art.write_model_manifest(self.folder, self.pipe.cfg.to_dict(), self.done_meta, self.files)
+            )
 
 
 @contextlib.contextmanager

@@ -119,9 +119,17 @@ class Trainers:
             ema_callbacks(self.run.optim_for(budget), sharded)  # refused here, not stages later
 
     # ------------------------------------------------------------------ training
-    def fit(self, stage: Stage, module: StageModule, data: L.LightningDataModule, resume: Path | None) -> int:
+    def fit(
+        self,
+        stage: Stage,
+        module: StageModule,
+        data: L.LightningDataModule,
+        resume: Path | None,
+        extra: Sequence[Callback] = (),
+    ) -> int:
         """Train `stage`, from the mid-stage checkpoint `resume` when a killed run left one; return
-        the optimizer step training started from (0, or the checkpoint's)."""
+        the optimizer step training started from (0, or the checkpoint's). `extra`: callbacks the
+        pipeline adds to this fit only (the fine-tune's timing, its watch on fused/'s write)."""
         run, node = self.run, self.run.trainer_kwargs(stage.budget)
         # per batch, what one forward + backward costs: read by ThroughputMonitor for FLOP/s and MFU
         module.flops_per_batch = train_step_flops(
@@ -141,7 +149,7 @@ class Trainers:
         start: dict[str, int] = {}  # the step Lightning really continued from, read after it restored
         started = LambdaCallback(on_train_start=lambda trainer, _: start.setdefault("step", trainer.global_step))
         callbacks = [self._checkpoint(stage, node), started, *self._configured_callbacks(logger is not None)]
-        callbacks += ema_callbacks(module.optim, sharded)
+        callbacks += [*ema_callbacks(module.optim, sharded), *extra]
         callbacks = with_progress_bar(callbacks + self._observer_callbacks(stage), node.get("enable_progress_bar"))
         trainer = build(
             node,

@@ -7,6 +7,7 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -154,6 +155,61 @@ def with_progress_bar(callbacks: list[Callback], enabled: bool | None) -> list[C
     if enabled is False or any(isinstance(c, ProgressBar) for c in callbacks):
         return list(callbacks)
     return [*callbacks, StepProgressBar()]
+
+
+class RaiseIfFailed(Callback):
+    """Raise, after a training batch, the error work beside the fit has failed with (`failed()`
+    returns it once it has; fused/'s write beside the joint fine-tune): a full disk stops the fit at
+    once, not when its last step is done."""
+
+    def __init__(self, failed: Callable[[], BaseException | None]):
+        self.failed = failed
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if (error := self.failed()) is not None:
+            raise error
+
+
+class FitTimes(Callback):
+    """Where a fit's wall time goes, on the host's clock: Lightning's set-up until the first training
+    batch, the training batches (validation within the fit apart), validation within the fit. On a
+    GPU the clock reads when the host has queued the work; the device catches up by the end of
+    training, which the non-finite guard reads."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self.validating = 0.0
+        self.steps = 0
+        self._val_t0 = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.marks["fit_start"] = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self.marks.setdefault("first_batch", time.perf_counter())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self.steps += 1
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validating += time.perf_counter() - self._val_t0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.marks["train_end"] = time.perf_counter()
+
+    def summary(self) -> str:
+        """One line for the log: "set-up 1.2 s, 8 batches 4.0 s, validation in the fit 0.0 s"."""
+        m = self.marks
+        if "fit_start" not in m or "first_batch" not in m:
+            return "no training batch"
+        setup = m["first_batch"] - m["fit_start"]
+        batches = m.get("train_end", time.perf_counter()) - m["first_batch"] - self.validating
+        return (
+            f"set-up {setup:.1f} s, {self.steps} batches {batches:.1f} s, validation in the fit {self.validating:.1f} s"
+        )
 
 
 class StageCheckpoint(ModelCheckpoint):
