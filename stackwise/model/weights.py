@@ -141,14 +141,15 @@ class LayerWeights:
             embed.load_state_dict(self.embed)
         return LayerModules(block, head, embed, self.top_blocks(cfg, device))
 
-    def top_blocks(self, cfg: ModelConfig, device: Device = "cpu") -> nn.ModuleList | None:
-        """The top segment's blocks holding these weights (frozen tensors regenerated and checked); None without one."""
+    def top_blocks(self, cfg: ModelConfig, device: Device = "cpu", check: bool = True) -> nn.ModuleList | None:
+        """The top segment's blocks holding these weights (frozen tensors regenerated and checked:
+        `load_block`'s `check`); None without one."""
         if not self.top:
             return None
         blocks = nn.ModuleList()
         for j, weights in sorted(self.top.items()):
             block = empty(lambda j=j: Block(cfg, j), device)
-            block.load_trainable_state_dict(weights.block, weights.frozen_sha256)
+            LayerWeights(weights.block, weights.frozen_sha256, {}).load_block(block, check)
             blocks.append(block)
         return blocks
 
@@ -180,10 +181,18 @@ def first_layer(cfg: ModelConfig, device: Device = "cpu", top_layers: int = 0) -
 
 
 def next_layer(
-    cfg: ModelConfig, k: int, policy: str, below: LayerWeights, device: Device = "cpu", top_layers: int = 0
+    cfg: ModelConfig,
+    k: int,
+    policy: str,
+    below: LayerWeights,
+    device: Device = "cpu",
+    top_layers: int = 0,
+    check: bool = True,
 ) -> LayerModules:
     """Stage k >= 2 starts from layer k-1's weights: the final norm (+ untied head) and the top
-    segment carried forward, the new block started by `policy` (`init_layer`: random, identity or previous)."""
+    segment carried forward, the new block started by `policy` (`init_layer`: random, identity or
+    previous). `check=False`: `below` are weights this process saved (their frozen checksums its own
+    draws), the top segment's frozen tensors are drawn without checking them again."""
     want = list(top_indices(cfg, top_layers))
     if sorted(below.top or {}) != want:
         raise ArtifactError(
@@ -199,7 +208,7 @@ def next_layer(
     # `previous` copies layer k-1's trained tensors straight from its file's section: building its
     # block would redraw (and re-check) its frozen tensors, seconds at large sizes, for nothing
     init_layer(block, policy, below.block if policy == "previous" else None)
-    return LayerModules(block, head_of(cfg, below, device=device), None, below.top_blocks(cfg, device))
+    return LayerModules(block, head_of(cfg, below, device=device), None, below.top_blocks(cfg, device, check))
 
 
 # {fused state dict name: the dtype its layer file holds it in}, in `fused_tensors`' order

@@ -136,7 +136,8 @@ class Pipeline:
         top = self.run.layerwise.top_layers
         if stage.first:
             return first_layer(self.cfg, device, top)
-        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device, top)
+        check = not self.state.in_memory(stage.below.k)  # the weights stage k-1 saved in this process: drawn here
+        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device, top, check)
 
     def layer_inputs(
         self, stage: Stage, below_head: str = "load"
@@ -373,7 +374,7 @@ class Pipeline:
             if n == last
             else "from the layer files"
             if n == 0
-            else f"from {n} trained layers in memory and {last - n} layer files"
+            else f"from {n} trained layer{'s' * (n > 1)} in memory and {last - n} layer file{'s' * (last - n > 1)}"
         )
 
         def layers() -> Iterator[LayerWeights]:
