@@ -205,3 +205,23 @@ def test_kept_weights_are_the_files_until_it_is_replaced_or_removed(make_run, mo
     assert not state.in_memory(1)
     paths.layer_ckpt(1).unlink()
     assert not state.in_memory(1) and state.kept_layer(1) is None
+
+
+@pytest.mark.parametrize(
+    ("save_dtype", "source"),
+    [
+        ("bfloat16", "from the trained layers in memory"),
+        ("float32", "from 1 trained layer in memory and 2 layer files"),  # bf16 blocks do not hold fp32 files
+    ],
+)
+def test_stage_all_recompute_bf16_true(make_run, caplog, save_dtype, source):
+    """bf16-true: stage 3 runs the prefix block it reuses from stage 2 (cast to bf16 there) and the one
+    built for it in one dtype; fusion takes the layers from the bf16 prefix blocks only where they
+    hold the files' values exactly (bf16 files), else reads the files."""
+    run = make_run(
+        "stage=all", *FAST, "model.n_layers=3", "trainer.precision=bf16-true", f"layerwise.save_dtype={save_dtype}"
+    )
+    with caplog.at_level(logging.INFO, logger="stackwise"):
+        Pipeline(run).execute()
+    assert f"fused model assembled on cpu {source}" in caplog.text
+    assert "fusion check: fused val loss" in caplog.text

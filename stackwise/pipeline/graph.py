@@ -152,10 +152,9 @@ class Pipeline:
             # from memory when stage k-1 ran in this process; read once otherwise, for the prefix too
             below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
             prefix = self.frozen_prefix(stage, below)
-            # the tied head's matrix, as stage 1's file holds it, in fp32 (a copy: the prefix's is frozen)
-            embed_weight = (
-                prefix.embed.weight.detach().to("cpu", torch.float32, copy=True) if self.cfg.tie_embeddings else None
-            )
+            # the tied head's matrix, as stage 1's file holds it, in fp32, where the prefix is (the stage's
+            # device: the stage keeps a copy of its own there, no round trip through the host)
+            embed_weight = prefix.embed.weight.detach().to(torch.float32) if self.cfg.tie_embeddings else None
             return self.inputs.recomputed(stage), below, embed_weight, prefix
         below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
         data = self.inputs.activations(stage, self.state.input_cache(stage.below, needed_by=stage))

@@ -90,6 +90,7 @@ class ExperimentState:
         # fusion holds them, without reading (and checking) the file again. One layer only: the
         # frozen layers below it live in the pipeline's frozen prefix (cache.store=recompute).
         self._kept: KeptLayer | None = None
+        self._metas: dict[tuple, dict] = {}  # layer files' metadata, by file identity
 
     def sha256(self, path: Path) -> str:
         """sha256 of an artifact, read once per run: a stage asks for the same multi-GB layer file's
@@ -319,6 +320,19 @@ class ExperimentState:
             )
         return self.read_layer(stage, head)
 
+    def layer_meta(self, path: Path) -> dict:
+        """A layer file's metadata, read once per file identity (every later stage checks the stack
+        below it): the kept layer's from memory."""
+        identity = file_identity(path)
+        kept = self._kept
+        if kept is not None and identity is not None and kept.identity[0] == identity:
+            return dict(kept.meta)
+        if identity is None:
+            return art.read_layer_meta(path)  # the one-line error naming it
+        if identity not in self._metas:
+            self._metas[identity] = art.read_layer_meta(path)
+        return dict(self._metas[identity])
+
     def layer_stack(self, needed_by: Stage, n: int | None = None) -> list[dict]:
         """The metadata of layer_1.pt … layer_n.pt (n = the last layer stage, L-m: fusion; k-1: the
         layers a stage k recomputes), each made by these settings and trained on the activations of
@@ -328,8 +342,7 @@ class ExperimentState:
             stage, path = Stage.layer(k), self.paths.layer_ckpt(k)
             if not path.exists():
                 self.load_layer(stage, needed_by)  # the one-line error naming the command that writes it
-            kept = self.kept_layer(k, head="skip")
-            meta = art.read_layer_meta(path) if kept is None else kept[1]
+            meta = self.layer_meta(path)
             art.check_expected(path, meta, self.layer_expect(stage))
             problem = self.chain_problem(stage, meta)
             if problem:
