@@ -6,6 +6,11 @@ For each stage: what it needs, whether it is already complete (then it is skippe
 it, and for a layer stage cache its activations for the next one. Which stages a `stage=` setting
 runs: stage.py. What "complete" means: state.py. How a Trainer is built: trainers.py. Who writes
 files: ranks.write_once. What is printed: console.py. Hooks for observers: events.py.
+
+Within one process (stage=all) nothing a stage just built is read back from its file: the weights a
+stage saved are kept (state.py `remember`) for the next stage and fusion, and a recomputing stage's
+frozen prefix (layers 1..k-1, on its device) is kept for the next stage and assembled into the fused
+model, each keyed by its layer file's identity (path, inode, size, mtime): a file replaced since is read.
 """
 
 from __future__ import annotations
