@@ -383,6 +383,8 @@ def test_a_trainer_value_lightning_refuses_is_a_one_line_config_error(make_run):
 
 
 def test_a_layer_stage_reads_each_layer_file_once(make_run, monkeypatch):
+    """In a new process (a new Pipeline) stage k reads layer_{k-1}.pt once (and layer_1.pt for the
+    tied embedding); in the process that saved layer_{k-1}.pt, not even that: it is in memory."""
     pipe = Pipeline(make_run("stage=all", "model.n_layers=3"))
     pipe.layer_stage(Stage.layer(1))
     reads = []
@@ -393,8 +395,16 @@ def test_a_layer_stage_reads_each_layer_file_once(make_run, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(art, "load_layer_checkpoint", spy)
-    pipe.layer_stage(Stage.layer(2))  # tied: the embedding comes with layer_1.pt, read once
+    Pipeline(make_run("stage=all", "model.n_layers=3")).layer_stage(Stage.layer(2))  # tied: the embedding with it
     assert reads == ["layer_1.pt"]
     reads.clear()
-    pipe.layer_stage(Stage.layer(3))
+    Pipeline(make_run("stage=all", "model.n_layers=3")).layer_stage(Stage.layer(3))
     assert sorted(reads) == ["layer_1.pt", "layer_2.pt"]
+
+    same = Pipeline(make_run("stage=all", "model.n_layers=3", name="same"))
+    same.layer_stage(Stage.layer(1))
+    reads.clear()
+    same.layer_stage(Stage.layer(2))
+    assert reads == []
+    same.layer_stage(Stage.layer(3))  # layer 2 in memory, the tied embedding read with layer_1.pt
+    assert reads == ["layer_1.pt"]

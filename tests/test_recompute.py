@@ -160,13 +160,13 @@ def test_killed_and_rerun_recomputing_gives_identical_fused_weights(tmp_path) ->
 
 
 def test_stage_all_builds_each_frozen_layer_once(tmp_path, monkeypatch) -> None:
-    """Stage k of one stage=all process reuses the blocks stage k-1 recomputed with (it reads layer k-1
-    only, not 1..k-1 again), and fusion starts with the prefix's memory released."""
+    """Stage k of one stage=all process reuses the blocks stage k-1 recomputed with (it builds layer
+    k-1 only, not 1..k-1 again), and fusion takes them into the fused model: none is left after it."""
     made: list = []
     frozen_prefix = Pipeline.frozen_prefix
 
-    def spy(self, stage):
-        made.append(frozen_prefix(self, stage))
+    def spy(self, stage, below=None):
+        made.append(frozen_prefix(self, stage, below))
         return made[-1]
 
     monkeypatch.setattr(Pipeline, "frozen_prefix", spy)

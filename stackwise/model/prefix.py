@@ -46,9 +46,11 @@ class FrozenPrefix(nn.Module):
 
     def follow(self, like: Tensor) -> None:
         """Onto `like`'s device and floating dtype (the trained block's: what a precision plugin made
-        of the stage's own modules, which it does not reach here), once."""
-        p = self.embed.weight
-        if p.device != like.device or p.dtype != like.dtype:
+        of the stage's own modules, which it does not reach here), once. Every block is looked at: a
+        stage=all run reuses the blocks of the stage before, which followed its modules already,
+        beside a block built for this stage."""
+        firsts = (self.embed.weight, *(next(b.parameters()) for b in self.blocks))
+        if any(p.device != like.device or p.dtype != like.dtype for p in firsts):
             self.to(device=like.device, dtype=like.dtype)
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ constructor makes, so the values are those of building it whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -111,9 +111,15 @@ class LayerWeights:
         top = sum(t.numel() for b in (self.top or {}).values() for t in b.block.values())
         return top + sum(t.numel() for section in self.sections().values() for t in section.values())
 
-    def load_block(self, block: Block) -> None:
-        """Into a block of the same layer: ArtifactError on missing keys, shapes or a frozen-checksum mismatch."""
-        block.load_trainable_state_dict(self.block, self.frozen_sha256)
+    def load_block(self, block: Block, check: bool = True) -> None:
+        """Into a block of the same layer: ArtifactError on missing keys, shapes or a frozen-checksum
+        mismatch. `check=False`: the frozen tensors are drawn (on the block's device) without their
+        checksum, for weights whose `frozen_sha256` this process drew itself (a stage's saved weights)."""
+        if check:
+            block.load_trainable_state_dict(self.block, self.frozen_sha256)
+        else:
+            block.load_trainable_only(self.block)  # stores an imported frozen tensor, which init_frozen skips
+            block.init_frozen()
 
     def modules(self, cfg: ModelConfig, k: int, device: Device = "cpu") -> LayerModules:
         """Layer k's modules holding these weights (the embedding too when they have one), on `device`.
@@ -135,14 +141,15 @@ class LayerWeights:
             embed.load_state_dict(self.embed)
         return LayerModules(block, head, embed, self.top_blocks(cfg, device))
 
-    def top_blocks(self, cfg: ModelConfig, device: Device = "cpu") -> nn.ModuleList | None:
-        """The top segment's blocks holding these weights (frozen tensors regenerated and checked); None without one."""
+    def top_blocks(self, cfg: ModelConfig, device: Device = "cpu", check: bool = True) -> nn.ModuleList | None:
+        """The top segment's blocks holding these weights (frozen tensors regenerated and checked:
+        `load_block`'s `check`); None without one."""
         if not self.top:
             return None
         blocks = nn.ModuleList()
         for j, weights in sorted(self.top.items()):
             block = empty(lambda j=j: Block(cfg, j), device)
-            block.load_trainable_state_dict(weights.block, weights.frozen_sha256)
+            LayerWeights(weights.block, weights.frozen_sha256, {}).load_block(block, check)
             blocks.append(block)
         return blocks
 
@@ -174,10 +181,18 @@ def first_layer(cfg: ModelConfig, device: Device = "cpu", top_layers: int = 0) -
 
 
 def next_layer(
-    cfg: ModelConfig, k: int, policy: str, below: LayerWeights, device: Device = "cpu", top_layers: int = 0
+    cfg: ModelConfig,
+    k: int,
+    policy: str,
+    below: LayerWeights,
+    device: Device = "cpu",
+    top_layers: int = 0,
+    check: bool = True,
 ) -> LayerModules:
     """Stage k >= 2 starts from layer k-1's weights: the final norm (+ untied head) and the top
-    segment carried forward, the new block started by `policy` (`init_layer`: random, identity or previous)."""
+    segment carried forward, the new block started by `policy` (`init_layer`: random, identity or
+    previous). `check=False`: `below` are weights this process saved (their frozen checksums its own
+    draws), the top segment's frozen tensors are drawn without checking them again."""
     want = list(top_indices(cfg, top_layers))
     if sorted(below.top or {}) != want:
         raise ArtifactError(
@@ -193,7 +208,7 @@ def next_layer(
     # `previous` copies layer k-1's trained tensors straight from its file's section: building its
     # block would redraw (and re-check) its frozen tensors, seconds at large sizes, for nothing
     init_layer(block, policy, below.block if policy == "previous" else None)
-    return LayerModules(block, head_of(cfg, below, device=device), None, below.top_blocks(cfg, device))
+    return LayerModules(block, head_of(cfg, below, device=device), None, below.top_blocks(cfg, device, check))
 
 
 # {fused state dict name: the dtype its layer file holds it in}, in `fused_tensors`' order
@@ -201,7 +216,11 @@ FusedLayout = dict[str, torch.dtype]
 
 
 def assemble(
-    cfg: ModelConfig, layers: Iterable[LayerWeights], device: Device = "cpu", layout: FusedLayout | None = None
+    cfg: ModelConfig,
+    layers: Iterable[LayerWeights],
+    device: Device = "cpu",
+    layout: FusedLayout | None = None,
+    drawn: Collection[int] = (),
 ) -> Transformer:
     """The fused model from layer_1 … layer_K (K <= n_layers): the embedding from stage 1, block k
     from stage k, the final norm and head (and the top segment, when stage K holds one) from stage
@@ -211,7 +230,10 @@ def assemble(
     loads each layer file when asked holds one layer at a time beside the model. Other blocks
     beyond K keep their own (seed, k) initialisation. `layout`, when given, is filled with the
     names and file dtypes of what was loaded, in `fused_tensors`' order: what `assembled_tensors`
-    needs to write the model exactly as `fused_tensors` streams it from the same layers."""
+    needs to write the model exactly as `fused_tensors` streams it from the same layers. `drawn`:
+    the layers (top segment's included) whose frozen checksums were drawn, or checked, by this
+    process already (weights it kept in memory): their frozen tensors are drawn on `device` without
+    the checksum again (a host copy and hash of each, ~0.3 s a layer at the seed's sizes)."""
     model = empty(lambda: Transformer(cfg), device)
     seen: FusedLayout = {} if layout is None else layout
     seen.clear()
@@ -243,13 +265,65 @@ def assemble(
     # layers' (frozen_normal keeps the last 4 drawn), which layers 1, 2, ... would evict before
     # they are reached (4 redraws of ~2 s each at the seed sizes). Each is checked as it is loaded.
     for block, checksum in reversed(frozen):
-        block.load_frozen_checked(checksum)
+        if block.k in drawn:
+            block.init_frozen()
+        else:
+            block.load_frozen_checked(checksum)
     head = _head_state(cfg, last)
     model.head.load_state_dict(head)
     seen.update((f"head.{n}", head[n].dtype) for n in model.head.state_dict())
     if partial:  # blocks that no layer file holds: not a fused model (fused_tensors refuses it)
         seen.clear()
     return model
+
+
+def loaded_weights_problem(
+    block: Block,
+    dtypes: Mapping[str, torch.dtype],
+    embed: Embedding | None = None,
+    embed_dtypes: Mapping[str, torch.dtype] | None = None,
+) -> str | None:
+    """Why `loaded_weights` could not give back the layer file's tensors from the modules loaded from
+    it (None when it can): `dtypes` (and `embed_dtypes`, layer 1's) are the file's {name: dtype}."""
+    if block.stored:  # an imported layer's stored frozen tensor: the file's, read from it
+        return f"layer {block.k} stores frozen tensors"
+    parts = [(f"layer {block.k}", block.state_dict(), dtypes)]
+    if embed_dtypes is not None:
+        if embed is None:
+            return "no embedding"
+        parts.append(("the embedding", embed.state_dict(), embed_dtypes))
+    for what, state, want in parts:
+        if set(state) != set(want):
+            return f"{what} holds {sorted(state)}, its file {sorted(want)}"
+        for name, dtype in want.items():
+            t = state[name]
+            if type(t) not in (Tensor, nn.Parameter) or t.is_meta:
+                return f"{what}'s {name} is not a plain tensor (sharded or on the meta device)"
+            if t.dtype != dtype and not _holds_exactly(t.dtype, dtype):
+                return f"{what}'s {name} is {t.dtype}, {dtype} in its file"
+    return None
+
+
+def loaded_weights(
+    block: Block,
+    dtypes: Mapping[str, torch.dtype],
+    frozen_sha256: str,
+    embed: Embedding | None = None,
+    embed_dtypes: Mapping[str, torch.dtype] | None = None,
+) -> LayerWeights:
+    """The weights of the layer file `block` (and `embed`, from layer 1's) was loaded from, taken
+    from the modules instead of the file: each tensor cast back to the dtype the file holds it in,
+    in the file's order, on the modules' device (the same tensor where the dtype is the file's). The
+    values are the file's exactly once `loaded_weights_problem` is None (the module's dtype holds
+    every value of the file's). No head: the fused model's is the last layer's, read whole."""
+    state = block.state_dict()
+    out = LayerWeights(
+        block={n: state[n].detach().to(d) for n, d in dtypes.items()}, frozen_sha256=frozen_sha256, head={}
+    )
+    if embed is not None and embed_dtypes is not None:
+        e = embed.state_dict()
+        out.embed = {n: e[n].detach().to(d) for n, d in embed_dtypes.items()}
+    return out
 
 
 def _check_top(cfg: ModelConfig, k: int, top: Mapping[int, TopBlock]) -> None:

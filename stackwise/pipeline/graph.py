@@ -6,14 +6,21 @@ For each stage: what it needs, whether it is already complete (then it is skippe
 it, and for a layer stage cache its activations for the next one. Which stages a `stage=` setting
 runs: stage.py. What "complete" means: state.py. How a Trainer is built: trainers.py. Who writes
 files: ranks.write_once. What is printed: console.py. Hooks for observers: events.py.
+
+Within one process (stage=all) nothing a stage just built is read back from its file: the weights a
+stage saved are kept (state.py `remember`) for the next stage and fusion, and a recomputing stage's
+frozen prefix (layers 1..k-1, on its device) is kept for the next stage and assembled into the fused
+model, each keyed by its layer file's identity (path, inode, size, mtime): a file replaced since is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
 import lightning as L
@@ -38,6 +45,8 @@ from stackwise.model.weights import (
     assembled_tensors,
     first_layer,
     fused_tensors,
+    loaded_weights,
+    loaded_weights_problem,
     next_layer,
 )
 from stackwise.pipeline import console
@@ -47,7 +56,7 @@ from stackwise.pipeline.inputs import StageInputs, resolve_store
 from stackwise.pipeline.memory import free_bytes, fusion_room, stage_device
 from stackwise.pipeline.ranks import world_size, write_once
 from stackwise.pipeline.stage import Stage, plan
-from stackwise.pipeline.state import ExperimentState, cache_root
+from stackwise.pipeline.state import ExperimentState, cache_root, file_identity
 from stackwise.pipeline.trainers import Trainers
 from stackwise.stages.base import StageModule
 from stackwise.stages.callbacks import FitTimes, RaiseIfFailed
@@ -74,9 +83,10 @@ class Pipeline:
         self.state = ExperimentState(run, self.paths, self.hashes, self.store)
         self.trainers = Trainers(run, self.paths, self.observers)
         self.inputs = StageInputs(run, self.paths)
-        # cache.store=recompute: the frozen layers built so far, k -> ((path, inode, size, mtime), block,
-        # embedding or None), so that stage k of a stage=all run reads layer k-1 only, not 1..k-1 again
-        self._prefix_layers: dict[int, tuple[tuple, Block, Embedding | None]] = {}
+        # cache.store=recompute: the frozen layers built so far, so that stage k of a stage=all run
+        # builds layer k-1 only (from the weights stage k-1 saved, kept in memory), not 1..k-1 again;
+        # fusion then assembles the fused model from them instead of reading every layer file
+        self._prefix_layers: dict[int, PrefixLayer] = {}
 
     def execute(self) -> None:
         self.trainers.check_node()  # a trainer key Lightning does not take stops here, before any work
@@ -85,8 +95,9 @@ class Pipeline:
             self.state.adopt(self.run.to_dict())
             run_stage = {"layer": self.layer_stage, "fusion": self.fusion_stage, "e2e": self.e2e_stage}
             for stage in self.stages:
-                if stage.kind != "layer":  # the frozen prefix's device memory goes to fusion / e2e
+                if stage.kind == "e2e":  # the frozen prefix's device memory goes to e2e (fusion uses it)
                     self._prefix_layers.clear()
+                    self.state.forget()
                 if torch.cuda.is_initialized():  # each record's peak_gpu_gib is its own stage's
                     torch.cuda.reset_peak_memory_stats()
                 run_stage[stage.kind](stage)
@@ -134,7 +145,8 @@ class Pipeline:
         top = self.run.layerwise.top_layers
         if stage.first:
             return first_layer(self.cfg, device, top)
-        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device, top)
+        check = not self.state.in_memory(stage.below.k)  # the weights stage k-1 saved in this process: drawn here
+        return next_layer(self.cfg, stage.k, self.run.layer_init, below, device, top, check)
 
     def layer_inputs(
         self, stage: Stage, below_head: str = "load"
@@ -146,12 +158,12 @@ class Pipeline:
             return self.inputs.tokens(stage, self.run.max_steps(stage.budget)), None, None, None
         if self.state.recomputes(stage):
             self.state.layer_stack(needed_by=stage, n=stage.below.k)  # made by these settings, in a chain
-            prefix = self.frozen_prefix(stage)
-            # the tied head's matrix, as stage 1's file holds it, in fp32 (a copy: the prefix's is frozen)
-            embed_weight = (
-                prefix.embed.weight.detach().to("cpu", torch.float32, copy=True) if self.cfg.tie_embeddings else None
-            )
+            # from memory when stage k-1 ran in this process; read once otherwise, for the prefix too
             below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
+            prefix = self.frozen_prefix(stage, below)
+            # the tied head's matrix, as stage 1's file holds it, in fp32, where the prefix is (the stage's
+            # device: the stage keeps a copy of its own there, no round trip through the host)
+            embed_weight = prefix.embed.weight.detach().to(torch.float32) if self.cfg.tie_embeddings else None
             return self.inputs.recomputed(stage), below, embed_weight, prefix
         below = self.state.load_layer(stage.below, needed_by=stage, head=below_head)[0]
         data = self.inputs.activations(stage, self.state.input_cache(stage.below, needed_by=stage))
@@ -166,30 +178,28 @@ class Pipeline:
             embed_weight = first.embed["weight"].float()  # built in fp32 as every module (the file may hold bf16)
         return data, below, embed_weight, None
 
-    def frozen_prefix(self, stage: Stage) -> FrozenPrefix:
-        """Layers 1..k-1 for a stage k that recomputes its input, on the stage's device. Each layer file
-        is read and built once per process (its frozen tensors regenerated and checked against the
-        file's checksum): stage k of a stage=all run reuses stage k-1's blocks and reads layer k-1 only.
-        A file the pipeline replaced is a new inode, so it is read again."""
+    def frozen_prefix(self, stage: Stage, below: LayerWeights | None = None) -> FrozenPrefix:
+        """Layers 1..k-1 for a stage k that recomputes its input, on the stage's device. Each layer is
+        built once per process: stage k of a stage=all run reuses stage k-1's blocks and builds
+        layer k-1 only, from `below` (layer k-1's weights, which the caller has: from memory when
+        stage k-1 saved them in this process, its frozen tensors then drawn without a checksum that
+        this process drew itself). A layer file read here has its frozen tensors regenerated and
+        checked against its checksum. A file the pipeline replaced is a new inode: read again."""
         device = stage_device(self.run, stage.budget)
         for k in range(1, stage.k):
-            path = self.paths.layer_ckpt(k)
-            st = path.stat()
-            key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-            if k in self._prefix_layers and self._prefix_layers[k][0] == key:
+            key = file_identity(self.paths.layer_ckpt(k))
+            if k in self._prefix_layers and self._prefix_layers[k].key == key:
                 continue
-            weights = art.load_layer_checkpoint(path, expect=self.state.layer_expect(Stage.layer(k)), head="skip")[0]
-            block = empty(lambda k=k: Block(self.cfg, k), device)  # built on the meta device: nothing drawn
-            weights.load_block(block)
-            embed = None
-            if k == 1:
-                embed = empty(lambda: Embedding(self.cfg), device)
-                embed.load_state_dict(weights.embed)
-            self._prefix_layers[k] = (key, block, embed)
+            if below is not None and k == stage.below.k:
+                weights = below
+            else:
+                weights = self.state.read_layer(Stage.layer(k), head="skip")[0]
+            check = not self.state.in_memory(k)  # weights read from the file: their frozen checksum is checked
+            self._prefix_layers[k] = PrefixLayer.build(self.cfg, k, weights, device, key, check)
         for k in [k for k in self._prefix_layers if k >= stage.k]:  # not below this stage
             del self._prefix_layers[k]
-        blocks = [self._prefix_layers[k][1] for k in range(1, stage.k)]
-        embed = self._prefix_layers[1][2]
+        blocks = [self._prefix_layers[k].block for k in range(1, stage.k)]
+        embed = self._prefix_layers[1].embed
         # each layer's output rounded as its cache would have stored it: stage k sees the same values
         return FrozenPrefix(embed, blocks, between=partial(round_trip, hidden_dtype=self.run.cache.dtype))
 
@@ -207,8 +217,11 @@ class Pipeline:
         # no wall time in the file: the same settings must give the same bytes
         meta = {"stage": stage.name, "k": stage.k, "config_hash": self.hashes["layer"], "model": self.cfg.to_dict()}
         meta.update(prev_sha256=below, **scores, steps=steps, tokens=self.tokens_seen(stage, steps))
+        digest: list[str] = []  # the writing rank's
         with timed(stage, f"layer_{stage.k}.pt saved ({dtype})"):
-            write_once(lambda: art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta))
+            write_once(lambda: digest.append(art.save_layer_checkpoint(self.paths.layer_ckpt(stage.k), weights, meta)))
+        # the next stage starts from these weights, fusion holds them: neither reads the file again
+        self.state.remember(stage, weights, meta, digest[0] if digest else None)
         self.saved(stage)
         self.record(stage, meta, seconds, resumed)
         self.state.drop_resume_point(stage)
@@ -289,18 +302,29 @@ class Pipeline:
         run, cfg, finetune = self.run, self.cfg, Stage.finetune(stage.k)
         if self.state.fusion_complete():
             log.info("stage fusion: complete, skipped")
+            self.drop_held()
             self.state.drop_resume_point(finetune)
             return
         metas = self.state.layer_stack(needed_by=stage)
         room = fusion_room(run)
-        room.refuse_finetune(run.fusion.finetune_steps)  # before fusion writes anything
+        if self._prefix_layers and not room.fits_check():  # the frozen prefix's memory goes to the fused model
+            self.drop_prefix()
+            room = fusion_room(run)
+        # the fine-tune comes once the prefix has gone into the fused model: its memory counts as free
+        held = self.prefix_bytes(room.bound)
+        (replace(room, free=room.free + held) if held and room.free is not None else room).refuse_finetune(
+            run.fusion.finetune_steps
+        )  # before fusion writes anything
         steps = max(1, run.fusion.finetune_steps)
         data = self.inputs.tokens(stage, steps)
         t0 = time.time()
         module, skipped, layout = None, None, {}
         if room.fits_check():
-            with timed(stage, f"fused model assembled on {room.device}"):
-                model = assemble(cfg, self.state.layers(needed_by=stage), device=room.device, layout=layout)
+            layers, drawn, source = self.fusion_layers()
+            with timed(stage, f"fused model assembled on {room.device} {source}"):
+                model = assemble(cfg, layers, device=room.device, layout=layout, drawn=drawn)
+            if held and run.fusion.finetune_steps > 0:
+                self.drop_prefix()  # what a stage's cycles (module <-> trainer) still hold of it, before the fine-tune
             optim = run.optim_for(finetune.budget)
             module = FullModelStage(cfg, optim, run.masking.weighting, steps, finetune.name, model)
             with timed(stage, "fused model scored"):
@@ -308,6 +332,7 @@ class Pipeline:
             if run.fusion.check:
                 check_fused(run, scores["val_loss"], metas[-1]["val_loss"])
         else:  # the fused model is the last stage's model by construction: its scores stand for it
+            self.drop_prefix()
             skipped = f"skipped: {room.why_not_check()}"
             log.warning("fusion check %s; fused/ records the last stage's validation scores", skipped)
             scores = {"val_loss": metas[-1]["val_loss"], "val_acc": metas[-1]["val_acc"]}
@@ -324,11 +349,13 @@ class Pipeline:
         if run.fusion.finetune_steps <= 0:
             with timed(stage, f"fused/ written from {source}"):
                 self.save_model(stage, self.paths.fused_dir, stream, meta)
+            self.drop_held()
             self.record(stage, meta, layer_seconds + time.time() - t0)
             return
         assert module is not None, "refuse_finetune lets a fine-tune through only where the model fits"
         fused = FusedWrite(self, stage, meta, layer_seconds, t0)
         fused.start(stream, source, self.background_write(source, layout, module))
+        self.drop_held()  # the stream is consumed: written, or copied to the host for the thread
         finetuned, resumed = self.finetune(finetune, module, data, fused)
         self.record(finetune, finetuned, layer_seconds + time.time() - t0, resumed)
         self.state.drop_resume_point(finetune)
@@ -347,6 +374,65 @@ class Pipeline:
             log.info("fused/ is written before the fine-tune: its %.2f GB host copy would not fit", nbytes / 1e9)
             return False
         return True
+
+    def fusion_layers(self) -> tuple[Iterator[LayerWeights], set[int], str]:
+        """layer_1 … layer_{L-m}'s weights for the fused model, each from this process's memory where
+        it holds exactly what the layer file there now holds, else read from the file (one at a time):
+        blocks 1..L-m-1 (and the embedding) from the frozen prefix that stage L-m ran
+        (cache.store=recompute), built from those files and cast back to their dtypes; layer L-m,
+        with its head and top segment, from the weights stage L-m saved. (the layers, those whose
+        frozen checksums this process already drew or checked, what they came from: for the log)"""
+        last = self.run.layer_stages
+        held: dict[int, PrefixLayer] = {}
+        for k in range(1, last):
+            entry = self._prefix_layers.pop(k, None)
+            if entry is None or entry.key != file_identity(self.paths.layer_ckpt(k)):
+                continue
+            problem = entry.problem()
+            if problem is None:
+                held[k] = entry
+            else:
+                log.info("stage fusion: layer %d is read from its file (%s)", k, problem)
+        self._prefix_layers.clear()  # what is not held goes now; the rest as it is copied in
+        kept = self.state.in_memory(last)
+        drawn = set(held) | (set(range(last, self.cfg.n_layers + 1)) if kept else set())
+        n = len(held) + kept
+        source = (
+            "from the trained layers in memory"
+            if n == last
+            else "from the layer files"
+            if n == 0
+            else f"from {n} trained layer{'s' * (n > 1)} in memory and {last - n} layer file{'s' * (last - n > 1)}"
+        )
+
+        def layers() -> Iterator[LayerWeights]:
+            for k in range(1, last + 1):
+                entry = held.pop(k, None)
+                if entry is not None:
+                    yield entry.weights()
+                else:
+                    yield self.state.read_layer(Stage.layer(k), head="load" if k == last else "skip")[0]
+                del entry  # its block, once copied into the fused model, is freed
+
+        return layers(), drawn, source
+
+    def prefix_bytes(self, device: torch.device) -> int:
+        """Bytes the frozen prefix holds on `device`."""
+        modules = [m for e in self._prefix_layers.values() for m in (e.block, e.embed) if m is not None]
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device == device]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def drop_prefix(self) -> None:
+        """Free the frozen prefix's memory (reference cycles of a finished stage's modules included)."""
+        self._prefix_layers.clear()
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def drop_held(self) -> None:
+        """Fusion is done with what the layer stages left in memory."""
+        self._prefix_layers.clear()
+        self.state.forget()
 
     def fused_stream(
         self, stage: Stage, module: FullModelStage | None, layout: FusedLayout, device: torch.device | str | None
@@ -575,3 +661,36 @@ def check_fused(run: RunConfig, fused_loss: float, stage_loss: float) -> None:
             f"stage's {stage_loss:.6f} by more than {rtol:g} relative; the layer checkpoints are inconsistent"
         )
     log.info("fusion check: fused val loss %.6f == last stage %.6f (rtol %g)", fused_loss, stage_loss, rtol)
+
+
+@dataclass
+class PrefixLayer:
+    """Layer k of a recomputing stage's frozen prefix, built from layer_k.pt (`key`: that file's
+    identity), with what fusion needs to take the file's weights back from it (`loaded_weights`)."""
+
+    key: tuple | None
+    block: Block
+    embed: Embedding | None  # layer 1's only
+    dtypes: dict[str, torch.dtype]  # the file's block tensors' dtypes, in its order
+    embed_dtypes: dict[str, torch.dtype] | None
+    frozen_sha256: str
+
+    @classmethod
+    def build(cls, cfg, k: int, weights: LayerWeights, device: torch.device, key: tuple | None, check: bool):
+        """`check`: regenerate the frozen tensors and check them against the file's checksum (False:
+        weights whose checksum this process drew itself; they are drawn on `device` all the same)."""
+        block = empty(lambda: Block(cfg, k), device)  # built on the meta device: nothing drawn
+        weights.load_block(block, check=check)
+        embed = None
+        if k == 1:
+            embed = empty(lambda: Embedding(cfg), device)
+            embed.load_state_dict(weights.embed)
+        dtypes = {n: t.dtype for n, t in weights.block.items()}
+        embed_dtypes = None if embed is None else {n: t.dtype for n, t in weights.embed.items()}
+        return cls(key, block, embed, dtypes, embed_dtypes, weights.frozen_sha256)
+
+    def problem(self) -> str | None:
+        return loaded_weights_problem(self.block, self.dtypes, self.embed, self.embed_dtypes)
+
+    def weights(self) -> LayerWeights:
+        return loaded_weights(self.block, self.dtypes, self.frozen_sha256, self.embed, self.embed_dtypes)

@@ -20,14 +20,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stackwise import artifacts as art
+from stackwise.artifacts.checkpoints import PROJ
+from stackwise.artifacts.messages import json_normal
 from stackwise.config import RunConfig
 from stackwise.data.cache.reader import ActivationCache, StaleCacheError
 from stackwise.errors import ArtifactError, ConfigError, StackWiseError
-from stackwise.model.weights import LayerWeights
+from stackwise.model.weights import LayerWeights, TopBlock
 from stackwise.pipeline.ranks import write_once
 from stackwise.pipeline.stage import Stage
 
 log = logging.getLogger("stackwise")
+
+
+def file_identity(path: Path) -> tuple[str, int, int, int] | None:
+    """(path, inode, size, mtime) of a file, None when it is not there. The pipeline only ever
+    replaces a file (a new inode), so an unchanged identity is the same bytes."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclass
+class KeptLayer:
+    """The weights this process last saved to layer_k.pt, as that file (and the files beside it)
+    were right after the save: `identity`."""
+
+    k: int
+    identity: tuple
+    weights: LayerWeights
+    meta: dict
 
 
 @dataclass
@@ -37,6 +60,10 @@ class LayerFound:
 
     weights: LayerWeights | None = None
     complete: bool = False
+
+
+def _copy(d: dict | None) -> dict | None:
+    return None if d is None else dict(d)
 
 
 def cache_root(run: RunConfig, store: str | None = None) -> Path | None:
@@ -59,6 +86,11 @@ class ExperimentState:
     def __init__(self, run: RunConfig, paths: art.ExperimentPaths, hashes: dict[str, str], store: str = "disk"):
         self.run, self.paths, self.hashes, self.store = run, paths, hashes, store
         self._sha256: dict[tuple[Path, int, int, int], str] = {}
+        # the weights of the layer file this process saved last: the next stage starts from them and
+        # fusion holds them, without reading (and checking) the file again. One layer only: the
+        # frozen layers below it live in the pipeline's frozen prefix (cache.store=recompute).
+        self._kept: KeptLayer | None = None
+        self._metas: dict[tuple, dict] = {}  # layer files' metadata, by file identity
 
     def sha256(self, path: Path) -> str:
         """sha256 of an artifact, read once per run: a stage asks for the same multi-GB layer file's
@@ -69,6 +101,66 @@ class ExperimentState:
         if key not in self._sha256:
             self._sha256[key] = art.sha256_file(path)
         return self._sha256[key]
+
+    # ------------------------------------------------------------------ weights kept in memory
+    def layer_identity(self, k: int) -> tuple | None:
+        """The identity of layer_k.pt and of the untied projection and top segment it keeps beside
+        it (None for one that is not there): what `load_layer_checkpoint` would read."""
+        path = self.paths.layer_ckpt(k)
+        own = file_identity(path)
+        if own is None:
+            return None
+        return own, file_identity(self.paths.head_file(k)), file_identity(self.paths.top_file(k))
+
+    def remember(self, stage: Stage, weights: LayerWeights, meta: dict, sha256: str | None = None) -> None:
+        """`weights` and `meta` were just written to layer_k.pt (`sha256`: its digest, where this rank
+        wrote it): later reads of that file, unchanged, are served from memory. Replaces the layer
+        kept before."""
+        path = self.paths.layer_ckpt(stage.k)
+        identity = self.layer_identity(stage.k)
+        if weights.top:  # in the order the file's top segment reads back in (safetensors: by name)
+            top = {
+                j: TopBlock({n: b.block[n] for n in sorted(b.block)}, b.frozen_sha256)
+                for j, b in sorted(weights.top.items())
+            }
+            weights = LayerWeights(weights.block, weights.frozen_sha256, weights.head, weights.embed, top)
+        self._kept = None if identity is None else KeptLayer(stage.k, identity, weights, json_normal(meta))
+        if identity is not None and sha256 is not None:
+            _, ino, size, mtime = identity[0]
+            self._sha256[(path, ino, size, mtime)] = sha256
+
+    def forget(self) -> None:
+        self._kept = None
+
+    def in_memory(self, k: int) -> bool:
+        """Whether layer_k.pt's weights are the ones this process saved to it (the file unchanged since)."""
+        kept = self._kept
+        return kept is not None and kept.k == k and kept.identity == self.layer_identity(k)
+
+    def kept_layer(self, k: int, head: str = "load") -> tuple[LayerWeights, dict] | None:
+        """What `load_layer_checkpoint(layer_k.pt, head=head)` returns, from memory (None: read it):
+        the same tensors (the file was written from them), without the untied projection and top
+        segment for head="skip". The dicts are new, the tensors shared: readers copy them, never
+        write into them."""
+        if not self.in_memory(k):
+            return None
+        w = self._kept.weights
+        if head == "skip":
+            head_state = {n: t for n, t in w.head.items() if n != PROJ}
+            weights = LayerWeights(dict(w.block), w.frozen_sha256, head_state, _copy(w.embed), None)
+        else:
+            weights = LayerWeights(dict(w.block), w.frozen_sha256, dict(w.head), _copy(w.embed), _copy(w.top))
+        return weights, dict(self._kept.meta)
+
+    def read_layer(self, stage: Stage, head: str = "load") -> tuple[LayerWeights, dict]:
+        """layer_k.pt's weights and meta, checked as made by these settings: from memory when it is
+        the file this process saved last, else read (and checked) from the file."""
+        path = self.paths.layer_ckpt(stage.k)
+        kept = self.kept_layer(stage.k, head)
+        if kept is None:
+            return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head=head)
+        art.check_expected(path, kept[1], self.layer_expect(stage))
+        return kept
 
     # ------------------------------------------------------------------ the folder as a whole
     def create(self) -> None:
@@ -226,7 +318,20 @@ class ExperimentState:
                 f"{needed_by.command} needs {path}, which does not exist: run {stage.command} first"
                 + (" (or stage=all)" if needed_by.kind == "fusion" else "")
             )
-        return art.load_layer_checkpoint(path, expect=self.layer_expect(stage), head=head)
+        return self.read_layer(stage, head)
+
+    def layer_meta(self, path: Path) -> dict:
+        """A layer file's metadata, read once per file identity (every later stage checks the stack
+        below it): the kept layer's from memory."""
+        identity = file_identity(path)
+        kept = self._kept
+        if kept is not None and identity is not None and kept.identity[0] == identity:
+            return dict(kept.meta)
+        if identity is None:
+            return art.read_layer_meta(path)  # the one-line error naming it
+        if identity not in self._metas:
+            self._metas[identity] = art.read_layer_meta(path)
+        return dict(self._metas[identity])
 
     def layer_stack(self, needed_by: Stage, n: int | None = None) -> list[dict]:
         """The metadata of layer_1.pt … layer_n.pt (n = the last layer stage, L-m: fusion; k-1: the
@@ -237,7 +342,7 @@ class ExperimentState:
             stage, path = Stage.layer(k), self.paths.layer_ckpt(k)
             if not path.exists():
                 self.load_layer(stage, needed_by)  # the one-line error naming the command that writes it
-            meta = art.read_layer_meta(path)
+            meta = self.layer_meta(path)
             art.check_expected(path, meta, self.layer_expect(stage))
             problem = self.chain_problem(stage, meta)
             if problem:
@@ -252,10 +357,7 @@ class ExperimentState:
         needs neither."""
         last = self.run.layer_stages
         for k in range(1, (last if n is None else n) + 1):
-            path = self.paths.layer_ckpt(k)
-            yield art.load_layer_checkpoint(
-                path, expect=self.layer_expect(Stage.layer(k)), head="load" if k == last else "skip"
-            )[0]
+            yield self.read_layer(Stage.layer(k), head="load" if k == last else "skip")[0]
 
     def input_cache(self, stage: Stage, needed_by: Stage) -> ActivationCache:
         """acts_layer{k} as the input of `needed_by`: it must be complete."""
