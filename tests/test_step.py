@@ -10,6 +10,7 @@ their cadence. The CUDA test at the end runs a whole step under torch.cuda.set_s
 
 from __future__ import annotations
 
+from datetime import timedelta
 from types import SimpleNamespace
 
 import lightning as L
@@ -28,10 +29,12 @@ from stackwise.errors import ConfigError
 from stackwise.model.config import ModelConfig
 from stackwise.model.weights import LayerWeights, first_layer
 from stackwise.objective.loss import LinearHead, chunk_rows_for, masked_loss, masked_positions
+from stackwise.pipeline.stage import Stage
 from stackwise.pipeline.trainers import Trainers
 from stackwise.stages.base import NonFiniteLossError
 from stackwise.stages.callbacks import (
     AtomicCheckpointIO,
+    StageCheckpoint,
     StepProgressBar,
     async_checkpoint_io,
     token_throughput_monitor,
@@ -388,6 +391,56 @@ def test_background_checkpoints_on_a_gpu_only(make_run, tmp_path):
         type(Trainers(run, art.ExperimentPaths(run.exp_dir))._checkpoint_io({"accelerator": "cpu"}))
         is AsyncCheckpointIO
     )
+
+
+def test_mid_stage_checkpoints_by_training_time_on_a_gpu_by_steps_on_the_cpu(make_run, tmp_path):
+    """step.checkpoint_minutes: auto = every CHECKPOINT_MINUTES of training on a GPU, every
+    val_check_interval steps on the CPU; a number picks the minutes, 0 the steps."""
+    run = make_run("trainer.val_check_interval=7")
+    make = Trainers(run, art.ExperimentPaths(run.exp_dir))._checkpoint
+
+    cpu = make(Stage.layer(1), {"accelerator": "cpu", "val_check_interval": 7})
+    assert cpu._every_n_train_steps == 7 and cpu._train_time_interval is None
+    gpu = make(Stage.layer(1), {"accelerator": "gpu", "val_check_interval": 7})
+    assert gpu._every_n_train_steps == 0
+    assert gpu._train_time_interval == timedelta(minutes=StepConfig.CHECKPOINT_MINUTES)
+    run = make_run("step.checkpoint_minutes=0")
+    steps = Trainers(run, art.ExperimentPaths(run.exp_dir))._checkpoint(Stage.layer(1), {"accelerator": "gpu"})
+    assert steps._train_time_interval is None and steps._every_n_train_steps > 0
+    with pytest.raises(ConfigError, match=r"step.checkpoint_minutes: must be a number of minutes >= 0"):
+        make_run("step.checkpoint_minutes=-1")
+
+
+def test_a_time_based_checkpoint_is_written_by_the_clock_never_at_the_last_step(tmp_path, monkeypatch):
+    """A StageCheckpoint with a training-time interval saves when that much time has passed (the
+    clock is stepped by 10 minutes a batch here), holds the weights of its step, and none is saved at
+    the last step (the stage writes its own artifact then)."""
+    now = [0.0]
+    monkeypatch.setattr("lightning.pytorch.callbacks.model_checkpoint.time.monotonic", lambda: now[0])
+    saved = []
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, module, *_):
+            now[0] += 600.0  # before the checkpoint callback's own hook (callbacks run in order)
+
+    class Spy(StageCheckpoint):
+        def _save_last_checkpoint(self, trainer, monitor_candidates):
+            saved.append(trainer.global_step)
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    ckpt = Spy(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, train_time_interval=timedelta(minutes=25))
+    trainer = L.Trainer(
+        max_steps=9,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Clock(), ckpt],
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(BoringModel())
+    assert saved == [3, 6], saved  # 30 and 60 minutes in; step 9 (90) is the last: nothing then
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
 # ------------------------------------------------------------------------------ CUDA only

@@ -230,12 +230,26 @@ class StepConfig(Structured):
     # mid-stage checkpoints written by a background thread (training goes on meanwhile; the file
     # still appears atomically, complete or not at all); auto = when training on a GPU
     async_checkpoints: Any = "auto"
+    # minutes between mid-stage checkpoints, counted in training time (Lightning's
+    # train_time_interval) instead of every trainer.val_check_interval steps; 0 = by steps; auto =
+    # CHECKPOINT_MINUTES on a GPU, by steps on the CPU (whose tests resume at an exact step). On one
+    # H200 at the seed's sizes, e2e's checkpoints every 40 steps (fp32 weights and AdamW state) took
+    # ~110 s of a 211 s fit (benchmarks/RESULTS.md, "Fifth lease set")
+    checkpoint_minutes: Any = "auto"
+
+    CHECKPOINT_MINUTES = 30.0
 
     # Measured on one H200 at the seed's sizes (benchmarks/RESULTS.md, "Third lease set"): a compiled
     # block steps 1.10x faster (0.082 -> 0.075 s for a layer stage at 8 x 2048, 0.65 s -> ~0.59 s for
     # e2e with 8 layers), and compiling costs a process ~27 s of inductor start-up plus ~16 s a stage.
     # Below ~1000 steps (~600 for e2e, ~3000 for a layer stage) it does not pay back.
     COMPILE_MIN_STEPS = 1000
+
+    def checkpoint_interval(self, on_gpu: bool) -> float:
+        """Minutes of training between mid-stage checkpoints; 0 = every val_check_interval steps."""
+        if self.checkpoint_minutes == "auto":
+            return self.CHECKPOINT_MINUTES if on_gpu else 0.0
+        return float(self.checkpoint_minutes)
 
     def compiles(self, on_cuda: bool, sharded: bool, steps: int) -> bool:
         """Whether a stage of `steps` optimizer steps compiles its blocks."""
@@ -250,6 +264,12 @@ class StepConfig(Structured):
             ("async_checkpoints", "auto = on a GPU"),
         ):
             _switch(self, name, what)
+        m = self.checkpoint_minutes
+        check(
+            m == "auto" or (is_number(m) and m >= 0),
+            self.key("checkpoint_minutes"),
+            f"must be a number of minutes >= 0 (0 = every trainer.val_check_interval steps) or auto, got {m!r}",
+        )
         n = self.loss_chunk
         check(
             n == "auto" or (is_int(n) and n >= 0),

@@ -179,11 +179,16 @@ class Trainers:
         return start.get("step", 0)
 
     def _checkpoint(self, stage: Stage, node: dict) -> StageCheckpoint:
+        """Mid-stage checkpoints every `step.checkpoint_minutes` of training on a GPU (a large stage's
+        weights and AdamW state are GBs: written every 40 steps they stall the fit even on a thread),
+        else every `trainer.val_check_interval` steps."""
+        common = dict(dirpath=self.paths.stage_ckpt_dir(stage.name), save_last=True, save_top_k=0)
+        minutes = self.run.step.checkpoint_interval(on_gpu(node))
+        if minutes > 0:
+            return StageCheckpoint(**common, train_time_interval=timedelta(minutes=minutes))
         every = node.get("val_check_interval")
         every = every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else CHECKPOINT_EVERY
-        return StageCheckpoint(
-            dirpath=self.paths.stage_ckpt_dir(stage.name), save_last=True, save_top_k=0, every_n_train_steps=every
-        )
+        return StageCheckpoint(**common, every_n_train_steps=every)
 
     def _checkpoint_io(self, node: dict) -> CheckpointIO:
         """Atomic checkpoint files; written in the background where a synchronous write of a large
@@ -191,8 +196,7 @@ class Trainers:
         is exactly the one of its last save step, as tests/test_resume.py expects)."""
         background = self.run.step.async_checkpoints
         if background == "auto":
-            accelerator = str(node.get("accelerator", "auto"))
-            background = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+            background = on_gpu(node)
         return async_checkpoint_io() if background else AtomicCheckpointIO()
 
     def _logger(self, stage: Stage):
@@ -242,6 +246,12 @@ class Trainers:
         module.eval()
         trainer = self.plain(callbacks=[writer, *self._observer_callbacks(stage)])
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
+
+
+def on_gpu(node: dict) -> bool:
+    """Whether a trainer node places its stage on a GPU (`accelerator` gpu / cuda, or auto with one)."""
+    accelerator = str(node.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def ema_callbacks(optim: OptimConfig, sharded: bool) -> list[Callback]:
