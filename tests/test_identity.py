@@ -47,6 +47,7 @@ VALID_OTHER = {
     "step.fused_adamw": True,
     "step.loss_chunk": 512,
     "step.async_checkpoints": True,
+    "step.checkpoint_minutes": 5,
     "sample.strategy": "margin",
     "sample.schedule": "cosine",
     "sample.top_p": 0.5,
