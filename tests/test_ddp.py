@@ -148,6 +148,7 @@ RANKS_RUN = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "fusion.finetune_steps=2",
+    "data.num_workers=0",  # the correctness of the placements: loader workers under DDP are test_cli.py's (hardware=ddp, 4 a rank)
 ]
 PLACEMENTS = {
     "one": ["trainer.devices=1"],
