@@ -352,6 +352,21 @@ def test_progress_bar_reads_the_logged_metrics_only_at_the_logging_cadence(tmp_p
     assert bar.train_progress_bar.n == 12 and "step 12/12" in str(bar.train_progress_bar)
 
 
+def _fit_boring(tmp_path, max_steps: int, callbacks: list, plugins: list | None = None) -> None:
+    """Lightning's BoringModel trained `max_steps` steps, no validation, no logger."""
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        plugins=plugins or [],
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(BoringModel())
+
+
 def test_background_checkpoints_hold_the_weights_of_their_step(tmp_path):
     """Written by a thread while training goes on, each file still holds the weights of its step
     (snapshot on the training thread), complete, and no temporary file is left behind."""
@@ -362,17 +377,7 @@ def test_background_checkpoints_hold_the_weights_of_their_step(tmp_path):
             seen[trainer.global_step] = {k: v.clone() for k, v in module.state_dict().items()}
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=2, filename="{step}")
-    trainer = L.Trainer(
-        max_steps=6,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[Remember(), ckpt],
-        plugins=[async_checkpoint_io()],
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(BoringModel())
+    _fit_boring(tmp_path, 6, [Remember(), ckpt], plugins=[async_checkpoint_io()])
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["step=2.ckpt", "step=4.ckpt", "step=6.ckpt"], files
     for step in (2, 4, 6):
@@ -429,16 +434,7 @@ def test_a_time_based_checkpoint_is_written_by_the_clock_never_at_the_last_step(
             super()._save_last_checkpoint(trainer, monitor_candidates)
 
     ckpt = Spy(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, train_time_interval=timedelta(minutes=25))
-    trainer = L.Trainer(
-        max_steps=9,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[Clock(), ckpt],
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(BoringModel())
+    _fit_boring(tmp_path, 9, [Clock(), ckpt])
     assert saved == [3, 6], saved  # 30 and 60 minutes in; step 9 (90) is the last: nothing then
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
 
