@@ -69,3 +69,16 @@ def sdpa(
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, dk)
         v = v.repeat_interleave(groups, dim=1)  # (B, H, S, dv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `device_type` now, or None when autocast is off there.
+    torch.get_autocast_dtype / is_autocast_enabled(device_type): torch 2.4; the per-device getters before."""
+    if hasattr(torch, "get_autocast_dtype"):
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None

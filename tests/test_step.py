@@ -27,7 +27,8 @@ from stackwise.compat import RMSNorm
 from stackwise.config import OptimConfig, StepConfig
 from stackwise.errors import ConfigError
 from stackwise.model.config import ModelConfig
-from stackwise.model.weights import LayerWeights, first_layer
+from stackwise.model.transformer import Block, Head
+from stackwise.model.weights import LayerModules, LayerWeights, first_layer
 from stackwise.objective.loss import LinearHead, chunk_rows_for, masked_loss, masked_positions
 from stackwise.pipeline.stage import Stage
 from stackwise.pipeline.trainers import Trainers
@@ -128,6 +129,59 @@ def test_chunked_head_under_bf16_autocast_stays_close():
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-3, atol=0)
     for a, b in zip(ref_grads, got_grads, strict=True):
         torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-3)
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile: torch >= 2.0")
+@pytest.mark.parametrize("weighting", ["mean", "elbo"])
+@pytest.mark.parametrize("chunk", [7, 4096])  # several chunks; one chunk holding every row
+def test_fused_chunk_kernel_gives_the_eager_loss_and_gradients(weighting, chunk):
+    """`fused=True` (what a compiled stage runs): the compiled per-chunk kernel, for real (inductor on
+    the CPU), gives the eager loop's loss, counts and gradients, in fp32 and under bf16 autocast,
+    with a trained and with a frozen head matrix."""
+    batch = batch_for()
+    hidden = torch.randn(B, T, D)
+    head = LinearHead(*head_pair())
+    frozen = LinearHead(head.features, head.weight.detach())
+    index = masked_positions(batch["mask"])
+    for h in (head, frozen):
+        ref, ref_grads = loss_and_grads(hidden, batch, h, weighting, index=index, chunk_rows=chunk)
+        got, got_grads = loss_and_grads(hidden, batch, h, weighting, index=index, chunk_rows=chunk, fused=True)
+        assert torch.equal(got.n_correct, ref.n_correct) and torch.equal(got.n_masked, ref.n_masked)
+        torch.testing.assert_close(got.loss, ref.loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.ce_sum, ref.ce_sum, rtol=1e-6, atol=0)
+        for a, b in zip(ref_grads, got_grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_grads = loss_and_grads(hidden, batch, head, weighting, chunk_rows=chunk)
+        got, got_grads = loss_and_grads(hidden, batch, head, weighting, chunk_rows=chunk, fused=True)
+    assert got_grads[1].dtype == torch.float32  # the fp32 master weight's gradient
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=0)
+    for a, b in zip(ref_grads, got_grads, strict=True):  # bf16 gradients of the logits: rounding apart
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
+
+
+def test_a_frozen_tied_head_is_cast_once_under_autocast():
+    """A later stage's frozen stage-1 matrix: under autocast the head gets one cached cast of it (the
+    values autocast would give), a new one after the module moves, and the fp32 buffer without autocast."""
+    cfg = tiny_cfg(vocab_size=V)
+    stage = LayerwiseStage(
+        cfg,
+        LayerModules(Block(cfg, 2), Head(cfg)),
+        OptimConfig(),
+        "mean",
+        4,
+        "layer_2",
+        embed_weight=torch.randn(cfg.vocab_size, cfg.d_model),
+    )
+    assert stage.linear_head().weight is stage.embed_weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w1, w2 = stage.linear_head().weight, stage.linear_head().weight
+    assert w1.dtype == torch.bfloat16 and w1 is w2
+    assert torch.equal(w1, stage.embed_weight.to(torch.bfloat16))
+    stage.to(torch.float64)  # replaces the buffer: the cast made from the old one is dropped
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w3 = stage.linear_head().weight
+    assert w3 is not w1 and torch.equal(w3, stage.embed_weight.to(torch.bfloat16))
 
 
 def test_auto_chunks_only_large_vocabularies():

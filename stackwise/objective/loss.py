@@ -19,6 +19,12 @@ and their gradient as much again. With `chunk_rows` and a head given as a `Linea
 projection and the cross-entropy run over chunks of rows, and each chunk's gradient is taken at once
 (its logits are freed before the next chunk), so no more than one chunk's logits ever exist and no
 matmul is recomputed. The loss and the gradients are the full path's up to summation order.
+
+`fused`: each chunk's softmax, cross-entropy, argmax and gradient run as one `torch.compile`d
+function (`_fused_chunk`: a reduction over each row and one pass writing the half-precision
+gradient) instead of ~10 eager passes over an (n, V) fp32 tensor. At a 128k vocabulary those passes
+were 23 % of a layer stage's step on an H200 (benchmarks/profile_step.py). A stage uses it when it
+compiles its blocks (`step.compile`); every other run keeps the eager loop below.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stackwise.compat import autocast_dtype
 from stackwise.objective.masking import WEIGHTINGS
 
 # `auto` chunks (StepConfig.loss_chunk): at most this many fp32 logits per chunk (1 GiB). Fewer,
@@ -82,6 +89,7 @@ def masked_loss(
     *,
     index: Tensor | None = None,
     chunk_rows: int = 0,
+    fused: bool = False,
 ) -> LossOut:
     """hidden (B, T, D), targets (B, T) long, mask (B, T) bool, t (B,); head_fn: (N, D) -> (N, V), or a LinearHead.
 
@@ -89,6 +97,7 @@ def masked_loss(
     padding is never masked). None means the batch has no padding.
     index: `masked_positions(mask)` when already known (on the host), for a gather without a sync.
     chunk_rows: > 0 runs a LinearHead head over chunks of that many rows when there are more rows.
+    fused: with chunk_rows > 0, the chunked path (one chunk if the rows fit) with its compiled kernel.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
@@ -109,9 +118,9 @@ def masked_loss(
         t_pos = t32[:, None].expand(B, T)[mask] if index is None else t32.index_select(0, index // T)  # (N,)
         t_pos = t_pos.clamp_min(1e-6)
 
-    if isinstance(head_fn, LinearHead) and 0 < chunk_rows < h.shape[0]:
+    if isinstance(head_fn, LinearHead) and chunk_rows > 0 and (chunk_rows < h.shape[0] or fused):
         total, ce_sum, n_correct = chunked_linear_cross_entropy(
-            head_fn.features(h), head_fn.weight, tgt, t_pos, chunk_rows
+            head_fn.features(h), head_fn.weight, tgt, t_pos, chunk_rows, fused=fused
         )
     else:
         logits = (head_fn.logits(h) if isinstance(head_fn, LinearHead) else head_fn(h)).float()  # (N, V)
@@ -126,22 +135,30 @@ def masked_loss(
 
 
 def chunked_linear_cross_entropy(
-    x: Tensor, weight: Tensor, targets: Tensor, divisor: Tensor | None, chunk_rows: int
+    x: Tensor, weight: Tensor, targets: Tensor, divisor: Tensor | None, chunk_rows: int, fused: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """sum_i CE(x_i W^T, targets_i) / divisor_i over chunks of `chunk_rows` rows (divisor None = 1).
 
     x (N, D), weight (V, D), targets (N,) long, divisor (N,) fp32. Returns (total: differentiable
     w.r.t. x and weight, ce_sum: the undivided CE sum, n_correct: rows whose argmax is the target).
     Logits are taken in the precision F.linear gives under the ambient autocast and promoted to
-    fp32 for the softmax, as in the unchunked path.
+    fp32 for the softmax, as in the unchunked path. `fused`: the gradient's chunks through the
+    compiled `_fused_chunk` (without a gradient to take, the eager loop runs).
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCE.apply(x, weight, targets, divisor, chunk_rows)
+        return _ChunkedLinearCE.apply(x, weight, targets, divisor, chunk_rows, fused)
     return _chunks(x, weight, targets, divisor, chunk_rows, need_x=False, need_w=False)[:3]
 
 
 def _chunks(
-    x: Tensor, weight: Tensor, targets: Tensor, divisor: Tensor | None, chunk_rows: int, need_x: bool, need_w: bool
+    x: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    divisor: Tensor | None,
+    chunk_rows: int,
+    need_x: bool,
+    need_w: bool,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """(total, ce_sum, n_correct, d total / d x, d total / d weight in fp32), one chunk of logits at a time."""
     grad_x = torch.empty_like(x) if need_x else None  # (N, D)
@@ -149,12 +166,25 @@ def _chunks(
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=x.device)
     n_correct = torch.zeros((), dtype=torch.long, device=x.device)
-    w_lo = None  # weight in the logits' dtype, for the gradient matmuls
+    # the weight in the logits' dtype, cast once for every chunk and the gradient matmuls (autocast
+    # would cast it again in each chunk's F.linear: 2 GB read per cast at a 128k vocabulary)
+    low = autocast_dtype(x.device.type)
+    w_lo = weight.to(low) if low is not None and weight.dtype != low else weight  # (V, D)
     for s in range(0, x.shape[0], chunk_rows):
         xs, ts = x[s : s + chunk_rows], targets[s : s + chunk_rows]  # (n, D), (n,)
-        logits = F.linear(xs, weight if w_lo is None else w_lo)  # (n, V), bf16 under bf16 autocast
-        if w_lo is None:
-            w_lo = weight.to(logits.dtype)
+        logits = F.linear(xs, w_lo)  # (n, V), bf16 under bf16 autocast
+        if fused and (need_x or need_w):
+            div = None if divisor is None else divisor[s : s + chunk_rows]
+            ce, correct, grad = fused_chunk_kernel()(logits, ts, div)  # (n,), (n,), (n, V) in w_lo's dtype
+            del logits
+            n_correct += correct.sum()
+            ce_sum += ce.sum()
+            total += ce.sum() if div is None else (ce / div).sum()
+            if need_x:
+                grad_x[s : s + chunk_rows] = grad @ w_lo  # (n, D)
+            if need_w:
+                grad_w += grad.t() @ xs.to(w_lo.dtype)  # (V, D)
+            continue
         n_correct += (logits.argmax(-1) == ts).sum()
         logp = F.log_softmax(logits.float(), dim=-1)  # (n, V) fp32
         del logits
@@ -181,9 +211,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
     the output is a scalar, so backward only scales the stored gradients by the incoming one."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, divisor: Tensor | None, chunk_rows: int):
+    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, divisor: Tensor | None, chunk_rows: int, fused: bool):
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total, ce_sum, n_correct, grad_x, grad_w = _chunks(
-            x, weight, targets, divisor, chunk_rows, need_x=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1]
+            x, weight, targets, divisor, chunk_rows, need_x=need_x, need_w=need_w, fused=fused
         )
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -195,4 +226,31 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         gx = None if grad_x is None else grad_x * grad_total.to(grad_x.dtype)
         gw = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
-        return gx, gw, None, None, None
+        return gx, gw, None, None, None, None
+
+
+def _fused_chunk(logits: Tensor, targets: Tensor, divisor: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's (ce (n,) fp32, correct (n,) bool, d sum(ce / divisor) / d logits (n, V) in logits' dtype),
+    written for torch.compile: the eager loop's math (log-softmax in fp32, softmax minus the one-hot
+    target, divided as the row is) as a row reduction and one pointwise pass, without in-place ops."""
+    lf = logits.float()  # (n, V)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # (n, 1)
+    ce = (lse - lf.gather(1, targets[:, None])).squeeze(1)  # (n,)
+    correct = logits.argmax(-1) == targets  # (n,)
+    p = torch.exp(lf - lse)  # (n, V) softmax
+    hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]  # (n, V) one-hot
+    grad = torch.where(hit, p - 1.0, p)
+    if divisor is not None:
+        grad = grad / divisor[:, None]
+    return ce, correct, grad.to(logits.dtype)
+
+
+_FUSED_CHUNK: Callable | None = None
+
+
+def fused_chunk_kernel() -> Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]:
+    """`_fused_chunk` compiled once per process (dynamic shapes: a chunk's row count varies with the batch)."""
+    global _FUSED_CHUNK
+    if _FUSED_CHUNK is None:
+        _FUSED_CHUNK = torch.compile(_fused_chunk, dynamic=True)
+    return _FUSED_CHUNK

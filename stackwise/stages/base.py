@@ -60,6 +60,8 @@ class StageModule(L.LightningModule, abc.ABC):
         self._bad_step: Tensor | None = None
         self._bad_loss: Tensor | None = None
         self._checked_at = -1
+        # the head's cross-entropy through its compiled kernel (objective/loss.py): set with compile_blocks
+        self.fused_loss = False
 
     # ------------------------------------------------------------------ what a stage defines
     @abc.abstractmethod
@@ -135,6 +137,7 @@ class StageModule(L.LightningModule, abc.ABC):
             pad_id=self.cfg.pad_id,
             index=batch.get("mask_index"),
             chunk_rows=chunk_rows_for(self.step_config.loss_chunk, self.cfg.vocab_size),
+            fused=self.fused_loss,
         )
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -328,7 +331,8 @@ class StageModule(L.LightningModule, abc.ABC):
 
     def compile_blocks(self) -> None:
         """torch.compile each block's forward, in place (nn.Module.compile): the modules, and so
-        every state dict and checkpoint, keep their names; compilation happens at the first call."""
+        every state dict and checkpoint, keep their names; compilation happens at the first call.
+        The head's chunked cross-entropy then runs its compiled kernel too (`fused_loss`)."""
         if not hasattr(nn.Module, "compile"):
             raise ConfigError(
                 "step.compile", f"true needs torch >= 2.2 (nn.Module.compile), this is {torch.__version__}"
@@ -336,6 +340,7 @@ class StageModule(L.LightningModule, abc.ABC):
         for block in self.blocks():
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile()
+        self.fused_loss = True
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

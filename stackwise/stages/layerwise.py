@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from stackwise.compat import autocast_dtype
 from stackwise.config import OptimConfig
 from stackwise.model.config import ModelConfig
 from stackwise.model.prefix import FrozenPrefix
@@ -59,6 +60,7 @@ class LayerwiseStage(StageModule):
                 raise ValueError("a tied layer stage after stage 1 needs stage 1's embedding matrix")
             # frozen, not a parameter: no optimizer ever sees it; not persistent: it lives in layer_1.pt
             self.register_buffer("embed_weight", embed_weight.detach().clone(), persistent=False)
+        self._embed_cast: tuple[Tensor | None, Tensor | None] = (None, None)  # see _frozen_embed
 
     @property
     def k(self) -> int:
@@ -122,5 +124,24 @@ class LayerwiseStage(StageModule):
     def linear_head(self) -> LinearHead:
         embed = None
         if self.cfg.tie_embeddings:
-            embed = self.embed.weight if self.embed is not None else self.embed_weight
+            embed = self.embed.weight if self.embed is not None else self._frozen_embed()
         return LinearHead(*self.head.as_linear(embed))
+
+    def _frozen_embed(self) -> Tensor:
+        """Stage 1's frozen matrix (V, D), in autocast's dtype when autocast is on: cast once per stage
+        instead of in every step (the cast autocast would make gives the same values; at a 128k
+        vocabulary it reads 2 GB each time)."""
+        w = self.embed_weight
+        low = autocast_dtype(w.device.type)
+        if low is None or low == w.dtype:
+            return w
+        src, cast = self._embed_cast
+        if src is not w or cast.dtype != low:  # a new buffer (moved, replaced) or another autocast dtype
+            cast = w.detach().to(low)
+            self._embed_cast = (w, cast)
+        return cast
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace the buffer: drop the cast made from the old one with it
+        self._embed_cast = (None, None)
+        return super()._apply(fn, *args, **kwargs)
