@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,18 @@ def logged_rate(exp_dir: Path, run: str, tag_part: str = "items_per_sec", exclud
     return {"tokens_per_s": statistics.median(steady) if steady else None, "windows": len(values), "tags": sorted(tags)}
 
 
+def remove_run(exp_dir: Path, overrides: list[str]) -> None:
+    """Delete a finished run's experiment folder and its RAM caches (cache.store=memory keeps them in
+    <cache.memory_dir>/stackwise/<name>-<hash>/ until deleted): a sweep over stores and depths at the
+    seed's sizes writes tens of GB per run, more than a GPU host's disk holds."""
+    memory_dir = next(
+        (o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("cache.memory_dir=")), "/dev/shm"
+    )
+    for ram in (Path(memory_dir) / "stackwise").glob(f"{exp_dir.name}-*"):
+        shutil.rmtree(ram, ignore_errors=True)
+    shutil.rmtree(exp_dir, ignore_errors=True)
+
+
 def compute_only(preset: list[str], B: int, T: int, steps: int) -> dict[str, Any]:
     """The same layer stage's step on a batch already on the device, and the Hugging Face peer."""
     import run as bench  # benchmarks/run.py
@@ -170,6 +183,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="all,e2e",
         help="which sides of the all part run (all, e2e): one side per GPU of a 2-GPU lease, in two processes",
     )
+    ap.add_argument(
+        "--embed-steps",
+        type=int,
+        default=None,
+        help="stage 1's steps in the feed part (default: a quarter of --layer-steps)",
+    )
+    ap.add_argument(
+        "--keep-runs",
+        action="store_true",
+        help="keep each all/e2e run's folder (and its RAM caches) after its figures are read; by default "
+        "they are deleted, so that a sweep of stores does not fill the disk",
+    )
     ap.add_argument("--finetune-steps", type=int, default=8)
     ap.add_argument("--disk-gb", type=float, default=4.0)
     ap.add_argument("--output-root", default=None, help="where the runs write (default: a temporary folder)")
@@ -198,7 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "feed" in parts:
         name = f"feed_{args.batch_size}x{args.seq_len}"
-        feed = [*base, f"name={name}", f"trainer.max_steps={args.layer_steps}", "layerwise.embed_budget=0.25"]
+        embed_budget = 0.25 if args.embed_steps is None else args.embed_steps / args.layer_steps
+        feed = [
+            *base,
+            f"name={name}",
+            f"trainer.max_steps={args.layer_steps}",
+            f"layerwise.embed_budget={embed_budget}",
+        ]
         if args.preset != "small":
             # the steady state of a long stage, which step.compile=auto compiles (>= 1000 steps): the
             # rate is compared with the compiled compute-only step
@@ -243,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if wall_e2e is not None:
                 res["all_vs_e2e"].append({"n_layers": n_layers, "store": "e2e", "e2e_wall_s": wall_e2e})
                 res["all_vs_e2e"][-1]["e2e_records"] = results(root / e2e_name)
+                if not args.keep_runs:
+                    remove_run(root / e2e_name, args.set)
                 Path(args.out).write_text(json.dumps(res, indent=1))
                 print(f"e2e L={n_layers}: {wall_e2e:.1f} s", flush=True)
             for store in stores if "all" in sides else []:
@@ -263,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     entry["cache_store"] = json.loads(chosen.read_text())
                 res["all_vs_e2e"].append(entry)
                 Path(args.out).write_text(json.dumps(res, indent=1))  # kept if a later run is cut off
+                if not args.keep_runs:
+                    remove_run(root / name, over)
                 print(f"all({store or 'default'}) L={n_layers}: {wall_all:.1f} s", flush=True)
 
     Path(args.out).write_text(json.dumps(res, indent=1))

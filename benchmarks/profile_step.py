@@ -105,12 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.synchronize()
     kernels: dict[str, float] = defaultdict(float)  # name -> total device us
     counts: dict[str, int] = defaultdict(int)
-    events = prof.events()
     # kernels only: a range the profiler also shows on the GPU (`Optimizer.step#AdamW.step`, a custom
-    # autograd Function's name) has a CPU event of the same name, and would count its kernels twice
-    host_names = {evt.name for evt in events if evt.device_type == torch.autograd.DeviceType.CPU}
-    for evt in events:
-        if evt.device_type == torch.autograd.DeviceType.CUDA and evt.name not in host_names:
+    # autograd Function's name) is a "user annotation" and would count its kernels twice
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not getattr(evt, "is_user_annotation", False):
             kernels[evt.name] += evt.device_time
             counts[evt.name] += 1
     total_us = sum(kernels.values())
