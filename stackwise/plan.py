@@ -44,11 +44,14 @@ weights' dtype, and the residual adds keep it):
   logits        the masked head and its loss, for M = N x the schedule's highest rate masked rows
                 (a batch can be that masked): the last block's output r N D, the gathered rows
                 r M D and the final norm's r M D + 4 M D; chunked (`step.loss_chunk`): the head
-                weight cast to a (V D a, *-mixed; twice where it trains: autocast keeps its own
-                cast), the input gradient 4 M D and, where the head trains, its fp32 gradient sum
+                weight cast to a (V D a, *-mixed: once a step, every chunk reads that copy; a later
+                stage's frozen tied head keeps its cast for the whole stage, counted with the
+                weights), the input gradient 4 M D and, where the head trains, its fp32 gradient sum
                 4 V D, kept from the forward to the backward, plus n V (12 + 2 a) for a chunk of n
                 rows (its logits, their fp32 copy and log-softmax beside the previous chunk's
-                log-softmax and gradient); unchunked n = M, log-softmax saved (4 M V), no sums
+                log-softmax and gradient: the eager loop; a compiled stage's fused kernel writes
+                only the half-precision gradient, so this is an upper bound there); unchunked
+                n = M, log-softmax saved (4 M V), no sums
   checkpoint    an asynchronous mid-stage checkpoint (`step.async_checkpoints`, on a GPU) first
                 copies the state and AdamW's on the device: 3 x trainable x w, until written
 The peak of a step is weights + optimizer + inputs + the largest of these moments:
@@ -199,16 +202,18 @@ def block_activation_bytes(block: Block, tokens: int, num: Numerics, compiled: b
     return tokens * (attention + mlp + dropout)
 
 
-def _loss_bytes(V: int, D: int, tokens: int, masked: int, num: Numerics, head_trains: bool, chunk: int):
+def _loss_bytes(
+    V: int, D: int, tokens: int, masked: int, num: Numerics, head_trains: bool, chunk: int, cast_held: bool = False
+):
     """(forward peak, kept for backward, made at the start of backward, a forward without gradients)
-    of the masked head and its loss (module docstring: logits)."""
+    of the masked head and its loss (module docstring: logits). `cast_held`: the head's cast is held
+    by the stage (a later stage's frozen tied head), counted with the weights."""
     r, a, M = num.r, num.a, masked
     features = (4 if num.autocast else r) * M * D  # the final norm's output (fp32 under autocast)
     rows = r * M * D + features  # gathered rows and the composite norm's normalised copy, saved by the norm
     hidden = r * tokens * D  # the last block's output, held until the loss returns
-    # autocast casts the head weight for the first chunk's matmul and keeps that copy while it lasts
-    # when the weight trains; the chunks then use their own cast
-    casts = ((2 if head_trains and 0 < chunk < M else 1) * V * D * a) if num.autocast else 0
+    # the head weight cast once (stackwise/objective/loss.py: every chunk and the gradient matmuls read it)
+    casts = V * D * a if num.autocast and not cast_held else 0
     no_grad = hidden + rows + casts + min(chunk or M, M) * V * (a + 8)
     if 0 < chunk < M:
         sums = features + (4 * V * D if head_trains else 0)  # input gradient, head gradient sum (fp32)
@@ -298,12 +303,14 @@ def _stage(
         trainable, frozen, matmul = trainable + t, frozen + f, matmul + m
     chunk = chunk_rows_for(run.step.loss_chunk, cfg.vocab_size)
     V, D, F = cfg.vocab_size, cfg.d_model, max(b.mlp.gate.out_features for b in blocks)
-    fwd, kept, head_grads, no_grad = _loss_bytes(V, D, s.tokens, s.masked, num, extra["head_trains"], chunk)
+    cast_held = bool(extra.get("head_cast_held")) and num.autocast
+    fwd, kept, head_grads, no_grad = _loss_bytes(V, D, s.tokens, s.masked, num, extra["head_trains"], chunk, cast_held)
     acts = sum(block_activation_bytes(b, s.tokens, num, s.compiled) for b in blocks)
     grads = trainable * num.w
     autocast = matmul * num.a if num.autocast else 0
     mem = {
-        "weights": (trainable + frozen) * num.w + extra.get("held_bytes", 0),
+        # + a frozen tied head's cast to autocast's dtype, made once per stage (stages/layerwise.py)
+        "weights": (trainable + frozen) * num.w + extra.get("held_bytes", 0) + (V * D * num.a if cast_held else 0),
         "autocast": autocast,
         "gradients": grads,
         "optimizer": 2 * trainable * num.w,
@@ -377,7 +384,7 @@ def stage_plans(run: RunConfig) -> list[StagePlan]:
     if last > 1:
         V, D = cfg.vocab_size, cfg.d_model
         w = _setting(run, "layer").num.w
-        tied = {"held_bytes": V * D * w, "held_params": V * D} if cfg.tie_embeddings else {}
+        tied = {"held_bytes": V * D * w, "held_params": V * D, "head_cast_held": True} if cfg.tie_embeddings else {}
         extra = {"head_trains": not cfg.tie_embeddings, "input_bytes": _cached_inputs(run), **tied}
         layers = [
             _stage(run, "layer", f"layer {k}", [model.blocks[k - 1], *top, head], [model.blocks[k - 1], *top], extra)
