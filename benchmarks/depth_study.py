@@ -23,7 +23,9 @@ For every depth L (--depths), budget (--budgets: multiples of --steps per layer 
    step budget rather than `trainer.max_time`, so its learning-rate schedule ends where it should
    (max_time would cut the cosine short); the seconds it really took are in the table beside the
    layer-wise ones (the `wall ratio` column);
-5. `stackwise-eval` of the wall folder (same seed: the same validation masks as step 3).
+5. `stackwise-eval` of the wall folder (same seed: the same validation masks as step 3);
+6. with --samplers N, once the chains are done: benchmarks/samplers.py on each chain's fused,
+   fine-tuned and e2e models (N samples per setting; runs/<id>/samplers.json), a section of study.md.
 
 Chains run side by side (--jobs N worker processes: small models leave a GPU mostly idle), each step
 is skipped once done (results.json / eval.json say so), and a run killed at any point resumes from
@@ -574,7 +576,15 @@ def export(root: Path, dest: Path) -> None:
         rel = p.relative_to(root)
         if not p.is_file() or rel.parts[0] in ("tokens", "corpus") or ".stale-" in str(rel):
             continue
-        small = p.name in ("results.json", "eval.json", "run_config.json", "wall.json", "study.json", "report.md")
+        small = p.name in (
+            "results.json",
+            "eval.json",
+            "run_config.json",
+            "wall.json",
+            "study.json",
+            "report.md",
+            "samplers.json",
+        )
         small = small or p.name == "depth.png"
         if small or rel.parts[0] == "logs" or (len(rel.parts) == 1 and p.suffix in (".md", ".png")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -659,6 +669,15 @@ def parser() -> argparse.ArgumentParser:
         "--wall-cap", type=float, default=8.0, help="e2e at equal wall time: at most this x the equal-token steps (8)"
     )
     p.add_argument("--keep-acts", action="store_true", help="keep the activation caches (deleted after training)")
+    p.add_argument(
+        "--samplers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then score stackwise-generate's samplers on each finished chain's models (benchmarks/samplers.py, "
+        "N samples per setting and model; once per chain: runs/<id>/samplers.json); with --report-only too",
+    )
+    p.add_argument("--sampler-settings", default=None, help="samplers.py --settings (default: every setting)")
     p.add_argument("--jobs", type=int, default=1, help="chains side by side, each a worker process; 0 = in this one")
     p.add_argument("--part", default=None, help="i/n: every n-th chain (heaviest first), for one device command")
     p.add_argument("--deadline", type=float, default=None, help="seconds: stop the workers then, write the table")
@@ -696,8 +715,27 @@ def main(argv: list[str] | None = None) -> None:
     return _main(args)
 
 
+def score_samplers(root: Path, device: str, n: int, settings: str | None) -> None:
+    """benchmarks/samplers.py on every finished chain's models that has no samplers.json yet."""
+    from stackwise.report.study import SAMPLERS_JSON
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import samplers  # benchmarks/samplers.py
+
+    for c in load_plan(root).chains:
+        folder, out = root / c.lw, root / c.lw / SAMPLERS_JSON
+        if out.is_file() or not _eval_done(root, c.lw, {"e2e", "fused"}):
+            continue
+        t0 = time.time()
+        argv = [str(folder), "--device", device, "--num-samples", str(n), "--out", str(out)]
+        samplers.main(argv + (["--settings", settings] if settings else []))
+        print(f"[{c.id}] samplers scored in {time.time() - t0:.0f} s", flush=True)
+
+
 def _main(args) -> None:
     if args.report_only:
+        if args.samplers > 0:
+            score_samplers(args.root, args.device, args.samplers, args.sampler_settings)
         write_report(args.root)
         if args.export:
             export(args.root, args.export)
@@ -735,6 +773,8 @@ def _main(args) -> None:
     print(f"depth study: {len(chains) - len(left)}/{len(chains)} chains of this part done in {time.time() - t0:.0f} s")
     if left:
         print(f"not finished (run the same command again to resume): {', '.join(left)}")
+    if args.samplers > 0 and (deadline is None or time.time() < deadline):
+        score_samplers(args.root, args.device, args.samplers, args.sampler_settings)
     write_report(args.root)
     if args.export:
         export(args.root, args.export)

@@ -122,6 +122,17 @@ def test_smoke_study_runs_every_step_and_writes_the_table(tmp_path, capsys):
     study.main(argv)
     assert "0 to do (1 finished)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # the samplers on the study's models (--samplers N, here with --report-only): once per chain, in study.md
+    scored = ["--report-only", "--samplers", "2", "--sampler-settings", "confidence,random_t0.8_p0.9"]
+    study.main([*argv, *scored])
+    rep = json.loads((lw / "samplers.json").read_text())
+    assert rep["num_samples"] == 2 and set(rep["summary"]) == {"confidence", "random_t0.8_p0.9"}
+    assert {r["model"] for r in rep["rows"]} == {"fused", "finetuned", "e2e"}
+    md = (root / STUDY_MD).read_text()
+    assert "## Samplers on the study's models" in md and re.search(rf"\|\s*\*\*{re.escape(rep['best'])}\*\*\s*\|", md)
+    first = (lw / "samplers.json").stat().st_mtime_ns
+    study.main([*argv, *scored])
+    assert (lw / "samplers.json").stat().st_mtime_ns == first
 
 
 # ---------------------------------------------------------------------------------------------- the report

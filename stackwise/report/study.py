@@ -38,6 +38,7 @@ STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
 STUDY_DEPTH_PNG = "study_depth.png"
 STUDY_GAPS_PNG = "study_gaps.png"
+SAMPLERS_JSON = "samplers.json"  # per chain, in runs/<id>/ (benchmarks/depth_study.py --samplers)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ChainResult:
     wall_steps: int | None = None
     wall_uncapped: int | None = None  # the steps the measured times asked for, above --wall-cap
     extrapolated: bool = False  # a stage was resumed: its seconds before the kill are extrapolated
+    samplers: dict | None = None  # benchmarks/samplers.py's report on the chain's models (depth_study --samplers)
 
     @property
     def layerwise(self) -> Score | None:
@@ -196,6 +198,8 @@ def load_chain(root: Path, chain: dict) -> ChainResult:
         res.wall_steps = int(wall["steps"])
         if int(wall.get("uncapped_steps", wall["steps"])) > res.wall_steps:
             res.wall_uncapped = int(wall["uncapped_steps"])
+    samplers = _read_json(lw_dir / SAMPLERS_JSON)
+    res.samplers = samplers if isinstance(samplers, dict) and "summary" in samplers else None
     wrecs = _records(wall_dir)
     if "e2e" in wrecs:
         res.wall_seconds, ext = full_seconds(wrecs["e2e"], res.wall_steps)
@@ -334,9 +338,64 @@ def study_markdown(plan: dict, results: Sequence[ChainResult], pngs: Sequence[st
             "‡ a stage of this chain was resumed from a checkpoint: the seconds of its steps before the kill "
             "are counted at the rate of the steps after it.",
         ]
+    lines += samplers_markdown(results)
     for name in pngs:
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def samplers_markdown(results: Sequence[ChainResult]) -> list[str]:
+    """The samplers scored on each chain's models (benchmarks/samplers.py's rule: a setting qualifies when,
+    for every model, it loops no more than the corpus within 5 %; the lowest fluency CE among those wins)."""
+    scored = [r for r in results if r.samplers]
+    if not scored:
+        return []
+    lines = [
+        "",
+        "## Samplers on the study's models",
+        "",
+        "Per chain (benchmarks/samplers.py on its fused, fine-tuned and e2e models): each setting's worst "
+        "shortfall against the corpus's repetition as samplers.py defines it (a setting qualifies when, for "
+        "every model, it loops no more than the corpus within 5 %), its fluency (the masked CE of the samples "
+        "under the chain's e2e model, mean over rates and models, nats/token), distinct-3 and the longest "
+        "repeated n-gram (means over the models); **best** is the rule's pick.",
+        "",
+    ]
+    header = ["run", "setting", "qualifies", "worst shortfall", "fluency CE", "distinct-3 (mean)", "longest repeat"]
+    rows = []
+    for r in scored:
+        rep = r.samplers or {}
+        corpus = rep.get("corpus", {})
+        rows.append(
+            [
+                r.id,
+                "(corpus)",
+                "",
+                "",
+                f"{corpus.get('fluency_ce', math.nan):.3f}",
+                f"{corpus.get('distinct_3', math.nan):.3f}",
+                f"{corpus.get('longest_repeat', math.nan):.1f}",
+            ]
+        )
+        by_setting: dict[str, list[dict]] = {}
+        for row in rep.get("rows", []):
+            by_setting.setdefault(row["setting"], []).append(row)
+        for name, summ in rep["summary"].items():
+            rs = by_setting.get(name, [])
+            d3 = statistics.fmean(x["distinct_3"] for x in rs) if rs else math.nan
+            rep_len = statistics.fmean(x["longest_repeat"] for x in rs) if rs else math.nan
+            rows.append(
+                [
+                    "",
+                    f"**{name}**" if name == rep.get("best") else name,
+                    "yes" if summ.get("qualifies") else "no",
+                    f"{summ.get('worst_shortfall', math.nan):.3f}",
+                    f"{summ.get('mean_fluency_ce', math.nan):.3f}",
+                    f"{d3:.3f}",
+                    f"{rep_len:.1f}",
+                ]
+            )
+    return lines + md_table(header, "lllrrrr", rows)
 
 
 # ---------------------------------------------------------------------------------------------- plots
