@@ -418,6 +418,57 @@ def test_progress_bar_reads_the_logged_metrics_only_at_the_logging_cadence(tmp_p
     assert bar.train_progress_bar.n == 12 and "step 12/12" in str(bar.train_progress_bar)
 
 
+class Started(L.Callback):
+    yes = False
+
+    def on_train_batch_start(self, *args) -> None:
+        self.yes = True
+
+
+def test_a_stage_reads_no_tensor_value_between_logging_steps(tmp_path, monkeypatch):
+    """What makes the host wait for a GPU (an .item(), a bool() or float() of a tensor) is a call a CPU fit
+    makes too, and is counted here: a real stage fitted by Lightning with the pipeline's bar and monitor
+    reads tensor values only at the logging cadence. (Lightning turns progress-bar values into numbers
+    after every batch: a training loss logged with prog_bar=True would be read at every step.) Left out:
+    the host batch's own preparation (prepare_batch: host tensors on a GPU too) and the CPU AdamW's
+    step counter (a GPU run's AdamW is fused)."""
+    import traceback
+
+    module = stage1(tiny_cfg())
+    reads: list[tuple[int, str]] = []
+    started = Started()  # reads before the first training batch (Lightning's and the loader's set-up) do not count
+    trainer = L.Trainer(
+        max_steps=12,
+        log_every_n_steps=4,
+        logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
+        callbacks=[started, bar := StepProgressBar(), token_throughput_monitor(window_size=2)],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+
+    def counted(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frames = traceback.extract_stack()
+            host = any("torch/optim/" in f.filename.replace("\\", "/") or f.name == "prepare_batch" for f in frames)
+            if started.yes and not host:
+                reads.append((trainer.global_step, name))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    loader = torch.utils.data.DataLoader([batch_for(i) for i in range(12)], batch_size=None)
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    trainer.fit(module, train_dataloaders=loader)
+    steps = sorted({s for s, _ in reads})
+    assert steps and set(steps) <= {4, 8, 12}, f"tensor values read after steps {steps}: {reads}"
+    assert "train/loss=" in str(bar.train_progress_bar)  # the bar still shows the loss, read at its cadence
+
+
 def _fit_boring(tmp_path, max_steps: int, callbacks: list, plugins: list | None = None) -> None:
     """Lightning's BoringModel trained `max_steps` steps, no validation, no logger."""
     trainer = L.Trainer(

@@ -55,7 +55,7 @@ class StageModule(L.LightningModule, abc.ABC):
         # how the step runs (compile, fused AdamW, loss chunks): the pipeline gives it the run's `step` node
         self.step_config = StepConfig()
         # summed over the validation set (and over ranks under DDP), then divided once
-        self.val_ce, self.val_masked, self.val_correct = SumMetric(), SumMetric(), SumMetric()
+        self.val_ce, self.val_masked, self.val_correct = _sum_metric(), _sum_metric(), _sum_metric()
         # the first step whose training loss was not finite (-1: none) and that loss, kept on the device
         self._bad_step: Tensor | None = None
         self._bad_loss: Tensor | None = None
@@ -154,7 +154,10 @@ class StageModule(L.LightningModule, abc.ABC):
         out = self.compute_loss(batch)
         self._watch_finite(out.loss)
         bsz = batch["targets"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bsz)
+        # not prog_bar: Lightning turns progress-bar values into Python numbers after every batch (an
+        # .item(): the host waits for the GPU each step, and the GPU then idles while the host queues
+        # the next one); StepProgressBar reads the loss from callback_metrics at the logging cadence
+        self.log("train/loss", out.loss, batch_size=bsz)
         self.log("train/masked_acc", out.n_correct / out.n_masked.clamp_min(1), batch_size=bsz)
         return self._global_mean(out)
 
@@ -341,6 +344,16 @@ class StageModule(L.LightningModule, abc.ABC):
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile()
         self.fused_loss = True
+
+
+def _sum_metric() -> SumMetric:
+    """A sum that keeps a NaN (the loss it reports is then NaN, as it is) instead of torchmetrics'
+    default of warning and dropping it, which also asks the GPU whether there is one: a host wait
+    per update. `nan_strategy="disable"` is newer than the torchmetrics>=1.0 the package accepts."""
+    try:
+        return SumMetric(nan_strategy="disable")
+    except ValueError:
+        return SumMetric()
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

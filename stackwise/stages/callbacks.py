@@ -146,6 +146,11 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        # the training loss is logged without prog_bar (stages/base.py: Lightning would copy it to the
+        # host after every batch); read here, where the bar refreshes, from the values logged last
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and "train/loss" not in items:
+            items = {"train/loss": f"{float(loss):.3g}", **items}
         return items
 
 
