@@ -589,6 +589,46 @@ def test_a_cuda_training_step_never_waits_for_the_gpu():
     module.check_finite()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode")
+def test_a_cuda_fit_waits_for_the_gpu_only_at_the_logging_cadence(tmp_path):
+    """A real stage fitted by Lightning on the GPU, with the pipeline's bar and monitor: every training
+    batch that is not a logging step runs, from its start to the next batch's, under
+    torch.cuda.set_sync_debug_mode("error") (Lightning's loop, the batch's copy, the step, the hooks)."""
+    device, every, steps = torch.device("cuda"), 4, 12
+
+    class SyncFree(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            step = trainer.global_step + 1  # the optimizer step this batch makes
+            quiet = step > 1 and step % every != 0 and step != steps  # the first: lazy initialisations
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+        def on_train_end(self, *args) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    module = stage1(tiny_cfg(vocab_size=256), loss_chunk=16)
+    batches = [module.prepare_batch(batch_for(i)) for i in range(steps)]
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps,
+        log_every_n_steps=every,
+        logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
+        callbacks=[SyncFree(), StepProgressBar(), token_throughput_monitor(window_size=2)],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        default_root_dir=str(tmp_path),
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, pin_memory=True)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == steps and device.type == "cuda"
+
+
 def test_compile_auto_pays_back_only_on_long_stages_on_cuda():
     """auto compiles a stage's blocks on CUDA, unsharded, for >= COMPILE_MIN_STEPS steps; true and
     false are what they say."""
