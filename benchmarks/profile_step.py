@@ -80,22 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         module.compile_blocks()
         module.fused_loss = args.fused_loss
-    params = module.trainable_parameters()
-    opt_cfg = module.configure_optimizers()
-    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     module.train()
-
-    def step() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = module.compute_loss(batch)
-        module._watch_finite(out.loss)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
-
+    step = bench.train_step(module, batch, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     dt, _ = time_steps(step, args.warmup, args.steps, device)
     from torch.profiler import ProfilerActivity, profile
 

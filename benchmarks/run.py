@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,28 @@ def make_batch(
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def train_step(module, batch: dict, autocast) -> Callable[[], torch.Tensor]:
+    """One optimizer step of `module` on `batch` as Lightning runs it for a stage (`autocast`: a context
+    factory): compute_loss, the non-finite guard (on the device, read at the end), backward, clipping
+    at 1.0, AdamW (configure_optimizers) and the LR scheduler; returns the loss."""
+    params = module.trainable_parameters()
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+
+    def step() -> torch.Tensor:
+        with autocast():
+            out = module.compute_loss(batch)
+        module._watch_finite(out.loss)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return step
+
+
 def bench_train(
     stage: str,
     cfg: ModelConfig,
@@ -216,24 +239,12 @@ def bench_train(
             module.compile_blocks()
         mask_rate = float(batch["mask"].float().mean())
         params = module.trainable_parameters()
-        opt_cfg = module.configure_optimizers()
-        opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
         module.train()
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
         if device.type == "cuda":
             rec["weights_gib"] = (torch.cuda.memory_allocated(device) - base) / 2**30
 
-        def step() -> torch.Tensor:
-            with ctx():
-                out = module.compute_loss(batch)
-            module._watch_finite(out.loss)  # StageModule.training_step's guard: on the device, read at the end
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            return out.loss.detach()
-
+        step = train_step(module, batch, ctx)
         dt, loss = time_steps(step, warmup, steps, device)
         module.check_finite()
         flops = train_step_flops(cfg, stage, 2 if stage == "layer" else 1, B, T, mask_rate)
@@ -266,7 +277,7 @@ def bench_train(
         rec["oom"] = True
         rec["error"] = str(e).splitlines()[0][:200]
     finally:
-        module = batch = opt = sched = params = None
+        module = batch = step = params = None
         free(device)
     return rec
 
