@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import types
 from pathlib import Path
 
 # imported once in the fork server; nothing of stackwise, whose import-time state must come fresh
@@ -48,6 +49,12 @@ def _ctx() -> multiprocessing.context.BaseContext:
     return _context
 
 
+def _console_script() -> str:
+    """The installed `stackwise-train` beside this interpreter (what its argv[0] is), or the bare name."""
+    script = Path(sys.executable).parent / "stackwise-train"
+    return str(script) if script.is_file() else "stackwise-train"
+
+
 def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, kill_at: str | None) -> None:
     """In the forked child: become `stackwise-train ARGS` run from `cwd` with `env`."""
     os.chdir(cwd)
@@ -57,7 +64,14 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, k
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
-    sys.argv = ["stackwise-train", *args]
+    # argv[0] and __main__ as the installed console script has them (its path; a module without a
+    # spec, not the test runner's that multiprocessing set up): Lightning's DDP launcher re-executes
+    # them for the other ranks, so `hardware=ddp` runs from here as from the console script
+    script = _console_script()
+    sys.argv = [script, *args]
+    main_module = types.ModuleType("__main__")
+    main_module.__file__, main_module.__spec__ = script, None
+    sys.modules["__main__"] = main_module
     code = 0
     try:
         # imported here, not at the top: StackWise's modules must load after the child's environment is set
