@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import types
 from pathlib import Path
 
 # imported once in the fork server; nothing of stackwise, whose import-time state must come fresh
@@ -48,8 +49,16 @@ def _ctx() -> multiprocessing.context.BaseContext:
     return _context
 
 
-def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, kill_at: str | None) -> None:
-    """In the forked child: become `stackwise-train ARGS` run from `cwd` with `env`."""
+def _console_script() -> str:
+    """The installed `stackwise-train` beside this interpreter (what its argv[0] is), or the bare name."""
+    script = Path(sys.executable).parent / "stackwise-train"
+    return str(script) if script.is_file() else "stackwise-train"
+
+
+def _child(
+    args: list[str], cwd: str, env: dict, out_path: str, err_path: str, kill_at: str | None, code: str | None
+) -> None:
+    """In the forked child: become `stackwise-train ARGS` (or `python -c CODE ARGS`) run from `cwd` with `env`."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -57,9 +66,21 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, k
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
-    sys.argv = ["stackwise-train", *args]
-    code = 0
+    # argv[0] and __main__ as the installed console script has them (its path; a module without a
+    # spec, not the test runner's that multiprocessing set up): Lightning's DDP launcher re-executes
+    # them for the other ranks, so `hardware=ddp` runs from here as from the console script
+    script = _console_script() if code is None else "-c"
+    sys.argv = [script, *args]
+    main_module = types.ModuleType("__main__")
+    main_module.__spec__ = None
+    if code is None:
+        main_module.__file__ = script
+    sys.modules["__main__"] = main_module
+    status = 0
     try:
+        if code is not None:  # `python -c CODE`: the code runs as __main__
+            exec(compile(code, "<string>", "exec"), main_module.__dict__)
+            raise SystemExit(0)
         # imported here, not at the top: StackWise's modules must load after the child's environment is set
         from stackwise.cli.train import main
 
@@ -70,26 +91,39 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str, k
             observe(KillAt(kill_at))
         main()
     except SystemExit as e:  # what the console script's exit status would be
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
     except BaseException:  # an uncaught error: traceback on stderr, status 1, like the interpreter
         traceback.print_exc()
-        code = 1
+        status = 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(code)
+    os._exit(status)
 
 
 class CliRun:
-    """A started run; `.wait()` returns a `subprocess.CompletedProcess`."""
+    """A started run; `.wait()` returns a `subprocess.CompletedProcess`. With `code`, the run is
+    `python -c CODE ARGS` instead of `stackwise-train ARGS` (for a test's own script that needs a
+    process of its own: one it kills, or whose warnings and logging start fresh)."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict, timeout: float, kill_at: str | None = None):
-        self.args, self.timeout = ["stackwise-train", *args], timeout
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict,
+        timeout: float,
+        kill_at: str | None = None,
+        code: str | None = None,
+    ):
+        self.args, self.timeout = (
+            (["stackwise-train"] if code is None else ["python", "-c", code]) + list(args),
+            timeout,
+        )
         self._dir = tempfile.TemporaryDirectory(prefix="sw_cli_")
         self._out, self._err = (str(Path(self._dir.name) / n) for n in ("stdout", "stderr"))
-        self.proc = _ctx().Process(target=_child, args=(list(args), str(cwd), env, self._out, self._err, kill_at))
+        self.proc = _ctx().Process(target=_child, args=(list(args), str(cwd), env, self._out, self._err, kill_at, code))
         self.proc.start()
 
     def wait(self) -> subprocess.CompletedProcess:

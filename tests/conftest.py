@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from stackwise.config import CONFIG_MODULE, RunConfig, register_configs
 from tests.cli_runner import CliRun
@@ -35,11 +37,24 @@ TINY = [
 ]
 
 
-def compose_cfg(overrides: list[str]):
+# Hydra composes each distinct override list once per session (~0.1 s a composition, hundreds of
+# them): every call gets a copy of it of its own. `output_root=` (a test's tmp_path: different in
+# every test) is left out of the key and set on the copy, as its override would set it.
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    roots = [o.split("=", 1)[1] for o in overrides if o.startswith("output_root=")]
+    key = tuple(o for o in overrides if not o.startswith("output_root="))
+    if key not in _COMPOSED:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            _COMPOSED[key] = compose(config_name="config", overrides=list(key))
+    cfg = copy.deepcopy(_COMPOSED[key])
+    if roots:
+        cfg.output_root = roots[-1]
+    return cfg
 
 
 @pytest.fixture

@@ -165,7 +165,7 @@ def placed_runs(tmp_path_factory) -> dict[str, Path]:
         cwd = tmp_path_factory.mktemp(name)
         stages = ("all", "e2e") if name != "ddp" else ("all",)
         for stage in stages:
-            run = cli(*RANKS_RUN, *extra, f"stage={stage}", "name=x", cwd=cwd, console_script=True)
+            run = cli(*RANKS_RUN, *extra, f"stage={stage}", "name=x", cwd=cwd)
             assert run.returncode == 0, (name, stage, run.stderr[-3000:])
         out[name] = cwd / "outputs" / "x"
     return out

@@ -16,8 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from stackwise import artifacts as art
 from stackwise.artifacts import models as art_models
 from stackwise.errors import ArtifactError, ArtifactWriteError
 from stackwise.pipeline import Pipeline, StageObserver, graph
+from tests.cli_runner import CliRun
 from tests.conftest import TINY
 
 FINETUNE = ("fusion.finetune_steps=4",)
@@ -232,14 +231,8 @@ def test_a_run_killed_mid_write_during_the_fine_tune_leaves_fused_untrusted(trai
     shutil.rmtree(fused)
     overrides = [*TINY, f"output_root={tmp_path}", "name=exp", "logger=none", "callbacks=none"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, "-c", KILLED, *overrides, "stage=fusion", *FINETUNE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # a process of its own to SIGKILL: `python -c KILLED ...`, forked from the preloaded server
+    out = CliRun([*overrides, "stage=fusion", *FINETUNE], tmp_path, env, timeout=300, code=KILLED).wait()
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     assert [n for n in leftovers(fused) if n.startswith(".model.safetensors.")], "killed mid-write"
     assert not (fused / "model.safetensors").exists()

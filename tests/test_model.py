@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from stackwise.model.layers import RotaryEmbedding, SwiGLU
 from stackwise.model.transformer import Block, Embedding, Head, Transformer, init_layer
 from stackwise.model.weights import LayerModules, LayerWeights, next_layer
 from stackwise.utils import tensor_sha256
+from tests.cli_runner import CliRun
 
 KINDS = ["mha", "gqa", "mla", ["gqa", "mla"]]
 
@@ -236,7 +237,10 @@ def test_frozen_up_regenerates_bit_identically_in_a_fresh_process():
         print(tensor_sha256(block.mlp.up), block.frozen_up_checksum(), tensor_sha256(SwiGLU(cfg, 2).up))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    # a process where nothing of stackwise ran: `python -c script`, forked from the preloaded server
+    done = CliRun([], Path.cwd(), dict(os.environ), timeout=120, code=script).wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.split()
     assert out == [tensor_sha256(block.mlp.up), block.frozen_up_checksum(), tensor_sha256(block.mlp.up)]
 
 
