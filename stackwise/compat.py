@@ -82,3 +82,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type == "cpu":
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
     return None
+
+
+# torch.compiler.assume_constant_result (torch._dynamo's before): the function runs when torch.compile
+# traces a call to it, and its result is a constant of the graph. Where neither exists, compiling
+# blocks is refused anyway (StageModule.compile_blocks needs torch >= 2.2).
+assume_constant_result = getattr(getattr(torch, "compiler", None), "assume_constant_result", None) or getattr(
+    torch._dynamo, "assume_constant_result", lambda f: f
+)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackwise.compat import RMSNorm
+from stackwise.compat import RMSNorm, assume_constant_result
 from stackwise.model.config import ModelConfig
 from stackwise.model.portable_rng import portable_normal
 from stackwise.utils import derive_seed
@@ -121,8 +121,11 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @assume_constant_result
     def cos_sin(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: (T, dim) fp32 on `device`."""
+        """cos, sin: (T, dim) fp32 on `device`. torch.compile runs this when it traces a block and keeps
+        the result as a constant of the graph: traced like any code, the cache's filling was a side
+        effect the graph guarded on, and every compiled block compiled again on its second call."""
         key = (T, torch.device(device))
         if key not in self._cache:
             # Lightning validates under inference_mode before it trains; a cached tensor made there
