@@ -34,9 +34,9 @@ CATEGORIES = (
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdpa)"),
     ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|ampere_.*_tn|matmul|splitk"),
     ("optimizer", r"adam|multi_tensor|foreach|norm_kernel_2|clip"),
-    ("copy/cast", r"copy|memcpy|memset|cast|to_copy|cat|fill"),
     ("softmax/ce", r"softmax|log_softmax|nll|cross_entropy|scatter|gather|argmax|exp"),
-    ("triton (fused)", r"triton"),
+    ("triton (fused)", r"triton"),  # the compiled blocks' and the fused cross-entropy's kernels
+    ("copy/cast", r"copy|memcpy|memset|cast|\bcat|concat|fill"),
 )
 
 

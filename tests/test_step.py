@@ -10,6 +10,7 @@ their cadence. The CUDA test at the end runs a whole step under torch.cuda.set_s
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from datetime import timedelta
@@ -148,8 +149,9 @@ def test_fused_chunk_kernel_gives_the_eager_loss_and_gradients(weighting, chunk,
     """`fused=True` (what a compiled stage runs): the per-chunk kernel, compiled for real (inductor on
     the CPU) or its math run eagerly, gives the eager loop's loss, counts and gradients, in fp32 and
     under bf16 autocast, with a trained and with a frozen head matrix."""
-    if not compiled:
-        monkeypatch.setattr(loss_module, "_FUSED_CHUNK", loss_module._fused_chunk)
+    kernel = loss_module.fused_chunk_kernel() if compiled else loss_module._fused_chunk
+    calls = []  # the kernel must be what ran, not the eager loop beside it
+    monkeypatch.setattr(loss_module, "fused_chunk_kernel", lambda: lambda *a: (calls.append(1), kernel(*a))[1])
     batch = batch_for()
     hidden = torch.randn(B, T, D)
     head = LinearHead(*head_pair())
@@ -167,6 +169,7 @@ def test_fused_chunk_kernel_gives_the_eager_loss_and_gradients(weighting, chunk,
         ref, ref_grads = loss_and_grads(hidden, batch, head, weighting, chunk_rows=chunk)
         got, got_grads = loss_and_grads(hidden, batch, head, weighting, chunk_rows=chunk, fused=True)
     assert got_grads[1].dtype == torch.float32  # the fp32 master weight's gradient
+    assert len(calls) == 3 * math.ceil(int(batch["mask"].sum()) / chunk)  # a call a chunk, 3 fused runs
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=0)
     for a, b in zip(ref_grads, got_grads, strict=True):  # bf16 gradients of the logits: rounding apart
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
@@ -296,6 +299,7 @@ def test_compiled_blocks_train_the_same_tensors_under_the_same_names(tmp_path):
     fit(eager, tmp_path, 2)
     fit(compiled, tmp_path, 2)
     assert compiled.block._compiled_call_impl is not None and eager.block._compiled_call_impl is None
+    assert compiled.fused_loss and not eager.fused_loss  # the head's cross-entropy through its compiled kernel
     want, got = LayerWeights.of(eager.trained_modules()), LayerWeights.of(compiled.trained_modules())
     for section in ("block", "head", "embed"):
         a, b = getattr(want, section), getattr(got, section)
