@@ -267,7 +267,12 @@ class Pipeline:
                 log.info("cache.keep=last: removed %s", ", ".join(d.name for d in older))
         seconds, nbytes = time.time() - t0, sum(f["bytes"] for r in records for f in r["files"].values())
         log.info(
-            "stage %s: cached %.2f GB in %.1f s (%.2f GB/s)", stage.name, nbytes / 1e9, seconds, nbytes / 1e9 / seconds
+            "stage %s: cached %.2f GB in %.1f s (%.2f GB/s; predict: %s)",
+            stage.name,
+            nbytes / 1e9,
+            seconds,
+            nbytes / 1e9 / seconds,
+            writer.timing or "no batch",
         )
         self.record_cache(stage, seconds, nbytes)
 

@@ -11,6 +11,7 @@ when they have landed; nothing here waits for the GPU. The batch then goes to a 
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ class CacheWriter(BasePredictionWriter):
         self.local_records: list[dict[str, Any]] = []  # this rank's shards, in row order
         self._sink: ShardSink | None = None
         self._staging: _PinnedStaging | None = None
+        self._marks: dict[str, float] = {}  # host clock: predict start, first and last batch, all on disk
+        self.timing = ""  # the caching pass's time, one line for the log (after predict)
 
     # -- lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -108,6 +111,7 @@ class CacheWriter(BasePredictionWriter):
         )
         cuda = trainer.strategy.root_device.type == "cuda"
         self._staging = _PinnedStaging(MAX_IN_FLIGHT) if cuda else None
+        self._marks = {"start": time.perf_counter()}
 
     def write_on_batch_end(
         self,
@@ -122,6 +126,8 @@ class CacheWriter(BasePredictionWriter):
         if not 0 <= dataloader_idx < len(self.splits):
             raise ValueError(f"CacheWriter got predict dataloader {dataloader_idx} but knows splits {self.splits}")
         assert self._sink is not None, "CacheWriter: on_predict_start did not run"
+        self._marks.setdefault("first", time.perf_counter())
+        self._marks["batches"] = self._marks.get("batches", 0) + 1
         encoded = self._encode(prediction)
         if self._staging is None:
             self._sink.put(self.splits[dataloader_idx], encoded)
@@ -131,7 +137,13 @@ class CacheWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self._sink is not None
+        m, last = self._marks, time.perf_counter()
         self.local_records = self._sink.finish()
+        if "first" in m:
+            self.timing = (
+                f"first batch after {m['first'] - m['start']:.1f} s, {int(m['batches'])} batches queued in "
+                f"{last - m['first']:.1f} s, drained in {time.perf_counter() - last:.1f} s ({self._sink.summary()})"
+            )
         self._sink = self._staging = None
         atomic_write_json(self.local_records, records_path(self.acts_dir, self.rank))
         trainer.strategy.barrier("stackwise_cache_written")
