@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -471,6 +472,42 @@ def test_a_stage_reads_no_tensor_value_between_logging_steps(tmp_path, monkeypat
     steps = sorted({s for s, _ in reads})
     assert steps and set(steps) <= {4, 8, 12}, f"tensor values read after steps {steps}: {reads}"
     assert "train/loss=" in str(bar.train_progress_bar)  # the bar still shows the loss, read at its cadence
+
+
+def test_a_stage_logs_its_training_values_only_on_the_steps_the_logger_writes(tmp_path, monkeypatch):
+    """self.log costs host time each call (about a millisecond: more than a small GPU step), so a stage
+    calls it on the steps Lightning hands to the logger (every log_every_n_steps-th) and on its last
+    step (the bar's final value); the logger gets the same rows as if every step were logged."""
+    import csv
+
+    module = stage1(tiny_cfg())
+    calls: list[int] = []
+    real_log = L.LightningModule.log
+
+    def log(self, name, *args, **kwargs):
+        if name == "train/loss":
+            calls.append(self.global_step)
+        return real_log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(L.LightningModule, "log", log)
+    logger = L.pytorch.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = L.Trainer(
+        max_steps=10,
+        log_every_n_steps=4,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    loader = torch.utils.data.DataLoader([batch_for(i) for i in range(10)], batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    assert calls == [3, 7, 9]  # global_step before the step: the 4th, the 8th and the last
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [3, 7]  # Lightning's rows for a value logged at every step
+    assert all(math.isfinite(float(r["train/loss"])) and float(r["train/masked_acc"]) >= 0 for r in rows)
 
 
 def _fit_boring(tmp_path, max_steps: int, callbacks: list, plugins: list | None = None) -> None:

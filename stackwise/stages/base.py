@@ -154,12 +154,24 @@ class StageModule(L.LightningModule, abc.ABC):
         out = self.compute_loss(batch)
         self._watch_finite(out.loss)
         bsz = batch["targets"].shape[0]
-        # not prog_bar: Lightning turns progress-bar values into Python numbers after every batch (an
-        # .item(): the host waits for the GPU each step, and the GPU then idles while the host queues
-        # the next one); StepProgressBar reads the loss from callback_metrics at the logging cadence
-        self.log("train/loss", out.loss, batch_size=bsz)
-        self.log("train/masked_acc", out.n_correct / out.n_masked.clamp_min(1), batch_size=bsz)
+        # Only on the steps Lightning writes to the logger: each self.log costs about a millisecond of
+        # host time (Lightning moves its result record to the value's device), which at small batches
+        # is more than the GPU's step. Not prog_bar either: Lightning turns progress-bar values into
+        # Python numbers after every batch (an .item(), a GPU wait); StepProgressBar reads the loss
+        # from callback_metrics at the same cadence.
+        if self._logs_this_step():
+            self.log("train/loss", out.loss, batch_size=bsz)
+            self.log("train/masked_acc", out.n_correct / out.n_masked.clamp_min(1), batch_size=bsz)
         return self._global_mean(out)
+
+    def _logs_this_step(self) -> bool:
+        """Whether this optimizer step's values reach the logger: every `log_every_n_steps`-th step
+        (Lightning's own test, on the steps done plus this one) and the stage's last step."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        step, every = self.global_step + 1, int(trainer.log_every_n_steps)
+        return (every > 0 and step % every == 0) or step == trainer.max_steps
 
     def _global_mean(self, out: LossOut) -> Tensor:
         """The loss whose gradient, averaged over the ranks by DDP / FSDP, is the gradient of the mean
