@@ -249,8 +249,19 @@ _FUSED_CHUNK: Callable | None = None
 
 
 def fused_chunk_kernel() -> Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]]:
-    """`_fused_chunk` compiled once per process (dynamic shapes: a chunk's row count varies with the batch)."""
+    """`_fused_chunk` compiled once per process. Only the row count is dynamic (it varies with the
+    batch's masked count); the vocabulary stays a constant of the kernel, so Triton tiles its row
+    reductions for the real V instead of a symbolic one (`dynamic=True` made every size symbolic)."""
     global _FUSED_CHUNK
     if _FUSED_CHUNK is None:
-        _FUSED_CHUNK = torch.compile(_fused_chunk, dynamic=True)
+        compiled = torch.compile(_fused_chunk)  # automatic dynamic: V static, the rows marked below
+        mark = getattr(torch._dynamo, "maybe_mark_dynamic", torch._dynamo.mark_dynamic)
+
+        def call(logits: Tensor, targets: Tensor, divisor: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+            for t in (logits, targets, divisor):
+                if t is not None and t.shape[0] > 1:  # a 1-row chunk: its own (specialised) graph
+                    mark(t, 0)
+            return compiled(logits, targets, divisor)
+
+        _FUSED_CHUNK = call
     return _FUSED_CHUNK
