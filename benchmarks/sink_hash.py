@@ -3,8 +3,9 @@
 Writes `--gb` GB of bf16-sized rows through `ShardSink` into `--dir` (a tmpfs by default, so the
 disk is not what is measured: what is left is the copy into the files and the sha256 of every
 byte), once per hash-thread count, and prints GB/s beside the same bytes written with no hash at
-all (pwrite alone). The sink hashes each file on one thread at a time, so several threads pay
-only when a batch spans several shards: `--shard-rows` below `--batch-rows`.
+all (pwrite alone). The sink hashes each complete shard on one thread (read back from the page
+cache), different shards on different threads at once: several threads pay once a few shards are
+written, whatever the batch (`--shard-rows` against the bytes written).
 
     python benchmarks/sink_hash.py                         # 2 GB into /dev/shm, 1 and 4 hash threads
     python benchmarks/sink_hash.py --gb 8 --threads 1,2,4,8 --dir /mnt/nvme/tmp

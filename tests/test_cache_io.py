@@ -22,7 +22,7 @@ from stackwise.data.cache import sink as sink_mod
 from stackwise.data.cache.datamodule import ActivationDataModule, DeviceLoader, one_ahead
 from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header, round_trip
 from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
-from stackwise.data.cache.sink import ShardSink
+from stackwise.data.cache.sink import MAX_IN_FLIGHT, ShardSink
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.data.sampling import RankStepSampler, StepSampler
 from stackwise.errors import ArtifactWriteError, StackWiseError
@@ -100,24 +100,17 @@ def test_sink_shrinks_a_shard_when_fewer_rows_come_than_announced(tmp_path: Path
 
 
 def test_several_hash_threads_give_the_same_files_and_records(tmp_path: Path, monkeypatch) -> None:
-    """Files hashed by several threads at once (each file's bytes in order) give the bytes and
-    records of one thread; the hashing really is spread over the threads."""
-    fed_by: dict[str, set[str]] = {}
-    real_sha256 = hashlib.sha256
+    """Shards hashed by several threads at once give the bytes and records of one thread; the
+    hashing really is spread over the threads."""
+    hashed_by: set[str] = set()
+    real = sink_mod._sha256_mapped
 
-    class Recording:
-        def __init__(self, data: bytes = b""):
-            self.h, self.id = real_sha256(data), str(id(self))
+    def recording(path, *args):
+        hashed_by.add(threading.current_thread().name)
+        time.sleep(0.002)  # a slow hash: while one thread holds a shard, the others take the next ones
+        return real(path, *args)
 
-        def update(self, data) -> None:
-            fed_by.setdefault(self.id, set()).add(threading.current_thread().name)
-            time.sleep(0.002)  # a slow hash: while one thread holds a file, the others take the next ones
-            self.h.update(data)
-
-        def hexdigest(self) -> str:
-            return self.h.hexdigest()
-
-    monkeypatch.setattr(sink_mod.hashlib, "sha256", Recording)
+    monkeypatch.setattr(sink_mod, "_sha256_mapped", recording)
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((45, 6, 4)).astype(np.float32)
     index = np.arange(45, dtype=np.int64)
@@ -127,7 +120,7 @@ def test_several_hash_threads_give_the_same_files_and_records(tmp_path: Path, mo
         sink = ShardSink(
             acts,
             storage={"hidden": "float32", "index": "int64"},
-            shard_size=3,  # a batch of 8 rows spans three shards: their files hash at once
+            shard_size=3,  # a batch of 8 rows completes two or three shards: they hash at once
             rank=0,
             convert=dict,
             rows={"train": 45},
@@ -140,13 +133,61 @@ def test_several_hash_threads_give_the_same_files_and_records(tmp_path: Path, mo
         out[threads] = (records, files)
         for r in records:
             for info in r["files"].values():
-                assert info["sha256"] == real_sha256((acts / info["path"]).read_bytes()).hexdigest()
+                assert info["sha256"] == hashlib.sha256((acts / info["path"]).read_bytes()).hexdigest()
     assert out[1] == out[3] and len(out[1][0]) == 15
-    threads_used = set().union(*fed_by.values())
-    assert {t for t in threads_used if t.startswith("stackwise-cache-hash")} >= {
+    assert {t for t in hashed_by if t.startswith("stackwise-cache-hash")} >= {
         "stackwise-cache-hash0",
         "stackwise-cache-hash1",
     }
+
+
+def test_no_batch_waits_for_a_hash(tmp_path: Path, monkeypatch) -> None:
+    """The caller's batches go back to it once written, whatever the hashers are doing: with every
+    hash held up, many more batches than MAX_IN_FLIGHT are put (a cache whose batches fill one shard
+    after the other was once held to one core's sha256 rate); the records come once they are hashed."""
+    gate = threading.Event()
+    real_sha256 = hashlib.sha256
+
+    class Held:  # every sha256 anywhere takes no byte before the gate opens
+        def __init__(self, data: bytes = b""):
+            self.h = real_sha256(data)
+
+        def update(self, data) -> None:
+            gate.wait(timeout=30)
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Held)
+    released = []
+    sink = ShardSink(
+        tmp_path / "acts",
+        storage={"hidden": "float32"},
+        shard_size=2,  # each batch of 2 rows completes a shard
+        rank=0,
+        convert=dict,
+        rows={"train": 20},
+        hash_threads=2,
+    )
+    rows = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
+    done = threading.Event()
+
+    def put_all() -> None:
+        for lo in range(0, 20, 2):
+            sink.put("train", {"hidden": rows[lo : lo + 2]}, release=lambda lo=lo: released.append(lo))
+        done.set()
+
+    putter = threading.Thread(target=put_all, daemon=True)
+    putter.start()
+    assert done.wait(timeout=10), f"put blocked with every hash held up ({len(released)} batches back)"
+    assert MAX_IN_FLIGHT < 10
+    gate.set()
+    records = sink.finish()
+    assert sorted(released) == list(range(0, 20, 2)) and [r["rows"] for r in records] == [2] * 10
+    for r in records:
+        raw = (tmp_path / "acts" / r["files"]["hidden"]["path"]).read_bytes()
+        assert r["files"]["hidden"]["sha256"] == real_sha256(raw).hexdigest()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", FP8])

@@ -209,7 +209,9 @@ class Pipeline:
             self.inputs.cache_loaders(stage, data, self.caches_kept(stage))
         t0 = time.time()
         with timed(stage, "trained and scored"):
-            resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage))
+            times = FitTimes()
+            resumed = self.trainers.fit(stage, module, data, self.state.resume_point(stage), [times])
+            log.info("stage %s: fit: %s", stage.name, times.summary())
             weights, dtype = self.saved_weights(stage, module)
             scores = self.trainers.validate(module, data.val_dataloader())
         seconds, steps = time.time() - t0, self.run.max_steps(stage.budget)

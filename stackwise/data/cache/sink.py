@@ -6,16 +6,19 @@ shard's files are created there, preallocated to their final size with their .np
 Threads do the rest:
 
     io      waits until the batch is on the host (a CUDA event), converts it to the storage dtypes,
-            writes each field's rows at their offset in the shard's files (pwrite, in place), then
-            hands each file's new rows to the hashers;
-    hash    `hash_threads` of them: the sha256 of each file, fed the bytes io wrote, in the order io
-            wrote them. A file is hashed by one thread at a time (sha256 is sequential), different
-            files by different threads at once (hashlib releases the GIL on large buffers), so
-            several shards of one batch, or the fields of one shard, hash in parallel;
+            writes each field's rows at their offset in the shard's files (pwrite, in place) and
+            gives the batch's buffers back; a shard whose last rows it wrote goes to the hashers;
+    hash    `hash_threads` of them: the sha256 of each complete shard's files, read back (from the
+            page cache: just written). sha256 is sequential, so a file is one thread's work, but
+            shards written one after the other hash at once on different threads (hashlib
+            releases the GIL), and no batch buffer waits for a hash;
     close   once a shard is written: one fsync per file, then, once it is hashed, its record.
 
-One core hashes about 0.5-2 GB/s; a cache whose every batch spans several shards is hashed that
-many times faster (`shard_size="auto"` in the `cache` node sizes shards for it at large rows).
+One core hashes about 0.5-2 GB/s. The hashers were once fed the rows as io wrote them, which held
+each batch's buffers until its shard's one hash stream had taken them: a caching pass whose
+batches fill one shard after the other (4 x 512 at the seed's sizes: 16 batches a shard) then ran
+at one core's sha256 rate, 0.66-0.74 GB/s on the H200 host against its disk's 1.05 GB/s
+(benchmarks/RESULTS.md, "Seventh lease set"). Reading back costs a copy from the page cache.
 
 No file is renamed: a cache folder is trusted only through its manifest, written after every
 shard is complete and fsync'ed (the per-split folders are fsync'ed once at the end, so the names
@@ -32,11 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +48,17 @@ from typing import Any
 
 import numpy as np
 
-from stackwise.artifacts import sha256_file, write_errors
+from stackwise.artifacts import write_errors
 from stackwise.artifacts.atomic import fsync_dir
 from stackwise.data.cache.fileio import create_file, write_at
 from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_stem
 
 # batches between the caller and the disk: one being written, one being hashed, one queued
 MAX_IN_FLIGHT = 3
-# hash threads: files hashed at once (one core each); more than the files a few batches span is idle
+# hash threads: shards hashed at once (one core each)
 HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+# bytes hashed per hashlib call (it releases the GIL while it hashes them)
+HASH_CHUNK = 8 << 20
 _STOP = object()
 
 
@@ -65,9 +71,6 @@ class _File:
     row_shape: tuple[int, ...]
     header: bytes
     fd: int = -1
-    hasher: Any = None  # sha256, fed by one hash thread at a time, in the order io wrote the rows
-    pending: deque = field(default_factory=deque)  # (bytes, done) io wrote and no hasher has fed yet
-    scheduled: bool = False  # on the hash threads' queue or being hashed (under ShardSink._lock)
 
     @property
     def row_bytes(self) -> int:
@@ -85,9 +88,7 @@ class _Shard:
     planned: int  # rows its files were sized for
     files: dict[str, _File]
     assigned: int = 0  # rows handed to it so far (caller's thread)
-    reread: bool = False  # shrunk after it was hashed for `planned` rows: hash the file instead
-    written: bool = False  # io has handled the job that carries its last rows (under ShardSink._lock)
-    unhashed: int = 0  # segments handed to the hashers and not hashed yet (under ShardSink._lock)
+    sha256: dict[str, str] = field(default_factory=dict)  # per field, once hashed
     hashed: threading.Event = field(default_factory=threading.Event)
 
 
@@ -99,23 +100,13 @@ class _Job:
     segments: list[tuple[_Shard, int, int, int]]  # (shard, first row in shard, first row in batch, rows)
     completes: list[_Shard]  # shards whose last rows this job carries
     shrink: bool = False  # a shard that ends short of `planned` (its rows are all written)
-    stored: dict[str, np.ndarray] | None = None
-    _left: int = 1  # io, plus each segment handed to the hashers
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def hold(self, n: int) -> None:
-        with self._lock:
-            self._left += n
 
     def done(self, sink: ShardSink) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.arrays = self.stored = None
-            if self.release is not None:
-                self.release()
-            sink._slots.release()
+        """io is done with the batch: its buffers go back to the caller."""
+        self.arrays = None
+        if self.release is not None:
+            self.release()
+        sink._slots.release()
 
 
 class ShardSink:
@@ -155,9 +146,8 @@ class ShardSink:
         self._failed = threading.Event()
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._io_q: queue.Queue = queue.Queue(maxsize=max_in_flight)
-        self._hash_q: queue.Queue = queue.Queue()  # files with rows to hash, each on it once at most
+        self._hash_q: queue.Queue = queue.Queue()  # complete shards, to hash
         self._close_q: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()  # the hashers' bookkeeping: _File.pending/scheduled, _Shard.unhashed/written
         self._n_hash = max(1, int(hash_threads))
         loops = [("io", self._io), *((f"hash{i}", self._hash) for i in range(self._n_hash)), ("close", self._close)]
         self._threads = [
@@ -167,15 +157,17 @@ class ShardSink:
             t.start()
         self._finished = False
         # where the threads' time went (seconds): io waiting for the GPU's copy, converting, writing;
-        # close fsync'ing. Read by `summary()` for the caching pass's log line.
+        # close fsync'ing; the hashers, summed. Read by `summary()` for the caching pass's log line.
         self.seconds: Counter[str] = Counter()
+        self._seconds_lock = threading.Lock()
 
     def summary(self) -> str:
-        """One line: "io: waited for the device 0.1 s, converted 0.2 s, wrote 7.9 s; fsync 0.4 s"."""
+        """One line: "io: waited for the device 0.1 s, converted 0.2 s, wrote 7.9 s; fsync 0.4 s; sha256
+        9.1 s over 4 thread(s)" (the hash time summed over the threads)."""
         s = self.seconds
         return (
             f"io: waited for the device {s['ready']:.1f} s, converted {s['convert']:.1f} s, wrote {s['write']:.1f} s; "
-            f"fsync {s['fsync']:.1f} s"
+            f"fsync {s['fsync']:.1f} s; sha256 {s['hash']:.1f} s over {self._n_hash} thread(s)"
         )
 
     # ------------------------------------------------------------------ the caller's side
@@ -240,7 +232,6 @@ class ShardSink:
             with write_errors(fh.path):
                 fh.fd = create_file(fh.path, fh.header, fh.size(planned))
             self._created.append(fh)
-            fh.hasher = hashlib.sha256(fh.header)
         self._open[split] = shard
         return shard
 
@@ -306,24 +297,20 @@ class ShardSink:
                         self._shrink(job.completes[0])
                     else:
                         self._write(job)
-                        self._to_hashers(job)
             except BaseException as e:
                 self._fail(e)
             finally:
-                for shard in job.completes:
-                    with self._lock:
-                        shard.written = True
-                        if shard.unhashed == 0:
-                            shard.hashed.set()
-                    self._close_q.put(shard)
                 job.done(self)
+                for shard in job.completes:  # its rows are all in its files: hash it, fsync it
+                    self._hash_q.put(shard)
+                    self._close_q.put(shard)
 
     def _write(self, job: _Job) -> None:
         t0 = time.perf_counter()
         if job.ready is not None:
             job.ready.synchronize()
         t1 = time.perf_counter()
-        job.stored = stored = self.convert(job.arrays)
+        stored = self.convert(job.arrays)
         t2 = time.perf_counter()
         for f, dt in self.storage.items():
             if stored[f].dtype != dt or not stored[f].flags.c_contiguous:
@@ -334,24 +321,6 @@ class ShardSink:
                     write_at(fh.fd, stored[f][first : first + n], len(fh.header) + at * fh.row_bytes)
         self.seconds.update(ready=t1 - t0, convert=t2 - t1, write=time.perf_counter() - t2)
 
-    def _to_hashers(self, job: _Job) -> None:
-        """Each file's new rows to its hasher, after the rows io wrote before them (a file is on the
-        hash queue at most once: the thread that takes it feeds all its pending rows in order)."""
-        assert job.stored is not None
-        parts = [
-            (shard, fh, job.stored[f][first : first + n])
-            for shard, _, first, n in job.segments
-            for f, fh in shard.files.items()
-        ]
-        job.hold(len(parts))
-        with self._lock:
-            for shard, fh, rows in parts:
-                shard.unhashed += 1
-                fh.pending.append((rows, shard, job))
-                if not fh.scheduled:
-                    fh.scheduled = True
-                    self._hash_q.put(fh)
-
     def _shrink(self, shard: _Shard) -> None:
         """Rewrite the headers for the rows the shard holds (same length: the data stays where it is)."""
         rows = shard.assigned
@@ -359,30 +328,25 @@ class ShardSink:
             with write_errors(fh.path):
                 write_at(fh.fd, padded_npy_header(fh.dtype, (rows, *fh.row_shape), len(fh.header)), 0)
                 os.ftruncate(fh.fd, fh.size(rows))
-        shard.planned, shard.reread = rows, True
+        shard.planned = rows
 
     def _hash(self) -> None:
         while True:
-            fh = self._hash_q.get()
-            if fh is _STOP:
+            shard = self._hash_q.get()
+            if shard is _STOP:
                 return
-            while True:
-                with self._lock:
-                    if not fh.pending:
-                        fh.scheduled = False
-                        break
-                    rows, shard, job = fh.pending.popleft()
-                try:
+            try:
+                t0 = time.perf_counter()
+                for f, fh in shard.files.items():
                     if not self._failed.is_set():
-                        fh.hasher.update(memoryview(rows).cast("B"))
-                except BaseException as e:
-                    self._fail(e)
-                finally:
-                    with self._lock:
-                        shard.unhashed -= 1
-                        if shard.written and shard.unhashed == 0:
-                            shard.hashed.set()
-                    job.done(self)
+                        with write_errors(fh.path):
+                            shard.sha256[f] = _sha256_mapped(fh.path)
+                with self._seconds_lock:  # several hashers add to it
+                    self.seconds["hash"] += time.perf_counter() - t0
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                shard.hashed.set()
 
     def _close(self) -> None:
         while True:
@@ -400,11 +364,7 @@ class ShardSink:
                 self.seconds["fsync"] += time.perf_counter() - t0
                 shard.hashed.wait()
                 if not self._failed.is_set():
-                    sha = {
-                        f: sha256_file(fh.path) if shard.reread else fh.hasher.hexdigest()
-                        for f, fh in shard.files.items()
-                    }
-                    self._records.append((shard.split, shard.number, self._record(shard, sha)))
+                    self._records.append((shard.split, shard.number, self._record(shard, shard.sha256)))
             except BaseException as e:
                 self._fail(e)
 
@@ -420,3 +380,21 @@ class ShardSink:
             for f, fh in shard.files.items()
         }
         return {"split": shard.split, "stem": shard.stem, "rank": self.rank, "rows": shard.planned, "files": files}
+
+
+def _sha256_mapped(path: Path) -> str:
+    """The file's sha256, hashed from a read-only mapping of it: the page cache's pages themselves,
+    without the copy a read() makes (a shard was just written: its pages are in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                for at in range(0, size, HASH_CHUNK):
+                    h.update(view[at : at + HASH_CHUNK])
+            finally:
+                view.release()
+    return h.hexdigest()
