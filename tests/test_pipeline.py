@@ -78,9 +78,9 @@ def capture_fit(monkeypatch) -> dict:
     {stage name: (module, before, after)}."""
     seen, real_fit = {}, Trainers.fit
 
-    def fit(self, stage, module, data, resume):
+    def fit(self, stage, module, data, resume, extra=()):
         before = snapshot(module)
-        out = real_fit(self, stage, module, data, resume)
+        out = real_fit(self, stage, module, data, resume, extra)
         seen[stage.name] = (module, before, snapshot(module))
         return out
 
