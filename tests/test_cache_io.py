@@ -562,3 +562,20 @@ def test_a_memory_store_keeps_the_caches_out_of_the_experiment_folder(make_run, 
     assert fused[0].keys() == fused[1].keys() and all(torch.equal(fused[0][n], fused[1][n]) for n in fused[0])
     with pytest.raises(StackWiseError, match=r"cache.memory_dir: .* is not a folder"):
         Pipeline(make_run("cache.store=memory", f"cache.memory_dir={tmp_path / 'absent'}", name="bad"))
+
+
+def test_a_file_system_that_cannot_map_files_still_gets_its_hashes(tmp_path: Path, monkeypatch) -> None:
+    """The hashers map each shard file; where mapping fails (some FUSE file systems) they read it."""
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(sink_mod.mmap, "mmap", no_mmap)
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    sink = ShardSink(tmp_path / "acts", storage={"hidden": "float32"}, shard_size=2, rank=0, convert=dict)
+    sink.put("train", {"hidden": rows})
+    records = sink.finish()
+    assert [r["rows"] for r in records] == [2, 2]
+    for r in records:
+        raw = (tmp_path / "acts" / r["files"]["hidden"]["path"]).read_bytes()
+        assert r["files"]["hidden"]["sha256"] == hashlib.sha256(raw).hexdigest()

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from stackwise.artifacts import write_errors
+from stackwise.artifacts import sha256_file, write_errors
 from stackwise.artifacts.atomic import fsync_dir
 from stackwise.data.cache.fileio import create_file, write_at
 from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_stem
@@ -390,7 +390,11 @@ def _sha256_mapped(path: Path) -> str:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        try:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map files: read them
+            return sha256_file(path, HASH_CHUNK)
+        with m:
             view = memoryview(m)
             try:
                 for at in range(0, size, HASH_CHUNK):
