@@ -103,14 +103,14 @@ def test_several_hash_threads_give_the_same_files_and_records(tmp_path: Path, mo
     """Shards hashed by several threads at once give the bytes and records of one thread; the
     hashing really is spread over the threads."""
     hashed_by: set[str] = set()
-    real = sink_mod._sha256_mapped
+    real = sink_mod.sha256_file
 
     def recording(path, *args):
         hashed_by.add(threading.current_thread().name)
         time.sleep(0.002)  # a slow hash: while one thread holds a shard, the others take the next ones
         return real(path, *args)
 
-    monkeypatch.setattr(sink_mod, "_sha256_mapped", recording)
+    monkeypatch.setattr(sink_mod, "sha256_file", recording)
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((45, 6, 4)).astype(np.float32)
     index = np.arange(45, dtype=np.int64)
@@ -565,12 +565,15 @@ def test_a_memory_store_keeps_the_caches_out_of_the_experiment_folder(make_run, 
 
 
 def test_a_file_system_that_cannot_map_files_still_gets_its_hashes(tmp_path: Path, monkeypatch) -> None:
-    """The hashers map each shard file; where mapping fails (some FUSE file systems) they read it."""
+    """The hashers map each shard file (artifacts.sha256_file); where mapping fails (some FUSE file
+    systems) they read it."""
 
     def no_mmap(*args, **kwargs):
         raise OSError(19, "No such device")
 
-    monkeypatch.setattr(sink_mod.mmap, "mmap", no_mmap)
+    from stackwise.artifacts import atomic
+
+    monkeypatch.setattr(atomic.mmap, "mmap", no_mmap)
     rows = np.arange(12, dtype=np.float32).reshape(4, 3)
     sink = ShardSink(tmp_path / "acts", storage={"hidden": "float32"}, shard_size=2, rank=0, convert=dict)
     sink.put("train", {"hidden": rows})

@@ -9,7 +9,7 @@ Threads do the rest:
             writes each field's rows at their offset in the shard's files (pwrite, in place) and
             gives the batch's buffers back; a shard whose last rows it wrote goes to the hashers;
     hash    `hash_threads` of them: the sha256 of each complete shard's files, read back (from the
-            page cache: just written). sha256 is sequential, so a file is one thread's work, but
+            page cache: just written; artifacts.sha256_file maps them). sha256 is sequential, so a file is one thread's work, but
             shards written one after the other hash at once on different threads (hashlib
             releases the GIL), and no batch buffer waits for a hash;
     close   once a shard is written: one fsync per file, then, once it is hashed, its record.
@@ -34,8 +34,6 @@ error path, and are read together (the file I/O beneath them is fileio.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import mmap
 import os
 import queue
 import threading
@@ -53,12 +51,11 @@ from stackwise.artifacts.atomic import fsync_dir
 from stackwise.data.cache.fileio import create_file, write_at
 from stackwise.data.cache.layout import npy_header, padded_npy_header, shard_stem
 
-# batches between the caller and the disk: one being written, one being hashed, one queued
+# batches between the caller and the disk: one being written, two queued (their buffers come back
+# once written; the hashers read the shard files)
 MAX_IN_FLIGHT = 3
 # hash threads: shards hashed at once (one core each)
 HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
-# bytes hashed per hashlib call (it releases the GIL while it hashes them)
-HASH_CHUNK = 8 << 20
 _STOP = object()
 
 
@@ -114,8 +111,8 @@ class ShardSink:
 
     `storage`: numpy dtype on disk per field, in the order each shard's files are created.
     `rows`: the rows each split will receive (as far as known): a split's last shard is sized for
-    what is left; a shard that ends short of its size (an unknown or wrong count) is shrunk and
-    hashed from its file at `finish`. `convert(arrays) -> {field: np.ndarray}` runs on the io
+    what is left; a shard that ends short of its size (an unknown or wrong count) is shrunk at
+    `finish`. Every shard is hashed from its files once complete. `convert(arrays) -> {field: np.ndarray}` runs on the io
     thread, after the batch is on the host: host tensors to the storage dtypes (and any check).
     `hash_threads`: files sha256'ed at once; the files and records are the same for any number.
     """
@@ -340,7 +337,7 @@ class ShardSink:
                 for f, fh in shard.files.items():
                     if not self._failed.is_set():
                         with write_errors(fh.path):
-                            shard.sha256[f] = _sha256_mapped(fh.path)
+                            shard.sha256[f] = sha256_file(fh.path)
                 with self._seconds_lock:  # several hashers add to it
                     self.seconds["hash"] += time.perf_counter() - t0
             except BaseException as e:
@@ -380,25 +377,3 @@ class ShardSink:
             for f, fh in shard.files.items()
         }
         return {"split": shard.split, "stem": shard.stem, "rank": self.rank, "rows": shard.planned, "files": files}
-
-
-def _sha256_mapped(path: Path) -> str:
-    """The file's sha256, hashed from a read-only mapping of it: the page cache's pages themselves,
-    without the copy a read() makes (a shard was just written: its pages are in memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        try:
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # a file system that cannot map files: read them
-            return sha256_file(path, HASH_CHUNK)
-        with m:
-            view = memoryview(m)
-            try:
-                for at in range(0, size, HASH_CHUNK):
-                    h.update(view[at : at + HASH_CHUNK])
-            finally:
-                view.release()
-    return h.hexdigest()
