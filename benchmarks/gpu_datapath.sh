@@ -4,6 +4,8 @@
 #     OUT=bench_out PART=1 bash benchmarks/gpu_datapath.sh   # step vs peers and peak; a stage fed from its cache
 #     OUT=bench_out PART=2 bash benchmarks/gpu_datapath.sh   # stage=all vs stage=e2e, 4 and 8 layers
 #     OUT=bench_out PART=3 bash benchmarks/gpu_datapath.sh   # the 4 x 512 host profile, fp8, 8 layers by auto
+#     OUT=bench_out PART=4 bash benchmarks/gpu_datapath.sh   # 4 x 512 and fp8 fed and written, beside compute only
+#     OUT=bench_out PART=5 bash benchmarks/gpu_datapath.sh   # 8 layers: stage=all (auto store) vs stage=e2e
 # Writes machine.txt, log.txt and one JSON per benchmark under $OUT. Needs torch with CUDA,
 # lightning, transformers, tensorboard, hydra-core and omegaconf importable.
 set -u
@@ -55,6 +57,25 @@ rm -rf "$ROOT"
 step 200 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts feed,disk --no-compute-only \
   --layer-steps 60 --embed-steps 15 --set cache.dtype=float8_e4m3 --output-root "$ROOT" --out "$OUT/feed_fp8.json"
 rm -rf "$ROOT"
+step 560 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
+  --stores auto --sides all,e2e --set callbacks=none --output-root "$ROOT" --out "$OUT/all_8L.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 4 ]; then
+# the eighth lease set: later stages cache in cache.batch_size batches (hardware=gpu: 16), an fp8
+# cache is decoded on the GPU; the CUDA-only tests, then each stage fed and its caching pass, beside
+# the compute-only step and the raw disk of the same run
+step 150 $PY -m pytest -p no:warnings tests/test_cache_io.py tests/test_step.py -k cuda
+step 200 $PY benchmarks/datapath.py --preset seed --batch-size 4 --seq-len 512 --parts disk,feed \
+  --layer-steps 400 --embed-steps 20 --output-root "$ROOT" --out "$OUT/feed_4x512.json"
+rm -rf "$ROOT"
+step 200 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts disk,feed \
+  --layer-steps 60 --embed-steps 15 --set cache.dtype=float8_e4m3 --output-root "$ROOT" --out "$OUT/feed_fp8_8x2048.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 5 ]; then
 step 560 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
   --stores auto --sides all,e2e --set callbacks=none --output-root "$ROOT" --out "$OUT/all_8L.json"
 rm -rf "$ROOT"

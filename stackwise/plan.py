@@ -337,9 +337,8 @@ def _stage(
     peak = mem["weights"] + mem["optimizer"] + mem["inputs"] + moments[at]
     caching = None
     if key in ("embed", "layer"):  # training's gradients and optimizer are gone by then
-        # stage 1 caches cache.batch_size sequences at a time; a later stage reads its input cache
-        # in its training batches (stackwise/data/cache/datamodule.py: predict_batch_size unset)
-        n = run.cache.batch_size * run.data.seq_len if key == "embed" else s.tokens
+        # every caching pass runs cache.batch_size sequences at a time
+        n = run.cache.batch_size * run.data.seq_len
         caching = mem["weights"] + _widest_no_grad(cfg, F, n, num, s.compiled)
     return StagePlan(
         key,

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from stackwise.data.cache import sink as sink_mod
 from stackwise.data.cache.datamodule import ActivationDataModule, DeviceLoader, one_ahead
 from stackwise.data.cache.layout import FP8, decode_fp8, encode_hidden, npy_header, padded_npy_header, round_trip
-from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
+from stackwise.data.cache.reader import ActivationCache, ActivationDataset, decode_batch, ready_batch
 from stackwise.data.cache.sink import MAX_IN_FLIGHT, ShardSink
 from stackwise.data.cache.writer import CacheWriter
 from stackwise.data.sampling import RankStepSampler, StepSampler
@@ -315,6 +315,36 @@ def test_fp8_cache_reads_back_as_decoded_bf16(tmp_path: Path) -> None:
     x = torch.stack([RowSource(11, "train")[i]["hidden"] for i in range(11)])
     assert float((batch["hidden"].float() - x).abs().max()) <= 2.0**-3 * float(x.abs().max())
 
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_gpu_loader_copies_fp8_bits_and_decodes_them_after_the_copy(tmp_path: Path, workers: int) -> None:
+    """A loader that puts batches on the GPU reads the undecoded rows (uint8 bits and scales: half of
+    bf16's bytes to copy, no CPU pass over them) and decodes each batch after its copy (`on_device`)
+    to the very bits a host-decoding loader gives. Built here without CUDA: the rows it hands to the
+    copy are those of the plain DataLoader underneath."""
+    acts = tmp_path / "acts"
+    _build(acts, FP8, n_train=11, n_val=5, shard_size=4)
+    dm = ActivationDataModule(ActivationCache.open(acts), batch_size=3, seed=1, max_steps=4, num_workers=workers)
+    host = dm._loader(dm.train_set, 3)
+    gpu = dm._loader(dm.train_set, 3, to_device=torch.device("cuda"))
+    assert gpu.on_device is decode_batch and host.on_device is None
+    raw = _batches(DataLoader.__iter__(gpu))  # what the loader copies to the GPU
+    assert raw and all(b["hidden"].dtype == torch.uint8 and b["scale"].dtype == torch.float32 for b in raw)
+    decoded = [decode_batch(b) for b in raw]
+    assert _same(decoded, _batches(host)) and decoded[0]["hidden"].dtype == torch.bfloat16
+    assert dm.train_set.decode  # the stage's own dataset still decodes (validation reads it)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp8_batches_are_decoded_on_the_gpu_to_the_host_bits(tmp_path: Path) -> None:
+    acts = tmp_path / "acts"
+    _build(acts, FP8, n_train=11, n_val=5, shard_size=4)
+    dm = ActivationDataModule(ActivationCache.open(acts), batch_size=3, seed=1, max_steps=4, pin_memory=True)
+    on_gpu = _batches(dm._loader(dm.train_set, 3, to_device=torch.device("cuda")))
+    host = _batches(dm._loader(dm.train_set, 3))
+    assert all(b["hidden"].is_cuda for b in on_gpu)
+    assert _same([{k: v.cpu() for k, v in b.items()} for b in on_gpu], host)
 
 # ------------------------------------------------------------------------------- batched reads
 def test_batched_reads_equal_row_reads_and_use_few_slices(tmp_path: Path) -> None:

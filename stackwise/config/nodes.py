@@ -141,7 +141,7 @@ class CacheConfig(Structured):
     # rows per shard, or auto: as many as hold 256 MiB of hidden states, at most 1024 (the files of
     # one shard are hashed on one core: a batch that spans several shards is hashed on several)
     shard_size: Any = "auto"
-    batch_size: int = 64  # batch size of the caching pass
+    batch_size: int = 64  # sequences per batch of every caching pass (stage 1's and each later one's)
     # training sequences cached: auto = what the next stage reads (each row once), an integer (a
     # seeded subset), or null (all); `Any` because OmegaConf has no int-or-string type
     train_sequences: Any = "auto"

@@ -86,6 +86,7 @@ class StageInputs:
             num_workers=run.data.num_workers,
             train_views=[stage.below.k] if run.masking.schedule == "per_layer" else None,  # its rate's own view
             max_steps=run.max_steps(stage.budget),
+            predict_batch_size=run.cache.batch_size,  # its caching pass, in batches of the first one's size
             pin_memory=run.cache.pin_memory,
             shuffle_block=run.cache.shuffle_block,
             prefetch_factor=run.cache.prefetch_factor,

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from stackwise.artifacts import PathLike
-from stackwise.data.cache.reader import ActivationCache, ActivationDataset, ready_batch
+from stackwise.data.cache.reader import ActivationCache, ActivationDataset, decode_batch, ready_batch
 from stackwise.data.sampling import RankSliceSampler, RankStepSampler, per_device_batch, sharded_fit, trainer_state
 from stackwise.data.workers import worker_context
 from stackwise.errors import StackWiseError
@@ -40,6 +40,8 @@ class RowsDataModule(L.LightningDataModule, abc.ABC):
     """
 
     collate: Callable[[Any], Any] | None = None  # None: torch's default collate
+    # what a loader that copies batches to the GPU applies to each batch there, after its copy
+    on_device: Callable[[Any], Any] | None = None
 
     def __init__(
         self,
@@ -102,10 +104,13 @@ class RowsDataModule(L.LightningDataModule, abc.ABC):
         # A batch the loader itself puts on the GPU reaches the stage's on_before_batch_transfer
         # there: the stage's host-side preparation (pad flag, masked index) must run before the copy.
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if to_device is not None:
+            ds = self.device_dataset(ds)
         return DeviceLoader(
             ds,
             to_device=to_device,
             prepare=getattr(module, "prepare_batch", None) if to_device is not None else None,
+            on_device=type(self).on_device if to_device is not None else None,
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -115,6 +120,10 @@ class RowsDataModule(L.LightningDataModule, abc.ABC):
             **({"prefetch_factor": self.prefetch_factor} if workers and self.prefetch_factor else {}),
             **kw,
         )
+
+    def device_dataset(self, ds: Dataset) -> Dataset:
+        """The rows a loader that copies its batches to the GPU reads (`on_device` finishes them there)."""
+        return ds
 
     def train_dataloader(self) -> DataLoader:
         step, accum, rank, world, trainer_max = trainer_state(self)
@@ -161,6 +170,7 @@ class ActivationDataModule(RowsDataModule):
     (`ActivationDataset.__getitems__`)."""
 
     collate = staticmethod(ready_batch)
+    on_device = staticmethod(decode_batch)
 
     def __init__(self, cache: ActivationCache | PathLike, batch_size: int, seed: int, **kwargs: Any):
         super().__init__(batch_size, seed, **kwargs)
@@ -168,6 +178,10 @@ class ActivationDataModule(RowsDataModule):
 
     def dataset(self, split: str, views: Sequence[int] | None = None) -> ActivationDataset:
         return ActivationDataset(self.cache, split, views)
+
+    def device_dataset(self, ds: Dataset) -> Dataset:
+        # an fp8 cache is copied as its bits and decoded on the GPU (on_device)
+        return ds.undecoded() if isinstance(ds, ActivationDataset) else ds
 
     @property
     def source(self) -> str:
@@ -202,24 +216,26 @@ class RecomputedDataModule(RowsDataModule):
 
 class DeviceLoader(DataLoader):
     """A DataLoader whose batches arrive on `to_device` (CUDA; None or another device: the plain
-    DataLoader), each copied while the batch before it is in use. A keyword of `__init__` (not
-    only an attribute) so that Lightning, which rebuilds predict loaders, keeps it."""
+    DataLoader), each copied while the batch before it is in use: `prepare` runs on the host batch
+    before its copy, `on_device` on the copied batch (on the copy's stream). Keywords of `__init__`
+    (not only attributes) so that Lightning, which rebuilds predict loaders, keeps them."""
 
     def __init__(
         self,
         *args: Any,
         to_device: torch.device | None = None,
         prepare: Callable[[Any], Any] | None = None,
+        on_device: Callable[[Any], Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.to_device, self.prepare = to_device, prepare
+        self.to_device, self.prepare, self.on_device = to_device, prepare, on_device
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
         if self.to_device is None or self.to_device.type != "cuda":
             return batches
-        copier = _CudaCopier(self.to_device)
+        copier = _CudaCopier(self.to_device, self.on_device)
         prepare = self.prepare or (lambda b: b)  # on the host batch, before its copy starts
         return one_ahead(batches, lambda b: copier.start(prepare(b)), copier.finish)
 
@@ -247,12 +263,15 @@ class _CudaCopier:
     """start: copy a batch's tensors to the GPU on a side stream; finish: make the consumer's stream
     wait for that copy (on the GPU, the host does not wait) and tell the allocator who uses them."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, on_device: Callable[[Any], Any] | None = None):
         self.device, self.stream = device, torch.cuda.Stream(device)
+        self.on_device = on_device
 
     def start(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         with torch.cuda.stream(self.stream):
             moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            if self.on_device is not None:
+                moved = self.on_device(moved)
         done = torch.cuda.Event()
         done.record(self.stream)
         return moved, done

@@ -3,12 +3,15 @@
 A batch is read whole (`__getitems__`, which torch's DataLoader calls with a batch's indices):
 its rows are grouped into runs of consecutive rows and each run is copied, one slice per shard
 and field, from the memory-mapped shards straight into the batch's tensors. Pair the dataset with
-`collate=ready_batch` (the batch needs no collating).
+`collate=ready_batch` (the batch needs no collating). An fp8 cache's batch is decoded to bfloat16
+where it is read, or, from `dataset.undecoded()`, later by `decode_batch` where the batch is then (a
+loader that copies batches to the GPU decodes them there: half the bytes copied, no CPU pass over them).
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -127,6 +130,19 @@ def ready_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch
 
 
+def decode_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A batch of an undecoded fp8 dataset (hidden: (B, T, D) uint8 e4m3 bits, scale: (B, T) float32)
+    -> the batch a decoding dataset gives (hidden in bfloat16), computed on the device the batch is
+    on; any other batch as it is. One fp32 product rounded once: the same bits on a CPU and a GPU."""
+    if SCALE not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != SCALE}
+    bits = batch["hidden"]
+    dest = _empty(bits.shape, getattr(torch, read_dtype(FP8))) if bits.device.type == "cpu" else None
+    out["hidden"] = decode_fp8(bits, batch[SCALE], out=dest)
+    return out
+
+
 class ActivationDataset(Dataset):
     """Rows of one split of a cache, read from memory-mapped shards a batch at a time.
 
@@ -134,7 +150,9 @@ class ActivationDataset(Dataset):
     (positions among the rows whose view is in `views`, all rows when None) as a dict:
     hidden (B, T, D) in the read dtype (the stored one; bfloat16 for an fp8 cache, dequantised
     here; the stage casts), targets (B, T) int64, mask (B, T) bool, t (B,) float32, index (B,)
-    int64, view (B,) int64. `ds[i]` is row i with the batch dimension dropped. Memmaps open
+    int64, view (B,) int64; `undecoded()` is the same rows with an fp8 cache's hidden states left as
+    their uint8 bits and a `scale` (B, T) float32 (see `decode_batch`). `ds[i]` is row i (decoded) with
+    the batch dimension dropped. Memmaps open
     lazily in the process that reads (each DataLoader worker opens its own) and at most
     `max_open_shards` shards stay open.
     """
@@ -144,6 +162,7 @@ class ActivationDataset(Dataset):
     ):
         self.cache, self.split = cache, split
         self.hidden_dtype = cache.hidden_dtype
+        self.decode = True  # fp8: decode in __getitems__ (False: `undecoded()`)
         self.fields = cache.fields
         self.shards = cache.shards(split)
         self.row_shapes = {f: tuple(cache.manifest["fields"][f]["row_shape"]) for f in self.fields}
@@ -161,6 +180,15 @@ class ActivationDataset(Dataset):
             )
             self.selected = np.flatnonzero(np.isin(view_col, keep)).astype(np.int64)
             self._open.clear()
+
+    def undecoded(self) -> ActivationDataset:
+        """These rows with an fp8 cache's hidden states left undecoded (`decode_batch` decodes them)."""
+        if self.hidden_dtype != FP8:
+            return self
+        other = copy.copy(self)
+        other._open = OrderedDict()
+        other.decode = False
+        return other
 
     def __len__(self) -> int:
         return len(self.selected) if self.selected is not None else (self._ends[-1] if self._ends else 0)
@@ -234,9 +262,10 @@ class ActivationDataset(Dataset):
         rows = self.rows_of(items)
         b = len(rows)
         fp8 = self.hidden_dtype == FP8
+        decode = fp8 and self.decode
         batch = {
-            # fp8 bits go to a private buffer; the bf16 they decode to is what leaves the worker
-            "hidden": _empty((b, *self.row_shapes["hidden"]), _torch_dtype(self.storage["hidden"]), shared=not fp8),
+            # fp8 bits decoded here go to a private buffer: the bf16 they decode to is what leaves the worker
+            "hidden": _empty((b, *self.row_shapes["hidden"]), _torch_dtype(self.storage["hidden"]), shared=not decode),
             "targets": _empty((b, *self.row_shapes["targets"]), torch.int64),
             "mask": _empty((b, *self.row_shapes["mask"]), torch.bool),
             "t": _empty((b,), torch.float32),
@@ -244,7 +273,7 @@ class ActivationDataset(Dataset):
             "view": _empty((b,), torch.int64),
         }
         if fp8:
-            batch[SCALE] = torch.empty((b, *self.row_shapes[SCALE]), dtype=torch.float32)
+            batch[SCALE] = _empty((b, *self.row_shapes[SCALE]), torch.float32, shared=not decode)
         # numpy views of the batch's tensors, in the storage dtypes where the two share their bits
         dest = {f: t.numpy() for f, t in batch.items()}
         if self.storage["hidden"] == np.uint16:
@@ -255,13 +284,10 @@ class ActivationDataset(Dataset):
                 np.copyto(d[at : at + n], src[f][r : r + n], casting="safe")
         if self.storage["hidden"] == np.uint16:
             batch["hidden"] = batch["hidden"].view(torch.bfloat16)
-        if fp8:
-            out = _empty(batch["hidden"].shape, getattr(torch, read_dtype(FP8)))
-            batch["hidden"] = decode_fp8(batch["hidden"], batch.pop(SCALE), out=out)
-        return batch
+        return decode_batch(batch) if decode else batch
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {f: t[0] for f, t in self.__getitems__([i]).items()}
+        return {f: t[0] for f, t in decode_batch(self.__getitems__([i])).items()}
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, shared: bool = True) -> Tensor:
