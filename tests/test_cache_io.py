@@ -316,7 +316,6 @@ def test_fp8_cache_reads_back_as_decoded_bf16(tmp_path: Path) -> None:
     assert float((batch["hidden"].float() - x).abs().max()) <= 2.0**-3 * float(x.abs().max())
 
 
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_gpu_loader_copies_fp8_bits_and_decodes_them_after_the_copy(tmp_path: Path, workers: int) -> None:
     """A loader that puts batches on the GPU reads the undecoded rows (uint8 bits and scales: half of
@@ -345,6 +344,7 @@ def test_cuda_fp8_batches_are_decoded_on_the_gpu_to_the_host_bits(tmp_path: Path
     host = _batches(dm._loader(dm.train_set, 3))
     assert all(b["hidden"].is_cuda for b in on_gpu)
     assert _same([{k: v.cpu() for k, v in b.items()} for b in on_gpu], host)
+
 
 # ------------------------------------------------------------------------------- batched reads
 def test_batched_reads_equal_row_reads_and_use_few_slices(tmp_path: Path) -> None:
