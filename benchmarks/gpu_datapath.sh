@@ -6,6 +6,8 @@
 #     OUT=bench_out PART=3 bash benchmarks/gpu_datapath.sh   # the 4 x 512 host profile, fp8, 8 layers by auto
 #     OUT=bench_out PART=4 bash benchmarks/gpu_datapath.sh   # 4 x 512 and fp8 fed and written, beside compute only
 #     OUT=bench_out PART=5 bash benchmarks/gpu_datapath.sh   # 8 layers: stage=all (auto store) vs stage=e2e
+#     OUT=bench_out PART=6 bash benchmarks/gpu_datapath.sh   # the weight files' writes; 8-layer e2e re-measured
+#     OUT=bench_out PART=7 / PART=8 ...                        # 8 layers at 100 steps a stage: e2e / stage=all
 # Writes machine.txt, log.txt and one JSON per benchmark under $OUT. Needs torch with CUDA,
 # lightning, transformers, tensorboard, hydra-core and omegaconf importable.
 set -u
@@ -78,6 +80,24 @@ fi
 if [ "$PART" = 5 ]; then
 step 560 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
   --stores auto --sides all,e2e --set callbacks=none --output-root "$ROOT" --out "$OUT/all_8L.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 6 ]; then
+# what the eighth lease set left: the weight files' writes beside the raw disk (layer_1.pt and the
+# fp32 fine-tuned model at the seed's shapes), e2e re-measured with its model built on the GPU, and
+# 8 layers at 100 steps a layer stage (fixed costs amortised), e2e and stage=all in separate calls
+step 120 $PY benchmarks/save_files.py --dir /tmp --layers 4 --repeats 2 --out "$OUT/save_files.json"
+step 300 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
+  --sides e2e --set callbacks=none --output-root "$ROOT" --out "$OUT/e2e_8L.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 7 ] || [ "$PART" = 8 ]; then
+# 8 layers at 100 steps a layer stage (200 for stage 1): PART=7 the e2e side (~450 s), PART=8 stage=all
+SIDE=$([ "$PART" = 7 ] && echo e2e || echo all)
+step 560 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
+  --all-steps 100 --stores auto --sides $SIDE --set callbacks=none --output-root "$ROOT" --out "$OUT/${SIDE}_8L_100.json"
 rm -rf "$ROOT"
 fi
 
