@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+from pathlib import Path
 
 from tests.conftest import TINY, cli
 
@@ -124,3 +126,21 @@ def test_tensorboard_gets_throughput_and_flops(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "train/device/items_per_sec", "train/device/flops_per_sec"} <= tags, tags
     assert events.Scalars("train/device/flops_per_sec")[-1].value > 0
+
+
+def test_two_runs_started_in_the_same_second_log_into_their_own_hydra_folders():
+    """Hydra's log folder of a run (and of each sweep job) is named by its start time down to the
+    microsecond: two runs of one experiment started in the same second (the second one refused by
+    the run lock, say) no longer write into one train.log."""
+    from datetime import datetime
+
+    import yaml
+
+    from stackwise.config.compose import CONFIG_MODULE
+
+    cfg = yaml.safe_load((Path(importlib.import_module(CONFIG_MODULE).__file__).parent / "config.yaml").read_text())
+    patterns = [cfg["hydra"]["run"]["dir"], cfg["hydra"]["sweep"]["subdir"]]
+    for pattern in patterns:
+        (fmt,) = re.findall(r"\$\{now:([^}]*)\}", pattern)
+        one, two = (datetime(2026, 12, 2, 17, 35, 13, us).strftime(fmt) for us in (1000, 2000))
+        assert one != two, pattern
