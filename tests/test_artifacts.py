@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import resource
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +107,23 @@ def test_atomic_write_leaves_no_temp_and_failure_keeps_old(tmp_path: Path) -> No
     assert leftovers == []
 
 
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path: Path) -> None:
+    """Artifacts are written under a temporary name and renamed: they keep the mode a new file gets
+    under the user's umask (group-readable with 022), not a private temporary file's 0600."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_json({"a": 1}, tmp_path / "j.json")
+        save_layer_checkpoint(tmp_path / "layer_1.pt", _state(), META)
+        art.save_safetensors_model(tmp_path / "m", {"w": torch.ones(3)}, {"d": 1}, {"a": 1})
+        os.umask(0o077)
+        atomic_write_bytes(b"x", tmp_path / "private.bin")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes.pop("private.bin") == 0o600
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 # ------------------------------------------------------------------------- disk errors
 @contextlib.contextmanager
 def file_size_limit(nbytes: int):
@@ -203,10 +219,10 @@ def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         folder.chmod(0o555)
     else:  # root writes through any mode bits: refuse the way the OS does for everyone else
 
-        def refuse(*a, dir=None, **k):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, ".f.json.x.tmp"))
+        def refuse(final: Path) -> Path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(final.parent / ".f.json.x.tmp"))
 
-        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(art.atomic, "_new_temporary", refuse)
     try:
         with pytest.raises(ArtifactWriteError) as e:
             atomic_write_json({"a": 1}, folder / "f.json")

@@ -8,12 +8,13 @@ ArtifactWriteError naming the file: the temporary is removed and the old file, i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import mmap
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -83,6 +84,20 @@ def _is_about(err: OSError, path: Path) -> bool:
     return named == target or named in target.parents or named.parent == target.parent
 
 
+def _new_temporary(final: Path) -> Path:
+    """A new empty file beside `final`, `.<name>.<random>.tmp`, with the permissions any new file
+    gets (0666 less the umask: readable by the group as the user's other files are; mkstemp's
+    0600 would have stayed on every artifact after the rename)."""
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent))
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
@@ -96,10 +111,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         with write_errors(final):
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-            os.close(fd)
-            tmp = Path(tmp_name)
+            tmp = _new_temporary(final)
+            mode = tmp.stat().st_mode & 0o777
             yield tmp
+            if tmp.stat().st_mode & 0o777 != mode:  # a writer that made the file again (safetensors: 0600)
+                os.chmod(tmp, mode)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
