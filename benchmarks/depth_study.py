@@ -161,7 +161,9 @@ def build_plan(args, corpus_overrides: list[str]) -> Plan:
         levers.pop("base")
         if not levers:
             die("--no-base needs at least one --levers entry")
-    hardware = "hardware=gpu" if args.device == "cuda" else "hardware=cpu"
+    # disk, as the study's runs so far (hardware=gpu defaults to cache.store=auto; the store changes
+    # wall times, never the values a stage sees: tests/test_recompute.py)
+    hardware = ["hardware=gpu", "cache.store=disk"] if args.device == "cuda" else ["hardware=cpu"]
     model = [
         f"model.d_model={args.d_model}",
         f"model.n_heads={args.n_heads}",
@@ -187,7 +189,7 @@ def build_plan(args, corpus_overrides: list[str]) -> Plan:
                 for seed in args.seeds:
                     cid = f"L{L}-x{_fmt_budget(budget)}-{lever}-s{seed}"
                     overrides = _merge(
-                        [hardware],
+                        hardware,
                         corpus_overrides,
                         model,
                         [

@@ -34,7 +34,8 @@ from datapath import logged_rate, results, train  # noqa: E402  (benchmarks/data
 def placement(gpus: int, sharded: bool = False) -> list[str]:
     if sharded:
         return ["hardware=fsdp", f"trainer.devices={gpus}"]
-    return ["hardware=gpu"] if gpus == 1 else ["hardware=ddp", f"trainer.devices={gpus}"]
+    # one GPU on the disk store as the DDP runs (hardware=gpu alone defaults to cache.store=auto)
+    return ["hardware=gpu", "cache.store=disk"] if gpus == 1 else ["hardware=ddp", f"trainer.devices={gpus}"]
 
 
 def row(exp: Path, stage: str, wall: float) -> dict[str, Any]:
