@@ -105,6 +105,6 @@ if [ "$PART" = 2 ]; then
 # stage=all (every stage, caching, fusion, an 8-step fine-tune) vs stage=e2e on the same tokens:
 # 40 steps for stage 1, 20 per layer stage, T 2048, B 8
 step ${LIMIT:-560} $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers ${LAYERS:-4,8} \
-  --all-steps 20 --finetune-steps 8 --output-root "$ROOT" --out "$OUT/all_vs_e2e.json"
+  --all-steps 20 --finetune-steps 8 --stores ${STORES:-disk} --output-root "$ROOT" --out "$OUT/all_vs_e2e.json"
 rm -rf "$ROOT"
 fi
