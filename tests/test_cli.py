@@ -144,3 +144,14 @@ def test_two_runs_started_in_the_same_second_log_into_their_own_hydra_folders():
         (fmt,) = re.findall(r"\$\{now:([^}]*)\}", pattern)
         one, two = (datetime(2026, 12, 2, 17, 35, 13, us).strftime(fmt) for us in (1000, 2000))
         assert one != two, pattern
+
+
+def test_lightning_reports_the_devices_once_on_the_console_and_in_train_log(tmp_path):
+    """Lightning's info lines reach Hydra's handlers (console and train.log), once each: they were
+    lost (propagation stopped) or printed twice, and every Trainer of a stage repeated them."""
+    out = cli(*FAST, "name=devices", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    assert len(re.findall(r"GPU available: ", console)) == 1, console[-3000:]
+    (log,) = (tmp_path / "outputs" / "devices" / "hydra").glob("*/train.log")
+    assert len(re.findall(r"GPU available: ", log.read_text())) == 1

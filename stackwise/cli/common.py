@@ -75,9 +75,23 @@ class _DropLightningNoise(logging.Filter):
         re.compile(r"`Trainer\(limit_val_batches=1\.0\)` was configured so 100% of the batches will be used"),
     )
 
+    # Every Trainer (a stage's fit, its scoring, its caching pass) reports the devices it found:
+    # the same lines several times a stage. Each is shown the first time only.
+    ONCE = re.compile(r"^(GPU|TPU|HPU|IPU) available: |^LOCAL_RANK: ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(p.search(message) for p in self.PATTERNS)
+        if any(p.search(message) for p in self.PATTERNS):
+            return False
+        if self.ONCE.search(message):
+            if message in self.shown:
+                return False
+            self.shown.add(message)
+        return True
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -32,17 +32,27 @@ log = logging.getLogger("stackwise")
 
 
 def train(cfg: DictConfig) -> None:
-    # Lightning prints through its own handler; stop its records reaching Hydra's root handler too,
-    # which printed every Lightning line twice.
-    logging.getLogger("lightning").propagate = False
-    logging.getLogger("lightning.pytorch").propagate = False
     with user_errors("stackwise-train", debug=bool(cfg.get("debug", False))):
         run = RunConfig.from_hydra(cfg, HydraConfig.get().overrides.task)
         log.info("experiment %s -> %s (stage=%s%s)", run.name, run.exp_dir, run.stage, f" k={run.k}" if run.k else "")
         from stackwise.pipeline import Pipeline  # imports Lightning; keep `--help` fast
 
+        lightning_logs_through_hydra()
+
         with disk_errors(run.exp_dir):
             Pipeline(run).execute()
+
+
+def lightning_logs_through_hydra() -> None:
+    """Lightning's info lines ("GPU available: ...") once each, on the console and in train.log:
+    through Hydra's root handlers. Imported before Hydra set logging up, Lightning adds a console
+    handler of its own and stops propagation (its lines then missed train.log; both together
+    printed them twice); imported after, it adds none, and a stopped propagation lost them."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 # errors of the disk, whoever was writing: never a StackWise bug
