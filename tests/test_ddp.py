@@ -258,3 +258,40 @@ def test_two_ranks_train_the_weights_of_one(placed_runs, placement):
     for stage, rec in r2.items():
         assert rec["tokens"] == r1[stage]["tokens"], stage
         torch.testing.assert_close(rec["val_loss"], r1[stage]["val_loss"], rtol=1e-5, atol=0)
+
+
+def _write_once_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from stackwise.pipeline.ranks import write_once
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device", "layers/layer_2.pt")
+
+    try:
+        write_once(lambda: None)  # a write that works: every rank goes on
+        write_once(full_disk)
+        result = "went on"
+    except StackWiseError as e:
+        result = f"StackWiseError: {e}"
+    except OSError as e:
+        result = f"OSError: {e.strerror}"
+    Path(out, f"rank{rank}.txt").write_text(result)
+    dist.destroy_process_group()
+
+
+def test_a_failed_write_on_rank_0_stops_every_rank_at_once(tmp_path):
+    """Rank 0 alone writes the pipeline's files; when its write fails (a full disk) it raises its own
+    error and every other rank stops with one line at once, instead of waiting at a barrier for a
+    rank that has exited until the process group's timeout."""
+    import torch.multiprocessing as mp
+
+    # forked (the test process has no process group; spawning two interpreters would import torch twice)
+    mp.start_processes(
+        _write_once_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: No space left on device"
+    other = (tmp_path / "rank1.txt").read_text()
+    assert other.startswith("StackWiseError: rank 1: stopped, rank 0 could not write"), other
