@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 
 import pytest
 import torch
@@ -121,6 +122,10 @@ def test_only_safetensors_and_json_are_written_and_the_tokenizer_round_trips(mak
     assert done.tokenizer == "byte"
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"], names
+    # readable as any new file of the user's (safetensors alone makes its files 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(names, 0o666 & ~umask)
     tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     text = "ROMEO: O, she doth teach the torches — ü"
     assert tok(text, add_special_tokens=False).input_ids == list(text.encode())

@@ -84,6 +84,23 @@ def _is_about(err: OSError, path: Path) -> bool:
     return named == target or named in target.parents or named.parent == target.parent
 
 
+@contextlib.contextmanager
+def mode_kept(path: Path) -> Iterator[None]:
+    """The permissions `path` has now are the ones it has after the block, even if a writer in it
+    made the file again with its own (safetensors' `save_file` makes every file 0600)."""
+    mode = path.stat().st_mode & 0o777
+    yield
+    if path.stat().st_mode & 0o777 != mode:
+        os.chmod(path, mode)
+
+
+def new_file(path: Path) -> Path:
+    """`path` made empty with the permissions any new file gets (0666 less the umask)."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+    return path
+
+
 def _new_temporary(final: Path) -> Path:
     """A new empty file beside `final`, `.<name>.<random>.tmp`, with the permissions any new file
     gets (0666 less the umask: readable by the group as the user's other files are; mkstemp's
@@ -112,10 +129,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with write_errors(final):
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = _new_temporary(final)
-            mode = tmp.stat().st_mode & 0o777
-            yield tmp
-            if tmp.stat().st_mode & 0o777 != mode:  # a writer that made the file again (safetensors: 0600)
-                os.chmod(tmp, mode)
+            with mode_kept(tmp):
+                yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stackwise import artifacts as art
-from stackwise.artifacts.atomic import fsync_dir, write_errors
+from stackwise.artifacts.atomic import fsync_dir, mode_kept, new_file, write_errors
 from stackwise.config import load_run
 from stackwise.errors import ArtifactError, StackWiseError
 from stackwise.hf.adapter import StateDictAdapter, hf_model_type, require_transformers
@@ -267,7 +267,7 @@ def write_shards(
         for hf in tensors:
             shard[hf] = adapter.tensor_to_hf(names[hf], source.read(names[hf]).to(dtype))[1].contiguous()
         part = folder / f".{filename}.partial"
-        with write_errors(part):
+        with write_errors(part), mode_kept(new_file(part)):  # the umask's permissions, not safetensors' 0600
             save_file(shard, str(part), metadata={"format": "pt"})
         del shard  # before the next shard is gathered: one shard at a time
         part.rename(folder / filename)
