@@ -51,17 +51,22 @@ PRESETS = {
 }
 
 
-def disk_reference(folder: Path, gb: float) -> dict[str, Any]:
-    """Raw sequential write (tofile + one fsync) and cold read of `gb` GB in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    buf = np.random.default_rng(0).integers(0, 255, size=int(gb * 1e9), dtype=np.uint8)
-    path = folder / "disk_reference.bin"
+def raw_write(path: Path, buf: np.ndarray) -> float:
+    """Seconds to write `buf` to `path` with `tofile` and one fsync: the disk's raw sequential write."""
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         buf.tofile(f)
         f.flush()
         os.fsync(f.fileno())
-    t_write = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def disk_reference(folder: Path, gb: float) -> dict[str, Any]:
+    """Raw sequential write (tofile + one fsync) and cold read of `gb` GB in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = np.random.default_rng(0).integers(0, 255, size=int(gb * 1e9), dtype=np.uint8)
+    path = folder / "disk_reference.bin"
+    t_write = raw_write(path, buf)
     _evict([path])  # the read comes from the disk, not the page cache
     t0 = time.perf_counter()
     with open(path, "rb") as f:

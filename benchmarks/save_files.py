@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +30,9 @@ import torch
 
 from stackwise.artifacts import save_layer_checkpoint, save_safetensors_model, sha256_file
 from stackwise.model.weights import LayerWeights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from datapath import raw_write
 
 
 def block_state(d: int, d_ff: int, kv: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -54,13 +57,7 @@ def nbytes(state: dict[str, torch.Tensor]) -> int:
 def raw(folder: Path, n: int) -> tuple[float, float]:
     """(seconds to write n bytes with tofile + fsync, seconds to sha256 that file from the page cache)."""
     path = folder / "raw.bin"
-    data = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        data.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    write = time.perf_counter() - t0
+    write = raw_write(path, np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8))
     t0 = time.perf_counter()
     sha256_file(path)
     hashed = time.perf_counter() - t0
