@@ -94,10 +94,15 @@ def mode_kept(path: Path) -> Iterator[None]:
         os.chmod(path, mode)
 
 
+def _create_empty(path: Path) -> None:
+    """Create `path` (it must not exist) with the permissions any new file gets: 0666 less the umask."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+
+
 def new_file(path: Path) -> Path:
     """`path` made empty with the permissions any new file gets (0666 less the umask)."""
     path.unlink(missing_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+    _create_empty(path)
     return path
 
 
@@ -108,7 +113,7 @@ def _new_temporary(final: Path) -> Path:
     for _ in range(100):
         tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            _create_empty(tmp)
         except FileExistsError:
             continue
         return tmp

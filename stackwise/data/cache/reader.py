@@ -151,10 +151,9 @@ class ActivationDataset(Dataset):
     hidden (B, T, D) in the read dtype (the stored one; bfloat16 for an fp8 cache, dequantised
     here; the stage casts), targets (B, T) int64, mask (B, T) bool, t (B,) float32, index (B,)
     int64, view (B,) int64; `undecoded()` is the same rows with an fp8 cache's hidden states left as
-    their uint8 bits and a `scale` (B, T) float32 (see `decode_batch`). `ds[i]` is row i (decoded) with
-    the batch dimension dropped. Memmaps open
-    lazily in the process that reads (each DataLoader worker opens its own) and at most
-    `max_open_shards` shards stay open.
+    their uint8 bits and a `scale` (B, T) float32 (see `decode_batch`). `ds[i]` is row i (decoded)
+    with the batch dimension dropped. Memmaps open lazily in the process that reads (each
+    DataLoader worker opens its own) and at most `max_open_shards` shards stay open.
     """
 
     def __init__(
