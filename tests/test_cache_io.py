@@ -465,6 +465,8 @@ def test_hardware_gpu_asks_for_pinned_memory_and_workers(tmp_path: Path) -> None
         dm = StageInputs(run, art.ExperimentPaths(tmp_path)).activations(Stage.layer(2), ActivationCache.open(acts))
         got = (dm.pin_memory, dm.num_workers, dm.shuffle_block, dm.prefetch_factor, dm.to_device)
         assert got == (pinned, workers, 8, 2, True), hw
+        # a later stage's caching pass reads cache.batch_size rows a batch, not its training batch
+        assert (dm.predict_batch_size, dm.batch_size) == (64 if hw == "cpu" else 16, run.data.batch_size), hw
         assert run.cache.store == ("auto" if hw == "gpu" else "disk"), hw  # one GPU: the cheapest store
         loader = dm.val_dataloader()
         assert (loader.pin_memory, loader.persistent_workers) == (pinned, workers > 0)

@@ -8,10 +8,10 @@ Threads do the rest:
     io      waits until the batch is on the host (a CUDA event), converts it to the storage dtypes,
             writes each field's rows at their offset in the shard's files (pwrite, in place) and
             gives the batch's buffers back; a shard whose last rows it wrote goes to the hashers;
-    hash    `hash_threads` of them: the sha256 of each complete shard's files, read back (from the
-            page cache: just written; artifacts.sha256_file maps them). sha256 is sequential, so a file is one thread's work, but
-            shards written one after the other hash at once on different threads (hashlib
-            releases the GIL), and no batch buffer waits for a hash;
+    hash    `hash_threads` of them: the sha256 of each complete shard's files, read back from the
+            page cache (just written; `artifacts.sha256_file` maps them). sha256 is sequential, so
+            a file is one thread's work, but shards written one after the other hash at once on
+            different threads (hashlib releases the GIL), and no batch buffer waits for a hash;
     close   once a shard is written: one fsync per file, then, once it is hashed, its record.
 
 One core hashes about 0.5-2 GB/s. The hashers were once fed the rows as io wrote them, which held
@@ -112,8 +112,9 @@ class ShardSink:
     `storage`: numpy dtype on disk per field, in the order each shard's files are created.
     `rows`: the rows each split will receive (as far as known): a split's last shard is sized for
     what is left; a shard that ends short of its size (an unknown or wrong count) is shrunk at
-    `finish`. Every shard is hashed from its files once complete. `convert(arrays) -> {field: np.ndarray}` runs on the io
-    thread, after the batch is on the host: host tensors to the storage dtypes (and any check).
+    `finish`. Every shard is hashed from its files once complete. `convert(arrays) -> {field:
+    np.ndarray}` runs on the io thread, after the batch is on the host: host tensors to the
+    storage dtypes (and any check).
     `hash_threads`: files sha256'ed at once; the files and records are the same for any number.
     """
 
