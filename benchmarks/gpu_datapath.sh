@@ -8,6 +8,8 @@
 #     OUT=bench_out PART=5 bash benchmarks/gpu_datapath.sh   # 8 layers: stage=all (auto store) vs stage=e2e
 #     OUT=bench_out PART=6 bash benchmarks/gpu_datapath.sh   # the weight files' writes; 8-layer e2e re-measured
 #     OUT=bench_out PART=7 / PART=8 ...                        # 8 layers at 100 steps a stage: e2e / stage=all
+#     OUT=bench_out PART=9 bash benchmarks/gpu_datapath.sh   # step vs peers at the mean mask rate; 4 x 512 fed
+#     OUT=bench_out STEPS=60 PART=10 bash benchmarks/gpu_datapath.sh   # 8 layers, all vs e2e, STEPS a stage
 # Writes machine.txt, log.txt and one JSON per benchmark under $OUT. Needs torch with CUDA,
 # lightning, transformers, tensorboard, hydra-core and omegaconf importable.
 set -u
@@ -98,6 +100,26 @@ if [ "$PART" = 7 ] || [ "$PART" = 8 ]; then
 SIDE=$([ "$PART" = 7 ] && echo e2e || echo all)
 step 560 $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
   --all-steps 100 --stores auto --sides $SIDE --set callbacks=none --output-root "$ROOT" --out "$OUT/${SIDE}_8L_100.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 9 ]; then
+# the ninth lease set: the compute-only step's batch at the stages' mean mask rate (0.525, was one
+# random draw: 0.426 at 4 x 512, 0.562 at 8 x 2048); the step beside its peers and the measured peak
+# at 8 x 2048, and the 4 x 512 stage fed from its cache beside its compute-only step
+step 200 $PY benchmarks/run.py --device cuda --model seed --seq-len 2048 --batch-size 8 --stages layer \
+  --attention gqa,mla --compile both --steps 10 --cache-rows 0 --out "$OUT/step_8x2048.json"
+step 300 $PY benchmarks/datapath.py --preset seed --batch-size 4 --seq-len 512 --parts disk,feed \
+  --layer-steps 400 --embed-steps 20 --output-root "$ROOT" --out "$OUT/feed_4x512.json"
+rm -rf "$ROOT"
+fi
+
+if [ "$PART" = 10 ]; then
+# 8 layers, stage=all (auto store) against stage=e2e on the same tokens, STEPS per layer stage (twice
+# that for stage 1), an 8-step fine-tune, checkpoints off on both sides
+step ${LIMIT:-560} $PY benchmarks/datapath.py --preset seed --batch-size 8 --seq-len 2048 --parts all --layers 8 \
+  --all-steps ${STEPS:-20} --stores auto --sides all,e2e --set callbacks=none --output-root "$ROOT" \
+  --out "$OUT/all_8L_${STEPS:-20}.json"
 rm -rf "$ROOT"
 fi
 
